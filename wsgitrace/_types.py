@@ -1,0 +1,34 @@
+"""Type aliases shared by wsgitrace's modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .trace import Trace
+
+#: A monotonic clock returning nanoseconds, like :func:`time.perf_counter_ns`.
+Clock: TypeAlias = "Callable[[], int]"
+
+#: Decides per request whether to trace it: a rate in ``[0, 1]`` or a callable
+#: taking the WSGI environ.
+Sampler: TypeAlias = "float | Callable[[WSGIEnvironment], bool]"
+
+#: Called with each finished trace (sinks, test capture).
+TraceListener: TypeAlias = "Callable[[Trace], None]"
+
+#: Attributes attached to an event.
+Attributes: TypeAlias = "dict[str, Any]"
+
+__all__ = [
+    "Attributes",
+    "Clock",
+    "Sampler",
+    "StartResponse",
+    "TraceListener",
+    "WSGIApplication",
+    "WSGIEnvironment",
+]

@@ -1,0 +1,211 @@
+"""Options: one table, three sources.
+
+Every option can be given as a keyword argument, as a ``WSGITRACE_*`` key of a
+Flask app's config, or as a ``WSGITRACE_*`` environment variable. Keywords
+beat config, config beats environment::
+
+    options = resolve_options({"sample": 0.1}, app.config)
+    options.sample  # 0.1
+
+Bad values raise :class:`~wsgitrace.exceptions.ConfigurationError` naming the
+option, its source and the value's ``repr``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError("expected a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "")):
+        return None
+    return _bool(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a positive integer")
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected a positive integer")
+    return number
+
+
+def _sample(value: Any) -> Any:
+    if callable(value):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a rate between 0 and 1 or a callable")
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError("expected a rate between 0 and 1 or a callable")
+    return rate
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list | tuple | set | frozenset):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return tuple(value)
+    raise ValueError("expected a list of strings or a comma-separated string")
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in _str_list(value))
+
+
+def _prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or value.rstrip("/") == "":
+        raise ValueError("expected a path such as '/_trace'")
+    return value.rstrip("/")
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+@dataclass(frozen=True)
+class _Spec:
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+#: Every option: parser, default and one line of help. The README's table is
+#: made from this.
+OPTION_SPECS: dict[str, _Spec] = {
+    "enabled": _Spec(_bool, True, "Trace at all; off costs one attribute check per request."),
+    "max_traces": _Spec(_positive_int, 1000, "Traces kept in the ring buffer."),
+    "max_bytes": _Spec(_positive_int, 32 * 1024 * 1024, "Approximate bytes kept in the buffer."),
+    "max_events": _Spec(_positive_int, 256, "Events kept per trace."),
+    "max_string": _Spec(_positive_int, 1024, "Length of any captured string."),
+    "max_headers": _Spec(_positive_int, 64, "Request/response headers kept per trace."),
+    "sample": _Spec(_sample, 1.0, "Rate in [0, 1] or callable(environ) -> bool."),
+    "exclude": _Spec(_str_list, ("/favicon.ico",), "Path prefixes never traced."),
+    "capture_headers": _Spec(_bool, True, "Keep request and response headers (redacted)."),
+    "redact": _Spec(_str_list, (), "Extra header names / key fragments to redact."),
+    "redact_defaults": _Spec(_bool, True, "Keep the default redaction list (false: replace it)."),
+    "session_values": _Spec(
+        _bool, False, "Keep session values (secret-looking keys stay redacted)."
+    ),
+    "endpoint": _Spec(_optional_bool, None, "Serve /_trace (auto: Flask debug or testing)."),
+    "prefix": _Spec(_prefix, "/_trace", "Path prefix of the endpoint."),
+    "token": _Spec(
+        _optional_str, None, "Bearer token that opens the endpoint to non-loopback clients."
+    ),
+    "token_file": _Spec(_optional_str, None, "File holding the token."),
+    "allow": _Spec(_networks, (), "Networks (CIDR) allowed without a token."),
+    "hosts": _Spec(_str_list, (), "Extra Host names the endpoint answers to."),
+    "trust_forwarded": _Spec(_bool, False, "Use X-Forwarded-For for the client address."),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Resolved options (see :data:`OPTION_SPECS`)."""
+
+    enabled: bool = True
+    max_traces: int = 1000
+    max_bytes: int = 32 * 1024 * 1024
+    max_events: int = 256
+    max_string: int = 1024
+    max_headers: int = 64
+    sample: Any = 1.0
+    exclude: tuple[str, ...] = ("/favicon.ico",)
+    capture_headers: bool = True
+    redact: tuple[str, ...] = ()
+    redact_defaults: bool = True
+    session_values: bool = False
+    endpoint: bool | None = None
+    prefix: str = "/_trace"
+    token: str | None = None
+    token_file: str | None = None
+    allow: tuple[Any, ...] = field(default=())
+    hosts: tuple[str, ...] = ()
+    trust_forwarded: bool = False
+
+    def resolved_token(self) -> str | None:
+        """The token, read from :attr:`token_file` when only that is set."""
+        if self.token is not None:
+            return self.token
+        if self.token_file is None:
+            return None
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            msg = f"token_file {self.token_file!r} cannot be read: {exc}"
+            raise ConfigurationError(msg) from None
+        if not token:
+            msg = f"token_file {self.token_file!r} is empty"
+            raise ConfigurationError(msg)
+        return token
+
+
+def env_name(option: str) -> str:
+    """Environment variable / Flask config key of an option."""
+    return f"WSGITRACE_{option.upper()}"
+
+
+def resolve_options(
+    keywords: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Options:
+    """Merge keywords, Flask config and environment into :class:`Options`.
+
+    :raises ConfigurationError: unknown keyword or bad value.
+    """
+    unknown = set(keywords) - set(OPTION_SPECS)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        msg = f"unknown wsgitrace option(s): {names}; known: {', '.join(OPTION_SPECS)}"
+        raise ConfigurationError(msg)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, spec in OPTION_SPECS.items():
+        key = env_name(name)
+        if name in keywords:
+            raw, source = keywords[name], f"keyword {name}"
+        elif config is not None and key in config:
+            raw, source = config[key], f"config {key}"
+        elif key in environ:
+            raw, source = environ[key], f"environment variable {key}"
+        else:
+            values[name] = spec.default
+            continue
+        try:
+            values[name] = spec.parse(raw)
+        except (TypeError, ValueError) as exc:
+            msg = f"bad value for {source}: {raw!r} ({exc})"
+            raise ConfigurationError(msg) from None
+    assert {f.name for f in fields(Options)} == set(values)
+    return Options(**values)

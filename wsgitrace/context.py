@@ -1,0 +1,98 @@
+"""The trace of the request being served, and user events.
+
+::
+
+    from wsgitrace import current_trace, span
+
+    @span("load_cart")
+    def load_cart(user_id): ...
+
+    def view():
+        with span("pricing", items=3):
+            ...
+        current_trace()  # the Trace of this request, or None
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .trace import Trace
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current_trace: ContextVar[Trace | None] = ContextVar("wsgitrace.trace", default=None)
+
+
+def current_trace() -> Trace | None:
+    """The trace of the request being served in this context, or ``None``
+    outside a traced request.
+    """
+    return _current_trace.get()
+
+
+class span:  # noqa: N801 - used like a function, as contextlib's helpers are
+    """Record a user event named ``name`` on the current trace, as a context
+    manager or a decorator (sync or async functions). Outside a traced request
+    it does nothing. An exception raised inside is recorded in the event's
+    ``error`` attribute and propagates unchanged.
+
+    :param name: Event name (kind ``span``).
+    :param attrs: Attributes stored on the event.
+    """
+
+    __slots__ = ("_starts", "attrs", "name")
+
+    def __init__(self, name: str, **attrs: Any) -> None:
+        self.name = name
+        self.attrs = attrs
+        self._starts: list[tuple[Trace, int]] = []
+
+    def __enter__(self) -> span:
+        trace = _current_trace.get()
+        if trace is not None:
+            self._starts.append((trace, trace.now()))
+        else:
+            self._starts.append((None, 0))  # type: ignore[arg-type]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        trace, start = self._starts.pop()
+        if trace is None:
+            return
+        try:
+            attrs = dict(self.attrs)
+            if exc_type is not None:
+                attrs["error"] = exc_type.__name__
+            trace.record("span", self.name, start, trace.now(), attrs)
+        except Exception:
+            from .middleware import report_internal_error
+
+            report_internal_error("span", trace)
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with span(self.name, **self.attrs):
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with span(self.name, **self.attrs):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]

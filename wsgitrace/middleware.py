@@ -1,0 +1,570 @@
+"""WSGI middleware that records the lifecycle of every request.
+
+::
+
+    from wsgitrace import TraceMiddleware
+
+    app = TraceMiddleware(app)          # any WSGI app
+    app.buffer.latest(5)                # the newest traces
+
+It records ``request``, ``app``, ``start_response``, ``first_byte``, ``body``,
+``write``, ``close`` and ``error`` events, and notes WSGI protocol problems as
+warnings on the trace. It is transparent: the app sees the same environ and
+callables, the server gets the same status, headers, body, laziness, ``len()``,
+``close()`` and exceptions. An error inside wsgitrace is logged once and never
+changes the response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .buffer import TraceBuffer
+from .config import Options, resolve_options
+from .context import _current_trace
+from .redact import REDACTED, Redactor
+from .trace import Trace, TraceLimits, cut, format_error
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ._types import Clock, TraceListener
+
+logger = logging.getLogger("wsgitrace")
+
+_internal_errors: dict[str, int] = {}
+_capture_listeners: list[TraceListener] = []
+
+
+def internal_error_count() -> int:
+    """How many errors wsgitrace's own code has caught in this process."""
+    return sum(_internal_errors.values())
+
+
+def report_internal_error(where: str, trace: Trace | None = None) -> None:
+    """Count an error of wsgitrace's own code (call from an ``except``
+    block), log it once per place, and note it on the trace. Never raises.
+    """
+    try:
+        count = _internal_errors.get(where, 0)
+        _internal_errors[where] = count + 1
+        if count == 0:
+            logger.error("wsgitrace: internal error in %s (logged once)", where, exc_info=True)
+        if trace is not None:
+            now = trace.now()
+            trace.record("tracer_error", "tracer_error", now, now, {"where": where})
+    except Exception:  # noqa: S110 - the last line of defence must not raise
+        pass
+
+
+def add_capture_listener(listener: TraceListener) -> None:
+    """Call ``listener`` with every trace any middleware in this process adds
+    to its buffer (used by the pytest plugin).
+    """
+    _capture_listeners.append(listener)
+
+
+def remove_capture_listener(listener: TraceListener) -> None:
+    """Undo :func:`add_capture_listener`."""
+    with contextlib.suppress(ValueError):
+        _capture_listeners.remove(listener)
+
+
+class TraceMiddleware:
+    """Trace every request the wrapped WSGI app serves.
+
+    Options (see :mod:`wsgitrace.config`) may also come from ``WSGITRACE_*``
+    environment variables; keywords win.
+
+    :param app: The WSGI application to wrap.
+    :param buffer: Where traces go; a new :class:`TraceBuffer` sized by
+        ``max_traces`` and ``max_bytes`` when not given.
+    :param clock: Nanosecond clock (tests inject one to assert durations).
+    :param options: Any option of :data:`~wsgitrace.config.OPTION_SPECS`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        buffer: TraceBuffer | None = None,
+        *,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        config = options.pop("_config", None)
+        self._endpoint_auto: Callable[[], bool] | None = options.pop("_endpoint_auto", None)
+        self.app = app
+        self.options: Options = resolve_options(options, config)
+        opts = self.options
+        self.buffer = buffer if buffer is not None else TraceBuffer(opts.max_traces, opts.max_bytes)
+        self.enabled = opts.enabled
+        self.limits = TraceLimits(opts.max_events, opts.max_string, opts.max_headers)
+        if opts.redact_defaults:
+            self.redactor = Redactor(extra_headers=opts.redact, extra_patterns=opts.redact)
+        else:
+            self.redactor = Redactor(headers=opts.redact, patterns=opts.redact)
+        self.clock: Clock = clock or time.perf_counter_ns
+        self._sample = opts.sample
+        self._exclude = opts.exclude
+        self._capture_headers = opts.capture_headers
+        self._header_memo: dict[str, tuple[str, bool]] = {}
+        self._prefix = opts.prefix
+        self._endpoint_app: WSGIApplication | None = None
+        if opts.endpoint is not False:
+            # Build it now so bad endpoint options fail at set-up time.
+            self._endpoint_app = self._make_endpoint()
+
+    # -- the endpoint -------------------------------------------------------
+
+    def _make_endpoint(self) -> WSGIApplication | None:
+        if self.options.endpoint is None and self._endpoint_auto is None:
+            return None
+        from .endpoint import TraceEndpoint
+
+        return TraceEndpoint(self.buffer, self.options)
+
+    def endpoint_enabled(self) -> bool:
+        """Whether requests under the prefix are answered by the endpoint now."""
+        if self._endpoint_app is None:
+            return False
+        if self.options.endpoint is not None:
+            return self.options.endpoint
+        auto = self._endpoint_auto
+        try:
+            return auto is not None and bool(auto())
+        except Exception:
+            report_internal_error("endpoint_auto")
+            return False
+
+    # -- the request path ---------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self.enabled:
+            return self.app(environ, start_response)
+        path: str = environ.get("PATH_INFO") or "/"
+        if self._endpoint_app is not None and path.startswith(self._prefix):
+            rest = path[len(self._prefix) :]
+            if (not rest or rest[0] == "/") and self.endpoint_enabled():
+                return self._endpoint_app(environ, start_response)
+        try:
+            trace = self._begin(environ, path)
+        except Exception:
+            report_internal_error("begin")
+            trace = None
+        if trace is None:
+            return self.app(environ, start_response)
+        recorder = _Recorder(self, trace, start_response)
+        token = _current_trace.set(trace)
+        try:
+            app_iter = self.app(environ, recorder.start_response)
+        except BaseException as exc:
+            _current_trace.reset(token)
+            recorder.app_raised(exc)
+            raise
+        _current_trace.reset(token)
+        return recorder.app_returned(app_iter, environ)
+
+    def _begin(self, environ: WSGIEnvironment, path: str) -> Trace | None:
+        if self._exclude and path.startswith(self._exclude):
+            return None
+        sample = self._sample
+        if sample != 1.0:
+            if callable(sample):
+                if not sample(environ):
+                    return None
+            elif random.random() >= sample:  # noqa: S311 - sampling, not security
+                return None
+        trace = Trace(
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            query=self.redactor.query(environ.get("QUERY_STRING", "")),
+            remote_addr=environ.get("REMOTE_ADDR"),
+            clock=self.clock,
+            limits=self.limits,
+        )
+        if self._capture_headers:
+            trace.request_headers = self._request_headers(environ, trace)
+        environ["wsgitrace.trace"] = trace
+        return trace
+
+    def _request_headers(self, environ: WSGIEnvironment, trace: Trace) -> tuple[str, ...]:
+        memo = self._header_memo
+        max_string = self.limits.max_string
+        room = self.limits.max_headers
+        out: list[str] = []
+        for key, value in environ.items():
+            entry = memo.get(key)
+            if entry is None:
+                entry = self._header_entry(key)
+            name, secret = entry
+            if not name:
+                continue
+            if room == 0:
+                trace.note_truncated("request_headers")
+                continue
+            room -= 1
+            if secret:
+                value = REDACTED
+            elif type(value) is not str:
+                value = repr(value)
+            if len(value) > max_string:
+                trace.note_truncated("header_values")
+                value = cut(value, max_string)
+            out.append(name)
+            out.append(value)
+        return tuple(out)
+
+    def _header_entry(self, key: str) -> tuple[str, bool]:
+        if key.startswith("HTTP_"):
+            raw = key[5:]
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            raw = key
+        else:
+            raw = ""
+        name = "-".join(part.capitalize() for part in raw.split("_")) if raw else ""
+        entry = (name, bool(name) and self.redactor.is_secret(name))
+        if len(self._header_memo) < 2048:
+            self._header_memo[key] = entry
+        return entry
+
+    def response_headers(self, headers: list[tuple[str, str]], trace: Trace) -> tuple[str, ...]:
+        """Flatten, redact and cap the response headers; note Content-Length."""
+        is_secret = self.redactor.is_secret
+        max_string = self.limits.max_string
+        room = self.limits.max_headers
+        out: list[str] = []
+        for name, value in headers:
+            if name.lower() == "content-length":
+                try:
+                    trace.content_length = int(value)
+                except ValueError:
+                    trace.warn(f"invalid Content-Length header: {value!r}")
+            if room == 0:
+                trace.note_truncated("response_headers")
+                continue
+            room -= 1
+            if is_secret(name):
+                value = REDACTED
+            elif len(value) > max_string:
+                trace.note_truncated("header_values")
+                value = cut(value, max_string)
+            out.append(name)
+            out.append(value)
+        return tuple(out)
+
+    def publish(self, trace: Trace) -> None:
+        """Put a trace into the buffer and tell the capture listeners."""
+        self.buffer.append(trace)
+        for listener in _capture_listeners:
+            listener(trace)
+
+    def __repr__(self) -> str:
+        return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
+
+
+class _Recorder:
+    """Per-request state: the recording ``start_response`` and ``write``, and
+    the steps that finish the trace.
+    """
+
+    __slots__ = (
+        "_server_start_response",
+        "_server_write",
+        "app_start",
+        "body_recorded",
+        "body_start",
+        "exhausted",
+        "middleware",
+        "starts",
+        "trace",
+    )
+
+    def __init__(
+        self, middleware: TraceMiddleware, trace: Trace, start_response: StartResponse
+    ) -> None:
+        self.middleware = middleware
+        self.trace = trace
+        self._server_start_response = start_response
+        self._server_write: Callable[[bytes], object] | None = None
+        self.starts = 0
+        self.body_start = 0
+        self.exhausted = False
+        self.body_recorded = False
+        self.app_start = trace.start_ns
+
+    # -- callables handed to the app ---------------------------------------
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: OptExcInfo | None = None,
+    ) -> Callable[[bytes], object]:
+        try:
+            self._on_start_response(status, headers, exc_info)
+        except Exception:
+            report_internal_error("start_response", self.trace)
+        if exc_info is None:
+            self._server_write = self._server_start_response(status, headers)
+        else:
+            self._server_write = self._server_start_response(status, headers, exc_info)
+        return self.write
+
+    def _on_start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
+    ) -> None:
+        trace = self.trace
+        now = trace.now()
+        if self.starts and exc_info is None:
+            trace.warn("start_response called twice without exc_info")
+        self.starts += 1
+        trace.status = status
+        trace.content_length = None
+        if self.middleware._capture_headers:
+            trace.response_headers = self.middleware.response_headers(headers, trace)
+        else:
+            for name, value in headers:
+                if name.lower() == "content-length" and value.isdigit():
+                    trace.content_length = int(value)
+        trace.record(
+            "start_response", "start_response", now, now, {"exc_info": True} if exc_info else None
+        )
+
+    def write(self, data: bytes) -> object:
+        write = self._server_write
+        if write is None:
+            # Same failure the server would give for write() before
+            # start_response, without touching our own state first.
+            msg = "write() called before start_response()"
+            raise AssertionError(msg)
+        start = self.trace.now()
+        result = write(data)
+        try:
+            trace = self.trace
+            end = trace.now()
+            size = len(data)
+            if size and trace.first_byte_ns is None:
+                trace.first_byte_ns = start
+                trace.record("first_byte", "first_byte", start, start)
+            trace.bytes_sent += size
+            trace.record("write", "write", start, end, {"bytes": size})
+        except Exception:
+            report_internal_error("write", self.trace)
+        return result
+
+    # -- the app call -------------------------------------------------------
+
+    def app_raised(self, exc: BaseException) -> None:
+        try:
+            trace = self.trace
+            now = trace.now()
+            trace.record("app", "app", self.app_start, now)
+            self.error(exc, "app", now)
+            self.middleware.publish(trace)
+            self.finish(now)
+        except Exception:
+            report_internal_error("app_raised", self.trace)
+
+    def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
+        try:
+            trace = self.trace
+            now = trace.now()
+            trace.record("app", "app", self.app_start, now)
+            self.middleware.publish(trace)
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if (
+                file_wrapper is not None
+                and isinstance(file_wrapper, type)
+                and isinstance(app_iter, file_wrapper)
+            ):
+                # Returned untouched so the server can still use sendfile.
+                trace.record("file_wrapper", "file_wrapper", now, now)
+                self.finish(now)
+                return app_iter
+            if hasattr(type(app_iter), "__len__"):
+                return _SizedTracedBody(app_iter, self)
+            return _TracedBody(app_iter, self)
+        except Exception:
+            report_internal_error("app_returned", self.trace)
+            return app_iter
+
+    # -- the body -----------------------------------------------------------
+
+    def chunk(self, data: bytes) -> None:
+        try:
+            trace = self.trace
+            if not trace.chunks:
+                self.body_start = trace.now()
+                if not self.starts:
+                    trace.warn("body yielded before start_response was called")
+            trace.chunks += 1
+            size = len(data)
+            if size:
+                if trace.first_byte_ns is None:
+                    now = trace.now()
+                    trace.first_byte_ns = now
+                    trace.record("first_byte", "first_byte", now, now)
+                trace.bytes_sent += size
+        except Exception:
+            report_internal_error("chunk", self.trace)
+
+    def body_done(self) -> None:
+        try:
+            self.exhausted = True
+            self._record_body(self.trace.now())
+        except Exception:
+            report_internal_error("body_done", self.trace)
+
+    def _record_body(self, end: int) -> None:
+        trace = self.trace
+        if self.body_recorded:
+            return
+        self.body_recorded = True
+        start = self.body_start or end
+        trace.record(
+            "body", "body", start, end, {"chunks": trace.chunks, "bytes": trace.bytes_sent}
+        )
+
+    def iteration_failed(self, exc: BaseException) -> None:
+        try:
+            now = self.trace.now()
+            self._record_body(now)
+            if not isinstance(exc, GeneratorExit):
+                self.error(exc, "iteration", now)
+            self.finish(now)
+        except Exception:
+            report_internal_error("iteration_failed", self.trace)
+
+    def closed(self, start: int, exc: BaseException | None) -> None:
+        try:
+            trace = self.trace
+            now = trace.now()
+            self._record_body(start)
+            trace.record("close", "close", start, now)
+            if exc is not None:
+                self.error(exc, "close", now)
+            self.finish(now)
+        except Exception:
+            report_internal_error("closed", self.trace)
+
+    def collected(self) -> None:
+        """The body was garbage-collected without ``close()``."""
+        try:
+            trace = self.trace
+            if trace.finished:
+                return
+            trace.warn("unclosed: the response body was garbage-collected without close()")
+            now = trace.now()
+            self._record_body(now)
+            self.finish(now)
+        except Exception:
+            report_internal_error("collected", self.trace)
+
+    def error(self, exc: BaseException, where: str, now: int) -> None:
+        trace = self.trace
+        if trace.error is None:
+            trace.error = format_error(exc, where, trace.limits)
+        trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
+
+    def finish(self, end: int) -> None:
+        trace = self.trace
+        if trace.finished:
+            return
+        if (
+            self.exhausted
+            and trace.content_length is not None
+            and trace.bytes_sent != trace.content_length
+            and trace.method != "HEAD"
+            and trace.status_code not in (204, 304)
+        ):
+            trace.warn(
+                f"Content-Length mismatch: header says {trace.content_length},"
+                f" body sent {trace.bytes_sent} bytes"
+            )
+        trace.end_ns = end
+        trace.record("request", "request", trace.start_ns, end)
+        trace.finished = True
+        self.middleware.buffer.finished(trace)
+
+
+class _TracedBody:
+    """The app's response iterable, wrapped to record chunks and ``close()``
+    (in the manner of werkzeug's ``lint.GuardedIterator``).
+    """
+
+    __slots__ = ("_app_iter", "_closed", "_iterator", "_recorder")
+
+    def __init__(self, app_iter: Iterable[bytes], recorder: _Recorder) -> None:
+        self._app_iter = app_iter
+        self._recorder = recorder
+        self._iterator: Iterator[bytes] | None = None
+        self._closed = False
+
+    def __iter__(self) -> _TracedBody:
+        self._iterator = iter(self._app_iter)
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = iter(self._app_iter)
+        recorder = self._recorder
+        token = _current_trace.set(recorder.trace)
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            _current_trace.reset(token)
+            recorder.body_done()
+            raise
+        except BaseException as exc:
+            _current_trace.reset(token)
+            recorder.iteration_failed(exc)
+            raise
+        _current_trace.reset(token)
+        recorder.chunk(chunk)
+        return chunk
+
+    def close(self) -> None:
+        recorder = self._recorder
+        first = not self._closed
+        self._closed = True
+        try:
+            start = recorder.trace.now()
+        except Exception:
+            start = 0
+        token = _current_trace.set(recorder.trace)
+        error: BaseException | None = None
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _current_trace.reset(token)
+            if first:
+                recorder.closed(start, error)
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self._recorder.collected()
+
+
+class _SizedTracedBody(_TracedBody):
+    """A traced body whose app iterable has a length, so servers can still
+    use ``len()`` (e.g. to set ``Content-Length`` for one-element lists).
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._app_iter)  # type: ignore[arg-type]

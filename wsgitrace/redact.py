@@ -1,0 +1,129 @@
+"""Redaction of secrets before a trace can be read.
+
+Header names are matched exactly (case-insensitive) against a list, and any
+header, query, form or session key that *looks* secret (contains password,
+secret, token, key, auth, csrf, ...) is redacted too::
+
+    redactor = Redactor(extra_headers=["X-Internal-Signature"])
+    redactor.is_secret("X-Api-Key")        # True
+    redactor.query("user=1&token=abc")    # "user=1&token=[redacted]"
+
+Decisions per header name are memoized, so the request path pays a dict
+lookup per header.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .exceptions import ConfigurationError
+
+#: Replacement for a redacted value.
+REDACTED = "[redacted]"
+
+#: Headers always redacted by default.
+DEFAULT_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-csrf-token",
+        "x-xsrf-token",
+    }
+)
+
+#: Key fragments that mark a header, query, form or session key as secret.
+DEFAULT_PATTERNS = (
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "auth",
+    "csrf",
+    "xsrf",
+    "session",
+    "signature",
+    "credential",
+)
+
+_MEMO_LIMIT = 4096
+
+
+class Redactor:
+    """Decides which names are secret and replaces their values.
+
+    :param headers: Replace the default header list.
+    :param extra_headers: Add to the header list.
+    :param patterns: Replace the default key fragments.
+    :param extra_patterns: Add to the key fragments.
+    """
+
+    __slots__ = ("_memo", "_pattern", "headers", "patterns")
+
+    def __init__(
+        self,
+        headers: Iterable[str] | None = None,
+        extra_headers: Iterable[str] = (),
+        patterns: Iterable[str] | None = None,
+        extra_patterns: Iterable[str] = (),
+    ) -> None:
+        for label, value in (
+            ("redact_headers", headers),
+            ("redact_extra_headers", extra_headers),
+            ("redact_patterns", patterns),
+            ("redact_extra_patterns", extra_patterns),
+        ):
+            if isinstance(value, str | bytes):
+                msg = f"{label} must be a list of names, not a string: {value!r}"
+                raise ConfigurationError(msg)
+        base = DEFAULT_HEADERS if headers is None else frozenset()
+        self.headers = (
+            base | {h.lower() for h in headers or ()} | {h.lower() for h in extra_headers}
+        )
+        fragments = list(DEFAULT_PATTERNS if patterns is None else patterns)
+        fragments += list(extra_patterns)
+        self.patterns = tuple(f.lower() for f in fragments if f)
+        self._pattern = (
+            re.compile("|".join(re.escape(f) for f in self.patterns), re.IGNORECASE)
+            if self.patterns
+            else None
+        )
+        self._memo: dict[str, bool] = {}
+
+    def is_secret(self, name: str) -> bool:
+        """Whether a header, query, form or session key's value is redacted."""
+        decision = self._memo.get(name)
+        if decision is None:
+            lowered = name.lower().replace("_", "-")
+            decision = lowered in self.headers or (
+                self._pattern is not None and self._pattern.search(lowered) is not None
+            )
+            if len(self._memo) < _MEMO_LIMIT:
+                self._memo[name] = decision
+        return decision
+
+    def query(self, query: str) -> str:
+        """Redact the values of secret-looking keys in a query string."""
+        if not query or self._pattern is None or self._pattern.search(query) is None:
+            return query
+        parts = []
+        for part in query.split("&"):
+            key, sep, _value = part.partition("=")
+            if sep and self.is_secret(_unquote_key(key)):
+                parts.append(f"{key}={REDACTED}")
+            else:
+                parts.append(part)
+        return "&".join(parts)
+
+
+def _unquote_key(key: str) -> str:
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(key)

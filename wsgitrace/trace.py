@@ -1,0 +1,582 @@
+"""The trace model: what happened to one request.
+
+On the request path a :class:`Trace` only appends compact records (event kind
+and name references plus two ``int64`` timestamps in an :class:`array.array`).
+:class:`Event` objects, offsets, JSON and everything else are built when
+something reads the trace::
+
+    trace = wsgitrace.current_trace()
+    for event in trace.events:
+        print(event.name, event.start_ms, event.duration_ms)
+    trace.hooks()  # ["before_request:load_user", "view:index", ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import threading
+import time
+import traceback
+from array import array
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._types import Clock
+
+#: Version of the JSON form produced by :meth:`Trace.to_dict`.
+SCHEMA_VERSION = 1
+
+#: Event kinds listed by :meth:`Trace.hooks`.
+HOOK_KINDS = frozenset(
+    {
+        "url_value_preprocessor",
+        "url_defaults",
+        "before_request",
+        "view",
+        "after_request",
+        "teardown_request",
+        "teardown_appcontext",
+        "errorhandler",
+        "context_processor",
+    }
+)
+
+#: Marker appended to a string that was cut to its cap.
+TRUNCATION_MARKER = "…[truncated]"
+
+_get_ident = threading.get_ident
+
+
+class _IdSource:
+    """Makes trace ids: a random per-process prefix plus a counter.
+
+    The prefix is drawn again in a forked child, so ids stay unique across the
+    worker processes of a pre-fork server and across restarts.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.counter = itertools.count(1)
+
+
+_ids = _IdSource()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.reset)
+
+
+@dataclass(frozen=True)
+class TraceLimits:
+    """Per-trace caps. Whatever is cut is counted and marked on the trace.
+
+    :param max_events: Events kept per trace; later ones are counted in
+        :attr:`Trace.dropped_events`.
+    :param max_string: Length of any captured string (header value, path,
+        query, ``repr``); longer ones end with :data:`TRUNCATION_MARKER`.
+    :param max_headers: Request and response headers kept per trace.
+    """
+
+    max_events: int = 256
+    max_string: int = 1024
+    max_headers: int = 64
+
+    def __post_init__(self) -> None:
+        from .exceptions import ConfigurationError
+
+        for name in ("max_events", "max_string", "max_headers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ConfigurationError(msg)
+
+
+DEFAULT_LIMITS = TraceLimits()
+
+
+def cut(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + TRUNCATION_MARKER
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a request, as read from a :class:`Trace`.
+
+    :param kind: Snake-case kind, e.g. ``before_request`` or ``signal``.
+    :param name: Full name, e.g. ``before_request:admin.require_admin``.
+    :param start_ns: Start, in nanoseconds from the start of the request.
+    :param duration_ns: Duration in nanoseconds (0 for instants).
+    :param thread: Identifier of the thread that recorded the event.
+    :param attrs: Small dict of attributes.
+    :param seq: Position in recording order, to order ties.
+    """
+
+    kind: str
+    name: str
+    start_ns: int
+    duration_ns: int
+    thread: int
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    seq: int = 0
+
+    @property
+    def start_ms(self) -> float:
+        return self.start_ns / 1e6
+
+    @property
+    def duration_ms(self) -> float:
+        return self.duration_ns / 1e6
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + self.duration_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-safe form of the event."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "start_ms": round(self.start_ns / 1e6, 6),
+            "duration_ms": round(self.duration_ns / 1e6, 6),
+            "thread": self.thread,
+            "attrs": {k: jsonable(v) for k, v in self.attrs.items()},
+        }
+
+
+def jsonable(value: Any, limit: int = 1024) -> Any:
+    """Return ``value`` if JSON can hold it as is, else a cut ``repr``."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return cut(value, limit)
+    if isinstance(value, list | tuple):
+        return [jsonable(v, limit) for v in value[:100]]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, limit) for k, v in list(value.items())[:100]}
+    try:
+        return cut(repr(value), limit)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+def format_error(exc: BaseException, where: str, limits: TraceLimits) -> dict[str, str]:
+    """Describe an exception for a trace: type, message, traceback, where."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": cut(message, limits.max_string),
+        "traceback": cut(tb, limits.max_string * 16),
+        "where": where,
+    }
+
+
+class Trace:
+    """What happened to one request: its events, timings and state.
+
+    Traces are made by :class:`~wsgitrace.TraceMiddleware`; read them from a
+    :class:`~wsgitrace.TraceBuffer` or with :func:`~wsgitrace.current_trace`.
+    A trace is readable as soon as the app call returns (:attr:`finished` is
+    false until the response is closed).
+
+    :param environ: The WSGI environ of the request; only strings are copied.
+    :param clock: Nanosecond clock used for every timestamp of the trace.
+    :param limits: Per-trace caps.
+    """
+
+    __slots__ = (
+        "_attrs",
+        "_clock",
+        "_id",
+        "_kinds",
+        "_limits",
+        "_names",
+        "_seq",
+        "_size",
+        "_threads",
+        "_times",
+        "bytes_sent",
+        "chunks",
+        "content_length",
+        "cursor",
+        "dropped_events",
+        "end_ns",
+        "endpoint",
+        "error",
+        "evicted",
+        "finished",
+        "first_byte_ns",
+        "g",
+        "method",
+        "path",
+        "query",
+        "remote_addr",
+        "request_headers",
+        "response_headers",
+        "rule",
+        "session_keys",
+        "start_ns",
+        "status",
+        "thread",
+        "truncated",
+        "view_args",
+        "wall_time",
+        "warnings",
+    )
+
+    def __init__(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        *,
+        query: str = "",
+        remote_addr: str | None = None,
+        clock: Clock = time.perf_counter_ns,
+        limits: TraceLimits = DEFAULT_LIMITS,
+        start_ns: int | None = None,
+    ) -> None:
+        self._id: str | None = None
+        self._seq = next(_ids.counter)
+        self._clock = clock
+        self._limits = limits
+        self.start_ns = clock() if start_ns is None else start_ns
+        self.wall_time = time.time()
+        self.thread = _get_ident()
+        self._kinds: list[str] = []
+        self._names: list[str] = []
+        self._times = array("q")
+        self._attrs: dict[int, dict[str, Any]] | None = None
+        self._threads: dict[int, int] | None = None
+        self._size = 0
+        self.cursor = 0
+        self.method = method
+        max_string = limits.max_string
+        self.path = path if len(path) <= max_string else self._cut("path", path)
+        self.query = query if len(query) <= max_string else self._cut("query", query)
+        self.remote_addr = remote_addr
+        self.request_headers: tuple[str, ...] = ()
+        self.response_headers: tuple[str, ...] = ()
+        self.status: str | None = None
+        self.content_length: int | None = None
+        self.end_ns: int | None = None
+        self.first_byte_ns: int | None = None
+        self.bytes_sent = 0
+        self.chunks = 0
+        self.endpoint: str | None = None
+        self.rule: str | None = None
+        self.view_args: dict[str, Any] | None = None
+        self.error: dict[str, str] | None = None
+        self.g: dict[str, str] | None = None
+        self.session_keys: list[str] | None = None
+        self.warnings: list[str] | None = None
+        self.truncated: dict[str, int] | None = None
+        self.dropped_events = 0
+        self.finished = False
+        self.evicted = False
+
+    # -- write side ---------------------------------------------------------
+
+    def record(
+        self,
+        kind: str,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one event. Past :attr:`TraceLimits.max_events` the event is
+        counted in :attr:`dropped_events` instead.
+        """
+        names = self._names
+        index = len(names)
+        if index >= self._limits.max_events:
+            self.dropped_events += 1
+            return
+        self._kinds.append(kind)
+        names.append(name)
+        times = self._times
+        times.append(start_ns)
+        times.append(end_ns)
+        if attrs:
+            if self._attrs is None:
+                self._attrs = {index: attrs}
+            else:
+                self._attrs[index] = attrs
+        ident = _get_ident()
+        if ident != self.thread:
+            if self._threads is None:
+                self._threads = {index: ident}
+            else:
+                self._threads[index] = ident
+
+    def mark(self, kind: str, name: str | None = None, attrs: dict[str, Any] | None = None) -> int:
+        """Record an instant event at the current time and return that time."""
+        now = self._clock()
+        self.record(kind, kind if name is None else name, now, now, attrs)
+        return now
+
+    def warn(self, message: str) -> None:
+        """Note a protocol problem seen while serving (never raised)."""
+        if self.warnings is None:
+            self.warnings = [message]
+        elif message not in self.warnings and len(self.warnings) < 32:
+            self.warnings.append(message)
+
+    def note_truncated(self, what: str, count: int = 1) -> None:
+        """Count something cut by a cap."""
+        if self.truncated is None:
+            self.truncated = {what: count}
+        else:
+            self.truncated[what] = self.truncated.get(what, 0) + count
+
+    def _cut(self, what: str, text: str) -> str:
+        self.note_truncated(what)
+        return cut(text, self._limits.max_string)
+
+    def now(self) -> int:
+        """The trace's clock, in nanoseconds."""
+        return self._clock()
+
+    @property
+    def limits(self) -> TraceLimits:
+        return self._limits
+
+    # -- read side ----------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """URL-safe id, unique across processes; not a cursor."""
+        if self._id is None:
+            self._id = f"{_ids.prefix}-{self._seq:x}"
+        return self._id
+
+    @property
+    def events(self) -> list[Event]:
+        """The events, ordered by start time; at equal starts the enclosing
+        (longer) event comes first, then recording order.
+        """
+        return sorted(self._iter_events(), key=lambda e: (e.start_ns, -e.duration_ns, e.seq))
+
+    def _iter_events(self) -> Iterator[Event]:
+        times = self._times
+        attrs = self._attrs or {}
+        threads = self._threads or {}
+        base = self.start_ns
+        for index in range(len(self._names)):
+            start = times[2 * index]
+            yield Event(
+                kind=self._kinds[index],
+                name=self._names[index],
+                start_ns=start - base,
+                duration_ns=times[2 * index + 1] - start,
+                thread=threads.get(index, self.thread),
+                attrs=attrs.get(index, {}),
+                seq=index,
+            )
+
+    def find(self, kind: str | None = None, name: str | None = None) -> list[Event]:
+        """Events with the given kind and/or name, in order."""
+        return [
+            e
+            for e in self.events
+            if (kind is None or e.kind == kind) and (name is None or e.name == name)
+        ]
+
+    def hooks(self) -> list[str]:
+        """Names of the hook and view events in the order they ran."""
+        return [e.name for e in self.events if e.kind in HOOK_KINDS]
+
+    @property
+    def status_code(self) -> int | None:
+        if not self.status:
+            return None
+        try:
+            return int(self.status[:3])
+        except ValueError:
+            return None
+
+    @property
+    def duration_ns(self) -> int | None:
+        return None if self.end_ns is None else self.end_ns - self.start_ns
+
+    @property
+    def duration_ms(self) -> float | None:
+        d = self.duration_ns
+        return None if d is None else d / 1e6
+
+    @property
+    def ttfb_ms(self) -> float | None:
+        if self.first_byte_ns is None:
+            return None
+        return (self.first_byte_ns - self.start_ns) / 1e6
+
+    @property
+    def state(self) -> str:
+        """``in_progress``, ``finished`` or ``unclosed``."""
+        if not self.finished:
+            return "in_progress"
+        if self.warnings and any(w.startswith("unclosed") for w in self.warnings):
+            return "unclosed"
+        return "finished"
+
+    @property
+    def approx_size(self) -> int:
+        """Approximate bytes retained by the trace (counted against byte caps)."""
+        return self._size or self._estimate_size()
+
+    def _estimate_size(self) -> int:
+        size = 700 + 40 * len(self._names)
+        for text in (self.path, self.query, self.method, self.status or ""):
+            size += len(text)
+        for part in self.request_headers:
+            size += 60 + len(part)
+        for part in self.response_headers:
+            size += 60 + len(part)
+        if self._attrs:
+            size += 300 * len(self._attrs)
+        if self.error:
+            size += sum(len(v) for v in self.error.values()) + 300
+        if self.g:
+            size += sum(len(k) + len(v) + 120 for k, v in self.g.items())
+        if self.warnings:
+            size += sum(len(w) + 60 for w in self.warnings)
+        return size
+
+    def summary(self) -> dict[str, Any]:
+        """The short JSON form listed by ``/_trace``."""
+        return {
+            "id": self.id,
+            "cursor": self.cursor,
+            "state": self.state,
+            "time": self.wall_time,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status_code,
+            "duration_ms": _round(self.duration_ms),
+            "ttfb_ms": _round(self.ttfb_ms),
+            "bytes": self.bytes_sent,
+            "endpoint": self.endpoint,
+            "hooks": sum(1 for k in self._kinds if k in HOOK_KINDS),
+            "error": self.error["type"] if self.error else None,
+            "warnings": list(self.warnings or ()),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full JSON-safe form, with its ``schema`` version."""
+        data = self.summary()
+        data.update(
+            {
+                "schema": SCHEMA_VERSION,
+                "status_line": self.status,
+                "remote_addr": self.remote_addr,
+                "chunks": self.chunks,
+                "content_length": self.content_length,
+                "rule": self.rule,
+                "view_args": jsonable(self.view_args),
+                "request_headers": _pairs(self.request_headers),
+                "response_headers": _pairs(self.response_headers),
+                "error": self.error,
+                "g": self.g,
+                "session_keys": self.session_keys,
+                "truncated": dict(self.truncated or {}),
+                "dropped_events": self.dropped_events,
+                "events": [e.to_dict() for e in self.events],
+            }
+        )
+        return data
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Trace:
+        """Rebuild a read-only trace from :meth:`to_dict`'s output (for
+        viewers that read ``/_trace``).
+        """
+        trace = cls(
+            str(data.get("method", "")),
+            str(data.get("path", "")),
+            query=str(data.get("query") or ""),
+            remote_addr=data.get("remote_addr"),
+            start_ns=0,
+            limits=TraceLimits(max_events=max(1, len(data.get("events") or ()) + 1)),
+        )
+        trace._id = str(data.get("id", ""))
+        trace.cursor = int(data.get("cursor") or 0)
+        trace.wall_time = float(data.get("time") or 0.0)
+        trace.status = data.get("status_line") or (
+            str(data["status"]) if data.get("status") is not None else None
+        )
+        duration = data.get("duration_ms")
+        trace.end_ns = None if duration is None else round(duration * 1e6)
+        ttfb = data.get("ttfb_ms")
+        trace.first_byte_ns = None if ttfb is None else round(ttfb * 1e6)
+        trace.bytes_sent = int(data.get("bytes") or 0)
+        trace.chunks = int(data.get("chunks") or 0)
+        trace.content_length = data.get("content_length")
+        trace.endpoint = data.get("endpoint")
+        trace.rule = data.get("rule")
+        trace.view_args = data.get("view_args")
+        error = data.get("error")
+        trace.error = error if isinstance(error, dict) else None
+        trace.g = data.get("g")
+        trace.session_keys = data.get("session_keys")
+        trace.warnings = list(data.get("warnings") or ()) or None
+        trace.truncated = dict(data.get("truncated") or {}) or None
+        trace.dropped_events = int(data.get("dropped_events") or 0)
+        trace.request_headers = _flat(data.get("request_headers"))
+        trace.response_headers = _flat(data.get("response_headers"))
+        trace.finished = data.get("state", "finished") != "in_progress"
+        trace.thread = 0
+        for event in data.get("events") or ():
+            start = round(float(event.get("start_ms", 0)) * 1e6)
+            end = start + round(float(event.get("duration_ms", 0)) * 1e6)
+            trace._kinds.append(str(event.get("kind", "")))
+            trace._names.append(str(event.get("name", "")))
+            trace._times.append(start)
+            trace._times.append(end)
+            index = len(trace._names) - 1
+            if event.get("attrs"):
+                if trace._attrs is None:
+                    trace._attrs = {}
+                trace._attrs[index] = dict(event["attrs"])
+            if event.get("thread"):
+                if trace._threads is None:
+                    trace._threads = {}
+                trace._threads[index] = int(event["thread"])
+        return trace
+
+    def __repr__(self) -> str:
+        return (
+            f"<Trace {self.id} {self.method} {self.path!r} {self.status or '-'}"
+            f" {self.state} events={len(self._names)}>"
+        )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _pairs(flat: tuple[str, ...]) -> list[list[str]]:
+    return [[flat[i], flat[i + 1]] for i in range(0, len(flat) - 1, 2)]
+
+
+def _flat(pairs: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for pair in pairs or ():
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            out.extend((str(pair[0]), str(pair[1])))
+    return tuple(out)
