@@ -1,0 +1,946 @@
+"""Flask extension: every hook, signal and URL match of a request, in order.
+
+::
+
+    from flask import Flask
+    from wsgitrace.flask import FlaskTrace
+
+    app = Flask(__name__)
+    trace = FlaskTrace(app)            # or: ext = FlaskTrace(); ext.init_app(app)
+
+    # after a request:
+    trace.buffer.latest(1)[0].hooks()
+    # ['url_value_preprocessor:pull_lang', 'before_request:load_user',
+    #  'view:index', 'after_request:add_header', 'teardown_request:close_db']
+
+How it records. Flask calls its hooks from a handful of app methods
+(``preprocess_request``, ``process_response``, ``do_teardown_request``, ...).
+The extension sets instance attributes that shadow those methods with
+versions that run the *same registries in the same order* as Flask 3.0/3.1
+and take one clock reading per hook, instead of wrapping every hook function
+or connecting a blinker receiver per signal (each would cost about a
+microsecond per event). Signals are recorded where Flask sends them;
+the rarer ones (``got_request_exception``, template and flash signals) are
+recorded by receivers connected for this app only, strongly referenced.
+A method that the app's class overrides is left alone (its phase is
+listed in :attr:`FlaskTrace.skipped`), so subclass behaviour is kept.
+
+The extension holds the app only weakly and creates no reference cycle
+through it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import flask
+from flask import Flask, signals
+from flask.ctx import AppContext
+from flask.ctx import _sentinel as _ctx_sentinel
+from flask.globals import _cv_app, _cv_request, request_ctx
+from flask.helpers import _split_blueprint_path
+from flask.sansio.scaffold import _sentinel as _app_sentinel
+
+from .buffer import TraceBuffer
+from .config import env_name, resolve_options
+from .context import _current_trace
+from .exceptions import WsgitraceWarning
+from .middleware import TraceMiddleware, report_internal_error
+from .redact import REDACTED
+from .trace import Trace, cut
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from ._types import Clock
+
+__all__ = ["FlaskTrace"]
+
+_MISSING = object()
+_SUPPORTED = ("3.0", "3.1")
+
+# Phases whose Flask methods are shadowed, with the Flask function each
+# replaces; a class that overrides one keeps its own.
+_PHASES = (
+    "full_dispatch_request",
+    "preprocess_request",
+    "dispatch_request",
+    "finalize_request",
+    "process_response",
+    "do_teardown_request",
+    "do_teardown_appcontext",
+    "update_template_context",
+    "inject_url_defaults",
+    "_find_error_handler",
+    "app_context",
+)
+
+
+class _WeakWsgiApp:
+    """Calls ``Flask.wsgi_app`` of an app held weakly, so that
+    ``app.wsgi_app = TraceMiddleware(...)`` adds no reference cycle.
+    """
+
+    __slots__ = ("_app", "_func")
+
+    def __init__(self, app: Flask, func: Callable[..., Iterable[bytes]]) -> None:
+        self._app = weakref.ref(app)
+        self._func = func
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        app = self._app()
+        if app is None:  # pragma: no cover - the app is gone but still called
+            msg = "the Flask app traced by wsgitrace no longer exists"
+            raise RuntimeError(msg)
+        return self._func(app, environ, start_response)
+
+    def __repr__(self) -> str:
+        return f"<wsgi_app of {self._app()!r}>"
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if isinstance(name, str):
+        return name
+    inner = getattr(func, "func", None)  # functools.partial
+    if inner is not None:
+        return _function_name(inner)
+    return type(func).__name__
+
+
+class _AppTracer:
+    """Per-app recording state; holds the app only weakly."""
+
+    def __init__(
+        self, ext: FlaskTrace, app: Flask, middleware: TraceMiddleware, clock: Clock
+    ) -> None:
+        self.ext = ext
+        self.app_ref = weakref.ref(app)
+        self.middleware = middleware
+        self.clock = clock
+        self.session_values = middleware.options.session_values
+        self.max_string = middleware.limits.max_string
+        self._hook_info: dict[tuple[str, str | None, int], tuple[str, dict[str, Any], Any]] = {}
+        self._view_info: dict[str, tuple[str, dict[str, Any], Any]] = {}
+        self._template_starts: dict[int, list[int]] = {}
+        self.skipped: list[str] = []
+        self.receivers: list[tuple[Any, Callable[..., None]]] = []
+
+    # -- naming -------------------------------------------------------------
+
+    def hook_info(self, kind: str, blueprint: str | None, func: Any) -> tuple[str, dict[str, Any]]:
+        """Event name and shared static attributes of a hook function."""
+        key = (kind, blueprint, id(func))
+        info = self._hook_info.get(key)
+        if info is not None and info[2]() is func:
+            return info[0], info[1]
+        short = _function_name(func)
+        name = f"{kind}:{blueprint}.{short}" if blueprint else f"{kind}:{short}"
+        attrs = {
+            "blueprint": blueprint,
+            "qualname": getattr(func, "__qualname__", short),
+            "module": getattr(func, "__module__", None),
+        }
+        try:
+            ref: Any = weakref.ref(func)
+        except TypeError:
+            # Not weak-referenceable (rare); a strong reference cannot hold the
+            # app because such objects are not closures.
+            ref = _Strong(func)
+        if len(self._hook_info) < 4096:
+            self._hook_info[key] = (name, attrs, ref)
+        return name, attrs
+
+    # -- the hook runner ----------------------------------------------------
+
+    def view_info(self, endpoint: str, view: Any) -> tuple[str, dict[str, Any]]:
+        """Event name ``view:<endpoint>`` and static attributes of a view."""
+        info = self._view_info.get(endpoint)
+        if info is not None and info[2]() is view:
+            return info[0], info[1]
+        blueprint = endpoint.rpartition(".")[0] or None
+        attrs = {
+            "blueprint": blueprint,
+            "endpoint": endpoint,
+            "qualname": getattr(view, "__qualname__", _function_name(view)),
+            "module": getattr(view, "__module__", None),
+        }
+        try:
+            ref: Any = weakref.ref(view)
+        except TypeError:
+            ref = _Strong(view)
+        if len(self._view_info) < 4096:
+            self._view_info[endpoint] = (f"view:{endpoint}", attrs, ref)
+        return f"view:{endpoint}", attrs
+
+    def run_hook(
+        self,
+        trace: Trace,
+        kind: str,
+        info: tuple[str, dict[str, Any]],
+        call: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
+        """Call ``call(*args)`` (the hook, as Flask would) and record it as
+        ``info`` (name and static attributes).
+        """
+        app_ctx = _cv_app.get(None)
+        g_dict = app_ctx.g.__dict__ if app_ctx is not None else None
+        before = dict(g_dict) if g_dict else None
+        clock = self.clock
+        start = clock()
+        try:
+            rv = call(*args)
+        except BaseException as exc:
+            self.after_hook(trace, kind, info, start, before, g_dict, None, exc)
+            raise
+        self.after_hook(trace, kind, info, start, before, g_dict, rv, None)
+        return rv
+
+    def after_hook(
+        self,
+        trace: Trace,
+        kind: str,
+        info: tuple[str, dict[str, Any]],
+        start: int,
+        before: dict[str, Any] | None,
+        g_dict: dict[str, Any] | None,
+        rv: Any,
+        exc: BaseException | None,
+    ) -> None:
+        try:
+            end = self.clock()
+            name, attrs = info
+            extra = _g_changes(before, g_dict)
+            if kind == "before_request" and rv is not None:
+                extra = extra or {}
+                extra["short_circuit"] = True
+                extra["returned"] = type(rv).__name__
+            if exc is not None:
+                extra = extra or {}
+                extra["error"] = type(exc).__name__
+            trace.record(kind, name, start, end, {**attrs, **extra} if extra else attrs)
+        except Exception:
+            report_internal_error("flask.hook", trace)
+
+    def signal(
+        self, trace: Trace, name: str, start: int, attrs: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            trace.record("signal", name, start, self.clock(), attrs)
+        except Exception:
+            report_internal_error("flask.signal", trace)
+
+    # -- state --------------------------------------------------------------
+
+    def url_match(self, trace: Trace) -> None:
+        try:
+            ctx = _cv_request.get(None)
+            if ctx is None:
+                return
+            req = ctx.request
+            now = self.clock()
+            error = req.routing_exception
+            if error is not None:
+                attrs: dict[str, Any] = {"error": type(error).__name__}
+                code = getattr(error, "code", None)
+                if code is not None:
+                    attrs["code"] = code
+                new_url = getattr(error, "new_url", None)
+                if new_url:
+                    attrs["redirect"] = cut(str(new_url), self.max_string)
+                trace.record("url_match", "url_match", now, now, attrs)
+                return
+            rule = req.url_rule
+            if rule is not None:
+                trace.endpoint = rule.endpoint
+                trace.rule = rule.rule
+            if req.view_args:
+                trace.view_args = dict(req.view_args)
+            trace.record("url_match", "url_match", now, now)
+        except Exception:
+            report_internal_error("flask.url_match", trace)
+
+    def snapshot_session(self, trace: Trace) -> None:
+        try:
+            ctx = _cv_request.get(None)
+            session = getattr(ctx, "_session", None) if ctx is not None else None
+            if not session:
+                return
+            keys = [str(k) for k in dict.keys(session)]
+            trace.session_keys = [cut(k, self.max_string) for k in keys[:64]]
+            if self.session_values:
+                is_secret = self.middleware.redactor.is_secret
+                values = {}
+                for key in keys[:64]:
+                    value = dict.__getitem__(session, key)
+                    values[key] = REDACTED if is_secret(key) else _safe_repr(value, self.max_string)
+                trace.record("session", "session", self.clock(), self.clock(), {"values": values})
+        except Exception:
+            report_internal_error("flask.session", trace)
+
+    def snapshot_g(self, trace: Trace) -> None:
+        try:
+            app_ctx = _cv_app.get(None)
+            if app_ctx is None:
+                return
+            g_dict = app_ctx.g.__dict__
+            if not g_dict:
+                return
+            is_secret = self.middleware.redactor.is_secret
+            snapshot = {}
+            for key, value in list(g_dict.items())[:64]:
+                snapshot[cut(str(key), self.max_string)] = (
+                    REDACTED if is_secret(str(key)) else _safe_repr(value, self.max_string)
+                )
+            trace.g = snapshot
+        except Exception:
+            report_internal_error("flask.g", trace)
+
+
+class _Strong:
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+def _safe_repr(value: Any, limit: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<repr failed: {type(exc).__name__}>"
+    return cut(text, limit)
+
+
+def _g_changes(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Keys of ``g`` added, changed (by identity) or removed by a hook."""
+    if not after:
+        return {"g_removed": sorted(before)} if before else None
+    if before is None:
+        return {"g_added": list(after)}
+    if len(before) == len(after):
+        for key, value in before.items():
+            if after.get(key, _MISSING) is not value:
+                break
+        else:
+            return None
+    changes: dict[str, Any] = {}
+    added = [k for k in after if k not in before]
+    changed = [k for k in after if k in before and after[k] is not before[k]]
+    removed = [k for k in before if k not in after]
+    if added:
+        changes["g_added"] = added
+    if changed:
+        changes["g_changed"] = changed
+    if removed:
+        changes["g_removed"] = removed
+    return changes or None
+
+
+class FlaskTrace:
+    """Trace every request of a Flask app: hooks, signals, URL matching,
+    ``g`` and session state, templates, on top of :class:`TraceMiddleware`.
+
+    Options come from keywords, then ``app.config["WSGITRACE_*"]``, then
+    ``WSGITRACE_*`` environment variables. The ``/_trace`` endpoint is on
+    when the app is in debug or testing mode (checked per request) unless
+    ``endpoint`` says otherwise.
+
+    :param app: The app, or ``None`` to call :meth:`init_app` later.
+    :param buffer: Share a buffer; one is made from the options otherwise.
+    :param clock: Nanosecond clock for every timestamp.
+    :param options: See :mod:`wsgitrace.config`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        buffer: TraceBuffer | None = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        resolve_options(options, {}, {})  # fail early on unknown or bad keywords
+        self._options = options
+        self._buffer = buffer
+        self._clock = clock
+        self._tracers: weakref.WeakKeyDictionary[Flask, _AppTracer] = weakref.WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    @property
+    def buffer(self) -> TraceBuffer:
+        """The :class:`TraceBuffer` shared by every app this extension traces."""
+        if self._buffer is None:
+            msg = "FlaskTrace.buffer is made by init_app(app); call it first"
+            raise RuntimeError(msg)
+        return self._buffer
+
+    @property
+    def middleware(self) -> TraceMiddleware:
+        """The middleware of the (single or last) app initialised."""
+        tracers = list(self._tracers.values())
+        if not tracers:
+            msg = "FlaskTrace.middleware is made by init_app(app); call it first"
+            raise RuntimeError(msg)
+        return tracers[-1].middleware
+
+    @property
+    def skipped(self) -> list[str]:
+        """Phases left untraced because the app's class overrides them."""
+        return [p for t in self._tracers.values() for p in t.skipped]
+
+    def init_app(self, app: Flask) -> None:
+        """Install tracing on ``app``. Calling it again for the same app does
+        nothing.
+        """
+        existing = app.extensions.get("wsgitrace")
+        if existing is self and app in self._tracers:
+            return
+        if existing is not None and existing is not self:
+            msg = "this app already has a FlaskTrace (app.extensions['wsgitrace'])"
+            raise RuntimeError(msg)
+        version = ".".join(flask_version().split(".")[:2])
+        if version not in _SUPPORTED:
+            warnings.warn(
+                f"wsgitrace's hook tracing was written for Flask {', '.join(_SUPPORTED)};"
+                f" this is Flask {flask_version()}: check the traces",
+                WsgitraceWarning,
+                stacklevel=2,
+            )
+        options = dict(self._options)
+        if "exclude" not in options and env_name("exclude") not in app.config:
+            static = (app.static_url_path or "").rstrip("/")
+            default_exclude = ["/favicon.ico"]
+            if static and app.has_static_folder:
+                default_exclude.insert(0, static + "/")
+            options.setdefault("exclude", default_exclude)
+        resolved = resolve_options(options, app.config)
+        if self._buffer is None:
+            self._buffer = TraceBuffer(resolved.max_traces, resolved.max_bytes)
+        app_ref = weakref.ref(app)
+
+        def endpoint_auto() -> bool:
+            traced = app_ref()
+            return traced is not None and bool(traced.debug or traced.testing)
+
+        original = app.wsgi_app
+        inner: Any = original
+        if getattr(original, "__self__", None) is app:
+            inner = _WeakWsgiApp(app, original.__func__)  # type: ignore[attr-defined]
+        middleware = TraceMiddleware(
+            inner,
+            self._buffer,
+            clock=self._clock,
+            _config=app.config,
+            _endpoint_auto=endpoint_auto,
+            **options,
+        )
+        tracer = _AppTracer(self, app, middleware, middleware.clock)
+        _install_phases(app, tracer)
+        _connect_receivers(app, tracer)
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        app.extensions["wsgitrace"] = self
+        self._tracers[app] = tracer
+
+    def tracer_for(self, app: Flask) -> _AppTracer:
+        """The per-app recording state (for diagnostics)."""
+        return self._tracers[app]
+
+
+def flask_version() -> str:
+    from importlib.metadata import version
+
+    return version("flask")
+
+
+def _install_phases(app: Flask, tracer: _AppTracer) -> None:
+    cls = type(app)
+    for phase in _PHASES:
+        if getattr(cls, phase) is not getattr(Flask, phase):
+            tracer.skipped.append(phase)
+    makers: dict[str, Callable[[Flask, _AppTracer], Callable[..., Any]]] = {
+        "full_dispatch_request": _make_full_dispatch_request,
+        "preprocess_request": _make_preprocess_request,
+        "dispatch_request": _make_dispatch_request,
+        "finalize_request": _make_finalize_request,
+        "process_response": _make_process_response,
+        "do_teardown_request": _make_do_teardown_request,
+        "do_teardown_appcontext": _make_do_teardown_appcontext,
+        "update_template_context": _make_update_template_context,
+        "inject_url_defaults": _make_inject_url_defaults,
+        "_find_error_handler": _make_find_error_handler,
+        "app_context": _make_app_context,
+    }
+    for phase, make in makers.items():
+        if phase not in tracer.skipped:
+            setattr(app, phase, make(app, tracer))
+
+
+def _deref(app_ref: weakref.ref[Flask]) -> Flask:
+    app = app_ref()
+    if app is None:  # pragma: no cover - only reachable through a dead app
+        msg = "the Flask app traced by wsgitrace no longer exists"
+        raise RuntimeError(msg)
+    return app
+
+
+# Each maker returns a function that mirrors Flask 3.0/3.1's method of the same
+# name, recording as it goes. ``trace is None`` (a request that is not traced,
+# or a call outside a request) runs Flask's own method.
+
+
+def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], flask.Response]:
+    app_ref = weakref.ref(app)
+    original = Flask.full_dispatch_request
+    clock = tracer.clock
+
+    def full_dispatch_request() -> flask.Response:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app)
+        tracer.url_match(trace)
+        app._got_first_request = True
+        try:
+            start = clock()
+            signals.request_started.send(app, _async_wrapper=app.ensure_sync)
+            tracer.signal(trace, "signal:request-started", start)
+            rv = app.preprocess_request()
+            if rv is None:
+                rv = app.dispatch_request()
+        except Exception as e:
+            rv = app.handle_user_exception(e)
+        return app.finalize_request(rv)
+
+    return full_dispatch_request
+
+
+def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
+    app_ref = weakref.ref(app)
+    original = Flask.preprocess_request
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def preprocess_request() -> Any:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app)
+        request = flask.request
+        names = (None, *reversed(request.blueprints))
+
+        for name in names:
+            if name in app.url_value_preprocessors:
+                for url_func in app.url_value_preprocessors[name]:
+                    run_hook(
+                        trace,
+                        "url_value_preprocessor",
+                        hook_info("url_value_preprocessor", name, url_func),
+                        url_func,
+                        request.endpoint,
+                        request.view_args,
+                    )
+
+        for name in names:
+            if name in app.before_request_funcs:
+                for before_func in app.before_request_funcs[name]:
+                    rv = run_hook(
+                        trace,
+                        "before_request",
+                        hook_info("before_request", name, before_func),
+                        app.ensure_sync(before_func),
+                    )
+                    if rv is not None:
+                        return rv
+        return None
+
+    return preprocess_request
+
+
+def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
+    app_ref = weakref.ref(app)
+    original = Flask.dispatch_request
+    run_hook = tracer.run_hook
+
+    def dispatch_request() -> Any:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app)
+        req = request_ctx.request
+        rule = req.url_rule
+        if (
+            req.routing_exception is not None
+            or rule is None
+            or (getattr(rule, "provide_automatic_options", False) and req.method == "OPTIONS")
+        ):
+            return original(app)
+        info = tracer.view_info(rule.endpoint, app.view_functions.get(rule.endpoint))
+        return run_hook(trace, "view", info, original, app)
+
+    return dispatch_request
+
+
+def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flask.Response]:
+    app_ref = weakref.ref(app)
+    original = Flask.finalize_request
+    clock = tracer.clock
+
+    def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app, rv, from_error_handler)
+        response = app.make_response(rv)
+        try:
+            response = app.process_response(response)
+            start = clock()
+            signals.request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
+            tracer.signal(trace, "signal:request-finished", start)
+        except Exception:
+            if not from_error_handler:
+                raise
+            app.logger.exception("Request finalizing failed with an error while handling an error")
+        return response
+
+    return finalize_request
+
+
+def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
+    app_ref = weakref.ref(app)
+    original = Flask.process_response
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def process_response(response: Any) -> Any:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app, response)
+        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+
+        for func in ctx._after_request_functions:
+            info = hook_info("after_request", None, func)
+            response = run_hook(trace, "after_request", info, app.ensure_sync(func), response)
+
+        for name in chain(flask.request.blueprints, (None,)):
+            if name in app.after_request_funcs:
+                for func in reversed(app.after_request_funcs[name]):
+                    info = hook_info("after_request", name, func)
+                    response = run_hook(
+                        trace, "after_request", info, app.ensure_sync(func), response
+                    )
+
+        session = ctx._session if hasattr(ctx, "_session") else ctx.session
+        if not app.session_interface.is_null_session(session):
+            app.session_interface.save_session(app, session, response)
+
+        return response
+
+    return process_response
+
+
+def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
+    app_ref = weakref.ref(app)
+    original = Flask.do_teardown_request
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+    clock = tracer.clock
+
+    def do_teardown_request(
+        exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
+    ) -> None:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if exc is _app_sentinel:
+            exc = sys.exc_info()[1]
+        if trace is None:
+            return original(app, exc)
+
+        for name in chain(flask.request.blueprints, (None,)):
+            if name in app.teardown_request_funcs:
+                for func in reversed(app.teardown_request_funcs[name]):
+                    info = hook_info("teardown_request", name, func)
+                    run_hook(trace, "teardown_request", info, app.ensure_sync(func), exc)
+
+        tracer.snapshot_session(trace)
+        start = clock()
+        signals.request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        tracer.signal(trace, "signal:request-tearing-down", start)
+        return None
+
+    return do_teardown_request
+
+
+def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
+    app_ref = weakref.ref(app)
+    original = Flask.do_teardown_appcontext
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+    clock = tracer.clock
+
+    def do_teardown_appcontext(
+        exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
+    ) -> None:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if exc is _app_sentinel:
+            exc = sys.exc_info()[1]
+        if trace is None:
+            return original(app, exc)
+
+        for func in reversed(app.teardown_appcontext_funcs):
+            info = hook_info("teardown_appcontext", None, func)
+            run_hook(trace, "teardown_appcontext", info, app.ensure_sync(func), exc)
+
+        tracer.snapshot_g(trace)
+        start = clock()
+        signals.appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        tracer.signal(trace, "signal:appcontext-tearing-down", start)
+        return None
+
+    return do_teardown_appcontext
+
+
+def _make_update_template_context(
+    app: Flask, tracer: _AppTracer
+) -> Callable[[dict[str, Any]], None]:
+    app_ref = weakref.ref(app)
+    original = Flask.update_template_context
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def update_template_context(context: dict[str, Any]) -> None:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app, context)
+        names: Iterable[str | None] = (None,)
+        request = flask.request
+        if request:
+            names = chain(names, reversed(request.blueprints))
+        orig_ctx = context.copy()
+        for name in names:
+            if name in app.template_context_processors:
+                for func in app.template_context_processors[name]:
+                    info = hook_info("context_processor", name, func)
+                    context.update(
+                        run_hook(trace, "context_processor", info, app.ensure_sync(func))
+                    )
+        context.update(orig_ctx)
+        return None
+
+    return update_template_context
+
+
+def _make_inject_url_defaults(
+    app: Flask, tracer: _AppTracer
+) -> Callable[[str, dict[str, Any]], None]:
+    app_ref = weakref.ref(app)
+    original = Flask.inject_url_defaults
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
+        app = _deref(app_ref)
+        trace = _current_trace.get()
+        if trace is None:
+            return original(app, endpoint, values)
+        names: Iterable[str | None] = (None,)
+        if "." in endpoint:
+            names = chain(names, reversed(_split_blueprint_path(endpoint.rpartition(".")[0])))
+        for name in names:
+            if name in app.url_default_functions:
+                for func in app.url_default_functions[name]:
+                    info = hook_info("url_defaults", name, func)
+                    run_hook(trace, "url_defaults", info, func, endpoint, values)
+        return None
+
+    return inject_url_defaults
+
+
+def _make_find_error_handler(app: Flask, tracer: _AppTracer) -> Callable[..., Any]:
+    app_ref = weakref.ref(app)
+    original = Flask._find_error_handler
+
+    def _find_error_handler(e: Exception, blueprints: list[str]) -> Any:
+        app = _deref(app_ref)
+        handler = original(app, e, blueprints)
+        trace = _current_trace.get()
+        if handler is None or trace is None:
+            return handler
+        blueprint = _handler_blueprint(app, handler, blueprints)
+        return _RecordingErrorHandler(tracer, trace, handler, blueprint, app.ensure_sync)
+
+    return _find_error_handler
+
+
+def _handler_blueprint(app: Flask, handler: Any, blueprints: list[str]) -> str | None:
+    for name in (*blueprints, None):
+        for handler_map in app.error_handler_spec.get(name, {}).values():
+            if any(h is handler for h in handler_map.values()):
+                return name
+    return None
+
+
+class _RecordingErrorHandler:
+    """Runs an error handler the way Flask does and records which exception
+    it handled.
+    """
+
+    __slots__ = ("blueprint", "ensure_sync", "handler", "trace", "tracer")
+
+    def __init__(
+        self,
+        tracer: _AppTracer,
+        trace: Trace,
+        handler: Any,
+        blueprint: str | None,
+        ensure_sync: Callable[[Any], Callable[..., Any]],
+    ) -> None:
+        self.tracer = tracer
+        self.trace = trace
+        self.handler = handler
+        self.blueprint = blueprint
+        self.ensure_sync = ensure_sync
+
+    def __call__(self, e: Exception) -> Any:
+        tracer = self.tracer
+        start = tracer.clock()
+        try:
+            rv = self.ensure_sync(self.handler)(e)
+        except BaseException as exc:
+            self._record(start, e, exc)
+            raise
+        self._record(start, e, None)
+        return rv
+
+    def _record(self, start: int, handled: Exception, exc: BaseException | None) -> None:
+        try:
+            name, attrs = self.tracer.hook_info("errorhandler", self.blueprint, self.handler)
+            extra: dict[str, Any] = {"exception": type(handled).__name__}
+            code = getattr(handled, "code", None)
+            if code is not None:
+                extra["code"] = code
+            if exc is not None:
+                extra["error"] = type(exc).__name__
+            self.trace.record("errorhandler", name, start, self.tracer.clock(), {**attrs, **extra})
+        except Exception:
+            report_internal_error("flask.errorhandler", self.trace)
+
+
+def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext]:
+    app_ref = weakref.ref(app)
+    clock = tracer.clock
+
+    class TracedAppContext(AppContext):
+        """Records ``appcontext_pushed`` / ``appcontext_popped`` where Flask
+        sends them (at the end of :meth:`push` and :meth:`pop`).
+        """
+
+        def push(self) -> None:
+            trace = _current_trace.get()
+            if trace is None:
+                return super().push()
+            start = clock()
+            super().push()
+            tracer.signal(trace, "signal:appcontext-pushed", start)
+            return None
+
+        def pop(self, exc: BaseException | None = _ctx_sentinel) -> None:  # type: ignore[assignment]
+            trace = _current_trace.get()
+            if exc is _ctx_sentinel:
+                exc = sys.exc_info()[1]
+            super().pop(exc)
+            if trace is not None:
+                now = clock()
+                tracer.signal(trace, "signal:appcontext-popped", now)
+
+    def app_context() -> AppContext:
+        return TracedAppContext(_deref(app_ref))
+
+    return app_context
+
+
+def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
+    clock = tracer.clock
+    starts = tracer._template_starts
+
+    def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None:
+            return
+        try:
+            now = clock()
+            trace.record(
+                "signal",
+                "signal:got-request-exception",
+                now,
+                now,
+                {"exception": type(exception).__name__},
+            )
+        except Exception:
+            report_internal_error("flask.got_request_exception", trace)
+
+    def _on_before_render_template(sender: Any, template: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None:
+            return
+        try:
+            now = clock()
+            trace.record(
+                "signal", "signal:before-render-template", now, now, {"template": template.name}
+            )
+            starts.setdefault(id(trace), []).append(now)
+        except Exception:
+            report_internal_error("flask.before_render_template", trace)
+
+    def _on_template_rendered(sender: Any, template: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None:
+            return
+        try:
+            now = clock()
+            pending = starts.get(id(trace))
+            start = pending.pop() if pending else now
+            if pending == []:
+                del starts[id(trace)]
+            name = template.name or "<string>"
+            trace.record("template", f"template:{name}", start, now, {"template": name})
+            trace.record("signal", "signal:template-rendered", now, now, {"template": name})
+        except Exception:
+            report_internal_error("flask.template_rendered", trace)
+
+    def _on_message_flashed(sender: Any, message: Any, category: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None:
+            return
+        try:
+            now = clock()
+            trace.record("signal", "signal:message-flashed", now, now, {"category": str(category)})
+        except Exception:
+            report_internal_error("flask.message_flashed", trace)
+
+    pairs: list[tuple[Any, Callable[..., None]]] = [
+        (signals.got_request_exception, _on_got_request_exception),
+        (signals.before_render_template, _on_before_render_template),
+        (signals.template_rendered, _on_template_rendered),
+        (signals.message_flashed, _on_message_flashed),
+    ]
+    for signal, receiver in pairs:
+        signal.connect(receiver, sender=app, weak=False)
+    tracer.receivers = pairs
