@@ -1,0 +1,663 @@
+"""The ``/_trace`` endpoint: recent traces as JSON and as a live stream.
+
+:class:`~wsgitrace.TraceMiddleware` answers every request under its prefix
+(``/_trace`` by default) with this endpoint *before* the app is called, so it
+works for any WSGI app, adds no route to it, and its own requests are never
+traced::
+
+    app = TraceMiddleware(app, endpoint=True)
+
+    GET /_trace?limit=20&status=5xx    newest first, as summaries
+    GET /_trace?since=41&wait=20       long-poll: traces after cursor 41
+    GET /_trace/<id>                   one full trace, with its events
+    GET /_trace/stream                 Server-Sent Events, resumable
+
+Listing
+-------
+
+``GET /_trace`` returns ``{"schema": 1, "instance": ..., "cursor": ...,
+"dropped": ..., "missed": ..., "traces": [...]}``. ``traces`` is the only
+list and is always newest first. Query parameters:
+
+``limit``
+    How many traces (default 100). Values above the cap (at least 1,000)
+    are clamped; anything but a non-negative integer is a 400.
+``since``
+    A cursor: only traces appended after it. ``cursor`` in the answer is
+    where to continue from, so ``since=<cursor>`` polling never skips nor
+    repeats a trace the buffer still holds, however many threads append.
+    When more than ``limit`` traces are new, the *oldest* ``limit`` of them
+    are returned and ``cursor`` points just past them. ``missed`` counts
+    traces that were evicted before this client could read them. A ``since``
+    above the buffer's cursor (the server restarted) counts from 0.
+``method``, ``status``, ``path``, ``min_ms``
+    Filters: methods (``GET,POST``), status codes or classes (``404``,
+    ``5xx``, ``4xx,5xx``), a path prefix, a minimum duration in ms.
+``wait``
+    Long-poll: when nothing matches yet, wait up to this many seconds
+    (capped at 20) for a matching trace, and answer as soon as one is there.
+``full``
+    ``1`` lists full traces (:meth:`~wsgitrace.Trace.to_dict`) instead of
+    summaries.
+
+``instance`` is random per endpoint (so per process): a client that sees it
+change knows the cursors restarted.
+
+In-progress traces
+------------------
+
+A trace enters the buffer when the app returns and is finished when the
+server closes the response. A plain listing shows traces as they are
+(``state`` says ``in_progress``). The long-poll and the stream, which hand
+out each trace once, *settle* them first: they hand traces out in cursor
+order and, when the next one is still in progress, wait for it to finish for
+up to a second (polling every few milliseconds) before handing it out as it
+is. A slow streaming response therefore shows up once, in progress, after a
+second, instead of holding back every trace behind it; fetch
+``/_trace/<id>`` for its final state.
+
+Stream
+------
+
+``GET /_trace/stream`` sends ``event: trace`` messages whose ``id:`` is the
+trace's cursor and whose ``data:`` is its summary (the same filters apply).
+It resumes after ``Last-Event-ID`` (or ``since``), otherwise starts with the
+next trace. It sends a ``: heartbeat`` comment every 10 seconds of quiet
+(which is also how a departed client is noticed), an ``event: info`` when
+the buffer evicted traces the client had not seen, and ends with an
+``event: end`` after 20 seconds (clients reconnect and resume; gunicorn
+kills a sync worker's request at 30) or at once when :meth:`TraceEndpoint.
+shutdown` is called.
+
+Access control
+--------------
+
+A request is answered only when its ``Host`` header names ``localhost``,
+``127.0.0.1`` or ``[::1]`` (any port) or one of the configured ``hosts``
+(against DNS rebinding), and its client is
+
+* a loopback address, or in one of the configured ``allow`` networks, or
+* anyone presenting the configured token as ``Authorization: Bearer
+  <token>`` (compared in constant time).
+
+So a token opens the endpoint to non-loopback clients; loopback clients do
+not need it (they could read the process's memory anyway). A token in the
+query string is never accepted. The client address is ``REMOTE_ADDR``, or the
+last ``X-Forwarded-For`` entry (the one the proxy added) with
+``trust_forwarded``. Every refused request gets the same 404 as an unknown
+sub-path or trace id, and no CORS header is ever sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from .middleware import report_internal_error
+from .trace import SCHEMA_VERSION, Trace
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from .buffer import TraceBuffer
+    from .config import Options
+
+__all__ = ["TraceEndpoint"]
+
+#: ``limit`` used when none is given.
+DEFAULT_LIMIT = 100
+#: Smallest cap on ``limit``; the cap is the larger of this and the buffer size.
+LIMIT_CAP = 1000
+#: Most seconds a long-poll waits.
+MAX_WAIT = 20.0
+#: Seconds after which a stream ends (clients resume).
+STREAM_SECONDS = 20.0
+#: Seconds of quiet between two stream heartbeats.
+HEARTBEAT_SECONDS = 10.0
+#: Seconds the long-poll and stream wait for an in-progress trace to finish.
+SETTLE_SECONDS = 1.0
+
+_POLL_SECONDS = 0.004
+
+#: The body of every 404: werkzeug's, as a missing route of a Flask app has.
+_NOT_FOUND_BODY = (
+    b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n"
+    b"<h1>Not Found</h1>\n<p>The requested URL was not found on the server."
+    b" If you entered the URL manually please check your spelling and try again.</p>\n"
+)
+_COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_STATUS_RE = re.compile(r"([1-5])(xx|\d\d)\Z", re.IGNORECASE)
+_METHOD_RE = re.compile(r"[A-Za-z]{1,20}\Z")
+_INT_RE = re.compile(r"\d{1,18}\Z")
+_QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class _BadQueryError(Exception):
+    """A query value the endpoint cannot use (answered with a 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Query:
+    """The parsed query parameters of one request."""
+
+    limit: int
+    since: int | None
+    wait: float
+    methods: frozenset[str] | None
+    statuses: tuple[tuple[int, int], ...] | None
+    path: str | None
+    min_ms: float | None
+    full: bool
+
+    def match(self, trace: Trace) -> bool:
+        """Whether ``trace`` passes every filter."""
+        if self.methods is not None and trace.method.upper() not in self.methods:
+            return False
+        if self.statuses is not None:
+            code = trace.status_code
+            if code is None or not any(low <= code <= high for low, high in self.statuses):
+                return False
+        if self.path is not None and not trace.path.startswith(self.path):
+            return False
+        if self.min_ms is not None:
+            duration = trace.duration_ms
+            if duration is None or duration < self.min_ms:
+                return False
+        return True
+
+
+def _parse_query(query_string: str, cap: int) -> _Query:
+    """Parse and check the query string; raise :class:`_BadQueryError`."""
+    try:
+        raw = parse_qs(query_string, keep_blank_values=True, max_num_fields=64)
+    except ValueError:
+        raise _BadQueryError("query", "too many query parameters") from None
+    if _QUERY_TOKEN_KEYS & raw.keys():
+        msg = "a token is never accepted in the query string; send 'Authorization: Bearer <token>'"
+        raise _BadQueryError("token", msg)
+
+    def one(name: str) -> str | None:
+        values = raw.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise _BadQueryError(name, f"'{name}' is given more than once")
+        value = values[0].strip()
+        if len(value) > 1024:
+            raise _BadQueryError(name, f"'{name}' is too long")
+        return value
+
+    limit = DEFAULT_LIMIT
+    text = one("limit")
+    if text is not None:
+        if not _INT_RE.match(text):
+            raise _BadQueryError("limit", "'limit' must be a non-negative integer")
+        limit = min(int(text), cap)
+
+    since: int | None = None
+    text = one("since")
+    if text is not None:
+        if not _INT_RE.match(text):
+            raise _BadQueryError("since", "'since' must be a cursor (a non-negative integer)")
+        since = int(text)
+
+    wait = 0.0
+    text = one("wait")
+    if text is not None:
+        wait = _non_negative_float("wait", text, "seconds")
+        wait = min(wait, MAX_WAIT)
+
+    methods: frozenset[str] | None = None
+    text = one("method")
+    if text:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or not all(_METHOD_RE.match(p) for p in parts):
+            raise _BadQueryError("method", "'method' must be HTTP methods such as GET or GET,POST")
+        methods = frozenset(p.upper() for p in parts)
+
+    statuses: tuple[tuple[int, int], ...] | None = None
+    text = one("status")
+    if text:
+        ranges = []
+        for part in (p.strip() for p in text.split(",")):
+            found = _STATUS_RE.match(part)
+            if found is None:
+                msg = "'status' must be status codes or classes such as 404, 5xx or 4xx,5xx"
+                raise _BadQueryError("status", msg)
+            if found.group(2).lower() == "xx":
+                low = int(found.group(1)) * 100
+                ranges.append((low, low + 99))
+            else:
+                ranges.append((int(part), int(part)))
+        statuses = tuple(ranges)
+
+    path: str | None = None
+    text = one("path")
+    if text:
+        if not text.startswith("/"):
+            raise _BadQueryError("path", "'path' must be a path prefix starting with '/'")
+        # Compare like for like: PATH_INFO holds the request's bytes as latin-1.
+        path = text.encode("utf-8").decode("latin-1")
+
+    min_ms: float | None = None
+    text = one("min_ms")
+    if text:
+        min_ms = _non_negative_float("min_ms", text, "milliseconds")
+
+    full = False
+    text = one("full")
+    if text is not None:
+        if text.lower() not in ("", "0", "1", "true", "false"):
+            raise _BadQueryError("full", "'full' must be 1 or 0")
+        full = text.lower() in ("", "1", "true")
+
+    return _Query(limit, since, wait, methods, statuses, path, min_ms, full)
+
+
+def _non_negative_float(name: str, text: str, unit: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _BadQueryError(name, f"'{name}' must be a number of {unit}") from None
+    if not math.isfinite(value) or value < 0:
+        raise _BadQueryError(name, f"'{name}' must be a non-negative number of {unit}")
+    return value
+
+
+def _host_name(host: str) -> str | None:
+    """The name part of a ``Host`` header (lowercase, port removed), or
+    ``None`` when it is malformed.
+    """
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return None
+        name, rest = host[: end + 1], host[end + 1 :]
+    else:
+        name, sep, port = host.partition(":")
+        rest = sep + port
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None
+    return name or None
+
+
+def _parse_ip(text: str | None) -> IPAddress | None:
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class TraceEndpoint:
+    """The WSGI app behind ``/_trace``; made by :class:`~wsgitrace.TraceMiddleware`.
+
+    :param buffer: The buffer to read.
+    :param options: Resolved options: ``prefix``, ``token``/``token_file``,
+        ``allow``, ``hosts`` and ``trust_forwarded`` are used.
+    :param stream_seconds: Seconds after which a stream ends.
+    :param heartbeat: Seconds of quiet between stream heartbeats.
+    :param settle: Seconds the long-poll and stream wait for an in-progress
+        trace to finish before handing it out as it is.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        buffer: TraceBuffer,
+        options: Options,
+        *,
+        stream_seconds: float = STREAM_SECONDS,
+        heartbeat: float = HEARTBEAT_SECONDS,
+        settle: float = SETTLE_SECONDS,
+    ) -> None:
+        self.buffer = buffer
+        self.prefix = options.prefix
+        self.stream_seconds = stream_seconds
+        self.heartbeat = heartbeat
+        self.settle = settle
+        self.instance = secrets.token_hex(8)
+        self._token = options.resolved_token()
+        self._token_bytes = None if self._token is None else self._token.encode("utf-8")
+        self._allow = tuple(options.allow)
+        hosts = set(_LOOPBACK_HOSTS)
+        for host in options.hosts:
+            if host.count(":") > 1 and not host.startswith("["):
+                host = f"[{host}]"  # a bare IPv6 address
+            name = _host_name(host)
+            if name is not None:
+                hosts.add(name)
+        self._hosts = frozenset(hosts)
+        self._trust_forwarded = options.trust_forwarded
+        self._stopping = threading.Event()
+
+    @property
+    def limit_cap(self) -> int:
+        """The most traces one listing returns."""
+        return max(LIMIT_CAP, self.buffer.max_traces)
+
+    def shutdown(self) -> None:
+        """End every open stream and long-poll now (when the server stops)."""
+        self._stopping.set()
+        self.buffer.notify()
+
+    # -- access control -----------------------------------------------------
+
+    def is_allowed(self, environ: WSGIEnvironment) -> bool:
+        """Whether this request may read traces (see the module docstring)."""
+        name = _host_name(environ.get("HTTP_HOST") or "")
+        if name is None or name not in self._hosts:
+            return False
+        client = _parse_ip(self._client_addr(environ))
+        if client is not None and (
+            client.is_loopback or any(client in network for network in self._allow)
+        ):
+            return True
+        return self._token_bytes is not None and self._has_token(environ)
+
+    def _client_addr(self, environ: WSGIEnvironment) -> str | None:
+        if self._trust_forwarded:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR") or ""
+            last = forwarded.split(",")[-1].strip()
+            if last:
+                return last
+        addr = environ.get("REMOTE_ADDR")
+        return addr if isinstance(addr, str) else None
+
+    def _has_token(self, environ: WSGIEnvironment) -> bool:
+        header = environ.get("HTTP_AUTHORIZATION") or ""
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or self._token_bytes is None:
+            return False
+        try:
+            given = value.strip().encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(given, self._token_bytes)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._dispatch(environ, start_response)
+        except Exception:
+            report_internal_error("endpoint")
+            return _json(start_response, "500 Internal Server Error", {"error": "internal error"})
+
+    def _dispatch(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self.is_allowed(environ):
+            return _not_found(start_response)
+        path: str = environ.get("PATH_INFO") or "/"
+        rest = path[len(self.prefix) :].strip("/") if path.startswith(self.prefix) else None
+        if rest is None or "/" in rest or (rest and rest != "stream" and not _ID_RE.match(rest)):
+            return _not_found(start_response)
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if method not in ("GET", "HEAD"):
+            return _json(
+                start_response,
+                "405 Method Not Allowed",
+                {"error": "only GET and HEAD are allowed"},
+                [("Allow", "GET, HEAD")],
+            )
+        head = method == "HEAD"
+        start = 0
+        try:
+            query = _parse_query(environ.get("QUERY_STRING") or "", self.limit_cap)
+            if rest == "stream":
+                start = self._stream_start(environ, query)
+        except _BadQueryError as exc:
+            body = {"error": exc.message, "param": exc.param}
+            return _json(start_response, "400 Bad Request", body, head=head)
+        if rest == "":
+            return _json(start_response, "200 OK", self.listing(query), head=head)
+        if rest == "stream":
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "text/event-stream; charset=utf-8"),
+                    *_COMMON_HEADERS,
+                    ("X-Accel-Buffering", "no"),
+                ],
+            )
+            return [] if head else self.stream(start, query)
+        trace = self.buffer.get(rest)
+        if trace is None:
+            return _not_found(start_response)
+        return _json(start_response, "200 OK", trace.to_dict(), head=head)
+
+    # -- listing ------------------------------------------------------------
+
+    def listing(self, query: _Query) -> dict[str, Any]:
+        """The ``GET /_trace`` answer for parsed query parameters."""
+        if query.wait > 0 and query.limit > 0:
+            traces, cursor, missed = self._long_poll(query)
+        else:
+            traces, cursor, missed = self._scan(query)
+        dump = Trace.to_dict if query.full else Trace.summary
+        return {
+            "schema": SCHEMA_VERSION,
+            "instance": self.instance,
+            "cursor": cursor,
+            "dropped": self.buffer.dropped,
+            "missed": missed,
+            "traces": [dump(t) for t in traces],
+        }
+
+    def _start_cursor(self, since: int) -> int:
+        """``since``, or 0 when it is above the buffer's cursor (a restart)."""
+        return since if since <= self.buffer.cursor else 0
+
+    def _scan(self, query: _Query) -> tuple[list[Trace], int, int]:
+        """Answer at once: traces newest first, the cursor, the missed count."""
+        buffer = self.buffer
+        top = buffer.cursor
+        if query.since is None:
+            newest_first = buffer.latest()
+            cursor = max(top, newest_first[0].cursor if newest_first else 0)
+            found: list[Trace] = []
+            if query.limit:
+                for trace in newest_first:
+                    if query.match(trace):
+                        found.append(trace)
+                        if len(found) >= query.limit:
+                            break
+            return found, cursor, 0
+        since = self._start_cursor(query.since)
+        candidates = buffer.since(since)
+        found = []
+        position = since
+        limited = False
+        for trace in candidates:
+            if len(found) >= query.limit:
+                limited = True
+                break
+            position = trace.cursor
+            if query.match(trace):
+                found.append(trace)
+        if not limited:
+            position = max(position, top)
+        missed = (candidates[0].cursor if candidates else position + 1) - since - 1
+        found.reverse()
+        return found, position, max(missed, 0)
+
+    def _long_poll(self, query: _Query) -> tuple[list[Trace], int, int]:
+        """Answer as soon as a matching, settled trace is there, or after
+        ``wait`` seconds with none.
+        """
+        if query.since is None:
+            found, position, missed = self._scan(query)
+            if found:
+                return found, position, missed
+        else:
+            position = self._start_cursor(query.since)
+        deadline = time.monotonic() + query.wait
+        missed = 0
+        for batch, moved_to, gap in self._follow(position, query, deadline, query.limit):
+            position = moved_to
+            missed += gap
+            if batch:
+                batch.reverse()
+                return batch, position, missed
+        return [], position, missed
+
+    # -- following ----------------------------------------------------------
+
+    def _follow(
+        self, position: int, query: _Query, deadline: float, limit: int | None
+    ) -> Iterator[tuple[list[Trace], int, int]]:
+        """Hand out the traces after ``position`` in cursor order, settled
+        (see the module docstring) and filtered, until ``deadline``.
+
+        Yields ``(matching traces oldest first, new position, evicted count)``
+        after every pass that moved, and ``([], position, 0)`` whenever the
+        buffer stayed quiet for :attr:`heartbeat` seconds.
+        """
+        buffer = self.buffer
+        first_seen: dict[int, float] = {}
+        stopping = self._stopping
+        while not stopping.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            top = buffer.cursor
+            candidates = buffer.since(position)
+            gap = candidates[0].cursor - position - 1 if candidates else 0
+            if not candidates and top > position:
+                gap = top - position  # evicted (or cleared) before we looked
+            found: list[Trace] = []
+            blocked = False
+            moved = bool(gap)
+            for trace in candidates:
+                if not trace.finished:
+                    seen = first_seen.setdefault(trace.cursor, now)
+                    if now - seen < self.settle:
+                        blocked = True
+                        break
+                first_seen.pop(trace.cursor, None)
+                position = trace.cursor
+                moved = True
+                if query.match(trace):
+                    found.append(trace)
+                    if limit is not None and len(found) >= limit:
+                        break
+            if not candidates:
+                position = max(position, top)
+            if moved:
+                yield found, position, max(gap, 0)
+                continue
+            if blocked:
+                stopping.wait(_POLL_SECONDS)
+                continue
+            timeout = min(deadline - now, self.heartbeat)
+            if not buffer.wait(position, timeout) and timeout >= self.heartbeat:
+                yield [], position, 0
+
+    def _stream_start(self, environ: WSGIEnvironment, query: _Query) -> int:
+        last_id = (environ.get("HTTP_LAST_EVENT_ID") or "").strip()
+        if last_id:
+            if not _INT_RE.match(last_id):
+                raise _BadQueryError("Last-Event-ID", "'Last-Event-ID' must be a trace cursor")
+            return self._start_cursor(int(last_id))
+        if query.since is not None:
+            return self._start_cursor(query.since)
+        return self.buffer.cursor
+
+    def stream(self, position: int, query: _Query) -> Iterator[bytes]:
+        """The Server-Sent Events body: traces after ``position`` as they
+        settle, heartbeats, and an ``end`` event.
+        """
+        dump: Callable[[Trace], dict[str, Any]] = Trace.to_dict if query.full else Trace.summary
+        yield b"retry: 1000\n" + _sse("info", self._info(position, 0))
+        deadline = time.monotonic() + self.stream_seconds
+        last_write = time.monotonic()
+        for batch, moved_to, gap in self._follow(position, query, deadline, None):
+            position = moved_to
+            now = time.monotonic()
+            parts = []
+            if gap:
+                parts.append(_sse("info", self._info(position, gap)))
+            parts.extend(_sse("trace", dump(t), t.cursor) for t in batch)
+            if parts:
+                yield b"".join(parts)
+                last_write = now
+            elif now - last_write >= self.heartbeat:
+                yield b": heartbeat\n\n"
+                last_write = now
+        reason = "shutdown" if self._stopping.is_set() else "timeout"
+        yield _sse("end", {"reason": reason, "cursor": position})
+
+    def _info(self, position: int, missed: int) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "instance": self.instance,
+            "cursor": position,
+            "dropped": self.buffer.dropped,
+            "missed": missed,
+        }
+
+    def __repr__(self) -> str:
+        return f"<TraceEndpoint {self.prefix!r} {self.buffer!r}>"
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
+    """One Server-Sent Events message (the JSON has no raw newlines)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+    return f"{head}event: {event}\ndata: {text}\n\n".encode()
+
+
+def _json(
+    start_response: StartResponse,
+    status: str,
+    data: dict[str, Any],
+    extra_headers: list[tuple[str, str]] | None = None,
+    *,
+    head: bool = False,
+) -> list[bytes]:
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        *_COMMON_HEADERS,
+        *(extra_headers or ()),
+    ]
+    start_response(status, headers)
+    return [] if head else [body]
+
+
+def _not_found(start_response: StartResponse) -> list[bytes]:
+    """The one 404 for refusals, unknown sub-paths and unknown trace ids."""
+    start_response(
+        "404 NOT FOUND",
+        [
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Content-Length", str(len(_NOT_FOUND_BODY))),
+            *_COMMON_HEADERS,
+        ],
+    )
+    return [_NOT_FOUND_BODY]
