@@ -52,7 +52,7 @@ from .context import _current_trace
 from .exceptions import WsgitraceWarning
 from .middleware import TraceMiddleware, report_internal_error
 from .redact import REDACTED
-from .trace import Trace, cut
+from .trace import Trace, cut, format_error
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -893,6 +893,8 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
                 now,
                 {"exception": type(exception).__name__},
             )
+            if trace.error is None:
+                trace.error = format_error(exception, "view", trace.limits)
         except Exception:
             report_internal_error("flask.got_request_exception", trace)
 
