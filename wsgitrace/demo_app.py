@@ -102,12 +102,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def stream() -> Response:
         count = min(int(request.args.get("n", "5")), 1000)
 
-        @stream_with_context
         def generate() -> Iterator[str]:
             for i in range(count):
                 yield f"chunk {i} for {g.user or 'guest'}\n"
 
-        return Response(generate(), mimetype="text/plain")
+        return Response(stream_with_context(generate()), mimetype="text/plain")
 
     @app.route("/boom")
     def boom() -> str:
