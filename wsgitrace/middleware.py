@@ -278,8 +278,6 @@ class _Recorder:
     __slots__ = (
         "_server_start_response",
         "_server_write",
-        "app_start",
-        "body_recorded",
         "body_start",
         "exhausted",
         "middleware",
@@ -297,8 +295,6 @@ class _Recorder:
         self.starts = 0
         self.body_start = 0
         self.exhausted = False
-        self.body_recorded = False
-        self.app_start = trace.start_ns
 
     # -- callables handed to the app ---------------------------------------
 
@@ -308,14 +304,22 @@ class _Recorder:
         headers: list[tuple[str, str]],
         exc_info: OptExcInfo | None = None,
     ) -> Callable[[bytes], object]:
+        trace = self.trace
+        sent = (trace.status, trace.response_headers, trace.content_length)
         try:
             self._on_start_response(status, headers, exc_info)
         except Exception:
-            report_internal_error("start_response", self.trace)
-        if exc_info is None:
-            self._server_write = self._server_start_response(status, headers)
-        else:
-            self._server_write = self._server_start_response(status, headers, exc_info)
+            report_internal_error("start_response", trace)
+        try:
+            if exc_info is None:
+                self._server_write = self._server_start_response(status, headers)
+            else:
+                self._server_write = self._server_start_response(status, headers, exc_info)
+        except BaseException:
+            # Refused by the server (exc_info once headers were sent): the
+            # trace keeps the status and headers the client got.
+            trace.status, trace.response_headers, trace.content_length = sent
+            raise
         return self.write
 
     def _on_start_response(
@@ -325,6 +329,7 @@ class _Recorder:
         now = trace.now()
         if self.starts and exc_info is None:
             trace.warn("start_response called twice without exc_info")
+        first = not self.starts
         self.starts += 1
         trace.status = status
         trace.content_length = None
@@ -334,9 +339,11 @@ class _Recorder:
             for name, value in headers:
                 if name.lower() == "content-length" and value.isdigit():
                     trace.content_length = int(value)
-        trace.record(
-            "start_response", "start_response", now, now, {"exc_info": True} if exc_info else None
-        )
+        if first and exc_info is None:
+            trace.start_response_ns = now
+        else:
+            attrs = {"exc_info": True} if exc_info is not None else None
+            trace.record("start_response", "start_response", now, now, attrs)
 
     def write(self, data: bytes) -> object:
         write = self._server_write
@@ -345,15 +352,21 @@ class _Recorder:
             # start_response, without touching our own state first.
             msg = "write() called before start_response()"
             raise AssertionError(msg)
-        start = self.trace.now()
+        start: int | None
+        try:
+            start = self.trace.now()
+        except Exception:
+            report_internal_error("write", self.trace)
+            start = None
         result = write(data)
+        if start is None:
+            return result
         try:
             trace = self.trace
             end = trace.now()
             size = len(data)
             if size and trace.first_byte_ns is None:
                 trace.first_byte_ns = start
-                trace.record("first_byte", "first_byte", start, start)
             trace.bytes_sent += size
             trace.record("write", "write", start, end, {"bytes": size})
         except Exception:
@@ -365,8 +378,7 @@ class _Recorder:
     def app_raised(self, exc: BaseException) -> None:
         try:
             trace = self.trace
-            now = trace.now()
-            trace.record("app", "app", self.app_start, now)
+            now = trace.app_end_ns = trace.now()
             self.error(exc, "app", now)
             self.middleware.publish(trace)
             self.finish(now)
@@ -376,8 +388,7 @@ class _Recorder:
     def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
         try:
             trace = self.trace
-            now = trace.now()
-            trace.record("app", "app", self.app_start, now)
+            now = trace.app_end_ns = trace.now()
             self.middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if (
@@ -409,9 +420,7 @@ class _Recorder:
             size = len(data)
             if size:
                 if trace.first_byte_ns is None:
-                    now = trace.now()
-                    trace.first_byte_ns = now
-                    trace.record("first_byte", "first_byte", now, now)
+                    trace.first_byte_ns = trace.now()
                 trace.bytes_sent += size
         except Exception:
             report_internal_error("chunk", self.trace)
@@ -425,13 +434,9 @@ class _Recorder:
 
     def _record_body(self, end: int) -> None:
         trace = self.trace
-        if self.body_recorded:
-            return
-        self.body_recorded = True
-        start = self.body_start or end
-        trace.record(
-            "body", "body", start, end, {"chunks": trace.chunks, "bytes": trace.bytes_sent}
-        )
+        if trace.body_end_ns is None:
+            trace.body_start_ns = self.body_start or end
+            trace.body_end_ns = end
 
     def iteration_failed(self, exc: BaseException) -> None:
         try:
@@ -443,12 +448,15 @@ class _Recorder:
         except Exception:
             report_internal_error("iteration_failed", self.trace)
 
-    def closed(self, start: int, exc: BaseException | None) -> None:
+    def closed(self, start: int | None, exc: BaseException | None) -> None:
         try:
             trace = self.trace
             now = trace.now()
+            if start is None:
+                start = now
             self._record_body(start)
-            trace.record("close", "close", start, now)
+            trace.close_start_ns = start
+            trace.close_end_ns = now
             if exc is not None:
                 self.error(exc, "close", now)
             self.finish(now)
@@ -490,7 +498,6 @@ class _Recorder:
                 f" body sent {trace.bytes_sent} bytes"
             )
         trace.end_ns = end
-        trace.record("request", "request", trace.start_ns, end)
         trace.finished = True
         self.middleware.buffer.finished(trace)
 
@@ -536,10 +543,12 @@ class _TracedBody:
         recorder = self._recorder
         first = not self._closed
         self._closed = True
+        start: int | None
         try:
             start = recorder.trace.now()
         except Exception:
-            start = 0
+            report_internal_error("close", recorder.trace)
+            start = None
         token = _current_trace.set(recorder.trace)
         error: BaseException | None = None
         try:

@@ -50,6 +50,9 @@ TRUNCATION_MARKER = "…[truncated]"
 
 _get_ident = threading.get_ident
 
+#: request, app, start_response, first_byte, body, close.
+_WSGI_EVENT_COUNT = 6
+
 
 class _IdSource:
     """Makes trace ids: a random per-process prefix plus a counter.
@@ -201,13 +204,20 @@ class Trace:
         "_id",
         "_kinds",
         "_limits",
+        "_live",
+        "_max_events",
         "_names",
         "_seq",
         "_size",
         "_threads",
         "_times",
+        "app_end_ns",
+        "body_end_ns",
+        "body_start_ns",
         "bytes_sent",
         "chunks",
+        "close_end_ns",
+        "close_start_ns",
         "content_length",
         "cursor",
         "dropped_events",
@@ -227,6 +237,7 @@ class Trace:
         "rule",
         "session_keys",
         "start_ns",
+        "start_response_ns",
         "status",
         "thread",
         "truncated",
@@ -250,6 +261,10 @@ class Trace:
         self._seq = next(_ids.counter)
         self._clock = clock
         self._limits = limits
+        # The six WSGI-level events are kept as timestamps, not records, but
+        # count against the cap so ``len(events) <= max_events`` holds.
+        self._max_events = max(1, limits.max_events - _WSGI_EVENT_COUNT)
+        self._live = True
         self.start_ns = clock() if start_ns is None else start_ns
         self.wall_time = time.time()
         self.thread = _get_ident()
@@ -261,6 +276,8 @@ class Trace:
         self._size = 0
         self.cursor = 0
         self.method = method
+        # Set before path and query, whose cuts are counted in it.
+        self.truncated: dict[str, int] | None = None
         max_string = limits.max_string
         self.path = path if len(path) <= max_string else self._cut("path", path)
         self.query = query if len(query) <= max_string else self._cut("query", query)
@@ -270,7 +287,13 @@ class Trace:
         self.status: str | None = None
         self.content_length: int | None = None
         self.end_ns: int | None = None
+        self.app_end_ns: int | None = None
+        self.start_response_ns: int | None = None
         self.first_byte_ns: int | None = None
+        self.body_start_ns: int | None = None
+        self.body_end_ns: int | None = None
+        self.close_start_ns: int | None = None
+        self.close_end_ns: int | None = None
         self.bytes_sent = 0
         self.chunks = 0
         self.endpoint: str | None = None
@@ -280,7 +303,6 @@ class Trace:
         self.g: dict[str, str] | None = None
         self.session_keys: list[str] | None = None
         self.warnings: list[str] | None = None
-        self.truncated: dict[str, int] | None = None
         self.dropped_events = 0
         self.finished = False
         self.evicted = False
@@ -300,7 +322,7 @@ class Trace:
         """
         names = self._names
         index = len(names)
-        if index >= self._limits.max_events:
+        if index >= self._max_events:
             self.dropped_events += 1
             return
         self._kinds.append(kind)
@@ -368,7 +390,30 @@ class Trace:
         """
         return sorted(self._iter_events(), key=lambda e: (e.start_ns, -e.duration_ns, e.seq))
 
+    def _wsgi_events(self) -> Iterator[Event]:
+        """The WSGI-level events, kept as timestamps on the hot path."""
+        base = self.start_ns
+        thread = self.thread
+        spans: list[tuple[str, int | None, int | None, dict[str, Any]]] = [
+            ("request", base, self.end_ns, {}),
+            ("app", base, self.app_end_ns, {}),
+            ("start_response", self.start_response_ns, self.start_response_ns, {}),
+            ("first_byte", self.first_byte_ns, self.first_byte_ns, {}),
+            (
+                "body",
+                self.body_start_ns,
+                self.body_end_ns,
+                {"chunks": self.chunks, "bytes": self.bytes_sent},
+            ),
+            ("close", self.close_start_ns, self.close_end_ns, {}),
+        ]
+        for seq, (kind, start, end, attrs) in enumerate(spans, start=-len(spans)):
+            if start is not None and end is not None:
+                yield Event(kind, kind, start - base, end - start, thread, attrs, seq)
+
     def _iter_events(self) -> Iterator[Event]:
+        if self._live:
+            yield from self._wsgi_events()
         times = self._times
         attrs = self._attrs or {}
         threads = self._threads or {}
@@ -436,13 +481,9 @@ class Trace:
         return self._size or self._estimate_size()
 
     def _estimate_size(self) -> int:
-        size = 700 + 40 * len(self._names)
-        for text in (self.path, self.query, self.method, self.status or ""):
-            size += len(text)
-        for part in self.request_headers:
-            size += 60 + len(part)
-        for part in self.response_headers:
-            size += 60 + len(part)
+        size = 900 + 40 * len(self._names) + len(self.path) + len(self.query)
+        headers = self.request_headers + self.response_headers
+        size += 60 * len(headers) + sum(map(len, headers))
         if self._attrs:
             size += 300 * len(self._attrs)
         if self.error:
@@ -514,6 +555,7 @@ class Trace:
             start_ns=0,
             limits=TraceLimits(max_events=max(1, len(data.get("events") or ()) + 1)),
         )
+        trace._live = False
         trace._id = str(data.get("id", ""))
         trace.cursor = int(data.get("cursor") or 0)
         trace.wall_time = float(data.get("time") or 0.0)
@@ -562,7 +604,7 @@ class Trace:
     def __repr__(self) -> str:
         return (
             f"<Trace {self.id} {self.method} {self.path!r} {self.status or '-'}"
-            f" {self.state} events={len(self._names)}>"
+            f" {self.state} events={len(self.events)}>"
         )
 
 
