@@ -457,8 +457,11 @@ class FlaskTrace:
             **options,
         )
         tracer = _AppTracer(self, app, middleware, middleware.clock)
-        _install_phases(app, tracer)
-        _connect_receivers(app, tracer)
+        if resolved.enabled:
+            # Disabled tracing leaves Flask's own methods in place, so the
+            # only cost is the middleware's one attribute check.
+            _install_phases(app, tracer)
+            _connect_receivers(app, tracer)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions["wsgitrace"] = self
         self._tracers[app] = tracer
