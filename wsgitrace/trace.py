@@ -418,7 +418,9 @@ class Trace:
         attrs = self._attrs or {}
         threads = self._threads or {}
         base = self.start_ns
-        for index in range(len(self._names)):
+        # Another thread may be inside record() (name appended, times not
+        # yet): read only the events whose two timestamps are written.
+        for index in range(min(len(self._names), len(times) // 2)):
             start = times[2 * index]
             yield Event(
                 kind=self._kinds[index],
