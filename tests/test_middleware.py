@@ -1,0 +1,920 @@
+"""TraceMiddleware at the WSGI level: PEP 3333 transparency (also under
+``wsgiref.validate`` and werkzeug's ``LintMiddleware``), what a trace records,
+protocol warnings, fault isolation, concurrency and caps.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.validate import validator
+
+import pytest
+from werkzeug.middleware.lint import LintMiddleware
+
+from wsgitrace import TraceBuffer, TraceMiddleware, current_trace, span
+from wsgitrace.middleware import internal_error_count
+from wsgitrace.redact import Redactor
+from wsgitrace.trace import TRUNCATION_MARKER, Trace
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .conftest import Exchanger, FakeClock, MakeEnviron
+
+TEXT = [("Content-Type", "text/plain")]
+MS = 1_000_000
+
+
+class AppError(Exception):
+    """Raised by dummy_app on purpose."""
+
+
+def _fail(environ: WSGIEnvironment, message: str) -> AppError:
+    exc = AppError(message)
+    environ.get("test.raised", []).append(exc)
+    return exc
+
+
+class ClosingBody:
+    """An iterable with ``close()``, like a pooled or file-backed response."""
+
+    def __init__(
+        self,
+        chunks: list[bytes],
+        log: list[Any],
+        fail_iter: AppError | None = None,
+        fail_close: AppError | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.log = log
+        self.fail_iter = fail_iter
+        self.fail_close = fail_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.log.append("iter")
+            yield chunk
+            if self.fail_iter is not None:
+                raise self.fail_iter
+
+    def close(self) -> None:
+        self.log.append("close")
+        if self.fail_close is not None:
+            raise self.fail_close
+
+
+def lazy_body(start_response: StartResponse, log: list[Any]) -> Iterator[bytes]:
+    log.append("start_response")
+    start_response("200 OK", TEXT)
+    yield b"lazy-"
+    yield b"body"
+
+
+def failing_body(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+    start_response("200 OK", TEXT)
+    yield b"partial"
+    raise _fail(environ, "iteration failed")
+
+
+def late_error_body(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+    start_response("200 OK", TEXT)
+    yield b"partial"
+    try:
+        raise _fail(environ, "late failure")
+    except AppError:
+        start_response("500 Internal Server Error", TEXT, sys.exc_info())
+    yield b"never sent"
+
+
+def infinite_body(start_response: StartResponse, log: list[Any]) -> Iterator[bytes]:
+    start_response("200 OK", TEXT)
+    try:
+        while True:
+            yield b"tick"
+    except GeneratorExit:
+        log.append("generator-exit")
+        raise
+
+
+def timed_body(clock: FakeClock) -> Iterator[bytes]:
+    clock.advance(3 * MS)
+    yield b"ab"
+    clock.advance(1 * MS)
+    yield b"cd"
+    clock.advance(1 * MS)
+
+
+def early_body(start_response: StartResponse) -> Iterator[bytes]:
+    yield b""
+    start_response("200 OK", TEXT)
+    yield b"late start"
+
+
+def counted_chunks(count: int) -> Iterator[bytes]:
+    for _ in range(count):
+        yield b"x"
+
+
+def traced_path_body(path: str) -> Iterator[bytes]:
+    trace = current_trace()
+    assert trace is not None
+    assert path.startswith(trace.path.removesuffix(TRUNCATION_MARKER))
+    with span(path, step="body"):
+        yield path.encode()
+
+
+def dummy_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    path = environ["PATH_INFO"]
+    log = environ.get("test.log", [])
+    if path == "/":
+        start_response("200 OK", [*TEXT, ("Content-Length", "5")])
+        return [b"hello"]
+    if path == "/lazy":
+        return lazy_body(start_response, log)
+    if path == "/write":
+        write = start_response("200 OK", TEXT)
+        write(b"written-")
+        return [b"returned"]
+    if path == "/closing":
+        start_response("200 OK", TEXT)
+        return ClosingBody([b"a", b"b", b"c"], log)
+    if path == "/closing-fail":
+        start_response("200 OK", TEXT)
+        return ClosingBody([b"a", b"b"], log, fail_iter=_fail(environ, "chunk failed"))
+    if path == "/raise":
+        raise _fail(environ, "app failed")
+    if path == "/raise-iter":
+        return failing_body(environ, start_response)
+    if path == "/raise-close":
+        start_response("200 OK", TEXT)
+        return ClosingBody([b"body"], log, fail_close=_fail(environ, "close failed"))
+    if path == "/exc-info":
+        start_response("200 OK", TEXT)
+        try:
+            raise _fail(environ, "handled")
+        except AppError:
+            start_response("500 Internal Server Error", TEXT, sys.exc_info())
+        return [b"error page"]
+    if path == "/exc-info-sent":
+        return late_error_body(environ, start_response)
+    if path == "/file":
+        start_response("200 OK", TEXT)
+        body = environ["wsgi.file_wrapper"](io.BytesIO(b"file-body"), 4)
+        environ.get("test.returned", []).append(body)
+        return body  # type: ignore[no-any-return]
+    if path == "/empty":
+        start_response("200 OK", [*TEXT, ("Content-Length", "0")])
+        return []
+    if path == "/no-content":
+        start_response("204 No Content", [("Content-Length", "0")])
+        return []
+    if path == "/infinite":
+        return infinite_body(start_response, log)
+    if path == "/timed":
+        clock: FakeClock = environ["test.clock"]
+        clock.advance(2 * MS)
+        start_response("200 OK", TEXT)
+        return timed_body(clock)
+    if path == "/mismatch":
+        start_response("200 OK", [*TEXT, ("Content-Length", "10")])
+        return [b"short"]
+    if path == "/head-empty":
+        start_response("200 OK", [*TEXT, ("Content-Length", "5")])
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"hello"]
+    if path == "/twice":
+        start_response("200 OK", TEXT)
+        start_response("201 Created", TEXT)
+        return [b"x"]
+    if path == "/early":
+        return early_body(start_response)
+    if path == "/chunks":
+        start_response("200 OK", TEXT)
+        return counted_chunks(int(environ["QUERY_STRING"]))
+    if path == "/writes":
+        write = start_response("200 OK", TEXT)
+        for _ in range(int(environ["QUERY_STRING"])):
+            write(b"x")
+        return []
+    if path == "/big-headers":
+        start_response("200 OK", [*TEXT, *((f"X-H{i}", "v" * 2000) for i in range(1000))])
+        return [b"ok"]
+    if path.startswith("/c/"):
+        start_response("200 OK", TEXT)
+        return traced_path_body(path)
+    raise LookupError(path)
+
+
+def ignore_start_response(
+    status: str, headers: list[tuple[str, str]], exc_info: Any = None
+) -> Callable[[bytes], object]:
+    return len
+
+
+#: Routes that follow PEP 3333 (no validator or linter complains).
+COMPLIANT = [
+    ("GET", "/"),
+    ("HEAD", "/"),
+    ("GET", "/lazy"),
+    ("GET", "/write"),
+    ("GET", "/closing"),
+    ("GET", "/closing-fail"),
+    ("GET", "/raise"),
+    ("GET", "/raise-iter"),
+    ("GET", "/raise-close"),
+    ("GET", "/exc-info"),
+    ("GET", "/exc-info-sent"),
+    ("GET", "/file"),
+    ("GET", "/empty"),
+    ("GET", "/no-content"),
+]
+
+WRAPPERS: dict[str, Callable[[WSGIApplication], WSGIApplication]] = {
+    "bare": lambda app: app,
+    "validator": validator,
+    "lint": LintMiddleware,
+}
+
+
+# -- transparency ---------------------------------------------------------------
+
+
+#: Every pair of checkers around the middleware, except werkzeug's linter
+#: outside wsgiref's validator: the linter's ``wsgi.input`` wrapper has no
+#: ``readlines``, which the validator requires (with or without wsgitrace).
+CHECKERS = [
+    (outer, inner)
+    for outer in WRAPPERS
+    for inner in WRAPPERS
+    if (outer, inner) != ("lint", "validator")
+]
+
+
+@pytest.mark.parametrize(("outer", "inner"), CHECKERS)
+@pytest.mark.parametrize(("method", "path"), COMPLIANT)
+def test_transparent_between_validators(
+    exchange: Exchanger, method: str, path: str, outer: str, inner: str
+) -> None:
+    wrap_outer, wrap_inner = WRAPPERS[outer], WRAPPERS[inner]
+    with warnings.catch_warnings(record=True) as caught:
+        # Recorded rather than raised: the linter swallows errors in __del__.
+        warnings.simplefilter("always")
+        untraced = exchange(wrap_outer(wrap_inner(dummy_app)), path, method)
+        middleware = TraceMiddleware(wrap_inner(dummy_app))
+        traced = exchange(wrap_outer(middleware), path, method)
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    assert traced.response.outcome() == untraced.response.outcome()
+    assert traced.log == untraced.log
+    # The only errors are the app's own: no validator assertion, no lint warning.
+    for run in (untraced, traced):
+        assert run.response.error is None or isinstance(run.response.error, AppError)
+    if traced.response.error is not None:
+        assert any(traced.response.error is exc for exc in traced.raised)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.finished
+    assert middleware.buffer.cursor == 1
+
+
+def test_lazy_body_is_not_started_before_iteration(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    log: list[Any] = []
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], int]:
+        statuses.append(status)
+        return len
+
+    body = middleware(make_environ("/lazy", **{"test.log": log}), start_response)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (log, statuses, trace.state, trace.status) == ([], [], "in_progress", None)
+    iterator = iter(body)
+    assert (log, statuses) == ([], [])
+    assert next(iterator) == b"lazy-"
+    assert (log, statuses, trace.status) == (["start_response"], ["200 OK"], "200 OK")
+    assert list(iterator) == [b"body"]
+    assert trace.state == "in_progress"
+    body.close()  # type: ignore[attr-defined]
+    assert trace.state == "finished"
+    assert trace.bytes_sent == 9
+
+
+def test_exc_info_before_headers_sent_replaces_the_status(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/exc-info")
+    assert (sent.response.status, sent.response.body) == (
+        "500 Internal Server Error",
+        b"error page",
+    )
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.status == "500 Internal Server Error"
+    events = trace.find("start_response")
+    assert [bool(e.attrs.get("exc_info")) for e in events] == [False, True]
+    assert trace.warnings is None
+
+
+def test_exc_info_after_headers_sent_reraises_and_keeps_the_sent_status(
+    exchange: Exchanger,
+) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/exc-info-sent")
+    [exc] = sent.raised
+    assert sent.response.error is exc
+    assert (sent.response.status, sent.response.body) == ("200 OK", b"partial")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.error is not None
+    # The server refused the new status: the trace reports what was sent.
+    assert trace.status == "200 OK"
+    assert trace.error["where"] == "iteration"
+    assert trace.error["message"] == "late failure"
+    assert [bool(e.attrs.get("exc_info")) for e in trace.find("start_response")] == [False, True]
+
+
+def test_write_callable_is_recorded(exchange: Exchanger, clock: FakeClock) -> None:
+    middleware = TraceMiddleware(dummy_app, clock=clock)
+    sent = exchange(middleware, "/write")
+    assert sent.response.chunks == [b"written-", b"returned"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.bytes_sent == 16
+    [write] = trace.find("write")
+    assert write.attrs == {"bytes": 8}
+    assert [e.kind for e in trace.events if e.kind in ("write", "first_byte")] == [
+        "first_byte",
+        "write",
+    ]
+
+
+def test_close_is_called_once_after_full_iteration(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/closing")
+    assert sent.log == ["iter", "iter", "iter", "close"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert len(trace.find("close")) == 1
+    assert trace.state == "finished"
+
+
+def test_close_is_called_once_after_an_iteration_error(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/closing-fail")
+    assert sent.response.error is sent.raised[0]
+    assert sent.log == ["iter", "close"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.error is not None
+    assert trace.error["where"] == "iteration"
+    assert len(trace.find("close")) == 1
+
+
+@pytest.mark.parametrize("chunks", [0, 1, 2])
+def test_close_is_called_once_when_the_server_stops_early(exchange: Exchanger, chunks: int) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/closing", max_chunks=chunks)
+    assert sent.log == ["iter"] * chunks + ["close"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert (trace.chunks, trace.bytes_sent) == (chunks, chunks)
+    assert len(trace.find("close")) == 1
+    assert trace.warnings is None
+
+
+def test_client_disconnect_closes_generator_with_generator_exit(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/infinite", max_chunks=3)
+    assert sent.response.body == b"tick" * 3
+    assert sent.log == ["generator-exit"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert trace.error is None
+    assert trace.bytes_sent == 12
+    [body] = trace.find("body")
+    assert body.attrs == {"chunks": 3, "bytes": 12}
+
+
+def test_file_wrapper_is_returned_untouched(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    returned: list[Any] = []
+    environ = make_environ("/file", **{"test.returned": returned})
+    body = middleware(environ, ignore_start_response)
+    assert body is returned[0]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert sorted(e.kind for e in trace.events) == [
+        "app",
+        "file_wrapper",
+        "request",
+        "start_response",
+    ]
+    assert trace.end_ns == trace.find("file_wrapper")[0].start_ns + trace.start_ns
+    assert b"".join(body) == b"file-body"
+
+
+def test_single_element_list_keeps_len(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/"), ignore_start_response)
+    assert len(body) == 1  # type: ignore[arg-type]
+    assert list(body) == [b"hello"]
+    body.close()  # type: ignore[attr-defined]
+
+
+def test_body_without_len_gets_no_len(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/lazy"), ignore_start_response)
+    assert not hasattr(body, "__len__")
+    with pytest.raises(TypeError):
+        len(body)  # type: ignore[arg-type]
+    body.close()  # type: ignore[attr-defined]
+
+
+def test_head_with_content_length_and_no_body_is_not_a_mismatch(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/head-empty", "HEAD")
+    assert (sent.response.status, sent.response.body) == ("200 OK", b"")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (trace.method, trace.content_length, trace.bytes_sent) == ("HEAD", 5, 0)
+    assert trace.warnings is None
+
+
+def test_empty_body(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    exchange(middleware, "/empty")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert (trace.bytes_sent, trace.chunks, trace.ttfb_ms) == (0, 0, None)
+    assert trace.find("first_byte") == []
+    assert [e.attrs for e in trace.find("body")] == [{"chunks": 0, "bytes": 0}]
+    assert trace.warnings is None
+
+
+def _frames(exc: BaseException) -> list[tuple[str, int | None, str]]:
+    return [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+
+
+@pytest.mark.parametrize(
+    ("path", "app_frame", "where"),
+    [
+        ("/raise", "dummy_app", "app"),
+        ("/raise-iter", "failing_body", "iteration"),
+        ("/raise-close", "close", "close"),
+    ],
+)
+def test_app_exceptions_are_reraised_unchanged(
+    exchange: Exchanger, path: str, app_frame: str, where: str
+) -> None:
+    untraced = exchange(dummy_app, path)
+    middleware = TraceMiddleware(dummy_app)
+    traced = exchange(middleware, path)
+    [exc] = traced.raised
+    assert traced.response.error is exc
+    frames = _frames(exc)
+    assert app_frame in [name for _, _, name in frames]
+    # The app's frames are all there; only wsgitrace's own wrapper frames are added.
+    ours = [f for f in frames if "wsgitrace" not in f[0].replace("test_", "")]
+    assert ours == _frames(untraced.raised[0])
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.error is not None
+    assert trace.finished
+    assert trace.error["type"].endswith("AppError")
+    assert trace.error["where"] == where
+    assert app_frame in trace.error["traceback"]
+    assert [e.attrs["where"] for e in trace.find("error")] == [where]
+
+
+def test_wsgi_input_is_never_read(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(
+        middleware,
+        "/",
+        "POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "9"},
+    )
+    assert (sent.response.status, sent.response.error) == ("200 OK", None)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert ("Content-Length", "9") in zip(
+        trace.request_headers[::2], trace.request_headers[1::2], strict=True
+    )
+
+
+def test_environ_is_only_touched_under_its_namespace(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    environ = make_environ("/lazy", query="a=1", headers={"Cookie": "s=1"})
+    before = dict(environ)
+    body = middleware(environ, ignore_start_response)
+    list(body)
+    body.close()  # type: ignore[attr-defined]
+    added = set(environ) - set(before)
+    assert added == {"wsgitrace.trace"}
+    assert environ["wsgitrace.trace"] is middleware.buffer.last
+    assert all(environ[key] is value for key, value in before.items())
+
+
+def test_durations_are_exact_with_an_injected_clock(exchange: Exchanger, clock: FakeClock) -> None:
+    middleware = TraceMiddleware(dummy_app, clock=clock)
+    exchange(middleware, "/timed", extra={"test.clock": clock})
+    trace = middleware.buffer.last
+    assert trace is not None
+    timeline = [(e.kind, e.start_ns, e.duration_ns) for e in trace.events]
+    assert timeline == [
+        ("request", 0, 7 * MS),
+        ("app", 0, 2 * MS),
+        ("start_response", 2 * MS, 0),
+        ("body", 5 * MS, 2 * MS),
+        ("first_byte", 5 * MS, 0),
+        ("close", 7 * MS, 0),
+    ]
+    assert (trace.duration_ms, trace.ttfb_ms) == (7.0, 5.0)
+    summary = trace.summary()
+    assert (summary["duration_ms"], summary["ttfb_ms"], summary["bytes"]) == (7.0, 5.0, 4)
+
+
+def test_stepping_clock_orders_events(exchange: Exchanger, clock: FakeClock) -> None:
+    clock.step = 1000
+    middleware = TraceMiddleware(dummy_app, clock=clock)
+    exchange(middleware, "/closing")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.duration_ns == (clock.value - trace.start_ns)
+    assert all(e.start_ns % 1000 == 0 and e.duration_ns % 1000 == 0 for e in trace.events)
+    assert [e.kind for e in trace.events] == [
+        "request",
+        "app",
+        "start_response",
+        "body",
+        "first_byte",
+        "close",
+    ]
+
+
+# -- protocol warnings ----------------------------------------------------------
+
+
+def test_unclosed_body_finishes_its_trace_when_collected(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    log: list[Any] = []
+    body = middleware(make_environ("/closing", **{"test.log": log}), ignore_start_response)
+    assert next(iter(body)) == b"a"
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "in_progress"
+    del body
+    gc.collect()
+    assert trace.state == "unclosed"
+    assert trace.finished
+    assert trace.end_ns is not None
+    assert trace.warnings is not None
+    assert trace.warnings[0].startswith("unclosed")
+    # Nothing of the app's was called by the finalizer.
+    assert log == ["iter"]
+    # The finished trace is accounted in the buffer's bytes.
+    assert middleware.buffer.bytes == trace.approx_size
+
+
+def test_content_length_mismatch_is_a_warning(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/mismatch")
+    assert sent.response.outcome() == exchange(dummy_app, "/mismatch").response.outcome()
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.warnings == ["Content-Length mismatch: header says 10, body sent 5 bytes"]
+    assert trace.summary()["warnings"] == trace.warnings
+
+
+def test_start_response_twice_without_exc_info_is_a_warning(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    sent = exchange(middleware, "/twice")
+    assert sent.response.status == "201 Created"
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.warnings == ["start_response called twice without exc_info"]
+    assert trace.status == "201 Created"
+
+
+def test_body_before_start_response_is_a_warning(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/early"), ignore_start_response)
+    assert list(body) == [b"", b"late start"]
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.warnings == ["body yielded before start_response was called"]
+
+
+def test_compliant_requests_have_no_warnings(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    for method, path in COMPLIANT:
+        exchange(middleware, path, method)
+    assert [t.warnings for t in middleware.buffer] == [None] * len(COMPLIANT)
+
+
+# -- fault isolation ------------------------------------------------------------
+
+
+class FailingClock:
+    """Raises on its ``fail_at``-th call (and after it, unless ``once``)."""
+
+    def __init__(self, fail_at: int, once: bool) -> None:
+        self.fail_at = fail_at
+        self.once = once
+        self.calls = 0
+        self.failures = 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls == self.fail_at or (not self.once and self.calls > self.fail_at):
+            self.failures += 1
+            msg = "clock broke"
+            raise RuntimeError(msg)
+        return self.calls * 1000
+
+
+class Boom:
+    """Stands in for a method of wsgitrace and raises, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        msg = "wsgitrace internals broke"
+        raise RuntimeError(msg)
+
+
+FAULT_PATHS = [path for method, path in COMPLIANT if method == "GET"] + ["/timed", "/infinite"]
+
+
+def _untraced_and_traced(
+    exchange: Exchanger, app: WSGIApplication, path: str, clock: FakeClock
+) -> None:
+    max_chunks = 5 if path == "/infinite" else None
+    extra = {"test.clock": clock}
+    query = "page=2&access_token=abc"
+    untraced = exchange(dummy_app, path, query=query, max_chunks=max_chunks, extra=extra)
+    traced = exchange(app, path, query=query, max_chunks=max_chunks, extra=extra)
+    assert traced.response.outcome() == untraced.response.outcome()
+    assert traced.log == untraced.log
+    if traced.response.error is not None:
+        assert any(traced.response.error is exc for exc in traced.raised)
+
+
+@pytest.mark.parametrize("path", FAULT_PATHS)
+def test_a_failing_clock_never_changes_the_response(
+    exchange: Exchanger, clock: FakeClock, path: str
+) -> None:
+    for once in (True, False):
+        for fail_at in range(1, 14):
+            failing = FailingClock(fail_at, once)
+            before = internal_error_count()
+            middleware = TraceMiddleware(dummy_app, clock=failing)
+            _untraced_and_traced(exchange, middleware, path, clock)
+            gc.collect()
+            if failing.failures:
+                assert internal_error_count() > before, (once, fail_at)
+            else:
+                assert internal_error_count() == before
+
+
+FAULTS = {
+    "TraceBuffer.append": (TraceBuffer, "append"),
+    "TraceBuffer.finished": (TraceBuffer, "finished"),
+    "Trace.record": (Trace, "record"),
+    "Trace.warn": (Trace, "warn"),
+    "Redactor.is_secret": (Redactor, "is_secret"),
+    "Redactor.query": (Redactor, "query"),
+    "TraceMiddleware.response_headers": (TraceMiddleware, "response_headers"),
+}
+
+
+#: Requests that surely reach a fault (default: every request).
+REACHED_BY = {
+    "Trace.warn": {"/mismatch", "/twice"},
+    "Trace.record": {"/write", "/raise", "/raise-iter", "/raise-close", "/closing-fail"},
+    "TraceMiddleware.response_headers": {p for p in FAULT_PATHS if p != "/raise"},
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("path", [*FAULT_PATHS, "/mismatch", "/twice"])
+def test_failing_internals_never_change_the_response(
+    exchange: Exchanger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, fault: str, path: str
+) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    owner, name = FAULTS[fault]
+    boom = Boom()
+    monkeypatch.setattr(owner, name, boom)
+    before = internal_error_count()
+    _untraced_and_traced(exchange, middleware, path, clock)
+    gc.collect()
+    # Every failure that was reached is counted; none escaped.
+    assert (internal_error_count() > before) is (boom.calls > 0)
+    if path in REACHED_BY.get(fault, {path}):
+        assert boom.calls > 0
+
+
+# -- concurrency ----------------------------------------------------------------
+
+
+def _hammer(
+    make_environ: MakeEnviron, middleware: TraceMiddleware, threads: int, per_thread: int
+) -> list[BaseException]:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(number: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                path = f"/c/{number}/{i}"
+                body = middleware(make_environ(path), ignore_start_response)
+                try:
+                    assert b"".join(body) == path.encode()
+                finally:
+                    body.close()  # type: ignore[attr-defined]
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in workers)
+    return errors
+
+
+def test_concurrent_requests_each_get_only_their_own_events(make_environ: MakeEnviron) -> None:
+    threads, per_thread = 8, 1000
+    total = threads * per_thread
+    middleware = TraceMiddleware(dummy_app, max_traces=total)
+    assert _hammer(make_environ, middleware, threads, per_thread) == []
+    buffer = middleware.buffer
+    assert buffer.cursor == total
+    traces = buffer.latest()
+    assert len(traces) == total
+    assert sorted(t.cursor for t in traces) == list(range(1, total + 1))
+    assert {t.path for t in traces} == {
+        f"/c/{n}/{i}" for n in range(threads) for i in range(per_thread)
+    }
+    expected_kinds = sorted(
+        ["request", "app", "start_response", "first_byte", "body", "close", "span"]
+    )
+    for trace in traces:
+        events = trace.events
+        assert sorted(e.kind for e in events) == expected_kinds, trace
+        [user_span] = trace.find("span")
+        assert (user_span.name, dict(user_span.attrs)) == (trace.path, {"step": "body"})
+        assert {e.thread for e in events} == {trace.thread}
+        assert (trace.state, trace.status, trace.bytes_sent) == (
+            "finished",
+            "200 OK",
+            len(trace.path),
+        )
+
+
+def test_concurrent_requests_keep_the_buffer_within_its_bounds(
+    make_environ: MakeEnviron,
+) -> None:
+    threads, per_thread = 8, 400
+    total = threads * per_thread
+    buffer = TraceBuffer(max_traces=200, max_bytes=120_000)
+    middleware = TraceMiddleware(dummy_app, buffer=buffer)
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((buffer.bytes, len(buffer)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert _hammer(make_environ, middleware, threads, per_thread) == []
+    finally:
+        done.set()
+        sampler.join(timeout=10)
+    assert samples
+    assert all(size <= 120_000 and count <= 200 for size, count in samples)
+    assert buffer.cursor == total
+    assert buffer.bytes <= 120_000
+    assert len(buffer) <= 200
+    assert buffer.dropped == total - len(buffer)
+    assert buffer.dropped_bytes > 0
+
+
+# -- caps -----------------------------------------------------------------------
+
+
+def test_a_megabyte_of_headers_is_capped(exchange: Exchanger) -> None:
+    headers = {f"X-Filler-{i}": "v" * 1024 for i in range(1024)}
+    headers["X-Huge"] = "h" * 1_000_000
+    middleware = TraceMiddleware(dummy_app, max_headers=16, max_string=256)
+    sent = exchange(middleware, "/big-headers", headers=headers)
+    assert sent.response.status == "200 OK"
+    assert len(sent.response.headers) == 1001
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert len(trace.request_headers) == len(trace.response_headers) == 32
+    assert all(len(v) <= 256 + len(TRUNCATION_MARKER) for v in trace.request_headers)
+    assert all(len(v) <= 256 + len(TRUNCATION_MARKER) for v in trace.response_headers)
+    assert trace.request_headers[1] == "v" * 256 + TRUNCATION_MARKER
+    # 1025 test headers plus Host; 16 kept, 15 of the kept response values cut.
+    assert trace.truncated == {
+        "request_headers": 1026 - 16,
+        "header_values": 16 + 15,
+        "response_headers": 1001 - 16,
+    }
+    assert trace.approx_size < 20_000
+    assert len(trace.to_json()) < 20_000
+    assert trace.to_dict()["truncated"] == trace.truncated
+
+
+def test_ten_thousand_writes_are_capped_in_events(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app, max_events=32)
+    sent = exchange(middleware, "/writes", query="10000")
+    assert len(sent.response.body) == 10_000
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.finished
+    assert len(trace.events) <= 32
+    assert {"request", "app", "start_response", "body", "close"} <= {e.kind for e in trace.events}
+    # Every write is either an event or counted as dropped.
+    kept = len(trace.find("write"))
+    assert kept > 0
+    assert trace.dropped_events == 10_000 - kept
+    assert trace.to_dict()["dropped_events"] == 10_000 - kept
+    assert trace.bytes_sent == 10_000
+    assert trace.duration_ns is not None
+    assert len(trace.to_json()) < 20_000
+
+
+def test_ten_thousand_chunks_stay_one_body_event(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app, max_events=32)
+    sent = exchange(middleware, "/chunks", query="10000")
+    assert len(sent.response.chunks) == 10_000
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (trace.chunks, trace.bytes_sent, trace.dropped_events) == (10_000, 10_000, 0)
+    assert [e.attrs for e in trace.find("body")] == [{"chunks": 10_000, "bytes": 10_000}]
+
+
+def test_long_path_and_query_are_cut_and_marked(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app, max_string=64)
+    path = "/c/" + "p" * 500
+    body = middleware(make_environ(path, query="q=" + "x" * 500), ignore_start_response)
+    assert b"".join(body) == path.encode()
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.path == path[:64] + TRUNCATION_MARKER
+    assert trace.query == ("q=" + "x" * 500)[:64] + TRUNCATION_MARKER
+    assert trace.truncated == {"path": 1, "query": 1}
+
+
+# -- options on the request path ------------------------------------------------
+
+
+def test_disabled_middleware_passes_through(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app, enabled=False)
+    body = middleware(make_environ("/"), ignore_start_response)
+    assert body == [b"hello"]
+    assert middleware.buffer.cursor == 0
+
+
+def test_excluded_paths_and_sampling_skip_tracing(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(
+        dummy_app, exclude=["/closing"], sample=lambda e: e["PATH_INFO"] != "/empty"
+    )
+    for path in ("/closing", "/empty", "/"):
+        exchange(middleware, path)
+    assert [t.path for t in middleware.buffer] == ["/"]
+    never = TraceMiddleware(dummy_app, sample=0.0)
+    exchange(never, "/")
+    assert never.buffer.cursor == 0
+
+
+def test_capture_headers_off_still_notes_content_length(exchange: Exchanger) -> None:
+    middleware = TraceMiddleware(dummy_app, capture_headers=False)
+    exchange(middleware, "/mismatch")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (trace.request_headers, trace.response_headers) == ((), ())
+    assert trace.content_length == 10
+    assert trace.warnings is not None
+    assert "Content-Length mismatch" in trace.warnings[0]
