@@ -1,0 +1,486 @@
+"""Traces for people: pure functions from traces to rich renderables.
+
+Shared by the ``wsgitrace`` command and the pytest plugin::
+
+    from wsgitrace.render import build_timeline, build_trace_table, render_text
+
+    console.print(build_trace_table(buffer.latest(20)))
+    print(render_text(build_timeline(trace), width=80))  # plain, no colour
+
+Every piece of text that came from a request (method, path, query, header
+values, ``g`` reprs, error messages, event attributes, ...) goes into a
+:class:`rich.text.Text`, never into console markup, and passes through
+:func:`safe` first, which shows control characters escaped (``\\x1b``,
+``\\r``, ``\\x9b``, bidi overrides ...) instead of sending them to the
+terminal. Paths and queries are shown decoded as UTF-8 (WSGI hands them over
+as latin-1).
+
+Only this module and :mod:`wsgitrace.cli` import rich.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .trace import HOOK_KINDS, Event, Trace
+
+__all__ = [
+    "build_timeline",
+    "build_trace_table",
+    "format_bytes",
+    "format_ms",
+    "render_text",
+    "safe",
+    "status_style",
+    "summary_of",
+]
+
+# C0 (tab and newline included), DEL, C1, and the invisible bidi controls
+# that can reorder what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_KEEP_NEWLINES = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+#: Attributes shown by the timeline in their own way (or not at all).
+_QUIET_ATTRS = frozenset(
+    {
+        "blueprint",
+        "qualname",
+        "module",
+        "endpoint",
+        "short_circuit",
+        "returned",
+        "g_added",
+        "g_changed",
+        "g_removed",
+        "error",
+        "exception",
+        "code",
+    }
+)
+
+_KIND_STYLES = {
+    "view": "bold green",
+    "errorhandler": "magenta",
+    "error": "bold red",
+    "tracer_error": "bold red",
+    "signal": "dim",
+    "url_match": "blue",
+    "span": "yellow",
+    "template": "green",
+}
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(value: object, *, newlines: bool = False) -> str:
+    """``str(value)`` with every control character shown escaped.
+
+    :param newlines: Keep ``\\n`` (for tracebacks); everything else, ``\\r``
+        and ``\\t`` included, is still escaped.
+    """
+    text = value if isinstance(value, str) else str(value)
+    pattern = _UNSAFE_KEEP_NEWLINES if newlines else _UNSAFE
+    return pattern.sub(_escape, text)
+
+
+def _wsgi_text(value: str) -> str:
+    """A WSGI (latin-1) string as the UTF-8 text the client sent, when it is."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
+    return Text(safe(value, newlines=newlines), style=style)
+
+
+def status_style(code: int | None) -> str:
+    """The style of a status code, by class."""
+    if code is None:
+        return "dim"
+    if code >= 500:
+        return "bold red"
+    if code >= 400:
+        return "yellow"
+    if code >= 300:
+        return "cyan"
+    if code >= 200:
+        return "green"
+    return "dim"
+
+
+def format_ms(value: float | None) -> str:
+    """A duration in milliseconds, short: ``42µs``, ``1.25ms``, ``123.4ms``,
+    ``2.50s``.
+    """
+    if value is None:
+        return "…"
+    if value < 0.0005:
+        return "<1µs"
+    if value < 1:
+        return f"{value * 1000:.0f}µs"
+    if value < 10:
+        return f"{value:.2f}ms"
+    if value < 1000:
+        return f"{value:.1f}ms"
+    if value < 100_000:
+        return f"{value / 1000:.2f}s"
+    return f"{value / 1000:.0f}s"
+
+
+def format_bytes(value: int | None) -> str:
+    """A byte count, short: ``512B``, ``12.3K``, ``4.5M``."""
+    if value is None:
+        return "-"
+    if value < 1024:
+        return f"{value}B"
+    if value < 1024 * 1024:
+        return f"{value / 1024:.1f}K"
+    if value < 1024**3:
+        return f"{value / 1024 / 1024:.1f}M"
+    return f"{value / 1024**3:.1f}G"
+
+
+def summary_of(item: Trace | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The summary of a trace, or the summary itself (as read from
+    ``/_trace``).
+    """
+    return item.summary() if isinstance(item, Trace) else item
+
+
+def _clock(timestamp: Any) -> str:
+    if not isinstance(timestamp, int | float) or timestamp <= 0:
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def _status_text(summary: Mapping[str, Any]) -> Text:
+    code = summary.get("status")
+    if not isinstance(code, int):
+        if summary.get("error"):
+            return Text("ERR", style="bold red")
+        return Text("…", style="dim")
+    return Text(str(code), style=status_style(code))
+
+
+def _path_text(summary: Mapping[str, Any]) -> Text:
+    path = _text(_wsgi_text(str(summary.get("path") or "")))
+    query = summary.get("query")
+    if query:
+        path.append_text(_text("?" + _wsgi_text(str(query)), "dim"))
+    error = summary.get("error")
+    if error:
+        path.append_text(_text(f" ! {str(error).rpartition('.')[2]}", "red"))
+    if summary.get("warnings"):
+        path.append(" ⚠", style="yellow")
+    if summary.get("state") == "in_progress":
+        path.append(" (in progress)", style="dim")
+    return path
+
+
+def build_trace_table(
+    traces: Iterable[Trace | Mapping[str, Any]],
+    *,
+    show_header: bool = True,
+    show_id: bool = False,
+) -> Table:
+    """One row per trace: time, method, path, status, duration, time to
+    first byte, bytes, hook count (and id).
+
+    Columns have fixed widths except the path, which takes the rest of the
+    line, so tables printed one after another line up.
+
+    :param traces: Traces, or summaries as listed by ``/_trace``.
+    :param show_header: Print the column names.
+    :param show_id: Add the trace id (wants about 110 columns).
+    """
+    table = Table(
+        box=None,
+        show_header=show_header,
+        header_style="bold",
+        pad_edge=False,
+        expand=True,
+        padding=(0, 1),
+    )
+    table.add_column("TIME", width=8, no_wrap=True, style="dim")
+    table.add_column("METHOD", width=7, no_wrap=True, overflow="ellipsis")
+    table.add_column("PATH", ratio=1, min_width=12, no_wrap=True, overflow="ellipsis")
+    table.add_column("ST", width=3, no_wrap=True)
+    table.add_column("DUR", width=8, justify="right", no_wrap=True)
+    table.add_column("TTFB", width=8, justify="right", no_wrap=True)
+    table.add_column("BYTES", width=6, justify="right", no_wrap=True)
+    table.add_column("HOOKS", width=5, justify="right", no_wrap=True)
+    if show_id:
+        table.add_column("ID", width=20, no_wrap=True, overflow="ellipsis", style="dim")
+    for item in traces:
+        summary = summary_of(item)
+        row = [
+            Text(_clock(summary.get("time"))),
+            _text(summary.get("method") or "-", "bold"),
+            _path_text(summary),
+            _status_text(summary),
+            Text(format_ms(summary.get("duration_ms"))),
+            Text(format_ms(summary.get("ttfb_ms")), style="dim"),
+            Text(format_bytes(summary.get("bytes"))),
+            Text(str(summary.get("hooks") or 0)),
+        ]
+        if show_id:
+            row.append(_text(summary.get("id") or ""))
+        table.add_row(*row)
+    return table
+
+
+# -- the timeline -------------------------------------------------------------
+
+
+def _header(trace: Trace, full: bool) -> Text:
+    header = Text()
+    header.append_text(_text(trace.method, "bold"))
+    header.append(" ")
+    header.append_text(_text(_wsgi_text(trace.path), "bold"))
+    if trace.query:
+        header.append_text(_text("?" + _wsgi_text(trace.query), "dim"))
+    header.append(" → ")
+    code = trace.status_code
+    header.append_text(_text(trace.status or "no response", status_style(code)))
+    header.append("\n")
+    parts = [
+        ("", _clock(trace.wall_time) if not full else ""),
+        ("", format_ms(trace.duration_ms)),
+        ("ttfb ", format_ms(trace.ttfb_ms)),
+        ("", format_bytes(trace.bytes_sent)),
+        ("", trace.state.replace("_", " ")),
+        ("id ", trace.id),
+    ]
+    if trace.endpoint:
+        parts.append(("endpoint ", trace.endpoint))
+    if full and trace.rule:
+        parts.append(("rule ", trace.rule))
+    parts = [(label, value) for label, value in parts if value]
+    for index, (label, value) in enumerate(parts):
+        if index:
+            header.append(" · ", style="dim")
+        if label:
+            header.append(label, style="dim")
+        header.append_text(_text(value))
+    if full and trace.wall_time > 0:
+        header.append(" · ", style="dim")
+        header.append(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(trace.wall_time)))
+    return header
+
+
+def _short_type(name: str) -> str:
+    return name.removeprefix("builtins.")
+
+
+def _depths(events: list[Event]) -> list[int]:
+    """Nesting depth of each event (an event inside an earlier, longer one)."""
+    stack: list[Event] = []
+    depths = []
+    for event in events:
+        while stack and not (
+            event.start_ns >= stack[-1].start_ns and event.end_ns <= stack[-1].end_ns
+        ):
+            stack.pop()
+        depths.append(min(len(stack), 8))
+        if event.duration_ns > 0:
+            stack.append(event)
+    return depths
+
+
+def _bar(event: Event, total: int, width: int) -> Text:
+    if total <= 0 or width <= 0:
+        return Text("")
+    start = min(width - 1, int(event.start_ns * width / total))
+    if event.duration_ns <= 0:
+        return Text(" " * start + "▏", style="dim")
+    length = max(1, round(event.duration_ns * width / total))
+    length = min(length, width - start)
+    style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "blue")
+    return Text(" " * start + "█" * length, style=style.replace("bold ", ""))
+
+
+def _details(event: Event, trace: Trace, full: bool) -> Text:
+    attrs = event.attrs
+    out = Text()
+
+    def add(text: str, style: str = "") -> None:
+        if out:
+            out.append("  ")
+        out.append_text(_text(text, style))
+
+    blueprint = attrs.get("blueprint")
+    if blueprint and event.kind in HOOK_KINDS:
+        add(f"bp={blueprint}", "dim")
+    if attrs.get("short_circuit"):
+        returned = attrs.get("returned")
+        add("short-circuit" + (f" → {returned}" if returned else ""), "bold yellow")
+    for key, sign in (("g_added", "+"), ("g_changed", "~"), ("g_removed", "-")):
+        keys = attrs.get(key)
+        if keys:
+            names = keys if isinstance(keys, list | tuple) else [keys]
+            add(f"g{sign} " + ", ".join(str(k) for k in names), "magenta")
+    if event.kind == "url_match" and not attrs.get("error") and trace.endpoint:
+        add(f"→ {trace.endpoint}" + (f" ({trace.rule})" if trace.rule else ""), "dim")
+    if attrs.get("exception"):
+        code = attrs.get("code")
+        add(f"handles {attrs['exception']}" + (f" {code}" if code is not None else ""), "magenta")
+    elif event.kind == "url_match" and attrs.get("code") is not None:
+        add(f"{attrs.get('code')}", "yellow")
+    error = attrs.get("error")
+    if error:
+        add(f"raised {error}" if event.kind != "url_match" else str(error), "bold red")
+    for key, value in attrs.items():
+        if key in _QUIET_ATTRS or (key, event.kind) in (
+            ("type", "error"),
+            ("template", "template"),
+        ):
+            continue
+        if event.kind == "error" and key == "where":
+            add(f"in {value}", "red")
+            continue
+        rendered = value if isinstance(value, str) else repr(value)
+        if len(rendered) > 60 and not full:
+            rendered = rendered[:59] + "…"
+        add(f"{key}={rendered}", "dim")
+    if event.kind == "error" and attrs.get("type"):
+        add(str(attrs["type"]), "bold red")
+    if full and attrs.get("qualname") and event.kind in HOOK_KINDS:
+        module = attrs.get("module")
+        add(f"{module}.{attrs['qualname']}" if module else str(attrs["qualname"]), "dim italic")
+    return out
+
+
+def _event_table(trace: Trace, full: bool, bar_width: int) -> Table:
+    events = trace.events
+    total = trace.duration_ns or max((e.end_ns for e in events), default=0)
+    table = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True, header_style="bold")
+    table.add_column("START", justify="right", no_wrap=True, width=8)
+    table.add_column("DUR", justify="right", no_wrap=True, width=8)
+    table.add_column("", width=bar_width, no_wrap=True)
+    table.add_column("EVENT", ratio=1, overflow="fold")
+    for event, depth in zip(events, _depths(events), strict=True):
+        style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "")
+        name = Text("  " * depth)
+        name.append_text(_text(event.name, style))
+        details = _details(event, trace, full)
+        if details:
+            name.append("  ")
+            name.append_text(details)
+        table.add_row(
+            Text(f"{event.start_ms:.3f}", style="dim"),
+            Text(format_ms(event.duration_ms) if event.duration_ns else "", style="dim"),
+            _bar(event, total, bar_width),
+            name,
+        )
+    return table
+
+
+def _pairs_table(title: str, pairs: Iterable[tuple[object, object]]) -> Table:
+    table = Table(box=None, pad_edge=False, padding=(0, 1), show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True, max_width=32, overflow="fold")
+    table.add_column(ratio=1, overflow="fold")
+    for key, value in pairs:
+        table.add_row(_text(key), _text(value))
+    table.title = Text(title, style="bold underline")
+    return table
+
+
+def _flat_pairs(flat: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+
+
+def _state(trace: Trace, full: bool) -> list[RenderableType]:
+    parts: list[RenderableType] = []
+    if trace.error:
+        error = Text()
+        error.append("error ", style="bold red")
+        error.append_text(_text(_short_type(trace.error.get("type", "")), "bold red"))
+        if trace.error.get("where"):
+            error.append_text(_text(f" (in {trace.error['where']})", "red"))
+        message = trace.error.get("message")
+        if message:
+            error.append(": ")
+            error.append_text(_text(message))
+        if full and trace.error.get("traceback"):
+            error.append("\n")
+            error.append_text(_text(trace.error["traceback"].rstrip("\n"), "dim", newlines=True))
+        parts.append(error)
+    for warning in trace.warnings or ():
+        parts.append(_text(f"⚠ {warning}", "yellow"))
+    if trace.dropped_events:
+        parts.append(_text(f"{trace.dropped_events} events dropped (max_events)", "yellow"))
+    if trace.truncated:
+        cut = ", ".join(f"{k} ×{v}" for k, v in trace.truncated.items())
+        parts.append(_text(f"truncated: {cut}", "dim"))
+    if trace.g:
+        if full:
+            parts.append(_pairs_table("g", trace.g.items()))
+        else:
+            parts.append(_text("g: " + ", ".join(trace.g), "magenta"))
+    if full:
+        info = [("remote address", trace.remote_addr or "-")]
+        if trace.rule:
+            info.append(("rule", trace.rule))
+        if trace.view_args:
+            info.append(("view args", repr(trace.view_args)))
+        info.append(("body", f"{trace.chunks} chunks, {trace.bytes_sent} bytes"))
+        if trace.content_length is not None:
+            info.append(("content-length", str(trace.content_length)))
+        if trace.session_keys:
+            info.append(("session keys", ", ".join(trace.session_keys)))
+        parts.append(_pairs_table("request", info))
+        if trace.request_headers:
+            parts.append(_pairs_table("request headers", _flat_pairs(trace.request_headers)))
+        if trace.response_headers:
+            parts.append(_pairs_table("response headers", _flat_pairs(trace.response_headers)))
+    return parts
+
+
+def build_timeline(trace: Trace, *, full: bool = False, bar_width: int = 16) -> RenderableType:
+    """The ordered timeline of one trace: a waterfall of its events (nested
+    by containment) with hook names, blueprints, durations, short-circuits,
+    ``g`` changes and errors, followed by its state.
+
+    :param trace: The trace (rebuild one read from ``/_trace/<id>`` with
+        :meth:`Trace.from_dict`).
+    :param full: Also show headers, the ``g`` snapshot, request details,
+        the traceback and hook functions' qualified names.
+    :param bar_width: Columns used by the waterfall bars.
+    """
+    return Group(_header(trace, full), _event_table(trace, full, bar_width), *_state(trace, full))
+
+
+def render_text(renderable: RenderableType, width: int = 80) -> str:
+    """Render to plain text (no colour or control codes) ``width`` columns wide."""
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        color_system=None,
+        force_terminal=False,
+        force_jupyter=False,
+        force_interactive=False,
+        no_color=True,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        legacy_windows=False,
+        soft_wrap=False,
+    )
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().split("\n"))
