@@ -635,7 +635,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/inprocess.py",
         description="In-process benchmark of wsgitrace against bare Flask and OpenTelemetry.",
-        epilog=(__doc__ or "").split("Four configurations")[0],
+        epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--rounds", type=int, default=15, help="rounds (default 15)")
