@@ -84,14 +84,19 @@ class Redactor:
                 msg = f"{label} must be a list of names, not a string: {value!r}"
                 raise ConfigurationError(msg)
         base = DEFAULT_HEADERS if headers is None else frozenset()
+        # Names are compared lowercased with "_" as "-" (see is_secret).
         self.headers = (
-            base | {h.lower() for h in headers or ()} | {h.lower() for h in extra_headers}
+            base | {_normal(h) for h in headers or ()} | {_normal(h) for h in extra_headers}
         )
         fragments = list(DEFAULT_PATTERNS if patterns is None else patterns)
         fragments += list(extra_patterns)
-        self.patterns = tuple(f.lower() for f in fragments if f)
+        self.patterns = tuple(_normal(f) for f in fragments if f)
+        # "-" in a fragment also matches "_", so raw query strings match too.
         self._pattern = (
-            re.compile("|".join(re.escape(f) for f in self.patterns), re.IGNORECASE)
+            re.compile(
+                "|".join(re.escape(f).replace(r"\-", "[-_]") for f in self.patterns),
+                re.IGNORECASE,
+            )
             if self.patterns
             else None
         )
@@ -101,7 +106,7 @@ class Redactor:
         """Whether a header, query, form or session key's value is redacted."""
         decision = self._memo.get(name)
         if decision is None:
-            lowered = name.lower().replace("_", "-")
+            lowered = _normal(name)
             decision = lowered in self.headers or (
                 self._pattern is not None and self._pattern.search(lowered) is not None
             )
@@ -111,7 +116,10 @@ class Redactor:
 
     def query(self, query: str) -> str:
         """Redact the values of secret-looking keys in a query string."""
-        if not query or self._pattern is None or self._pattern.search(query) is None:
+        if not query or self._pattern is None:
+            return query
+        if self._pattern.search(query) is None and "%" not in query:
+            # No key can be secret (a percent-encoded one is decoded below).
             return query
         parts = []
         for part in query.split("&"):
@@ -121,6 +129,11 @@ class Redactor:
             else:
                 parts.append(part)
         return "&".join(parts)
+
+
+def _normal(name: str) -> str:
+    """A name as compared: lowercase, with "_" as "-"."""
+    return name.lower().replace("_", "-")
 
 
 def _unquote_key(key: str) -> str:
