@@ -43,7 +43,8 @@ def _optional_bool(value: Any) -> bool | None:
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        # int() would silently turn True into 1 and 1.5 into 1.
         raise ValueError("expected a positive integer")
     number = int(value)
     if number < 1:

@@ -1,0 +1,197 @@
+"""Options: keywords beat Flask-style config, config beats the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from wsgitrace import ConfigurationError, TraceMiddleware
+from wsgitrace.config import OPTION_SPECS, Options, env_name, resolve_options
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from .conftest import MakeEnviron
+
+
+def dummy_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+class TestResolveOptions:
+    def test_defaults(self) -> None:
+        """With no source set, every option has its documented default."""
+        assert resolve_options({}, None, {}) == Options()
+
+    def test_specs_match_the_options(self) -> None:
+        """Every option has a spec whose default is the dataclass default."""
+        fields = {f.name: f.default for f in dataclasses.fields(Options)}
+        assert set(fields) == set(OPTION_SPECS)
+        for name, spec in OPTION_SPECS.items():
+            assert spec.default == fields[name], name
+            assert spec.help
+
+    def test_env_names(self) -> None:
+        """Each option maps to a WSGITRACE_* name."""
+        assert env_name("max_traces") == "WSGITRACE_MAX_TRACES"
+
+    def test_keyword_beats_config_beats_environment(self) -> None:
+        """The first source that sets an option wins: keyword, config, environ."""
+        environ = {
+            "WSGITRACE_MAX_TRACES": "10",
+            "WSGITRACE_MAX_EVENTS": "20",
+            "WSGITRACE_MAX_STRING": "30",
+        }
+        config = {"WSGITRACE_MAX_TRACES": 11, "WSGITRACE_MAX_EVENTS": 21}
+        options = resolve_options({"max_traces": 12}, config, environ)
+        assert (options.max_traces, options.max_events, options.max_string) == (12, 21, 30)
+
+    def test_environment_strings_are_parsed(self) -> None:
+        """Environment values are parsed to the option's type."""
+        options = resolve_options(
+            {},
+            None,
+            {
+                "WSGITRACE_ENABLED": "off",
+                "WSGITRACE_SAMPLE": "0.25",
+                "WSGITRACE_EXCLUDE": "/static, /favicon.ico,",
+                "WSGITRACE_ALLOW": "10.0.0.0/8,::1",
+                "WSGITRACE_ENDPOINT": "auto",
+                "WSGITRACE_CAPTURE_HEADERS": "no",
+                "WSGITRACE_PREFIX": "/debug/trace/",
+                "WSGITRACE_TOKEN": "",
+            },
+        )
+        assert options.enabled is False
+        assert options.sample == 0.25
+        assert options.exclude == ("/static", "/favicon.ico")
+        assert options.allow == (
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("::1/128"),
+        )
+        assert options.endpoint is None
+        assert options.capture_headers is False
+        assert options.prefix == "/debug/trace"
+        assert options.token is None
+
+    def test_config_values_keep_their_types(self) -> None:
+        """Config values may be native Python values."""
+        sample = lambda environ: True  # noqa: E731
+        options = resolve_options(
+            {},
+            {"WSGITRACE_SAMPLE": sample, "WSGITRACE_ENDPOINT": True, "WSGITRACE_REDACT": ["X-A"]},
+            {},
+        )
+        assert options.sample is sample
+        assert options.endpoint is True
+        assert options.redact == ("X-A",)
+
+    def test_unknown_keyword_is_refused(self) -> None:
+        """A misspelt keyword raises ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match=r"max_trace\b"):
+            resolve_options({"max_trace": 5}, None, {})
+
+    @pytest.mark.parametrize(
+        ("option", "bad"),
+        [
+            ("max_traces", "abc"),
+            ("max_traces", 0),
+            ("max_traces", 1.5),
+            ("max_traces", True),
+            ("max_events", -3),
+            ("max_bytes", None),
+            ("enabled", "maybe"),
+            ("enabled", 2),
+            ("sample", 1.5),
+            ("sample", "often"),
+            ("sample", True),
+            ("exclude", 5),
+            ("exclude", ["/a", 1]),
+            ("prefix", "_trace"),
+            ("prefix", "/"),
+            ("allow", "not-a-network"),
+            ("token", 123),
+            ("endpoint", "sometimes"),
+        ],
+    )
+    def test_bad_keyword_values_name_option_and_repr(self, option: str, bad: Any) -> None:
+        """A bad value raises ConfigurationError with the option and the value's repr."""
+        with pytest.raises(ConfigurationError) as excinfo:
+            resolve_options({option: bad}, None, {})
+        message = str(excinfo.value)
+        assert option in message
+        assert repr(bad) in message
+
+    def test_bad_config_and_environment_values_name_their_source(self) -> None:
+        """The message says which config key or variable held the bad value."""
+        with pytest.raises(ConfigurationError, match=re.escape("config WSGITRACE_SAMPLE: 'x'")):
+            resolve_options({}, {"WSGITRACE_SAMPLE": "x"}, {})
+        with pytest.raises(
+            ConfigurationError, match=re.escape("environment variable WSGITRACE_MAX_TRACES: '-1'")
+        ):
+            resolve_options({}, None, {"WSGITRACE_MAX_TRACES": "-1"})
+
+    def test_integral_floats_and_strings_are_accepted(self) -> None:
+        """2.0 and " 7 " are whole numbers."""
+        assert resolve_options({"max_traces": 2.0}, None, {}).max_traces == 2
+        assert resolve_options({}, None, {"WSGITRACE_MAX_TRACES": " 7 "}).max_traces == 7
+
+
+class TestTokenFile:
+    def test_token_is_read_from_the_file(self, tmp_path: Path) -> None:
+        """resolved_token() reads and strips the token file."""
+        path = tmp_path / "token"
+        path.write_text("  abc123\n", encoding="utf-8")
+        assert Options(token_file=str(path)).resolved_token() == "abc123"
+        assert Options(token="direct", token_file=str(path)).resolved_token() == "direct"
+        assert Options().resolved_token() is None
+
+    def test_missing_or_empty_token_file_is_an_error(self, tmp_path: Path) -> None:
+        """A token file that cannot be read or is empty is a ConfigurationError."""
+        missing = str(tmp_path / "missing")
+        with pytest.raises(ConfigurationError, match=re.escape(repr(missing))):
+            Options(token_file=missing).resolved_token()
+        empty = tmp_path / "empty"
+        empty.write_text("\n", encoding="utf-8")
+        with pytest.raises(ConfigurationError, match="empty"):
+            Options(token_file=str(empty)).resolved_token()
+
+
+class TestMiddlewareOptions:
+    def test_environment_configures_the_middleware(
+        self, monkeypatch: pytest.MonkeyPatch, make_environ: MakeEnviron
+    ) -> None:
+        """WSGITRACE_* variables reach TraceMiddleware; keywords win."""
+        monkeypatch.setenv("WSGITRACE_MAX_TRACES", "2")
+        monkeypatch.setenv("WSGITRACE_MAX_STRING", "3")
+        middleware = TraceMiddleware(dummy_app, max_string=8)
+        assert (middleware.buffer.max_traces, middleware.limits.max_string) == (2, 8)
+        for _ in range(3):
+            middleware(make_environ("/"), lambda *args: len)
+        assert (len(middleware.buffer), middleware.buffer.dropped) == (2, 1)
+
+    def test_enabled_0_in_the_environment_turns_tracing_off(
+        self, monkeypatch: pytest.MonkeyPatch, make_environ: MakeEnviron
+    ) -> None:
+        """WSGITRACE_ENABLED=0 passes requests straight through."""
+        monkeypatch.setenv("WSGITRACE_ENABLED", "0")
+        middleware = TraceMiddleware(dummy_app)
+        assert middleware(make_environ("/"), lambda *args: len) == [b"ok"]
+        assert middleware.buffer.cursor == 0
+
+    def test_bad_environment_value_fails_at_set_up(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bad variable raises when the middleware is made, not per request."""
+        monkeypatch.setenv("WSGITRACE_SAMPLE", "2")
+        with pytest.raises(ConfigurationError, match="WSGITRACE_SAMPLE: '2'"):
+            TraceMiddleware(dummy_app)
+
+    def test_unknown_keyword_fails_at_set_up(self) -> None:
+        """TraceMiddleware refuses unknown options."""
+        with pytest.raises(ConfigurationError, match="colour"):
+            TraceMiddleware(dummy_app, colour="red")
