@@ -128,6 +128,7 @@ HEARTBEAT_SECONDS = 10.0
 SETTLE_SECONDS = 1.0
 
 _POLL_SECONDS = 0.004
+_WAKE_SECONDS = 0.25
 
 #: The body of every 404: werkzeug's, as a missing route of a Flask app has.
 _NOT_FOUND_BODY = (
@@ -540,6 +541,7 @@ class TraceEndpoint:
         buffer = self.buffer
         first_seen: dict[int, float] = {}
         stopping = self._stopping
+        last_yield = time.monotonic()
         while not stopping.is_set():
             now = time.monotonic()
             if now >= deadline:
@@ -567,15 +569,15 @@ class TraceEndpoint:
                         break
             if not candidates:
                 position = max(position, top)
-            if moved:
+            if moved or now - last_yield >= self.heartbeat:
                 yield found, position, max(gap, 0)
-                continue
-            if blocked:
+                last_yield = now
+            elif blocked:
                 stopping.wait(_POLL_SECONDS)
-                continue
-            timeout = min(deadline - now, self.heartbeat)
-            if not buffer.wait(position, timeout) and timeout >= self.heartbeat:
-                yield [], position, 0
+            else:
+                # Short slices, so that shutdown() is noticed promptly.
+                remaining = min(deadline - now, self.heartbeat - (now - last_yield))
+                buffer.wait(position, min(remaining, _WAKE_SECONDS))
 
     def _stream_start(self, environ: WSGIEnvironment, query: _Query) -> int:
         last_id = (environ.get("HTTP_LAST_EVENT_ID") or "").strip()
