@@ -1,0 +1,763 @@
+"""The ``wsgitrace`` command, run for real in subprocesses (and on a
+pseudo-terminal) against real servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import json
+import os
+import pty
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import pytest
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from wsgitrace import TraceMiddleware
+from wsgitrace.cli import DEMO_ROUND, endpoint_url
+from wsgitrace.demo_app import create_app
+from wsgitrace.flask import FlaskTrace
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+TIMEOUT = 15.0
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE = "/x\x1b[2J[bold red]\x1b]8;;http://evil\x07click\x1b]8;;\x07\rend"
+HOSTILE_QUOTED = quote(HOSTILE, safe="/")
+HOSTILE_SHOWN = "/x\\x1b[2J[bold red]\\x1b]8;;http://evil\\x07click\\x1b]8;;\\x07\\x0dend"
+SECRETS = ("hunter2-auth", "cookie-secret-9", "api-key-77", "query-pw-5")
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class Front:
+    """Counts long-polls (so a test knows tail is following) and can make
+    every client look remote (so tokens are needed).
+    """
+
+    def __init__(self, app: WSGIApplication, remote: str | None = None) -> None:
+        self.app = app
+        self.remote = remote
+        self.polls = 0
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.remote is not None:
+            environ["REMOTE_ADDR"] = self.remote
+        if "wait=" in environ.get("QUERY_STRING", ""):
+            self.polls += 1
+        return self.app(environ, start_response)
+
+
+@dataclass
+class Served:
+    front: Front
+    server: Any
+    middleware: TraceMiddleware
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def get(self, target: str, headers: dict[str, str] | None = None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.server_port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", target, headers=headers or {})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    def last_id(self, path: str | None = None) -> str:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            for trace in self.middleware.buffer.latest():
+                if trace.finished and (path is None or trace.path == path):
+                    return trace.id
+            assert time.monotonic() < deadline, "no trace"
+            time.sleep(0.01)
+
+    def wait_for_poll(self, after: int = 0) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.front.polls <= after:
+            assert time.monotonic() < deadline, "tail never long-polled"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        endpoint = getattr(self.middleware, "_endpoint_app", None)
+        if endpoint is not None:
+            endpoint.shutdown()  # end long-polls now
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(name="serve")
+def fixture_serve() -> Iterator[Callable[..., Served]]:
+    """Serve the bundled example Flask app, traced, on 127.0.0.1."""
+    started: list[Served] = []
+
+    def start(port: int = 0, *, remote: str | None = None, **options: Any) -> Served:
+        options.setdefault("endpoint", True)
+        app = create_app()
+        app.logger.disabled = True
+        ext = FlaskTrace(app, **options)
+        front = Front(app, remote)
+        server = make_server("127.0.0.1", port, front, threaded=True, request_handler=QuietHandler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        served = Served(front, server, ext.middleware)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        with contextlib.suppress(OSError):
+            served.stop()
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment for the command: no colour forcing, no wsgitrace settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WSGITRACE_", "FORCE_COLOR", "NO_COLOR", "TTY_", "COLUMNS", "LINES"))
+    }
+    env.update(extra)
+    return env
+
+
+class Command:
+    """The real command in a subprocess, its output read line by line."""
+
+    def __init__(self, args: list[str], *, script: bool = False, **kwargs: Any) -> None:
+        executable = [console_script()] if script else [sys.executable, "-m", "wsgitrace"]
+        kwargs.setdefault("env", command_env())
+        self.proc = subprocess.Popen(
+            [*executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs
+        )
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        self.stdout = ""
+        self.stderr = ""
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe: IO[bytes], lines: queue.Queue[str]) -> None:
+        for line in iter(pipe.readline, b""):
+            lines.put(line.decode("utf-8", "replace"))
+
+    def _drain(self) -> None:
+        while not self.out.empty():
+            self.stdout += self.out.get_nowait()
+        while not self.err.empty():
+            self.stderr += self.err.get_nowait()
+
+    def wait_for(self, needle: str, *, stream: str = "out", timeout: float = TIMEOUT) -> str:
+        """Wait until ``needle`` is in stdout (or stderr); return that output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._drain()
+            text = self.stdout if stream == "out" else self.stderr
+            if needle in text:
+                return text
+            if self.proc.poll() is not None and self.out.empty() and self.err.empty():
+                for reader in self._readers:
+                    reader.join(1)
+                self._drain()
+                text = self.stdout if stream == "out" else self.stderr
+                if needle in text:
+                    return text
+                pytest.fail(f"exited {self.proc.returncode} before {needle!r}:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {needle!r} in {stream}:\n{text}\nstderr:\n{self.stderr}")
+            time.sleep(0.02)
+
+    def finish(self, *, interrupt: bool = True, timeout: float = TIMEOUT) -> int:
+        """Send SIGINT (like Ctrl-C) and return the exit status."""
+        if interrupt and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self.close()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        for reader in self._readers:
+            reader.join(TIMEOUT)
+        self._drain()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture(name="cli")
+def fixture_cli() -> Iterator[Callable[..., Command]]:
+    commands: list[Command] = []
+
+    def start(*args: str, **kwargs: Any) -> Command:
+        command = Command(list(args), **kwargs)
+        commands.append(command)
+        return command
+
+    yield start
+    for command in commands:
+        command.close()
+
+
+def run_command(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("env", command_env())
+    return subprocess.run(
+        [sys.executable, "-m", "wsgitrace", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        **kwargs,
+    )
+
+
+def console_script() -> str:
+    """The installed ``wsgitrace`` script next to this interpreter."""
+    found = shutil.which("wsgitrace", path=os.path.dirname(sys.executable))
+    assert found is not None, "the wsgitrace console script is not installed"
+    return found
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- tail -----------------------------------------------------------------------
+
+
+def test_endpoint_url() -> None:
+    """A base URL gets the default prefix; an endpoint URL is kept."""
+    assert endpoint_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000/_trace"
+    assert endpoint_url("http://127.0.0.1:5000/") == "http://127.0.0.1:5000/_trace"
+    assert endpoint_url("localhost:8000") == "http://localhost:8000/_trace"
+    assert endpoint_url("http://h:1/_trace/") == "http://h:1/_trace"
+    assert endpoint_url("https://h/tools/_trace") == "https://h/tools/_trace"
+
+
+def test_tail_json_receives_traces_made_after_it_started(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """tail --json prints one summary per line, as requests are served."""
+    served = serve()
+    served.get("/")  # before tail: not shown with -n 0
+    tail = cli("tail", "--json", "-n", "0", served.url)
+    served.wait_for_poll()
+    for path in ("/api/v1/items/tea", "/missing", "/boom"):
+        served.get(path)
+    output = tail.wait_for('"/boom"')
+    assert tail.finish() == 0
+    lines = json_lines(output)
+    assert [line["path"] for line in lines] == ["/api/v1/items/tea", "/missing", "/boom"]
+    assert [line["status"] for line in lines] == [200, 404, 500]
+    assert all(line["state"] == "finished" for line in lines)
+    assert lines[0]["endpoint"] == "api.v1.item"
+    assert lines[0]["hooks"] >= 4
+    assert "{" not in tail.stderr
+
+
+def test_tail_shows_the_last_n_then_follows(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """tail -n 2 prints the two newest traces, oldest first, then new ones;
+    no colour codes when stdout is not a terminal.
+    """
+    served = serve()
+    for path in ("/first", "/second", "/third"):
+        served.get(path)
+    tail = cli("tail", "-n", "2", served.url)
+    tail.wait_for("/third")
+    served.wait_for_poll()
+    served.get("/fourth")
+    output = tail.wait_for("/fourth")
+    assert tail.finish() == 0
+    assert "/first" not in output
+    lines = output.splitlines()
+    assert lines[0].split() == ["TIME", "METHOD", "PATH", "ST", "DUR", "TTFB", "BYTES", "HOOKS"]
+    paths = [line.split()[2] for line in lines[1:]]
+    assert paths == ["/second", "/third", "/fourth"]
+    assert "\x1b" not in output
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_tail_verbose_shows_each_timeline(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """tail -v prints the waterfall: hooks, blueprint, short-circuit, g changes."""
+    served = serve()
+    served.get("/admin/")
+    tail = cli("tail", "-v", "-n", "1", served.url)
+    output = tail.wait_for("signal:appcontext-popped")
+    assert tail.finish() == 0
+    assert "GET /admin/ → 403 FORBIDDEN" in output
+    assert "before_request:load_user  g+ user" in output
+    assert "before_request:admin.require_admin  bp=admin" in output
+    assert "short-circuit" in output
+    assert output.index("load_user") < output.index("require_admin")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--status", "5xx"], ["/boom"]),
+        (["--status", "404"], ["/missing"]),
+        (["--method", "POST"], ["/"]),
+        (["--path", "/api"], ["/api/v1/items/tea"]),
+        (["--slow", "100"], ["/slow"]),
+    ],
+)
+def test_tail_filters(
+    serve: Callable[..., Served],
+    cli: Callable[..., Command],
+    options: list[str],
+    expected: list[str],
+) -> None:
+    """--status, --method, --path and --slow filter what tail shows."""
+    served = serve()
+    for path in ("/", "/missing", "/boom", "/api/v1/items/tea", "/slow?ms=150"):
+        served.get(path)
+    conn = http.client.HTTPConnection("127.0.0.1", served.server.server_port, timeout=TIMEOUT)
+    conn.request("POST", "/")
+    conn.getresponse().read()
+    conn.close()
+    tail = cli("tail", "--json", "-n", "50", *options, served.url)
+    served.wait_for_poll()
+    assert tail.finish() == 0
+    assert [line["path"] for line in json_lines(tail.stdout)] == expected
+
+
+def test_tail_reconnects_and_resumes_after_a_restart(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """When the server goes away tail says so, waits, and follows the new
+    process (whose cursors start again) when it is back.
+    """
+    port = free_port()
+    first = serve(port)
+    tail = cli("tail", "--json", "-n", "0", first.url)
+    first.wait_for_poll()
+    first.get("/before-restart")
+    tail.wait_for("/before-restart")
+    first.stop()
+    tail.wait_for("cannot reach", stream="err")
+    second = serve(port)
+    second.wait_for_poll()
+    second.get("/after-restart")
+    output = tail.wait_for("/after-restart")
+    assert tail.finish() == 0
+    assert [line["path"] for line in json_lines(output)] == ["/before-restart", "/after-restart"]
+    assert "reconnected" in tail.stderr
+    assert "restarted" in tail.stderr
+
+
+def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> None:
+    """Nothing listening: a clear message, then it keeps trying until Ctrl-C."""
+    tail = cli("tail", f"http://127.0.0.1:{free_port()}")
+    tail.wait_for("cannot reach", stream="err")
+    assert tail.proc.poll() is None
+    assert tail.finish() == 0
+    assert "is the app running?" in tail.stderr
+
+
+def test_tail_explains_a_404(serve: Callable[..., Served]) -> None:
+    """Endpoint off (or refused): tail exits 1 with an explanation."""
+    served = serve(endpoint=None)  # the example app is not in debug mode
+    result = run_command("tail", served.url)
+    assert result.returncode == 1
+    assert "answered 404" in result.stderr
+    assert "endpoint is off" in result.stderr
+    assert result.stdout == ""
+
+
+def test_token_from_environment_or_file(
+    serve: Callable[..., Served], cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """A remote client needs the token, from WSGITRACE_TOKEN or --token-file;
+    it is never printed.
+    """
+    token = "tok-" + "9" * 20
+    served = serve(remote="203.0.113.50", token=token)
+    served.get("/")
+    refused = run_command("tail", "-n", "1", served.url)
+    assert refused.returncode == 1
+    assert "answered 404" in refused.stderr
+
+    from_env = cli("tail", "--json", "-n", "1", served.url, env=command_env(WSGITRACE_TOKEN=token))
+    from_env.wait_for('"path": "/"')
+    assert from_env.finish() == 0
+
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    trace_id = served.last_id()
+    shown = run_command("show", trace_id, served.url, "--token-file", str(token_file))
+    assert shown.returncode == 0, shown.stderr
+    assert "GET / → 200 OK" in shown.stdout
+    for output in (refused.stdout, refused.stderr, from_env.stdout, from_env.stderr, shown.stdout):
+        assert token not in output
+
+
+# -- show -----------------------------------------------------------------------
+
+
+def test_show_prints_the_full_timeline(serve: Callable[..., Served]) -> None:
+    """show ID prints the ordered timeline and the trace's state."""
+    served = serve()
+    served.get("/admin/", headers={"X-Request-Id": "req-42"})
+    result = run_command("show", served.last_id("/admin/"), served.url)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("GET /admin/ → 403 FORBIDDEN\n")
+    order = [
+        "signal:appcontext-pushed",
+        "url_match",
+        "signal:request-started",
+        "before_request:load_user",
+        "before_request:admin.require_admin",
+        "after_request:add_server_timing",
+        "teardown_appcontext:close_db",
+        "signal:appcontext-popped",
+    ]
+    positions = [out.index(name) for name in order]
+    assert positions == sorted(positions)
+    assert "view:admin.dashboard" not in out
+    assert "short-circuit" in out
+    assert "req-42" in out
+    assert "response headers" in out
+    assert "\x1b" not in out
+
+
+def test_show_an_error_with_its_traceback(serve: Callable[..., Served]) -> None:
+    """An error's type, message and traceback are shown."""
+    served = serve()
+    served.get("/boom")
+    result = run_command("show", served.last_id("/boom"), served.url + "/_trace")
+    assert result.returncode == 0, result.stderr
+    assert "error RuntimeError (in view): the demo's error route failed on purpose" in result.stdout
+    assert "Traceback (most recent call last):" in result.stdout
+
+
+def test_show_json_and_missing_ids(serve: Callable[..., Served]) -> None:
+    """--json prints the trace's JSON; an unknown id exits 1 with a message."""
+    served = serve()
+    served.get("/")
+    trace_id = served.last_id()
+    data = json.loads(run_command("show", trace_id, served.url, "--json").stdout)
+    assert data["id"] == trace_id
+    assert data["events"]
+    missing = run_command("show", "abc-1", served.url)
+    assert missing.returncode == 1
+    assert "no trace 'abc-1'" in missing.stderr
+    unreachable = run_command("show", "abc-1", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 1
+    assert "cannot reach" in unreachable.stderr
+
+
+def test_secrets_never_appear_in_any_output(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """Redacted headers and query values are in no output of show or tail."""
+    served = serve()
+    served.get(
+        "/?password=query-pw-5",
+        headers={
+            "Authorization": "Bearer hunter2-auth",
+            "Cookie": "session=cookie-secret-9",
+            "X-Api-Key": "api-key-77",
+        },
+    )
+    trace_id = served.last_id()
+    outputs = [
+        run_command("show", trace_id, served.url).stdout,
+        run_command("show", trace_id, served.url, "--json").stdout,
+    ]
+    for args in (["--json", "-v"], ["-v"], []):
+        tail = cli("tail", "-n", "1", *args, served.url)
+        served.wait_for_poll(served.front.polls)
+        tail.finish()
+        outputs += [tail.stdout, tail.stderr]
+    assert "[redacted]" in outputs[0]
+    assert "Authorization" in outputs[1]
+    for output in outputs:
+        for secret in SECRETS:
+            assert secret not in output
+
+
+def test_hostile_path_is_shown_literally(serve: Callable[..., Served]) -> None:
+    """Markup and terminal escapes in a path are shown as text by show and tail."""
+    served = serve()
+    served.get(HOSTILE_QUOTED)
+    trace_id = served.last_id()
+    show = run_command("show", trace_id, served.url, env=command_env(COLUMNS="200"))
+    assert show.returncode == 0, show.stderr
+    assert f"GET {HOSTILE_SHOWN} → 404 NOT FOUND" in show.stdout
+    tail = run_command_until_polled(served, "tail", "-n", "1", served.url)
+    assert HOSTILE_SHOWN in tail
+    for output in (show.stdout, tail):
+        assert not RAW_CONTROL.search(output)
+
+
+def run_command_until_polled(served: Served, *args: str) -> str:
+    command = Command(list(args), env=command_env(COLUMNS="200"))
+    try:
+        served.wait_for_poll(served.front.polls)
+        assert command.finish() == 0
+    finally:
+        command.close()
+    return command.stdout
+
+
+# -- on a terminal --------------------------------------------------------------
+
+
+def run_on_pty(
+    args: list[str], *, until: str | None = None, columns: int = 120, timeout: float = TIMEOUT
+) -> tuple[str, int]:
+    """Run the command on a pseudo-terminal; with ``until``, press Ctrl-C once
+    that text was printed. Returns the output and exit status.
+    """
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = command_env(TERM="xterm-256color")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgitrace", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    interrupted = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other side closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            if until and not interrupted and until.encode() in b"".join(chunks):
+                proc.send_signal(signal.SIGINT)
+                interrupted = True
+            if not ready and proc.poll() is not None:
+                break
+        code = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace"), code
+
+
+def assert_no_injected_sequences(output: str) -> None:
+    assert HOSTILE_SHOWN.replace("\\x0dend", "") in output
+    assert "[bold red]" in output
+    for raw in ("\x1b[2J", "\x1b]8;;", "\x07", "\x9b"):
+        assert raw not in output
+
+
+def test_show_on_a_terminal(serve: Callable[..., Served]) -> None:
+    """On a terminal show is coloured, but request text never becomes a
+    control sequence and no bare carriage return reaches it.
+    """
+    served = serve()
+    served.get(HOSTILE_QUOTED)
+    output, code = run_on_pty(["show", served.last_id(), served.url])
+    assert code == 0
+    assert re.search(r"\x1b\[[0-9;]*m", output)  # coloured: it saw a terminal
+    assert_no_injected_sequences(output)
+    assert not re.search("\r(?!\n)", output)
+    without_colours = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    assert "\x1b" not in without_colours
+
+
+def test_tail_on_a_terminal(serve: Callable[..., Served]) -> None:
+    """On a terminal tail is coloured with a status line; request text stays
+    text; Ctrl-C exits 0.
+    """
+    served = serve()
+    served.get(HOSTILE_QUOTED)
+    served.get("/boom")
+    output, code = run_on_pty(["tail", "-n", "2", served.url], until="Ctrl-C to stop", columns=200)
+    assert code == 0
+    assert "following" in output
+    assert re.search(r"\x1b\[[0-9;]*m", output)
+    assert_no_injected_sequences(output)
+
+
+# -- run ------------------------------------------------------------------------
+
+
+def start_run(cli: Callable[..., Command], *args: str, cwd: Path) -> tuple[Command, str]:
+    command = cli("run", *args, "--port", "0", cwd=str(cwd))
+    banner = command.wait_for("watch it with", stream="err")
+    found = re.search(r"traced on (http://127\.0\.0\.1:\d+)", banner)
+    assert found is not None, banner
+    return command, found.group(1)
+
+
+def fetch(url: str, *, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+    host, _, rest = url.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(host, timeout=timeout)
+    try:
+        conn.request("GET", "/" + rest)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_run_serves_a_plain_wsgi_app_traced(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """run MODULE:APP serves the unmodified app threaded, with the endpoint on."""
+    (tmp_path / "plainapp.py").write_text(
+        textwrap.dedent(
+            """
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"plain " + environ["PATH_INFO"].encode("latin-1")]
+            """
+        )
+    )
+    command, base = start_run(cli, "plainapp:app", cwd=tmp_path)
+    assert fetch(base + "/hello") == (200, b"plain /hello")
+    # A long-poll holds a thread, never the app.
+    poller = threading.Thread(target=fetch, args=(base + "/_trace?since=1&wait=5",))
+    poller.start()
+    started = time.monotonic()
+    assert fetch(base + "/again")[0] == 200
+    assert time.monotonic() - started < 2
+    poller.join(TIMEOUT)
+    status, body = fetch(base + "/_trace")
+    assert status == 200
+    assert [t["path"] for t in json.loads(body)["traces"]] == ["/again", "/hello"]
+    assert command.finish() == 0
+    assert "stopped" in command.stderr
+
+
+def test_run_calls_an_app_factory(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """Without an attribute, run finds create_app, calls it, and traces the Flask app."""
+    (tmp_path / "factoryapp.py").write_text(
+        textwrap.dedent(
+            """
+            from flask import Flask, g
+
+            def create_app():
+                app = Flask(__name__)
+
+                @app.before_request
+                def who():
+                    g.who = "me"
+
+                @app.route("/")
+                def index():
+                    return "factory"
+
+                return app
+            """
+        )
+    )
+    command, base = start_run(cli, "factoryapp", cwd=tmp_path)
+    assert fetch(base + "/") == (200, b"factory")
+    _, body = fetch(base + "/_trace")
+    (summary,) = json.loads(body)["traces"]
+    _, full = fetch(base + f"/_trace/{summary['id']}")
+    names = [e["name"] for e in json.loads(full)["events"]]
+    assert "before_request:who" in names
+    assert "view:index" in names
+    assert command.finish() == 0
+    assert "factoryapp:create_app()" in command.stderr
+
+
+def test_run_an_already_traced_example_by_path(cli: Callable[..., Command]) -> None:
+    """run accepts a file path, and an app that already has FlaskTrace keeps it."""
+    command, base = start_run(cli, "examples/flask_app.py:app", cwd=ROOT)
+    assert fetch(base + "/api/v1/items/tea")[0] == 200
+    _, body = fetch(base + "/_trace")
+    assert [t["endpoint"] for t in json.loads(body)["traces"]] == ["api.v1.item"]
+    assert command.finish() == 0
+
+
+def test_run_reports_a_bad_module(tmp_path: Path) -> None:
+    """An import that fails names the module."""
+    result = run_command("run", "no_such_module_here:app", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "cannot import 'no_such_module_here'" in result.stderr
+
+
+# -- demo -----------------------------------------------------------------------
+
+
+def test_demo_shows_traffic_and_exits_0_on_ctrl_c(cli: Callable[..., Command]) -> None:
+    """demo serves the example, sends it requests, shows them, and Ctrl-C exits 0."""
+    demo = cli("demo", "--interval", "0.02")
+    output = demo.wait_for("/boom")
+    assert demo.finish() == 0
+    for path in ("/api/v1/items/tea", "/slow?ms=150", "/admin/", "/missing"):
+        assert path in output
+    assert "wsgitrace demo" in demo.stderr
+
+
+def test_demo_once_with_the_console_script() -> None:
+    """The installed wsgitrace script runs one demo round and exits by itself."""
+    demo = Command(["demo", "--once", "--interval", "0", "--json"], script=True)
+    try:
+        assert demo.finish(interrupt=False) == 0
+    finally:
+        demo.close()
+    lines = json_lines(demo.stdout)
+    assert [(line["method"], line["path"]) for line in lines] == [
+        (method, path.partition("?")[0]) for method, path, _ in DEMO_ROUND
+    ]
+    statuses = {line["path"]: line["status"] for line in lines}
+    assert statuses["/boom"] == 500
+    assert statuses["/missing"] == 404
