@@ -26,7 +26,8 @@ Configurations:
     its work in-process. The exporter is bounded (cleared past 10,000 spans)
     so a long served run does not grow.
 
-Routes, all with the same three hooks (a ``before_request`` that sets
+Routes (besides ``/_bench``, which reports how many requests the tracer
+recorded), all with the same three hooks (a ``before_request`` that sets
 ``g.user``, an ``after_request`` that adds a header and a
 ``teardown_request``):
 
@@ -68,6 +69,7 @@ _TEMPLATE = """<!doctype html>
 """
 
 _OTEL_EXPORTER_KEY = "bench.otel_exporter"
+_CONFIG_KEY = "bench.config"
 
 
 class FlaskTraceMissingError(RuntimeError):
@@ -106,6 +108,11 @@ def _build_routes(app: Flask) -> None:
     def close_db(exc: BaseException | None) -> None:
         return None
 
+    @app.route("/_bench")
+    def bench_stats() -> Response:
+        # How many requests the tracer under test recorded (read by serve.py).
+        return jsonify(config=app.extensions.get(_CONFIG_KEY), recorded=recorded_count(app))
+
     @app.route("/hello")
     def hello() -> str:
         return "Hello, World!"
@@ -133,8 +140,11 @@ def _bounded_exporter(bound: int = 10_000) -> Any:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     class BoundedInMemorySpanExporter(InMemorySpanExporter):
+        exported_total = 0
+
         def export(self, spans: Any) -> SpanExportResult:
             result = super().export(spans)
+            self.exported_total += len(spans)
             if len(self._finished_spans) > bound:
                 self.clear()
             return result
@@ -168,6 +178,7 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
         raise ValueError(msg)
     app = Flask(f"bench_{config}")
     app.jinja_loader = DictLoader({"page.html": _TEMPLATE})
+    app.extensions[_CONFIG_KEY] = config
     _build_routes(app)
     if config == "middleware":
         from wsgitrace import TraceMiddleware
@@ -206,3 +217,16 @@ def trace_buffer(app: Flask) -> TraceBuffer | None:
 def otel_exporter(app: Flask) -> Any:
     """The OpenTelemetry in-memory exporter of an ``otel`` app, or ``None``."""
     return app.extensions.get(_OTEL_EXPORTER_KEY)
+
+
+def recorded_count(app: Flask) -> int | None:
+    """Requests the tracer of ``app`` has recorded: traces appended to the
+    wsgitrace buffer, spans exported by OpenTelemetry, ``None`` for ``bare``.
+    """
+    buffer = trace_buffer(app)
+    if buffer is not None:
+        return buffer.cursor
+    exporter = otel_exporter(app)
+    if exporter is not None:
+        return int(exporter.exported_total)
+    return None

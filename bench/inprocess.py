@@ -261,6 +261,16 @@ def check_events(config: str, route: str = "/hello") -> dict[str, Any]:
     }
 
 
+def check_recording(config: str, n: int = 100) -> float | None:
+    """Requests recorded by the tracer (traces, or OTel spans) per request."""
+    app = apps.create_app(config)
+    template = make_environ("/hello")
+    for _ in range(n):
+        serve_once(app, template)
+    recorded = apps.recorded_count(app)
+    return None if recorded is None else recorded / n
+
+
 # -- memory ------------------------------------------------------------------
 
 
@@ -623,6 +633,12 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
                 markdown=markdown,
             )
         )
+    recorded = data.get("recorded_per_request", {})
+    if recorded:
+        parts.append(
+            "Recorded per /hello request (wsgitrace traces / OTel spans): "
+            + ", ".join(f"{c} {v:.2f}" for c, v in recorded.items() if v is not None)
+        )
     flask_events = data["events"].get("flasktrace")
     if flask_events:
         parts.append("FlaskTrace /hello events: " + ", ".join(flask_events["names"]))
@@ -703,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": configs,
         "missing": missing,
         "latency": summarize_latency(raw),
+        "recorded_per_request": {c: check_recording(c) for c in configs if c != "bare"},
         "events": {c: check_events(c) for c in traced},
         "memory": {c: measure_memory(c, args.memory_traces) for c in traced},
         "byte_cap": {c: check_byte_cap(c) for c in traced},

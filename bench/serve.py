@@ -131,6 +131,13 @@ class Server:
                 raise RuntimeError(msg)
             time.sleep(0.1)
 
+    def recorded(self) -> int | None:
+        """Requests the server's tracer has recorded so far (``/_bench``)."""
+        url = f"http://127.0.0.1:{self.port}/_bench"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            value = json.load(response)["recorded"]
+        return None if value is None else int(value)
+
     def stop(self) -> None:
         """Stop gunicorn (graceful, then forced) and reap it."""
         if self.process.poll() is None:
@@ -223,7 +230,13 @@ def measure(
                 for path in paths:
                     if warmup > 0:
                         run_wrk(port, path, warmup, connections, load_cpu)
+                    before = server.recorded()
                     result = run_wrk(port, path, duration, connections, load_cpu)
+                    after = server.recorded()
+                    # The first /_bench request is counted by the second.
+                    result["recorded"] = (
+                        None if after is None or before is None else after - before - 1
+                    )
                     runs[path][config].append(result)
                     print(
                         f"round {rnd + 1}/{rounds} {config:10s} {path}: "
@@ -250,9 +263,20 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                 "p50_ms": spread([r["p50_ms"] for r in results]),
                 "p99_ms": spread([r["p99_ms"] for r in results]),
                 "errors": sum(r["socket_errors"] + r["non_2xx"] for r in results),
+                "recorded": _recorded_share(results),
                 "rounds": rps,
             }
     return out
+
+
+def _recorded_share(results: list[dict[str, Any]]) -> float | None:
+    """Requests the tracer recorded per request wrk counted (≥ 1: wrk does
+    not count the requests still in flight when it stops).
+    """
+    if not results or results[0].get("recorded") is None:
+        return None
+    requests = sum(r["requests"] for r in results)
+    return sum(r["recorded"] for r in results) / requests if requests else None
 
 
 def render(data: dict[str, Any], *, markdown: bool) -> str:
@@ -282,11 +306,12 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
                     fmt_spread(entry["p50_ms"], 2),
                     fmt_spread(entry["p99_ms"], 2),
                     str(entry["errors"]),
+                    "–" if entry["recorded"] is None else f"{entry['recorded']:.3f}",
                 ]
             )
     parts.append(
         table(
-            ["path", "config", "req/s", "× bare", "p50 ms", "p99 ms", "errors"],
+            ["path", "config", "req/s", "× bare", "p50 ms", "p99 ms", "errors", "traced/req"],
             rows,
             markdown=markdown,
         )
