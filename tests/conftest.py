@@ -5,12 +5,21 @@ non-empty chunk, ``exc_info`` re-raised once they are, ``close()`` always).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib.util
 import io
 import itertools
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.util import FileWrapper, setup_testing_defaults
 
@@ -254,3 +263,123 @@ def _collect_garbage() -> Iterator[None]:
     """
     yield
     gc.collect()
+
+
+# -- real servers -----------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(name="plain_wsgi", scope="session")
+def fixture_plain_wsgi() -> types.ModuleType:
+    """The ``examples/plain_wsgi.py`` module."""
+    spec = importlib.util.spec_from_file_location("plain_wsgi", EXAMPLES / "plain_wsgi.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _gunicorn(target: str, log: Path) -> Iterator[int]:
+    """Serve ``plain_wsgi:<target>`` with one sync gunicorn worker on a socket
+    bound here (``fd://``), so the port is known with no race; yield the port.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGITRACE_")}
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--workers=1",
+        "--worker-class=sync",
+        f"--bind=fd://{listener.fileno()}",
+        f"--chdir={EXAMPLES}",
+        "--timeout=20",
+        "--graceful-timeout=2",
+        f"plain_wsgi:{target}",
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, pass_fds=(listener.fileno(),), stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    listener.close()
+    try:
+        # Connections queue on the listening socket until the worker is up.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as probe:
+            probe.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            probe.settimeout(20)
+            assert probe.recv(12) == b"HTTP/1.0 200", log.read_text()
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    # wsgitrace logs its own errors once per place; there must be none.
+    assert "wsgitrace: internal error" not in log.read_text(errors="replace")
+
+
+@pytest.fixture(name="gunicorn_traced", scope="module")
+def fixture_gunicorn_traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Port of gunicorn serving ``plain_wsgi:application`` (traced, /_trace on)."""
+    with _gunicorn("application", tmp_path_factory.mktemp("gunicorn") / "traced.log") as port:
+        yield port
+
+
+@pytest.fixture(name="gunicorn_plain", scope="module")
+def fixture_gunicorn_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Port of gunicorn serving ``plain_wsgi:app`` (untraced)."""
+    with _gunicorn("app", tmp_path_factory.mktemp("gunicorn") / "plain.log") as port:
+        yield port
+
+
+class ServeInThread(Protocol):
+    def __call__(self, app: WSGIApplication) -> int: ...
+
+
+@pytest.fixture(name="werkzeug_server")
+def fixture_werkzeug_server() -> Iterator[ServeInThread]:
+    """Serve apps with werkzeug's threaded server in this process; returns
+    a function taking the app and giving its port. Servers stop at teardown.
+    """
+    from werkzeug.serving import make_server
+
+    running: list[tuple[Any, threading.Thread]] = []
+
+    def start(app: WSGIApplication) -> int:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        running.append((server, thread))
+        return int(server.server_port)
+
+    yield start
+    for server, thread in running:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture(name="wait_for")
+def fixture_wait_for() -> Callable[..., Any]:
+    return wait_for
