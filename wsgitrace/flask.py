@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["FlaskTrace"]
 
 _MISSING = object()
+#: Traces with a template render in progress kept per app (see _template_starts).
+_MAX_PENDING_TEMPLATES = 256
 _SUPPORTED = ("3.0", "3.1")
 
 # Phases whose Flask methods are shadowed, with the Flask function each
@@ -127,7 +129,10 @@ class _AppTracer:
         self.max_string = middleware.limits.max_string
         self._hook_info: dict[tuple[str, str | None, int], tuple[str, dict[str, Any], Any]] = {}
         self._view_info: dict[str, tuple[str, dict[str, Any], Any]] = {}
-        self._template_starts: dict[int, list[int]] = {}
+        # id(trace) -> (trace, starts of renders not finished yet); the trace
+        # is kept to tell a reused id apart, the size is capped because a
+        # render that raises never pops its start.
+        self._template_starts: dict[int, tuple[Trace, list[int]]] = {}
         self.skipped: list[str] = []
         self.receivers: list[tuple[Any, Callable[..., None]]] = []
 
@@ -909,7 +914,12 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             trace.record(
                 "signal", "signal:before-render-template", now, now, {"template": template.name}
             )
-            starts.setdefault(id(trace), []).append(now)
+            entry = starts.get(id(trace))
+            if entry is None or entry[0] is not trace:
+                if len(starts) >= _MAX_PENDING_TEMPLATES:
+                    starts.pop(next(iter(starts)), None)
+                entry = starts[id(trace)] = (trace, [])
+            entry[1].append(now)
         except Exception:
             report_internal_error("flask.before_render_template", trace)
 
@@ -919,10 +929,11 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             return
         try:
             now = clock()
-            pending = starts.get(id(trace))
+            entry = starts.get(id(trace))
+            pending = entry[1] if entry is not None and entry[0] is trace else None
             start = pending.pop() if pending else now
             if pending == []:
-                del starts[id(trace)]
+                starts.pop(id(trace), None)
             name = template.name or "<string>"
             trace.record("template", f"template:{name}", start, now, {"template": name})
             trace.record("signal", "signal:template-rendered", now, now, {"template": name})
