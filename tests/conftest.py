@@ -6,7 +6,6 @@ non-empty chunk, ``exc_info`` re-raised once they are, ``close()`` always).
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import io
 import itertools
@@ -253,16 +252,6 @@ def fixture_serve() -> Serve:
 @pytest.fixture(name="exchange")
 def fixture_exchange() -> Exchanger:
     return exchange
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    """Run finalizers inside the test that made the garbage, so a body that
-    was never closed (or a validator's unclosed-iterator assertion) fails the
-    test that caused it.
-    """
-    yield
-    gc.collect()
 
 
 # -- real servers -----------------------------------------------------------------
