@@ -377,6 +377,21 @@ def test_close_is_called_once_after_an_iteration_error(exchange: Exchanger) -> N
     assert len(trace.find("close")) == 1
 
 
+def test_request_lasts_until_close_after_an_iteration_error(
+    exchange: Exchanger, clock: FakeClock
+) -> None:
+    clock.step = 1000
+    middleware = TraceMiddleware(dummy_app, clock=clock)
+    exchange(middleware, "/closing-fail")
+    trace = middleware.buffer.last
+    assert trace is not None
+    [request] = trace.find("request")
+    [error] = trace.find("error")
+    [close] = trace.find("close")
+    assert error.start_ns < close.start_ns
+    assert request.end_ns == close.end_ns == trace.duration_ns
+
+
 @pytest.mark.parametrize("chunks", [0, 1, 2])
 def test_close_is_called_once_when_the_server_stops_early(exchange: Exchanger, chunks: int) -> None:
     middleware = TraceMiddleware(dummy_app)

@@ -459,6 +459,10 @@ class _Recorder:
             trace.close_end_ns = now
             if exc is not None:
                 self.error(exc, "close", now)
+            if trace.finished and trace.end_ns is not None and trace.end_ns < now:
+                # Finished early by an iteration error: the exchange still
+                # ends when the server closes the body.
+                trace.end_ns = now
             self.finish(now)
         except Exception:
             report_internal_error("closed", self.trace)
