@@ -333,6 +333,12 @@ class _Follow:
                     self._show(page)
         finally:
             view.stop()
+            if self.instance is not None:
+                view.message(
+                    f"{view.shown} traces shown, {self.missed} missed (evicted before tail read"
+                    f" them); the server's buffer has dropped {self.dropped or 0} traces in all",
+                    "dim",
+                )
         return 0
 
     def _poll(self) -> dict[str, Any] | None:
@@ -344,7 +350,8 @@ class _Follow:
             page: dict[str, Any] = self.client.get(params=params)
             page["traces"].reverse()  # oldest first
         else:
-            params.update(since=self.cursor, wait=self.wait, limit=1000)
+            # Full traces are ~15 times the size of summaries: smaller pages.
+            params.update(since=self.cursor, wait=self.wait, limit=200 if self.full else 1000)
             timeout = self.wait + SETTLE_SECONDS + 15
             page = self.client.get(params=params, timeout=timeout)
             page["traces"].reverse()
@@ -364,11 +371,8 @@ class _Follow:
         view = self.view
         traces = page["traces"]
         dropped = int(page.get("dropped") or 0)
-        if self.dropped is None:
-            if dropped:
-                view.message(f"the server's buffer has dropped {dropped} traces so far", "dim")
-        elif dropped > self.dropped:
-            view.message(f"{dropped - self.dropped} more traces dropped by the buffer", "yellow")
+        if self.dropped is None and dropped:
+            view.message(f"the server's buffer has dropped {dropped} traces so far", "dim")
         self.dropped = dropped
         missed = int(page.get("missed") or 0)
         if missed and self.cursor is not None:

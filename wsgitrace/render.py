@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -365,29 +365,59 @@ def _details(event: Event, trace: Trace, full: bool) -> Text:
     return out
 
 
-def _event_table(trace: Trace, full: bool, bar_width: int) -> Table:
+class _Waterfall:
+    """The event rows of a timeline: fixed-width start, duration and bar
+    columns, then the event column, wrapped with a hanging indent. Built as
+    lines of :class:`Text` (a :class:`Table` costs ten times more here).
+    """
+
+    def __init__(self, rows: list[tuple[Text, Text]], bar_width: int) -> None:
+        self.rows = rows
+        self.bar_width = bar_width
+        self.lead = 8 + 1 + 8 + 1 + bar_width + 1
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        room = max(16, options.max_width - self.lead)
+        indent = " " * self.lead
+        out = Text(no_wrap=True, overflow="crop", end="")
+        out.append(f"{'START':>8} {'DUR':>8} {'':<{self.bar_width}} EVENT\n", style="bold")
+        for prefix, body in self.rows:
+            if body.cell_len <= room:
+                out.append_text(prefix)
+                out.append_text(body)
+                out.append("\n")
+                continue
+            for index, part in enumerate(body.wrap(console, room, overflow="fold")):
+                if index:
+                    out.append(indent)
+                else:
+                    out.append_text(prefix)
+                out.append_text(part)
+                out.append("\n")
+        yield out
+
+
+def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
     events = trace.events
     total = trace.duration_ns or max((e.end_ns for e in events), default=0)
-    table = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True, header_style="bold")
-    table.add_column("START", justify="right", no_wrap=True, width=8)
-    table.add_column("DUR", justify="right", no_wrap=True, width=8)
-    table.add_column("", width=bar_width, no_wrap=True)
-    table.add_column("EVENT", ratio=1, overflow="fold")
+    rows = []
     for event, depth in zip(events, _depths(events), strict=True):
         style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "")
+        prefix = Text(f"{event.start_ms:>8.3f} ", style="dim")
+        duration = format_ms(event.duration_ms) if event.duration_ns else ""
+        prefix.append(f"{duration:>8} ", style="dim")
+        bar = _bar(event, total, bar_width)
+        bar.pad_right(bar_width - bar.cell_len)
+        prefix.append_text(bar)
+        prefix.append(" ")
         name = Text("  " * depth)
         name.append_text(_text(event.name, style))
         details = _details(event, trace, full)
         if details:
             name.append("  ")
             name.append_text(details)
-        table.add_row(
-            Text(f"{event.start_ms:.3f}", style="dim"),
-            Text(format_ms(event.duration_ms) if event.duration_ns else "", style="dim"),
-            _bar(event, total, bar_width),
-            name,
-        )
-    return table
+        rows.append((prefix, name))
+    return _Waterfall(rows, bar_width)
 
 
 def _pairs_table(title: str, pairs: Iterable[tuple[object, object]]) -> Table:
@@ -462,7 +492,7 @@ def build_timeline(trace: Trace, *, full: bool = False, bar_width: int = 16) -> 
         the traceback and hook functions' qualified names.
     :param bar_width: Columns used by the waterfall bars.
     """
-    return Group(_header(trace, full), _event_table(trace, full, bar_width), *_state(trace, full))
+    return Group(_header(trace, full), _event_rows(trace, full, bar_width), *_state(trace, full))
 
 
 def render_text(renderable: RenderableType, width: int = 80) -> str:
