@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -199,3 +200,49 @@ def test_span_never_breaks_user_code(
     _, seen = _run(exchange, clock, "/span")
     assert internal_error_count() > before
     assert isinstance(seen[1], span)
+
+
+SHARED = span("shared")
+
+
+def test_a_span_object_shared_by_concurrent_requests(make_environ: MakeEnviron) -> None:
+    a_entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        # A enters, B enters, A leaves, B leaves: the exits are not LIFO.
+        if environ["PATH_INFO"] == "/a":
+            with SHARED:
+                a_entered.set()
+                assert b_entered.wait(5)
+            a_left.set()
+        else:
+            assert a_entered.wait(5)
+            with SHARED:
+                b_entered.set()
+                assert a_left.wait(5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = TraceMiddleware(app)
+    errors: list[BaseException] = []
+
+    def request(path: str) -> None:
+        try:
+            body = middleware(make_environ(path), lambda *args: len)
+            list(body)
+            body.close()  # type: ignore[attr-defined]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request, args=(path,)) for path in ("/a", "/b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors == []
+    traces = {t.path: t for t in middleware.buffer}
+    for path in ("/a", "/b"):
+        [shared] = traces[path].find("span")
+        assert shared.thread == traces[path].thread
+        assert shared.end_ns <= traces[path].duration_ns  # type: ignore[operator]
+    assert SHARED._starts == []

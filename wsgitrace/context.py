@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -27,6 +28,9 @@ from .trace import Trace
 F = TypeVar("F", bound=Callable[..., Any])
 
 _current_trace: ContextVar[Trace | None] = ContextVar("wsgitrace.trace", default=None)
+
+#: Guards the start stacks of span objects shared between threads.
+_starts_lock = threading.Lock()
 
 
 def current_trace() -> Trace | None:
@@ -67,7 +71,18 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        trace, start = self._starts.pop()
+        starts = self._starts
+        current = _current_trace.get()
+        with _starts_lock:
+            # One span object may be used by concurrent requests (a module-level
+            # ``timer = span("db")``): close this request's innermost entry,
+            # not whichever was entered last.
+            for index in range(len(starts) - 1, -1, -1):
+                if starts[index][0] is current:
+                    break
+            else:
+                index = -1
+            trace, start = starts.pop(index)
         if trace is None:
             return
         try:
