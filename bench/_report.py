@@ -15,12 +15,104 @@ import platform
 import re
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 #: Markers delimiting the generated block in README.md.
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+
+
+#: Other processes using more CPU than this (in CPUs) during a measurement
+#: make it "contended".
+CONTENTION_THRESHOLD = 0.25
+
+
+def _busy_seconds() -> float | None:
+    """CPU-seconds all CPUs spent busy since boot (``/proc/stat``)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _pid_seconds(pid: int) -> float:
+    """CPU-seconds used by process ``pid`` (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMonitor:
+    """Measures how much CPU *other* processes used while a block ran: all
+    CPUs' busy time minus this process, its reaped children and ``pids``.
+
+    ::
+
+        with CpuMonitor() as monitor:
+            run()
+        monitor.other_cpus  # e.g. 0.02; ``None`` without /proc
+    """
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.other_cpus: float | None = None
+
+    def _own(self) -> float:
+        t = os.times()
+        return (
+            t.user
+            + t.system
+            + t.children_user
+            + t.children_system
+            + sum(_pid_seconds(pid) for pid in self.pids)
+        )
+
+    def __enter__(self) -> CpuMonitor:
+        self._wall = time.monotonic()
+        self._busy = _busy_seconds()
+        self._own0 = self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_seconds()
+        wall = time.monotonic() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        other = (busy - self._busy) - (self._own() - self._own0)
+        self.other_cpus = max(0.0, other / wall)
+
+    @property
+    def contended(self) -> bool:
+        return self.other_cpus is not None and self.other_cpus > CONTENTION_THRESHOLD
+
+
+def wait_quiet(timeout: float, probe: float = 1.0) -> float | None:
+    """Wait (up to ``timeout`` seconds) until other processes use at most
+    :data:`CONTENTION_THRESHOLD` CPUs over a ``probe``-second window; return
+    the last reading (``None`` without /proc).
+    """
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        with CpuMonitor() as monitor:
+            time.sleep(probe)
+        if not monitor.contended or time.monotonic() >= deadline:
+            return monitor.other_cpus
+        if not announced:
+            print(
+                f"other processes use {monitor.other_cpus:.1f} CPUs; waiting up to"
+                f" {timeout:.0f} s for a quiet machine ...",
+                file=sys.stderr,
+            )
+            announced = True
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
