@@ -23,6 +23,9 @@ from typing import Any
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
+#: Order of the sub-blocks inside the README block.
+SECTION_ORDER = {"inprocess": 0, "serve": 1}
+
 
 #: Other processes using more CPU than this (in CPUs) during a measurement
 #: make it "contended".
@@ -222,8 +225,9 @@ def replace_readme_block(readme: str, section: str, body: str) -> str:
     """Put ``body`` into README's bench block as ``section``.
 
     The block between :data:`README_START` and :data:`README_END` holds one
-    sub-block per script (``inprocess``, ``serve``), each between its own
-    markers, so running one script keeps the other's results.
+    sub-block per script (``inprocess``, then ``serve``), each between its own
+    markers, so running one script keeps the other's results; anything else in
+    the block (a placeholder) is dropped.
 
     :raises ValueError: the outer markers are missing.
     """
@@ -232,14 +236,12 @@ def replace_readme_block(readme: str, section: str, body: str) -> str:
     if match is None:
         msg = f"README has no {README_START} ... {README_END} block"
         raise ValueError(msg)
-    start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
-    inner_text = f"{start}\n{body.strip()}\n{end}"
-    inner = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    content = match.group(1)
-    if inner.search(content):
-        content = inner.sub(lambda _: inner_text, content, count=1)
-    else:
-        content = content.rstrip("\n") + "\n" + inner_text + "\n"
-        if not content.startswith("\n"):
-            content = "\n" + content
-    return readme[: match.start(1)] + content + readme[match.end(1) :]
+    inner = re.compile(r"<!-- bench:(\w+):start -->\n?(.*?)\n?<!-- bench:\1:end -->", re.DOTALL)
+    sections = {m.group(1): m.group(2) for m in inner.finditer(match.group(1))}
+    sections[section] = body.strip()
+    order = sorted(sections, key=lambda name: (SECTION_ORDER.get(name, 99), name))
+    content = "\n\n".join(
+        f"<!-- bench:{name}:start -->\n{sections[name]}\n<!-- bench:{name}:end -->"
+        for name in order
+    )
+    return readme[: match.start(1)] + "\n" + content + "\n" + readme[match.end(1) :]
