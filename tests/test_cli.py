@@ -718,12 +718,26 @@ def test_run_calls_an_app_factory(cli: Callable[..., Command], tmp_path: Path) -
     assert "factoryapp:create_app()" in command.stderr
 
 
-def test_run_an_already_traced_example_by_path(cli: Callable[..., Command]) -> None:
-    """run accepts a file path, and an app that already has FlaskTrace keeps it."""
-    command, base = start_run(cli, "examples/flask_app.py:app", cwd=ROOT)
-    assert fetch(base + "/api/v1/items/tea")[0] == 200
+@pytest.mark.parametrize(
+    ("spec", "target", "expected"),
+    [
+        ("examples/plain_wsgi.py:app", "/", {"path": "/", "status": 200, "hooks": 0}),
+        ("examples/plain_wsgi.py:application", "/", {"path": "/", "status": 200, "hooks": 0}),
+        ("examples/flask_app.py", "/api/v1/items/tea", {"endpoint": "api.v1.item", "status": 200}),
+    ],
+)
+def test_run_the_examples_by_path(
+    cli: Callable[..., Command], spec: str, target: str, expected: dict[str, Any]
+) -> None:
+    """run accepts a file path; plain apps get traced, apps that already are
+    (TraceMiddleware, FlaskTrace outside debug mode) keep their tracing and
+    get the endpoint.
+    """
+    command, base = start_run(cli, spec, cwd=ROOT)
+    assert fetch(base + target)[0] == 200
     _, body = fetch(base + "/_trace")
-    assert [t["endpoint"] for t in json.loads(body)["traces"]] == ["api.v1.item"]
+    (summary,) = json.loads(body)["traces"]
+    assert {key: summary[key] for key in expected} == expected
     assert command.finish() == 0
 
 
@@ -761,3 +775,18 @@ def test_demo_once_with_the_console_script() -> None:
     statuses = {line["path"]: line["status"] for line in lines}
     assert statuses["/boom"] == 500
     assert statuses["/missing"] == 404
+
+
+def test_tail_demo_example_renders_in_process() -> None:
+    """examples/tail_demo.py prints the table and a timeline without a server."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "tail_demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+        env=command_env(),
+    )
+    assert "/boom ! RuntimeError" in result.stdout
+    assert "before_request:admin.require_admin" in result.stdout
+    assert "short-circuit" in result.stdout
