@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import sys
 import threading
 import traceback
@@ -19,6 +20,7 @@ import pytest
 from werkzeug.middleware.lint import LintMiddleware
 
 from wsgitrace import TraceBuffer, TraceMiddleware, current_trace, span
+from wsgitrace import middleware as middleware_module
 from wsgitrace.middleware import internal_error_count
 from wsgitrace.redact import Redactor
 from wsgitrace.trace import TRUNCATION_MARKER, Trace
@@ -741,6 +743,22 @@ def test_failing_internals_never_change_the_response(
         assert boom.calls > 0
 
 
+def test_internal_errors_are_counted_and_logged_once_per_place(
+    exchange: Exchanger, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(middleware_module, "_internal_errors", {})
+    monkeypatch.setattr(Redactor, "query", Boom())
+    middleware = TraceMiddleware(dummy_app)
+    with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+        for _ in range(3):
+            assert exchange(middleware, "/", query="a=1").response.body == b"hello"
+    assert internal_error_count() == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "wsgitrace: internal error in begin (logged once)"
+    ]
+    assert caplog.records[0].exc_info is not None
+
+
 # -- concurrency ----------------------------------------------------------------
 
 
@@ -898,6 +916,16 @@ def test_long_path_and_query_are_cut_and_marked(make_environ: MakeEnviron) -> No
     assert trace.path == path[:64] + TRUNCATION_MARKER
     assert trace.query == ("q=" + "x" * 500)[:64] + TRUNCATION_MARKER
     assert trace.truncated == {"path": 1, "query": 1}
+
+
+def test_header_name_memo_is_bounded(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app, max_headers=4)
+    for batch in range(5):
+        headers = {f"X-Name-{batch}-{i}": "v" for i in range(1000)}
+        body = middleware(make_environ("/", headers=headers), ignore_start_response)
+        body.close()  # type: ignore[attr-defined]
+    assert len(middleware._header_memo) <= 2048
+    assert len(middleware.redactor._memo) <= 4096
 
 
 # -- options on the request path ------------------------------------------------
