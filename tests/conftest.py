@@ -301,8 +301,8 @@ def _gunicorn(target: str, log: Path) -> Iterator[int]:
         # Connections queue on the listening socket until the worker is up.
         with socket.create_connection(("127.0.0.1", port), timeout=20) as probe:
             probe.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            probe.settimeout(20)
-            assert probe.recv(12) == b"HTTP/1.0 200", log.read_text()
+            with probe.makefile("rb") as answer:
+                assert answer.read(12) == b"HTTP/1.0 200", log.read_text()
         yield port
     finally:
         process.terminate()
