@@ -517,24 +517,24 @@ def _order_message(trace: Trace, ran: list[str], expected: list[str], exact: boo
             f"  ran:      {_printable(got)}",
         ]
     else:
-        matched = {e for e, r in pairs if e is not None and r is not None}
-        missing = min(set(range(len(expected))) - matched)
-        # Where the greedy walk stood: after the match of the previous entry.
-        after = -1
-        for index in range(missing):
-            after = next(k for k in range(after + 1, len(ran)) if _match(ran[k], expected[index]))
+        # Walk as _is_subsequence does, to the first entry not found.
+        missing, after = 0, -1
+        for missing, pattern in enumerate(expected):  # noqa: B007 - used after the loop
+            found = next((k for k in range(after + 1, len(ran)) if _match(ran[k], pattern)), None)
+            if found is None:
+                break
+            after = found
         anywhere = [k for k, name in enumerate(ran) if _match(name, expected[missing])]
-        where = f"after {ran[after]!r} (position {after})" if after >= 0 else "at all"
-        if anywhere and after >= 0:
-            why = f"it ran earlier, at position {anywhere[0]}"
-        elif anywhere:
-            why = f"it ran at position {anywhere[0]}"
+        what = f"expected[{missing}] {expected[missing]!r} did not run"
+        if after >= 0:
+            what += f" after {ran[after]!r} (position {after}): "
+            earlier = f"it ran earlier, at position {anywhere[0]}" if anywhere else ""
+            what += earlier or "it did not run at all"
         else:
-            why = "it did not run at all"
+            what += " at all"
         head = [
             "hooks did not run in the expected order (other hooks may run between them)",
-            f"  expected[{missing}] {_printable(repr(expected[missing]))} did not run"
-            f" {_printable(where)}: {why}",
+            f"  {_printable(what)}",
         ]
     lines = [*head, *_trace_line(trace), "", "   exp  ran"]
     short = _short_circuits(trace)

@@ -1,0 +1,706 @@
+"""The pytest plugin: the ``wsgitrace`` fixture and its assertions in this
+process, and real pytest runs of small suites in subprocesses (through
+``pytester``) for loading, reports, isolation, JSON output and xdist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.request
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from flask import Flask, Response, g, stream_with_context
+from werkzeug.serving import make_server
+from werkzeug.test import Client
+
+from wsgitrace import HookOrderError, Trace, TraceMiddleware
+from wsgitrace.demo_app import create_app
+from wsgitrace.flask import FlaskTrace
+from wsgitrace.pytest_plugin import (
+    TraceCapture,
+    assert_hook_not_run,
+    assert_hook_order,
+    assert_short_circuited,
+    assert_teardown_after_body,
+    capture_traces,
+    pytest_assertrepr_compare,
+)
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from wsgitrace.pytest_plugin import WsgitraceCapture
+
+ADMIN_HOOKS = [
+    "before_request:load_user",
+    "before_request:admin.require_admin",
+    "after_request:add_server_timing",
+    "teardown_appcontext:close_db",
+]
+
+
+def hello_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+@pytest.fixture(name="app")
+def fixture_app() -> Flask:
+    """The bundled example app, traced."""
+    app = create_app()
+    FlaskTrace(app)
+    return app
+
+
+def admin_trace(app: Flask, capture: TraceCapture) -> Trace:
+    app.test_client().get("/admin/")
+    return capture.last
+
+
+class TestAssertHookOrder:
+    def test_exact_order_passes(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """The exact list of hooks that ran passes."""
+        assert_hook_order(admin_trace(app, wsgitrace), ADMIN_HOOKS)
+
+    def test_patterns_match_any_text(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """``*`` in an expected name matches any text."""
+        trace = admin_trace(app, wsgitrace)
+        wsgitrace.assert_hook_order(
+            trace, ["before_request:*", "before_request:admin.*", "after_request:*", "teardown_*"]
+        )
+
+    def test_exact_failure_shows_both_lists_and_where_they_diverge(
+        self, app: Flask, wsgitrace: TraceCapture
+    ) -> None:
+        """The message names the first difference, aligns expected and ran,
+        and hints at the short-circuit and the blueprint name.
+        """
+        trace = admin_trace(app, wsgitrace)
+        expected = ["before_request:load_user", "before_request:require_admin", "view:dashboard"]
+        with pytest.raises(HookOrderError) as info:
+            assert_hook_order(trace, expected)
+        assert isinstance(info.value, AssertionError)
+        assert info.value.trace is trace
+        lines = str(info.value).splitlines()
+        assert lines[:3] == [
+            "hook order differs from the expected one at position 1",
+            "  expected: 'before_request:require_admin'",
+            "  ran:      'before_request:admin.require_admin'",
+        ]
+        assert lines[3].startswith("  trace:    GET /admin/ -> 403 FORBIDDEN (4 hooks ran, id ")
+        table = lines[lines.index("   exp  ran") + 1 :]
+        assert table[:6] == [
+            "     0    0    before_request:load_user",
+            "     1    .  - before_request:require_admin",
+            "     2    .  - view:dashboard",
+            "     .    1  + before_request:admin.require_admin  (short-circuit)",
+            "     .    2  + after_request:add_server_timing",
+            "     .    3  + teardown_appcontext:close_db",
+        ]
+        assert "hint: did you mean 'before_request:admin.require_admin'?" in str(info.value)
+        assert "before_request:admin.require_admin returned a response" in str(info.value)
+
+    def test_missing_tail_is_named(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """When every hook matched but more were expected, the message says
+        nothing more ran.
+        """
+        trace = admin_trace(app, wsgitrace)
+        with pytest.raises(HookOrderError, match="  ran:      nothing more"):
+            assert_hook_order(trace, [*ADMIN_HOOKS, "teardown_request:close"])
+
+    def test_subsequence_allows_hooks_between(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """With ``exact=False`` other hooks may run between the expected ones."""
+        trace = admin_trace(app, wsgitrace)
+        assert_hook_order(
+            trace, ["before_request:load_user", "teardown_appcontext:close_db"], exact=False
+        )
+
+    def test_subsequence_failure_says_why(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """The first expected hook that did not follow the previous one is
+        named, with whether it ran earlier or not at all.
+        """
+        trace = admin_trace(app, wsgitrace)
+        with pytest.raises(HookOrderError) as info:
+            assert_hook_order(trace, ["after_request:*", "before_request:load_user"], exact=False)
+        assert (
+            "expected[1] 'before_request:load_user' did not run after"
+            " 'after_request:add_server_timing' (position 2): it ran earlier, at position 0"
+        ) in str(info.value)
+        with pytest.raises(HookOrderError) as info:
+            assert_hook_order(trace, ["before_request:load_user", "view:*"], exact=False)
+        assert (
+            "expected[1] 'view:*' did not run after 'before_request:load_user' (position 0):"
+            " it did not run at all"
+        ) in str(info.value)
+        with pytest.raises(HookOrderError) as info:
+            assert_hook_order(trace, ["view:admin.dashboard"], exact=False)
+        assert "expected[0] 'view:admin.dashboard' did not run at all\n" in str(info.value)
+
+    def test_no_hooks_hint(self, wsgitrace: TraceCapture) -> None:
+        """A trace without hook events (plain middleware) says how to get them."""
+        Client(TraceMiddleware(hello_app)).get("/")
+        with pytest.raises(HookOrderError, match="use FlaskTrace"):
+            assert_hook_order(wsgitrace.last, ["view:index"])
+
+    def test_string_is_refused(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """A single string is a mistake, not a list of one-letter names."""
+        with pytest.raises(TypeError, match="not a string"):
+            assert_hook_order(admin_trace(app, wsgitrace), "view:index")
+
+    def test_plain_assert_gets_an_aligned_diff(self) -> None:
+        """``assert trace.hooks() == [...]`` is explained like assert_hook_order;
+        other lists are left to pytest.
+        """
+        ran = ["before_request:a", "view:index"]
+        lines = pytest_assertrepr_compare(None, "==", ran, ["view:index"])  # type: ignore[arg-type]
+        assert lines == [
+            "hook lists differ (left: ran, right: expected)",
+            "   exp  ran",
+            "     .    0  + before_request:a",
+            "     0    1    view:index",
+            "   (- expected, did not run there; + ran, not expected)",
+        ]
+        assert pytest_assertrepr_compare(None, "==", ["a", "b"], ["b"]) is None  # type: ignore[arg-type]
+        assert pytest_assertrepr_compare(None, "!=", ran, ran) is None  # type: ignore[arg-type]
+
+
+class TestOtherAssertions:
+    def test_hook_not_run(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """A hook that ran fails the assertion, which says where it ran."""
+        trace = admin_trace(app, wsgitrace)
+        assert_hook_not_run(trace, "view:*")
+        with pytest.raises(HookOrderError) as info:
+            wsgitrace.assert_hook_not_run(trace, "after_request:*")
+        assert "'after_request:*' ran, but should not have (position 2)" in str(info.value)
+        assert " >   2  after_request:add_server_timing" in str(info.value).splitlines()
+
+    def test_short_circuit(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """The admin blueprint's hook short-circuits; the index does not."""
+        trace = admin_trace(app, wsgitrace)
+        assert_short_circuited(trace)
+        wsgitrace.assert_short_circuited(trace, "before_request:admin.require_admin")
+        with pytest.raises(HookOrderError, match="short-circuited, not 'before_request:load_user'"):
+            assert_short_circuited(trace, "before_request:load_user")
+        app.test_client().get("/")
+        with pytest.raises(HookOrderError, match="no before_request hook short-circuited"):
+            assert_short_circuited(wsgitrace.last)
+
+    def test_teardown_after_a_streamed_body(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """A stream_with_context body tears down (again) after the body; a
+        plain response tears down before its body, and an unread body has no
+        body event yet.
+        """
+        response = app.test_client().get("/stream")
+        with pytest.raises(HookOrderError, match="the response body has not been iterated"):
+            assert_teardown_after_body(wsgitrace.last)
+        assert response.data.startswith(b"chunk 0")
+        wsgitrace.assert_teardown_after_body(wsgitrace.last)
+        app.test_client().get("/")
+        with pytest.raises(HookOrderError) as info:
+            assert_teardown_after_body(wsgitrace.last)
+        assert "'teardown_appcontext:close_db' last ran before the body started" in str(info.value)
+        assert "hint: Flask tears the request down when the view returns" in str(info.value)
+
+    def test_teardown_request_hooks_are_checked(self, wsgitrace: TraceCapture) -> None:
+        """teardown_request hooks count as teardown, and a response without
+        any teardown hook says so.
+        """
+        app = Flask(__name__)
+        wsgitrace.watch(app)
+
+        @app.teardown_request
+        def close_db(exc: BaseException | None) -> None:
+            g.pop("db", None)
+
+        @app.route("/stream")
+        def stream() -> Response:
+            return Response(stream_with_context(iter(["a", "b"])))
+
+        assert app.test_client().get("/stream").data == b"ab"
+        assert_teardown_after_body(wsgitrace.last)
+        bare = Flask("bare")
+        bare.add_url_rule("/", "index", lambda: "x")
+        wsgitrace.watch(bare)
+        assert bare.test_client().get("/").data == b"x"
+        with pytest.raises(HookOrderError, match="no teardown_request or teardown_appcontext"):
+            assert_teardown_after_body(wsgitrace.last)
+
+
+class TestCapture:
+    def test_last_sees_a_response_still_open(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """A test client's response is never closed; its trace is there at once."""
+        response = app.test_client().get("/admin/")
+        trace = wsgitrace.last
+        assert not trace.finished
+        assert trace.hooks() == ADMIN_HOOKS
+        response.close()
+        assert trace.finished
+        assert wsgitrace.all == [trace]
+        assert list(wsgitrace) == [trace]
+        assert len(wsgitrace) == 1
+
+    def test_nothing_traced_fails_with_a_hint(self, wsgitrace: TraceCapture) -> None:
+        """``.last`` without a traced request fails the test, saying why."""
+        Client(hello_app).get("/")
+        with pytest.raises(pytest.fail.Exception, match=r"wsgitrace\.watch\(app\)"):
+            _ = wsgitrace.last
+
+    def test_filter(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """Traces are filtered by path (or pattern), endpoint, method and status."""
+        client = app.test_client()
+        client.get("/")
+        client.get("/admin/")
+        client.post("/admin/")
+        client.get("/api/v1/items/tea")
+        paths = [t.path for t in wsgitrace.filter(path="/admin/")]
+        assert paths == ["/admin/", "/admin/"]
+        assert [t.method for t in wsgitrace.filter(path="/admin/", method="post")] == ["POST"]
+        assert [t.path for t in wsgitrace.filter(endpoint="api.*")] == ["/api/v1/items/tea"]
+        assert [t.path for t in wsgitrace.filter(status=403)] == ["/admin/"]
+        assert [t.path for t in wsgitrace.filter(status=405)] == ["/admin/"]
+        assert wsgitrace.filter(path="/nowhere") == []
+        wsgitrace.clear()
+        assert wsgitrace.all == []
+
+    def test_watch_installs_flask_trace_once(self, wsgitrace: TraceCapture) -> None:
+        """``watch`` traces an untraced app, returns an existing extension,
+        and refuses anything but a Flask app.
+        """
+        app = create_app()
+        ext = wsgitrace.watch(app)
+        assert app.extensions["wsgitrace"] is ext
+        assert wsgitrace.watch(app) is ext
+        traced = create_app()
+        existing = FlaskTrace(traced)
+        assert wsgitrace.watch(traced) is existing
+        app.test_client().get("/")
+        assert wsgitrace.last.endpoint == "index"
+        with pytest.raises(TypeError, match="TraceMiddleware"):
+            wsgitrace.watch(hello_app)  # type: ignore[arg-type]
+
+    def test_plain_middleware_and_werkzeug_client(self, wsgitrace: TraceCapture) -> None:
+        """Any TraceMiddleware in the process is captured."""
+        Client(TraceMiddleware(hello_app)).get("/plain", query_string="a=1")
+        assert (wsgitrace.last.path, wsgitrace.last.query) == ("/plain", "a=1")
+
+    def test_live_server_thread(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """Requests served by a server thread are captured; ``wait`` waits
+        until the server closed the response.
+        """
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/api/v1/items/jam"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.read() == b'{"item":"jam"}\n'
+            assert wsgitrace.last.path == "/api/v1/items/jam"
+            (trace,) = wsgitrace.wait(1, timeout=5)
+            assert trace.finished
+            assert trace.thread != threading.get_ident()
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+    def test_wait_times_out(self, app: Flask, wsgitrace: TraceCapture) -> None:
+        """``wait`` fails when traces do not come, or stay open."""
+        with pytest.raises(pytest.fail.Exception, match=r"0 traces captured after 0\.01s"):
+            wsgitrace.wait(1, timeout=0.01)
+        response = app.test_client().get("/")
+        with pytest.raises(pytest.fail.Exception, match=r"call response\.close\(\)"):
+            wsgitrace.wait(1, timeout=0.01)
+        assert wsgitrace.wait(1, timeout=0.01, finished=False)[0].path == "/"
+        response.close()
+        assert wsgitrace.wait(1, timeout=1)[0].finished
+
+    def test_request_started_before_the_capture_is_left_out(self, app: Flask) -> None:
+        """A request still running from before the capture (an earlier test's)
+        is not captured, even though it is published during it.
+        """
+        release = threading.Event()
+        entered = threading.Event()
+
+        @app.route("/held")
+        def held() -> str:
+            entered.set()
+            release.wait(5)
+            return "late"
+
+        client = app.test_client()
+        worker = threading.Thread(target=client.get, args=("/held",))
+        worker.start()
+        assert entered.wait(5)
+        with capture_traces() as capture:
+            release.set()
+            worker.join(5)
+            client.get("/")
+        assert [t.path for t in capture.all] == ["/"]
+
+    def test_capture_block_and_cap(
+        self, app: Flask, wsgitrace: TraceCapture, wsgitrace_capture: WsgitraceCapture
+    ) -> None:
+        """``wsgitrace_capture`` captures one block; past ``max_traces`` the
+        oldest are dropped and counted. The fixture still sees everything.
+        """
+        client = app.test_client()
+        client.get("/")
+        with wsgitrace_capture(max_traces=2) as block:
+            for path in ("/a", "/b", "/c"):
+                client.get(path)
+        assert not block.active
+        client.get("/after")
+        assert [t.path for t in block.all] == ["/b", "/c"]
+        assert block.dropped == 1
+        assert "dropped=1" in repr(block)
+        assert [t.path for t in wsgitrace.all] == ["/", "/a", "/b", "/c", "/after"]
+
+    def test_a_broken_trace_never_reaches_the_app(self) -> None:
+        """The listener swallows (and counts) its own errors."""
+        with capture_traces() as capture:
+            before = capture.internal_errors
+            capture._on_trace(object())  # type: ignore[arg-type]
+            assert capture.internal_errors == before + 1
+        assert capture.all == []
+
+
+def test_entry_point_is_installed() -> None:
+    """pytest loads the plugin from the ``pytest11`` entry point."""
+    names = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert names.get("wsgitrace") == "wsgitrace.pytest_plugin", (
+        "install the package (pip install -e .) to register its pytest11 entry point"
+    )
+
+
+# -- real pytest runs -------------------------------------------------------------
+
+CONFTEST = """
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+from wsgitrace.demo_app import create_app
+from wsgitrace.flask import FlaskTrace
+
+RELEASE = threading.Event()
+ENTERED = threading.Event()
+
+
+@pytest.fixture
+def app():
+    app = create_app()
+    FlaskTrace(app)
+    return app
+
+
+@pytest.fixture(scope="session")
+def live_url():
+    app = create_app()
+    FlaskTrace(app)
+
+    @app.route("/held")
+    def held():
+        ENTERED.set()
+        RELEASE.wait(10)
+        return "held"
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    RELEASE.set()
+    server.shutdown()
+"""
+
+TEST_HOOKS = """
+import threading
+import urllib.request
+
+import pytest
+
+from wsgitrace.demo_app import create_app
+
+
+def test_passes(app, wsgitrace):
+    app.test_client().get("/admin/")
+    wsgitrace.assert_hook_order(
+        wsgitrace.last,
+        ["before_request:load_user", "before_request:admin.require_admin"],
+        exact=False,
+    )
+
+
+def test_order_fails(app, wsgitrace):
+    app.test_client().get("/")
+    app.test_client().get("/admin/")
+    wsgitrace.assert_hook_order(
+        wsgitrace.last,
+        ["before_request:load_user", "before_request:admin.require_admin", "view:admin.dashboard"],
+    )
+
+
+def test_without_fixture(app):
+    app.test_client().get("/admin/")
+    assert False, "fails without the fixture"
+
+
+def test_factory_watched(wsgitrace):
+    app = create_app({"TESTING": True})
+    wsgitrace.watch(app)
+    app.test_client().get("/")
+    app.test_client().get("/api/v1/items/tea")
+    assert [t.endpoint for t in wsgitrace.all] == ["index", "api.v1.item"]
+
+
+def test_sees_only_its_own(app, wsgitrace):
+    app.test_client().get("/api/v1/items/jam")
+    assert [t.path for t in wsgitrace.all] == ["/api/v1/items/jam"]
+
+
+def test_leaves_a_request_running(live_url):
+    from conftest import ENTERED
+
+    threading.Thread(target=urllib.request.urlopen, args=(live_url + "/held",)).start()
+    assert ENTERED.wait(5)
+
+
+def test_live_server_request_of_earlier_test_left_out(live_url, wsgitrace):
+    from conftest import RELEASE
+
+    RELEASE.set()
+    assert urllib.request.urlopen(live_url + "/").status == 200
+    wsgitrace.wait(1)
+    assert [t.path for t in wsgitrace.all] == ["/"]
+
+
+@pytest.mark.wsgitrace_keep
+def test_kept_without_fixture(app):
+    app.test_client().get("/admin/")
+"""
+
+
+def section(output: str, test: str) -> str:
+    """The failure (or pass) block of one test in pytest's output."""
+    match = re.search(
+        rf"_{{3,}} {re.escape(test)} _{{3,}}\n(.*?)(?=\n_{{3,}} |\n={{3,}} )", output, re.S
+    )
+    assert match, f"no block for {test} in:\n{output}"
+    return match.group(1)
+
+
+def read_jsonl(path: Any) -> dict[str, dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+    return {r["nodeid"].rpartition("::")[2]: r for r in records}
+
+
+def test_failure_report_isolation_and_json(pytester: pytest.Pytester) -> None:
+    """One run: a passing test, a failing order assertion with its diff and
+    the timeline section, a failing test without the fixture (no section),
+    factories, two tests that do not see each other's traces (even a live
+    server request left running by an earlier test), and the JSON Lines file.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_hooks=TEST_HOOKS)
+    result = pytester.runpytest_subprocess("--wsgitrace-json=out/traces.jsonl", "-p", "no:xdist")
+    result.assert_outcomes(passed=6, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_order_fails _*",
+            "E*HookOrderError: hook order differs from the expected one at position 2",
+            "E*  expected: 'view:admin.dashboard'",
+            "E*  ran:      'after_request:add_server_timing'",
+            "E*  trace:    GET /admin/ -> 403 FORBIDDEN (4 hooks ran, id *",
+            "E*   exp  ran",
+            "E*     0    0    before_request:load_user",
+            "E*     1    1    before_request:admin.require_admin  (short-circuit)",
+            "E*     2    .  - view:admin.dashboard",
+            "E*     .    2  + after_request:add_server_timing",
+            "E*hint: before_request:admin.require_admin returned a response (short-circuit)*",
+            "*- wsgitrace -*",
+            "2 requests traced during this test",
+            "TIME * METHOD * PATH * ST * DUR * TTFB * BYTES * HOOKS",
+            "*GET * /admin/ * 403 *",
+            "--- assertion failed on this trace",
+            "GET /admin/ → 403 FORBIDDEN",
+            "*before_request:admin.require_admin*",
+            "*short-circuit*",
+            "GET / → 200 OK",
+            "*view:index*",
+            "*_ test_without_fixture _*",
+            "wsgitrace: traces of 2 tests written to *traces.jsonl",
+        ]
+    )
+    output = result.stdout.str()
+    assert "wsgitrace -" not in section(output, "test_without_fixture")
+    assert "\x1b[" not in output
+    records = read_jsonl(pytester.path / "out" / "traces.jsonl")
+    assert sorted(records) == ["test_kept_without_fixture", "test_order_fails"]
+    failed = records["test_order_fails"]
+    assert (failed["outcome"], failed["schema"], failed["dropped"]) == ("failed", 1, 0)
+    assert [t["path"] for t in failed["traces"]] == ["/", "/admin/"]
+    assert "before_request:admin.require_admin" in [
+        e["name"] for e in failed["traces"][1]["events"]
+    ]
+    kept = records["test_kept_without_fixture"]
+    assert (kept["outcome"], kept["worker"]) == ("passed", None)
+    assert kept["traces"][0]["status"] == 403
+
+
+def test_xdist_workers_report_to_one_file(pytester: pytest.Pytester) -> None:
+    """Under xdist each worker captures its own tests; the controller shows
+    their sections and writes one JSON Lines file with every kept test.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_one="""
+        def test_one_fails(app, wsgitrace):
+            app.test_client().get("/one")
+            assert len(wsgitrace.all) == 1
+            assert False
+        """,
+        test_two="""
+        def test_two_fails(app, wsgitrace):
+            app.test_client().get("/two")
+            app.test_client().get("/two")
+            assert len(wsgitrace.all) == 2
+            assert False
+
+        def test_two_passes(app, wsgitrace):
+            app.test_client().get("/admin/")
+            wsgitrace.assert_short_circuited(wsgitrace.last)
+        """,
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--dist", "loadfile", "--wsgitrace-json", "t.jsonl", "--wsgitrace-keep-passed"
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*_ test_one_fails _*", "*- wsgitrace -*", "1 request traced*"])
+    result.stdout.fnmatch_lines(["*_ test_two_fails _*", "*- wsgitrace -*", "2 requests traced*"])
+    result.stdout.fnmatch_lines(["wsgitrace: traces of 3 tests written to *t.jsonl"])
+    records = read_jsonl(pytester.path / "t.jsonl")
+    assert {name: len(r["traces"]) for name, r in records.items()} == {
+        "test_one_fails": 1,
+        "test_two_fails": 2,
+        "test_two_passes": 1,
+    }
+    assert {r["worker"] for r in records.values()} <= {"gw0", "gw1"}
+    assert records["test_two_passes"]["outcome"] == "passed"
+
+
+def test_loading_costs_no_flask_or_rich_and_can_be_disabled(pytester: pytest.Pytester) -> None:
+    """The plugin is loaded from its entry point without importing Flask or
+    rich, even when a plain WSGI test uses the fixture; ``-p no:wsgitrace``
+    removes it, options included.
+    """
+    pytester.makepyfile(
+        """
+        import sys
+
+        from werkzeug.test import Client
+
+        from wsgitrace import TraceMiddleware
+
+
+        def hello(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"hi"]
+
+
+        def test_plugin_loaded(request):
+            assert request.config.pluginmanager.has_plugin("wsgitrace")
+            assert "flask" not in sys.modules and "rich" not in sys.modules
+
+
+        def test_fixture_on_plain_wsgi(wsgitrace):
+            Client(TraceMiddleware(hello)).get("/x")
+            assert wsgitrace.last.path == "/x"
+            assert wsgitrace.last.hooks() == []
+            assert "flask" not in sys.modules and "rich" not in sys.modules
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    disabled = pytester.runpytest_subprocess("-p", "no:wsgitrace", "-p", "no:xdist")
+    disabled.assert_outcomes(failed=1, errors=1)
+    disabled.stdout.fnmatch_lines(["*fixture 'wsgitrace' not found*"])
+    refused = pytester.runpytest_subprocess("-p", "no:wsgitrace", "--wsgitrace-report=always")
+    refused.stderr.fnmatch_lines(["*unrecognized arguments: --wsgitrace-report=always*"])
+
+
+def test_report_modes_and_fault_isolation(pytester: pytest.Pytester) -> None:
+    """``wsgitrace_report = always`` shows passing tests' requests (and the
+    dropped count); a renderer that raises only changes the section's text,
+    never a test's outcome; the command line beats the ini file.
+    """
+    pytester.makeini(
+        """
+        [pytest]
+        wsgitrace_report = always
+        wsgitrace_max_traces = 2
+        """
+    )
+    pytester.makeconftest(
+        CONFTEST
+        + """
+import wsgitrace.render
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("renderer is broken")
+
+
+wsgitrace.render.build_timeline = broken
+"""
+    )
+    pytester.makepyfile(
+        """
+        def test_passes(app, wsgitrace):
+            for path in ("/", "/admin/", "/api/v1/items/tea"):
+                app.test_client().get(path)
+            assert len(wsgitrace.all) == 2
+
+        def test_fails(app, wsgitrace):
+            app.test_client().get("/")
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_fails _*",
+            "*- wsgitrace -*",
+            "1 request traced during this test",
+            "wsgitrace: rendering failed (RuntimeError: renderer is broken); hook lists:",
+            "  GET / -> 200 OK: ?'before_request:load_user', 'view:index', *",
+            "*= wsgitrace: requests of passed tests =*",
+            "*_ test_*.py::test_passes _*",
+            "2 requests traced during this test",
+            "1 earlier traces dropped (wsgitrace_max_traces=2)",
+            "wsgitrace: rendering failed (RuntimeError: renderer is broken); hook lists:",
+            "  GET /admin/ -> 403 FORBIDDEN: *",
+            "  GET /api/v1/items/tea -> 200 OK: *",
+        ]
+    )
+    never = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=never")
+    never.assert_outcomes(passed=1, failed=1)
+    assert "- wsgitrace -" not in never.stdout.str()
+    assert "rendering failed" not in never.stdout.str()
+    pytester.makeini("[pytest]\nwsgitrace_report = sometimes\n")
+    bad = pytester.runpytest_subprocess("-p", "no:xdist")
+    bad.stderr.fnmatch_lines(["*wsgitrace_report must be one of failed, always, never*"])
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_listeners() -> Iterator[None]:
+    """Every capture removes its listener."""
+    from wsgitrace.middleware import _capture_listeners
+
+    before = list(_capture_listeners)
+    yield
+    assert _capture_listeners == before
