@@ -127,6 +127,9 @@ class _AppTracer:
         self.clock = clock
         self.session_values = middleware.options.session_values
         self.max_string = middleware.limits.max_string
+        # Traces made by this app's middleware carry these limits: a trace of
+        # another app (one app served inside another's request) is left alone.
+        self.limits = middleware.limits
         self._hook_info: dict[tuple[str, str | None, int], tuple[str, dict[str, Any], Any]] = {}
         self._view_info: dict[str, tuple[str, dict[str, Any], Any]] = {}
         # id(trace) -> (trace, starts of renders not finished yet); the trace
@@ -144,13 +147,19 @@ class _AppTracer:
         info = self._hook_info.get(key)
         if info is not None and info[2]() is func:
             return info[0], info[1]
-        short = _function_name(func)
+        try:
+            short = _function_name(func)
+            attrs = {
+                "blueprint": blueprint,
+                "qualname": getattr(func, "__qualname__", short),
+                "module": getattr(func, "__module__", None),
+            }
+        except Exception:
+            # A callable whose attributes raise: named by its type.
+            report_internal_error("flask.hook_info")
+            short = type(func).__name__
+            attrs = {"blueprint": blueprint, "qualname": short, "module": None}
         name = f"{kind}:{blueprint}.{short}" if blueprint else f"{kind}:{short}"
-        attrs = {
-            "blueprint": blueprint,
-            "qualname": getattr(func, "__qualname__", short),
-            "module": getattr(func, "__module__", None),
-        }
         try:
             ref: Any = weakref.ref(func)
         except TypeError:
@@ -169,12 +178,17 @@ class _AppTracer:
         if info is not None and info[2]() is view:
             return info[0], info[1]
         blueprint = endpoint.rpartition(".")[0] or None
-        attrs = {
-            "blueprint": blueprint,
-            "endpoint": endpoint,
-            "qualname": getattr(view, "__qualname__", _function_name(view)),
-            "module": getattr(view, "__module__", None),
-        }
+        try:
+            attrs = {
+                "blueprint": blueprint,
+                "endpoint": endpoint,
+                "qualname": getattr(view, "__qualname__", _function_name(view)),
+                "module": getattr(view, "__module__", None),
+            }
+        except Exception:
+            # A callable whose attributes raise: named by its type.
+            report_internal_error("flask.view_info")
+            attrs = {"blueprint": blueprint, "endpoint": endpoint, "qualname": type(view).__name__}
         try:
             ref: Any = weakref.ref(view)
         except TypeError:
@@ -198,7 +212,11 @@ class _AppTracer:
         g_dict = app_ctx.g.__dict__ if app_ctx is not None else None
         before = dict(g_dict) if g_dict else None
         clock = self.clock
-        start = clock()
+        try:
+            start = clock()
+        except Exception:
+            report_internal_error("flask.clock", trace)
+            return call(*args)
         try:
             rv = call(*args)
         except BaseException as exc:
@@ -241,10 +259,11 @@ class _AppTracer:
             report_internal_error("flask.hook", trace)
 
     def signal(
-        self, trace: Trace, name: str, start: int, attrs: dict[str, Any] | None = None
+        self, trace: Trace, name: str, start: int | None, attrs: dict[str, Any] | None = None
     ) -> None:
         try:
-            trace.record("signal", name, start, self.clock(), attrs)
+            end = self.clock()
+            trace.record("signal", name, end if start is None else start, end, attrs)
         except Exception:
             report_internal_error("flask.signal", trace)
 
@@ -512,18 +531,22 @@ def _install_phases(app: Flask, tracer: _AppTracer) -> None:
 
 def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], flask.Response]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.full_dispatch_request
     clock = tracer.clock
 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app)
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            start = clock()
+            try:
+                start: int | None = clock()
+            except Exception:
+                start = None
             signals.request_started.send(app, _async_wrapper=app.ensure_sync)
             tracer.signal(trace, "signal:request-started", start)
             rv = app.preprocess_request()
@@ -538,6 +561,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
 
 def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.preprocess_request
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -545,7 +569,7 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
     def preprocess_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app)
         request = flask.request
         names = (None, *reversed(request.blueprints))
@@ -580,13 +604,14 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
 
 def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.dispatch_request
     run_hook = tracer.run_hook
 
     def dispatch_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app)
         req = request_ctx.request
         rule = req.url_rule
@@ -604,18 +629,22 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
 
 def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flask.Response]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.finalize_request
     clock = tracer.clock
 
     def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, rv, from_error_handler)
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            start = clock()
+            try:
+                start: int | None = clock()
+            except Exception:
+                start = None
             signals.request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
             tracer.signal(trace, "signal:request-finished", start)
         except Exception:
@@ -629,6 +658,7 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
 
 def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.process_response
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -636,7 +666,7 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
     def process_response(response: Any) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, response)
         ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
 
@@ -663,6 +693,7 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
 
 def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.do_teardown_request
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -675,7 +706,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
         trace = _current_trace.get()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, exc)
 
         for name in chain(flask.request.blueprints, (None,)):
@@ -685,7 +716,10 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     run_hook(trace, "teardown_request", info, app.ensure_sync(func), exc)
 
         tracer.snapshot_session(trace)
-        start = clock()
+        try:
+            start: int | None = clock()
+        except Exception:
+            start = None
         signals.request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         tracer.signal(trace, "signal:request-tearing-down", start)
         return None
@@ -695,6 +729,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
 
 def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.do_teardown_appcontext
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -707,7 +742,7 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
         trace = _current_trace.get()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, exc)
 
         for func in reversed(app.teardown_appcontext_funcs):
@@ -715,7 +750,10 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             run_hook(trace, "teardown_appcontext", info, app.ensure_sync(func), exc)
 
         tracer.snapshot_g(trace)
-        start = clock()
+        try:
+            start: int | None = clock()
+        except Exception:
+            start = None
         signals.appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         tracer.signal(trace, "signal:appcontext-tearing-down", start)
         return None
@@ -727,6 +765,7 @@ def _make_update_template_context(
     app: Flask, tracer: _AppTracer
 ) -> Callable[[dict[str, Any]], None]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.update_template_context
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -734,7 +773,7 @@ def _make_update_template_context(
     def update_template_context(context: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, context)
         names: Iterable[str | None] = (None,)
         request = flask.request
@@ -758,6 +797,7 @@ def _make_inject_url_defaults(
     app: Flask, tracer: _AppTracer
 ) -> Callable[[str, dict[str, Any]], None]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask.inject_url_defaults
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
@@ -765,7 +805,7 @@ def _make_inject_url_defaults(
     def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return original(app, endpoint, values)
         names: Iterable[str | None] = (None,)
         if "." in endpoint:
@@ -782,13 +822,14 @@ def _make_inject_url_defaults(
 
 def _make_find_error_handler(app: Flask, tracer: _AppTracer) -> Callable[..., Any]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     original = Flask._find_error_handler
 
     def _find_error_handler(e: Exception, blueprints: list[str]) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         handler = original(app, e, blueprints)
         trace = _current_trace.get()
-        if handler is None or trace is None:
+        if handler is None or trace is None or trace._limits is not limits:
             return handler
         blueprint = _handler_blueprint(app, handler, blueprints)
         return _RecordingErrorHandler(tracer, trace, handler, blueprint, app.ensure_sync)
@@ -827,7 +868,11 @@ class _RecordingErrorHandler:
 
     def __call__(self, e: Exception) -> Any:
         tracer = self.tracer
-        start = tracer.clock()
+        try:
+            start = tracer.clock()
+        except Exception:
+            report_internal_error("flask.clock", self.trace)
+            return self.ensure_sync(self.handler)(e)
         try:
             rv = self.ensure_sync(self.handler)(e)
         except BaseException as exc:
@@ -852,6 +897,7 @@ class _RecordingErrorHandler:
 
 def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext]:
     app_ref = weakref.ref(app)
+    limits = tracer.limits
     clock = tracer.clock
 
     class TracedAppContext(AppContext):
@@ -861,9 +907,12 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
 
         def push(self) -> None:
             trace = _current_trace.get()
-            if trace is None:
+            if trace is None or trace._limits is not limits:
                 return super().push()
-            start = clock()
+            try:
+                start: int | None = clock()
+            except Exception:
+                start = None
             super().push()
             tracer.signal(trace, "signal:appcontext-pushed", start)
             return None
@@ -873,9 +922,8 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
             if exc is _ctx_sentinel:
                 exc = sys.exc_info()[1]
             super().pop(exc)
-            if trace is not None:
-                now = clock()
-                tracer.signal(trace, "signal:appcontext-popped", now)
+            if trace is not None and trace._limits is limits:
+                tracer.signal(trace, "signal:appcontext-popped", None)
 
     def app_context() -> AppContext:
         return TracedAppContext(app_ref())  # type: ignore[arg-type]
@@ -885,11 +933,12 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
 
 def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     clock = tracer.clock
+    limits = tracer.limits
     starts = tracer._template_starts
 
     def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return
         try:
             now = clock()
@@ -907,7 +956,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
 
     def _on_before_render_template(sender: Any, template: Any, **_: Any) -> None:
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return
         try:
             now = clock()
@@ -925,7 +974,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
 
     def _on_template_rendered(sender: Any, template: Any, **_: Any) -> None:
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return
         try:
             now = clock()
@@ -942,7 +991,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
 
     def _on_message_flashed(sender: Any, message: Any, category: Any, **_: Any) -> None:
         trace = _current_trace.get()
-        if trace is None:
+        if trace is None or trace._limits is not limits:
             return
         try:
             now = clock()

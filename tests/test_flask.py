@@ -1,0 +1,828 @@
+"""FlaskTrace: set-up (direct and factory pattern, configuration, installed
+once), transparency (routes, ``g``, hook arguments, exceptions, subclasses),
+independence of two apps, fault isolation and not keeping an app alive.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import traceback
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Blueprint, Flask, Response, abort, g, render_template_string, request
+from werkzeug.exceptions import NotFound
+
+import wsgitrace.flask as wsgitrace_flask
+from wsgitrace import TraceBuffer, TraceMiddleware
+from wsgitrace.exceptions import ConfigurationError
+from wsgitrace.flask import FlaskTrace
+from wsgitrace.trace import Trace
+
+Outcome = tuple[str, list[tuple[str, str]], bytes]
+
+
+class _AnyHeaders(list[tuple[str, str]]):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, list)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+ANY_HEADERS = _AnyHeaders()
+
+
+class CountingClock:
+    """A nanosecond clock that moves by one per reading and can be told to
+    fail from its ``fail_at``-th reading on (or only at that one).
+    """
+
+    def __init__(self, fail_at: int | None = None, *, once: bool = False) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+        self.once = once
+        self.failed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self.calls += 1
+            if self.fail_at is not None and (
+                self.calls == self.fail_at or (not self.once and self.calls > self.fail_at)
+            ):
+                self.failed += 1
+                msg = f"clock failure at reading {self.calls}"
+                raise RuntimeError(msg)
+            return 1_000_000 + self.calls
+
+
+def fetch(app: Flask, path: str = "/", method: str = "GET", **kwargs: Any) -> Outcome:
+    """Status, headers and body as a client sees them; the response is closed."""
+    response = app.test_client().open(path, method=method, **kwargs)
+    try:
+        return response.status, list(response.headers.items()), response.get_data()
+    finally:
+        response.close()
+
+
+def last(ext: FlaskTrace) -> Trace:
+    trace = ext.buffer.last
+    assert trace is not None
+    return trace
+
+
+def simple_app(log: list[str] | None = None) -> Flask:
+    """An app with one hook of each common kind and a template."""
+    log = [] if log is None else log
+    app = Flask(__name__)
+    admin = Blueprint("admin", __name__, url_prefix="/admin")
+
+    @app.before_request
+    def load_user() -> None:
+        log.append("load_user")
+        g.user = request.args.get("user", "guest")
+
+    @admin.before_request
+    def require_admin() -> tuple[str, int] | None:
+        log.append("require_admin")
+        return None if g.user == "admin" else ("no", 403)
+
+    @app.route("/")
+    def index() -> str:
+        log.append("index")
+        return render_template_string("hi {{ g.user }}")
+
+    @admin.route("/")
+    def dashboard() -> str:
+        return "dashboard"
+
+    @app.route("/fail")
+    def fail() -> str:
+        raise RuntimeError("simple_app failed on purpose")
+
+    @app.after_request
+    def add_header(response: Response) -> Response:
+        log.append("add_header")
+        response.headers["X-Hook"] = "1"
+        return response
+
+    @app.teardown_request
+    def close_db(exc: BaseException | None) -> None:
+        log.append("close_db")
+
+    @app.teardown_appcontext
+    def release(exc: BaseException | None) -> None:
+        log.append("release")
+
+    app.register_blueprint(admin)
+    return app
+
+
+SIMPLE_HOOKS = [
+    "before_request:load_user",
+    "view:index",
+    "context_processor:_default_template_ctx_processor",
+    "after_request:add_header",
+    "teardown_request:close_db",
+    "teardown_appcontext:release",
+]
+
+
+# -- set-up -------------------------------------------------------------------
+
+
+class TestSetUp:
+    def test_direct(self) -> None:
+        """FlaskTrace(app) installs the middleware and registers itself."""
+        app = simple_app()
+        ext = FlaskTrace(app)
+        assert app.extensions["wsgitrace"] is ext
+        assert isinstance(app.wsgi_app, TraceMiddleware)
+        assert ext.middleware is app.wsgi_app
+        assert isinstance(ext.buffer, TraceBuffer)
+        assert fetch(app)[2] == b"hi guest"
+        assert last(ext).hooks() == SIMPLE_HOOKS
+
+    def test_factory_pattern(self) -> None:
+        """ext = FlaskTrace(); ext.init_app(app) inside a factory works the same."""
+        ext = FlaskTrace(max_events=100)
+        with pytest.raises(RuntimeError, match="init_app"):
+            _ = ext.buffer
+        with pytest.raises(RuntimeError, match="init_app"):
+            _ = ext.middleware
+
+        def create_app() -> Flask:
+            app = simple_app()
+            ext.init_app(app)
+            return app
+
+        app = create_app()
+        assert app.extensions["wsgitrace"] is ext
+        assert fetch(app)[0] == "200 OK"
+        assert last(ext).hooks() == SIMPLE_HOOKS
+        assert last(ext).limits.max_events == 100
+
+    def test_init_app_twice_installs_once(self) -> None:
+        """A second init_app of the same app changes nothing: one middleware,
+        each hook recorded once.
+        """
+        app = simple_app()
+        ext = FlaskTrace()
+        ext.init_app(app)
+        middleware = app.wsgi_app
+        preprocess = vars(app)["preprocess_request"]
+        ext.init_app(app)
+        assert app.wsgi_app is middleware
+        assert vars(app)["preprocess_request"] is preprocess
+        assert not isinstance(middleware.app, TraceMiddleware)  # type: ignore[attr-defined]
+        fetch(app)
+        assert len(ext.buffer) == 1
+        assert last(ext).hooks() == SIMPLE_HOOKS
+
+    def test_second_extension_for_one_app_is_refused(self) -> None:
+        """Only one FlaskTrace per app."""
+        app = simple_app()
+        FlaskTrace(app)
+        with pytest.raises(RuntimeError, match="already has a FlaskTrace"):
+            FlaskTrace(app)
+
+    def test_config_keys_and_keywords_win(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Options come from WSGITRACE_* config keys, keywords beat config,
+        config beats the environment.
+        """
+        monkeypatch.setenv("WSGITRACE_MAX_STRING", "11")
+        monkeypatch.setenv("WSGITRACE_MAX_HEADERS", "7")
+        app = simple_app()
+        app.config.update(
+            WSGITRACE_MAX_TRACES=3,
+            WSGITRACE_MAX_EVENTS=50,
+            WSGITRACE_MAX_STRING=12,
+            WSGITRACE_EXCLUDE=["/skip"],
+        )
+        ext = FlaskTrace()
+        ext.init_app(app)  # config read at init_app, after the app is configured
+        ext2 = FlaskTrace(simple_app(), max_traces=2)
+        options = ext.middleware.options
+        assert options.max_traces == 3
+        assert options.max_events == 50
+        assert options.max_string == 12
+        assert options.max_headers == 7
+        assert options.exclude == ("/skip",)
+        assert ext.buffer.max_traces == 3
+        assert ext2.buffer.max_traces == 2
+        app3 = simple_app()
+        app3.config.update(WSGITRACE_MAX_TRACES=9, WSGITRACE_MAX_EVENTS=40)
+        ext3 = FlaskTrace(app3, max_traces=4)
+        assert ext3.buffer.max_traces == 4
+        assert ext3.middleware.options.max_events == 40
+        for _ in range(5):
+            fetch(app)
+        fetch(app, "/skip")
+        assert len(ext.buffer) == 3
+        assert all(t.path == "/" for t in ext.buffer.latest())
+
+    def test_bad_options_fail_at_set_up(self) -> None:
+        """A bad keyword or config value raises ConfigurationError naming it."""
+        with pytest.raises(ConfigurationError, match="unknown"):
+            FlaskTrace(nonsense=1)
+        app = simple_app()
+        app.config["WSGITRACE_MAX_EVENTS"] = "many"
+        with pytest.raises(ConfigurationError, match="WSGITRACE_MAX_EVENTS"):
+            FlaskTrace(app)
+
+    def test_disabled_leaves_flask_alone(self) -> None:
+        """WSGITRACE_ENABLED = False: no shadowed methods, nothing recorded."""
+        app = simple_app()
+        app.config["WSGITRACE_ENABLED"] = False
+        ext = FlaskTrace(app)
+        assert not set(vars(app)) & set(wsgitrace_flask._PHASES)
+        assert fetch(app)[2] == b"hi guest"
+        assert len(ext.buffer) == 0
+
+    def test_endpoint_follows_testing_mode(self) -> None:
+        """/_trace is served in testing mode only, and never added to url_map."""
+        app = simple_app()
+        ext = FlaskTrace(app)
+        rules = sorted(str(r) for r in app.url_map.iter_rules())
+        assert fetch(app, "/_trace")[0] == "404 NOT FOUND"
+        app.config["TESTING"] = True
+        status, _, body = fetch(app, "/_trace")
+        assert status == "200 OK"
+        assert b'"schema": 1' in body or b'"schema":1' in body
+        assert sorted(str(r) for r in app.url_map.iter_rules()) == rules
+        assert ext.buffer.last is not None
+
+
+# -- transparency ---------------------------------------------------------------
+
+
+class TestTransparency:
+    def test_same_responses_and_hook_runs(self) -> None:
+        """Every route answers byte for byte as without the extension, and
+        the hooks run the same number of times in the same order.
+        """
+        plain_log: list[str] = []
+        traced_log: list[str] = []
+        plain = simple_app(plain_log)
+        traced = simple_app(traced_log)
+        FlaskTrace(traced)
+        for path in ("/", "/?user=admin", "/admin/", "/admin/?user=admin", "/missing"):
+            assert fetch(traced, path) == fetch(plain, path)
+        assert traced_log == plain_log
+
+    def test_url_map_and_g_untouched(self) -> None:
+        """No rules added; ``g`` holds only what the app put there, in every
+        hook and at teardown.
+        """
+        seen: list[list[str]] = []
+
+        def factory() -> Flask:
+            app = simple_app()
+
+            @app.route("/g")
+            def show_g() -> str:
+                return ",".join(sorted(vars(g)))
+
+            @app.teardown_appcontext
+            def see(exc: BaseException | None) -> None:
+                seen.append(sorted(vars(g)))
+
+            return app
+
+        plain, traced = factory(), factory()
+        rules = sorted(str(r) for r in traced.url_map.iter_rules())
+        FlaskTrace(traced)
+        assert sorted(str(r) for r in traced.url_map.iter_rules()) == rules
+        assert fetch(traced, "/g") == fetch(plain, "/g")
+        assert fetch(traced, "/g")[2] == b"user"
+        assert seen[0] == seen[1] == ["user"]
+        assert sorted(str(r) for r in traced.url_map.iter_rules()) == rules
+
+    def test_hooks_get_the_same_arguments_and_their_return_values_are_used(self) -> None:
+        """url_value_preprocessor, url_defaults, after_request, teardown and
+        error handlers get the same arguments; what they return is what
+        Flask uses.
+        """
+
+        def factory(log: list[Any]) -> Flask:
+            app = Flask(__name__)
+            replaced = Response("replaced by after_request")
+
+            @app.url_value_preprocessor
+            def pull(endpoint: str | None, values: dict[str, Any] | None) -> None:
+                log.append(("pull", endpoint, dict(values or {})))
+
+            @app.url_defaults
+            def defaults(endpoint: str, values: dict[str, Any]) -> None:
+                log.append(("defaults", endpoint, dict(values)))
+                values.setdefault("lang", "en")
+
+            @app.route("/<lang>/item/<int:n>")
+            def item(lang: str, n: int) -> str:
+                from flask import url_for
+
+                return url_for("item", n=n + 1)
+
+            @app.after_request
+            def swap(response: Response) -> Response:
+                log.append(("swap", response.get_data()))
+                return replaced
+
+            @app.after_request
+            def first(response: Response) -> Response:
+                log.append(("first", response.status_code))
+                return response
+
+            @app.teardown_request
+            def teardown(exc: BaseException | None) -> None:
+                log.append(("teardown", repr(exc)))
+
+            @app.errorhandler(NotFound)
+            def nf(error: NotFound) -> tuple[str, int]:
+                log.append(("nf", type(error).__name__, error.code))
+                return "nf", 404
+
+            return app
+
+        plain_log: list[Any] = []
+        traced_log: list[Any] = []
+        plain, traced = factory(plain_log), factory(traced_log)
+        FlaskTrace(traced)
+        for path in ("/de/item/3", "/nowhere"):
+            assert fetch(traced, path) == fetch(plain, path)
+        assert traced_log == plain_log
+        assert traced_log[:5] == [
+            ("pull", "item", {"lang": "de", "n": 3}),
+            ("defaults", "item", {"n": 4}),
+            ("first", 200),
+            ("swap", b"/en/item/4"),
+            ("teardown", "None"),
+        ]
+        assert fetch(traced, "/de/item/3")[2] == b"replaced by after_request"
+
+
+class AppError(Exception):
+    """Raised by test apps on purpose."""
+
+
+def raising_app(raised: list[BaseException], where: str) -> Flask:
+    """An app that raises a fresh AppError at ``where``."""
+    app = Flask(__name__)
+
+    def fail(label: str) -> None:
+        if label == where:
+            exc = AppError(f"failed in {label}")
+            raised.append(exc)
+            raise exc
+
+    @app.before_request
+    def before() -> None:
+        fail("before_request")
+
+    @app.route("/")
+    def view() -> str:
+        fail("view")
+        if where == "abort":
+            abort(418)
+        return "ok"
+
+    @app.after_request
+    def after(response: Response) -> Response:
+        fail("after_request")
+        return response
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        fail("teardown_request")
+
+    @app.teardown_appcontext
+    def teardown_app(exc: BaseException | None) -> None:
+        fail("teardown_appcontext")
+
+    @app.errorhandler(LookupError)
+    def handler(error: LookupError) -> str:
+        fail("errorhandler")
+        return "handled"
+
+    @app.route("/lookup")
+    def lookup() -> str:
+        raise LookupError("missing")
+
+    return app
+
+
+HOOK_FUNCTIONS = {
+    "before_request": "before",
+    "view": "view",
+    "after_request": "after",
+    "teardown_request": "teardown",
+    "errorhandler": "handler",
+}
+
+
+class TestExceptions:
+    @pytest.mark.parametrize(
+        "where",
+        ["before_request", "view", "after_request", "teardown_request", "errorhandler"],
+    )
+    @pytest.mark.parametrize("config", ["TESTING", "PROPAGATE_EXCEPTIONS"])
+    def test_same_exception_object_propagates(self, where: str, config: str) -> None:
+        """With exceptions propagated, the very object the app raised reaches
+        the caller, with the app's own frames in its traceback, as without
+        the extension.
+        """
+        results = []
+        for traced in (False, True):
+            raised: list[BaseException] = []
+            app = raising_app(raised, where)
+            app.config[config] = True
+            ext = FlaskTrace(app) if traced else None
+            path = "/lookup" if where == "errorhandler" else "/"
+            with pytest.raises(AppError) as info:
+                fetch(app, path)
+            assert info.value is raised[-1]
+            frames = traceback.extract_tb(info.value.__traceback__)
+            assert [f.name for f in frames[-2:]] == [HOOK_FUNCTIONS[where], "fail"]
+            # The app's own frames (this file's) are all there either way.
+            results.append((str(info.value), [f.name for f in frames if f.filename == __file__]))
+            if ext is not None:
+                trace = last(ext)
+                assert trace.error is not None
+                assert trace.error["type"].endswith("AppError")
+                assert trace.finished
+        assert results[0] == results[1]
+
+    @pytest.mark.parametrize(
+        "where",
+        ["before_request", "view", "after_request", "errorhandler", "abort"],
+    )
+    def test_same_error_response_without_propagation(self, where: str) -> None:
+        """Without propagation: the same 500 (or 418) response either way."""
+        outcomes = []
+        for traced in (False, True):
+            app = raising_app([], where)
+            if traced:
+                FlaskTrace(app)
+            path = "/lookup" if where == "errorhandler" else "/"
+            outcomes.append(fetch(app, path))
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[0][0] == (
+            "418 I'M A TEAPOT" if where == "abort" else "500 INTERNAL SERVER ERROR"
+        )
+
+    def test_abort_in_testing_mode_is_a_response(self) -> None:
+        """abort() is an HTTP response even with TESTING: not raised to the test."""
+        app = raising_app([], "abort")
+        app.config["TESTING"] = True
+        ext = FlaskTrace(app)
+        assert fetch(app)[0] == "418 I'M A TEAPOT"
+        assert last(ext).find(kind="view")[0].attrs["error"] == "ImATeapot"
+        assert last(ext).status_code == 418
+
+
+class TestSubclass:
+    def test_overridden_method_is_kept_and_listed_as_skipped(self) -> None:
+        """A subclass's process_response still runs (its phase is skipped),
+        the other phases are traced.
+        """
+
+        class CustomFlask(Flask):
+            def process_response(self, response: Response) -> Response:
+                response = super().process_response(response)
+                response.headers["X-Custom"] = "yes"
+                return response
+
+        app = CustomFlask(__name__)
+
+        @app.before_request
+        def before() -> None:
+            pass
+
+        @app.after_request
+        def after(response: Response) -> Response:
+            response.headers["X-After"] = "1"
+            return response
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        ext = FlaskTrace(app)
+        assert ext.skipped == ["process_response"]
+        assert "process_response" not in vars(app)
+        _, headers, _ = fetch(app)
+        assert ("X-Custom", "yes") in headers
+        assert ("X-After", "1") in headers
+        assert last(ext).hooks() == ["before_request:before", "view:index"]
+
+
+# -- two apps -----------------------------------------------------------------
+
+
+def named_app(name: str) -> Flask:
+    app = Flask(name)
+
+    @app.before_request
+    def before() -> None:
+        g.app = name
+
+    @app.route("/<path:anything>")
+    def view(anything: str) -> str:
+        return f"{name}:{anything}"
+
+    @app.context_processor
+    def ctx() -> dict[str, str]:
+        return {"name": name}
+
+    return app
+
+
+class TestTwoApps:
+    def test_separate_buffers_under_concurrency(self) -> None:
+        """Two traced apps served from several threads: each buffer holds
+        only its app's traces.
+        """
+        one, two = named_app("one"), named_app("two")
+        ext_one, ext_two = FlaskTrace(one), FlaskTrace(two)
+        assert ext_one.buffer is not ext_two.buffer
+        errors: list[BaseException] = []
+
+        def hammer(app: Flask, n: int) -> None:
+            try:
+                for i in range(20):
+                    assert fetch(app, f"/{n}/{i}")[0] == "200 OK"
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=hammer, args=(app, n)) for n in range(3) for app in (one, two)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors
+        for ext, name in ((ext_one, "one"), (ext_two, "two")):
+            traces = ext.buffer.latest()
+            assert len(traces) == 60
+            assert {t.g["app"] if t.g else None for t in traces} == {repr(name)}
+            assert all(t.hooks() == ["before_request:before", "view:view"] for t in traces)
+
+    def test_one_app_called_inside_the_other(self) -> None:
+        """App two served (or its context used) inside a request of app one:
+        each trace has only its own app's events, endpoint and g.
+        """
+        one, two = named_app("one"), named_app("two")
+        ext_one = FlaskTrace(one)
+        ext_two = FlaskTrace(two, exclude=["/excluded"])
+
+        @one.route("/call")
+        def call() -> str:
+            parts = [fetch(two, "/inner")[2].decode(), fetch(two, "/excluded/x")[2].decode()]
+            with two.app_context():
+                parts.append(render_template_string("{{ name }}"))
+            return " ".join(parts)
+
+        assert fetch(one, "/call")[2] == b"two:inner two:excluded/x two"
+        outer = last(ext_one)
+        assert outer.hooks() == ["before_request:before", "view:call"]
+        assert outer.endpoint == "call"
+        assert outer.g == {"app": "'one'"}
+        assert [t.path for t in ext_two.buffer.latest()] == ["/inner"]
+        inner = last(ext_two)
+        assert inner.hooks() == ["before_request:before", "view:view"]
+        assert inner.endpoint == "view"
+        assert inner.g == {"app": "'two'"}
+
+    def test_one_extension_two_apps(self) -> None:
+        """One FlaskTrace may trace two apps into its one buffer, each with its
+        own middleware.
+        """
+        ext = FlaskTrace()
+        one, two = named_app("one"), named_app("two")
+        ext.init_app(one)
+        ext.init_app(two)
+        assert one.wsgi_app is not two.wsgi_app
+        fetch(one, "/a")
+        fetch(two, "/b")
+        assert [t.g for t in ext.buffer.latest()] == [{"app": "'two'"}, {"app": "'one'"}]
+
+
+# -- fault isolation ---------------------------------------------------------------
+
+
+def count_clock_reads() -> int:
+    clock = CountingClock()
+    app = simple_app()
+    FlaskTrace(app, clock=clock)
+    fetch(app, "/admin/")
+    return clock.calls
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "from-then-on"])
+def test_failing_clock_never_changes_a_response(once: bool) -> None:
+    """Whichever clock reading fails (just that one, or every one from then
+    on), the response and the hooks that ran are those of the untraced app.
+    """
+    plain_log: list[str] = []
+    plain = simple_app(plain_log)
+    expected = [fetch(plain, p) for p in ("/", "/admin/")]
+    reads = count_clock_reads()
+    assert reads > 20
+    for fail_at in range(1, reads + 2):
+        log: list[str] = []
+        app = simple_app(log)
+        clock = CountingClock(fail_at, once=once)
+        FlaskTrace(app, clock=clock)
+        got = [fetch(app, p) for p in ("/", "/admin/")]
+        assert got == expected, f"clock failing at reading {fail_at}"
+        assert log == plain_log
+        assert clock.failed
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "wsgitrace.trace.Trace.record",
+        "wsgitrace.flask._g_changes",
+        "wsgitrace.flask._safe_repr",
+        "wsgitrace.flask.cut",
+        "wsgitrace.flask._function_name",
+        "wsgitrace.flask.format_error",
+    ],
+)
+def test_failing_internals_never_change_a_response(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure inside the extension's own recording (trace records, g
+    diffs, reprs) leaves the response byte-identical to the untraced app's,
+    and is counted as an internal error.
+    """
+    from wsgitrace.middleware import internal_error_count
+
+    paths = ("/", "/admin/", "/admin/?user=admin", "/missing", "/fail")
+    plain_log: list[str] = []
+    plain = simple_app(plain_log)
+    expected = [fetch(plain, p) for p in paths]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        msg = f"{target} is broken"
+        raise RuntimeError(msg)
+
+    log: list[str] = []
+    app = simple_app(log)
+    FlaskTrace(app)
+    before = internal_error_count()
+    monkeypatch.setattr(target, broken)
+    assert [fetch(app, p) for p in paths] == expected
+    assert log == plain_log
+    assert internal_error_count() > before
+
+
+def test_failing_receiver_of_the_extension_never_changes_a_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A template receiver that fails inside does not break rendering."""
+    plain = simple_app()
+    app = simple_app()
+    ext = FlaskTrace(app)
+    monkeypatch.setattr("wsgitrace.flask._MAX_PENDING_TEMPLATES", None)
+    assert fetch(app) == fetch(plain)
+    [error] = last(ext).find(kind="tracer_error")
+    assert error.attrs == {"where": "flask.before_render_template"}
+
+
+# -- references ------------------------------------------------------------------
+
+
+def refcount_app() -> Flask:
+    """Hooks of every kind, a blueprint, g and a session, but no template or
+    exception: Flask itself makes reference cycles for those (the Jinja
+    environment, a traceback's frames), without any extension.
+    """
+    app = Flask(__name__)
+    app.secret_key = "test"
+    bp = Blueprint("bp", __name__)
+
+    @app.url_value_preprocessor
+    def pull(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        g.values = values
+
+    @bp.before_request
+    def before() -> None:
+        g.user = "ann"
+
+    @bp.route("/<name>")
+    def view(name: str) -> str:
+        from flask import session
+
+        session["seen"] = name
+        return name
+
+    @bp.after_request
+    def after(response: Response) -> Response:
+        return response
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        pass
+
+    @app.teardown_appcontext
+    def teardown_app(exc: BaseException | None) -> None:
+        pass
+
+    app.register_blueprint(bp)
+    return app
+
+
+@pytest.mark.parametrize("pattern", ["untraced", "direct", "factory"])
+def test_app_freed_on_zero_refcount(pattern: str) -> None:
+    """With the collector off, an app traced and served is freed as soon as
+    its last reference goes (as Flask's own test_app_freed_on_zero_refcount).
+    """
+    ext = FlaskTrace() if pattern == "factory" else None
+    gc.collect()
+    gc.disable()
+    try:
+        app = refcount_app()
+        if pattern == "direct":
+            FlaskTrace(app)
+        elif ext is not None:
+            ext.init_app(app)
+        assert fetch(app, "/ann") == ("200 OK", ANY_HEADERS, b"ann")
+        weak = weakref.ref(app)
+        assert weak() is not None
+        del app
+        assert weak() is None
+    finally:
+        gc.enable()
+    if ext is not None:
+        assert len(ext.buffer) == 1
+        assert ext.buffer.latest(1)[0].hooks() == [
+            "url_value_preprocessor:pull",
+            "before_request:bp.before",
+            "view:bp.view",
+            "after_request:bp.after",
+            "teardown_request:teardown",
+            "teardown_appcontext:teardown_app",
+        ]
+
+
+def test_hook_functions_are_not_kept_alive() -> None:
+    """The name cache holds hook functions weakly."""
+    app = Flask(__name__)
+    FlaskTrace(app)
+
+    def make_hook() -> Callable[[], None]:
+        def transient() -> None:
+            pass
+
+        return transient
+
+    hook = make_hook()
+    app.before_request(hook)
+
+    @app.route("/")
+    def index() -> str:
+        return "ok"
+
+    fetch(app)
+    weak = weakref.ref(hook)
+    app.before_request_funcs[None].remove(hook)
+    del hook
+    gc.collect()
+    assert weak() is None
+
+
+def test_hook_whose_attributes_raise() -> None:
+    """A hook object whose attribute lookup raises (a proxy, say) still runs
+    and is named by its type.
+    """
+
+    class Hook:
+        def __call__(self) -> None:
+            g.hooked = True
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "__qualname__":
+                msg = f"no {name} here"
+                raise RuntimeError(msg)
+            raise AttributeError(name)
+
+    def factory() -> Flask:
+        app = Flask(__name__)
+        app.before_request(Hook())
+
+        @app.route("/")
+        def index() -> str:
+            return str(g.hooked)
+
+        return app
+
+    plain, traced = factory(), factory()
+    ext = FlaskTrace(traced)
+    assert fetch(traced) == fetch(plain) == ("200 OK", ANY_HEADERS, b"True")
+    assert last(ext).hooks() == ["before_request:Hook", "view:index"]
