@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.client import HTTPException
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -257,6 +257,10 @@ class _HumanView(_View):
             self._live = None
 
     def traces(self, items: list[dict[str, Any]]) -> None:
+        with _interrupts.deferred():
+            self._print(items)
+
+    def _print(self, items: list[dict[str, Any]]) -> None:
         console = self.console
         show_id = console.width >= 110
         if not self.verbose:
@@ -274,11 +278,13 @@ class _HumanView(_View):
             self._live.refresh()
 
     def message(self, text: str, style: str = "") -> None:
-        _message(self._err, text, style)
+        with _interrupts.deferred():
+            _message(self._err, text, style)
 
     def status(self, text: str) -> None:
         if self._live is not None:
-            self._live.update(Text(safe(text), style="dim"), refresh=True)
+            with _interrupts.deferred():
+                self._live.update(Text(safe(text), style="dim"), refresh=True)
 
 
 # -- following ------------------------------------------------------------------
@@ -402,12 +408,45 @@ def _filters(
     return {"status": status, "method": method, "path": path, "min_ms": slow}
 
 
-def _sigterm_as_interrupt() -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
+class _Interrupts:
+    """SIGINT and SIGTERM raise :exc:`KeyboardInterrupt`, except while output
+    is being written (rich would write a half-printed render again when the
+    live display stops): then they take effect when the write is done.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+
+    def install(self) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, self._handler)
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.depth:
+            self.pending = True
+            return
         raise KeyboardInterrupt
 
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold interrupts back inside the block."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+
+_interrupts = _Interrupts()
+
+
+def _sigterm_as_interrupt() -> None:
+    _interrupts.install()
 
 
 # -- serving --------------------------------------------------------------------
