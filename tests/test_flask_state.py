@@ -1,0 +1,301 @@
+"""FlaskTrace: the state a request leaves behind — ``g`` changes per hook,
+the final ``g`` snapshot, session keys (and values only when asked), the URL
+match — captured without changing what the app or the client sees.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from flask import Blueprint, Flask, Response, g, request, session
+from flask.globals import request_ctx
+
+from wsgitrace.flask import FlaskTrace
+from wsgitrace.redact import REDACTED
+from wsgitrace.trace import TRUNCATION_MARKER, Trace
+
+Outcome = tuple[str, list[tuple[str, str]], bytes]
+
+
+def fetch(app: Flask, path: str = "/", session_cookie: str | None = None) -> Outcome:
+    """Status, headers and body as a client sees them; the response is closed."""
+    client = app.test_client()
+    if session_cookie is not None:
+        client.set_cookie("session", session_cookie)
+    response = client.get(path)
+    try:
+        return response.status, list(response.headers.items()), response.get_data()
+    finally:
+        response.close()
+
+
+def last(ext: FlaskTrace) -> Trace:
+    trace = ext.buffer.last
+    assert trace is not None
+    return trace
+
+
+class Unprintable:
+    """An object whose repr raises."""
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr for you")
+
+
+class BadRepr:
+    """An object whose repr is not a string."""
+
+    def __repr__(self) -> Any:
+        return 42
+
+
+def g_app() -> Flask:
+    app = Flask(__name__)
+
+    @app.before_request
+    def load_user() -> None:
+        g.user = "ann"
+        g.db = object()
+        g.scratch = 1
+
+    @app.before_request
+    def untouched() -> None:
+        pass
+
+    @app.before_request
+    def replace_user() -> None:
+        g.user = "bob"
+        del g.scratch
+        g.api_token = "s3cr3t-value"
+
+    @app.route("/")
+    def index() -> str:
+        g.big = "x" * 5000
+        g.broken = Unprintable()
+        g.odd = BadRepr()
+        return "ok"
+
+    @app.route("/clear")
+    def clear() -> str:
+        for key in list(vars(g)):
+            delattr(g, key)
+        return "cleared"
+
+    @app.teardown_appcontext
+    def close_db(exc: BaseException | None) -> None:
+        g.pop("db", None)
+
+    return app
+
+
+class TestG:
+    def test_keys_added_changed_removed_per_hook(self) -> None:
+        """Each hook event lists the g keys it added, changed (a new object)
+        or removed; a hook that leaves g alone has none.
+        """
+        ext = FlaskTrace(app := g_app())
+        assert fetch(app)[2] == b"ok"
+        trace = last(ext)
+        by_name = {e.name: e.attrs for e in trace.events if e.kind in ("before_request", "view")}
+        assert by_name["before_request:load_user"]["g_added"] == ["user", "db", "scratch"]
+        assert not {"g_added", "g_changed", "g_removed"} & set(by_name["before_request:untouched"])
+        replace = by_name["before_request:replace_user"]
+        assert replace["g_changed"] == ["user"]
+        assert replace["g_added"] == ["api_token"]
+        assert replace["g_removed"] == ["scratch"]
+        assert by_name["view:index"]["g_added"] == ["big", "broken", "odd"]
+        [close] = trace.find(kind="teardown_appcontext")
+        assert close.attrs["g_removed"] == ["db"]
+
+    def test_removing_every_key(self) -> None:
+        """A hook that empties g lists every key it removed."""
+        ext = FlaskTrace(app := g_app())
+        assert fetch(app, "/clear")[2] == b"cleared"
+        [view] = last(ext).find(kind="view")
+        assert sorted(view.attrs["g_removed"]) == ["api_token", "db", "user"]
+        assert last(ext).g is None
+
+    def test_final_snapshot_safe_truncated_and_redacted(self) -> None:
+        """The teardown snapshot has cut reprs, survives a repr that raises or
+        returns a non-string, and redacts secret-looking keys.
+        """
+        ext = FlaskTrace(app := g_app(), max_string=64)
+        assert fetch(app)[0] == "200 OK"
+        snapshot = last(ext).g
+        assert snapshot is not None
+        assert list(snapshot) == ["user", "api_token", "big", "broken", "odd"]
+        assert snapshot["user"] == "'bob'"
+        assert snapshot["api_token"] == REDACTED
+        assert snapshot["big"] == ("'" + "x" * 63) + TRUNCATION_MARKER
+        assert snapshot["broken"] == "<repr failed: ValueError>"
+        assert snapshot["odd"] == "<repr failed: TypeError>"
+        assert "s3cr3t" not in last(ext).to_json()
+
+    def test_no_keys_added_to_g(self) -> None:
+        """The app's g holds exactly its own keys at every step."""
+        seen: list[list[str]] = []
+
+        def factory() -> Flask:
+            app = g_app()
+
+            @app.after_request
+            def see(response: Response) -> Response:
+                seen.append(sorted(vars(g)))
+                return response
+
+            return app
+
+        plain, traced = factory(), factory()
+        FlaskTrace(traced)
+        assert fetch(traced) == fetch(plain)
+        assert seen[0] == seen[1]
+        assert "wsgitrace" not in " ".join(seen[1])
+
+
+def session_app() -> Flask:
+    app = Flask(__name__)
+    app.secret_key = "test-secret"
+
+    @app.route("/login")
+    def login() -> str:
+        session["user_id"] = 7
+        session["cart"] = ["tea", "jam"]
+        session["csrf_token"] = "tok-abc123"
+        return "in"
+
+    @app.route("/read")
+    def read() -> str:
+        return str(session.get("user_id"))
+
+    @app.route("/ignore")
+    def ignore() -> str:
+        app.config.setdefault("SEEN_CONTEXTS", []).append(request_ctx._get_current_object())
+        return "no session use"
+
+    return app
+
+
+def login_cookie(app: Flask) -> str:
+    """The value of the session cookie /login sets."""
+    response = app.test_client().get("/login")
+    try:
+        cookie = response.headers["Set-Cookie"]
+    finally:
+        response.close()
+    name, _, value = cookie.split(";")[0].partition("=")
+    assert name == "session"
+    return value
+
+
+class TestSession:
+    def test_keys_recorded_values_not(self) -> None:
+        """Session keys are on the trace; values nowhere in it by default."""
+        ext = FlaskTrace(app := session_app())
+        cookie = login_cookie(app)
+        trace = last(ext)
+        assert trace.session_keys == ["user_id", "cart", "csrf_token"]
+        assert not trace.find(kind="session")
+        fetch(app, "/ignore", session_cookie=cookie)
+        # Flask's cookie serializer sorts the keys.
+        assert last(ext).session_keys == ["cart", "csrf_token", "user_id"]
+        assert "tok-abc123" not in last(ext).to_json()
+        assert "jam" not in last(ext).to_json()
+
+    def test_values_when_asked_secrets_still_redacted(self) -> None:
+        """session_values=True records values; secret-looking keys stay redacted."""
+        ext = FlaskTrace(app := session_app(), session_values=True)
+        login_cookie(app)
+        [event] = last(ext).find(kind="session")
+        assert event.attrs["values"] == {
+            "user_id": "7",
+            "cart": "['tea', 'jam']",
+            "csrf_token": REDACTED,
+        }
+        assert "tok-abc123" not in last(ext).to_json()
+
+    @pytest.mark.parametrize("session_values", [False, True])
+    def test_reading_session_does_not_mark_it_accessed(self, session_values: bool) -> None:
+        """A request that does not touch the session gets no ``Vary: Cookie``,
+        exactly like the untraced app; one that reads it gets the same Vary.
+        """
+        plain = session_app()
+        traced = session_app()
+        ext = FlaskTrace(traced, session_values=session_values)
+        cookie = login_cookie(plain)
+        for path in ("/ignore", "/read"):
+            got = fetch(traced, path, session_cookie=cookie)
+            assert got == fetch(plain, path, session_cookie=cookie)
+            vary = [v for k, v in got[1] if k == "Vary"]
+            assert vary == ([] if path == "/ignore" else ["Cookie"])
+            assert last(ext).session_keys == ["cart", "csrf_token", "user_id"]
+        # The session object itself was never marked accessed, teardown included.
+        [ctx] = traced.config["SEEN_CONTEXTS"]
+        assert ctx._session is not None
+        assert dict(ctx._session) == {
+            "cart": ["tea", "jam"],
+            "csrf_token": "tok-abc123",
+            "user_id": 7,
+        }
+        assert ctx._session.accessed is False
+
+    def test_no_session_no_keys(self) -> None:
+        """Without a session cookie, session_keys stays None."""
+        ext = FlaskTrace(app := session_app())
+        fetch(app, "/ignore")
+        assert last(ext).session_keys is None
+
+
+def routing_app() -> Flask:
+    app = Flask(__name__)
+    shop = Blueprint("shop", __name__, url_prefix="/shop")
+
+    @shop.route("/<category>/<int:item_id>")
+    def item(category: str, item_id: int) -> str:
+        return f"{category} {item_id} {request.view_args}"
+
+    @app.route("/")
+    def index() -> str:
+        return "index"
+
+    app.register_blueprint(shop)
+    return app
+
+
+class TestUrlMatch:
+    def test_endpoint_rule_and_view_args(self) -> None:
+        """The URL match gives endpoint, rule and converted view args."""
+        ext = FlaskTrace(app := routing_app())
+        plain = routing_app()
+        assert fetch(app, "/shop/tea/42") == fetch(plain, "/shop/tea/42")
+        trace = last(ext)
+        assert trace.endpoint == "shop.item"
+        assert trace.rule == "/shop/<category>/<int:item_id>"
+        assert trace.view_args == {"category": "tea", "item_id": 42}
+        [match] = trace.find(kind="url_match")
+        assert match.attrs == {}
+        data = json.loads(trace.to_json())
+        assert data["endpoint"] == "shop.item"
+        assert data["rule"] == "/shop/<category>/<int:item_id>"
+        assert data["view_args"] == {"category": "tea", "item_id": 42}
+
+    def test_no_view_args(self) -> None:
+        """A rule without variables leaves view_args None."""
+        ext = FlaskTrace(app := routing_app())
+        fetch(app, "/")
+        trace = last(ext)
+        assert (trace.endpoint, trace.rule, trace.view_args) == ("index", "/", None)
+
+    def test_routing_errors(self) -> None:
+        """404 and 405 are recorded as the routing error with its code."""
+        ext = FlaskTrace(app := routing_app())
+        fetch(app, "/shop/tea/not-a-number")
+        assert last(ext).find(kind="url_match")[0].attrs == {"error": "NotFound", "code": 404}
+        assert last(ext).endpoint is None
+        response = app.test_client().post("/")
+        response.close()
+        assert last(ext).find(kind="url_match")[0].attrs == {
+            "error": "MethodNotAllowed",
+            "code": 405,
+        }
