@@ -264,7 +264,11 @@ class TraceMiddleware:
         """Put a trace into the buffer and tell the capture listeners."""
         self.buffer.append(trace)
         for listener in _capture_listeners:
-            listener(trace)
+            # A failing listener must not stop the others or the trace's finish.
+            try:
+                listener(trace)
+            except Exception:
+                report_internal_error("capture_listener", trace)
 
     def __repr__(self) -> str:
         return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
