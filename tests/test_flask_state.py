@@ -299,3 +299,68 @@ class TestUrlMatch:
             "error": "MethodNotAllowed",
             "code": 405,
         }
+
+
+class Product:
+    """A model object a URL converter loads; counts calls of its repr."""
+
+    reprs = 0
+
+    def __init__(self, slug: str) -> None:
+        self.slug = slug
+
+    def __repr__(self) -> str:
+        Product.reprs += 1
+        return f"<Product {self.slug}>"
+
+
+def converter_app() -> Flask:
+    from werkzeug.routing import BaseConverter
+
+    class ProductConverter(BaseConverter):
+        def to_python(self, value: str) -> Product:
+            return Product(value)
+
+        def to_url(self, value: Any) -> str:
+            return str(value.slug)
+
+    app = Flask(__name__)
+    app.url_map.converters["product"] = ProductConverter
+
+    @app.route("/p/<product:product>/<path:rest>")
+    def show(product: Product, rest: str) -> str:
+        return product.slug
+
+    return app
+
+
+def test_view_args_keep_no_app_objects_and_are_capped() -> None:
+    """An object a converter made is kept as its repr (taken once, during
+    the request), not referenced; text is cut to max_string.
+    """
+    import gc
+    import weakref
+
+    ext = FlaskTrace(app := converter_app(), max_string=32)
+    made: list[weakref.ref[Product]] = []
+    original = Product.__init__
+
+    def tracking_init(self: Product, slug: str) -> None:
+        original(self, slug)
+        made.append(weakref.ref(self))
+
+    Product.__init__ = tracking_init  # type: ignore[method-assign]
+    try:
+        assert fetch(app, "/p/tea/" + "a/" * 40)[2] == b"tea"
+    finally:
+        Product.__init__ = original  # type: ignore[method-assign]
+    gc.collect()
+    assert [ref() for ref in made] == [None]
+    trace = last(ext)
+    assert trace.view_args == {
+        "product": "<Product tea>",
+        "rest": "a/" * 16 + TRUNCATION_MARKER,
+    }
+    reprs = Product.reprs
+    trace.to_json()
+    assert Product.reprs == reprs

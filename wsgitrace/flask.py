@@ -292,7 +292,8 @@ class _AppTracer:
                 trace.endpoint = rule.endpoint
                 trace.rule = rule.rule
             if req.view_args:
-                trace.view_args = dict(req.view_args)
+                limit = self.max_string
+                trace.view_args = {k: _view_arg(v, limit) for k, v in req.view_args.items()}
             trace.record("url_match", "url_match", now, now)
         except Exception:
             report_internal_error("flask.url_match", trace)
@@ -342,6 +343,18 @@ class _Strong:
 
     def __call__(self) -> Any:
         return self.obj
+
+
+def _view_arg(value: Any, limit: int) -> Any:
+    """A view argument as kept on the trace: numbers as they are, text cut,
+    anything else (a converter's object, which may hold the app or a
+    database session) as its cut repr, taken now, inside the request.
+    """
+    if value is None or type(value) in (int, float, bool):
+        return value
+    if type(value) is str:
+        return cut(value, limit)
+    return _safe_repr(value, limit)
 
 
 def _safe_repr(value: Any, limit: int) -> str:
