@@ -224,6 +224,30 @@ class TestSetUp:
         assert len(ext.buffer) == 3
         assert all(t.path == "/" for t in ext.buffer.latest())
 
+    def test_static_files_not_traced_by_default(self, tmp_path: Any) -> None:
+        """The static folder and /favicon.ico are excluded unless configured."""
+        (tmp_path / "site.css").write_text("body {}")
+        app = Flask(__name__, static_folder=str(tmp_path), static_url_path="/static")
+
+        @app.route("/favicon.ico")
+        def favicon() -> str:
+            return "icon"
+
+        @app.route("/page")
+        def page() -> str:
+            return "page"
+
+        ext = FlaskTrace(app)
+        assert fetch(app, "/static/site.css")[2] == b"body {}"
+        assert fetch(app, "/favicon.ico")[2] == b"icon"
+        assert fetch(app, "/page")[2] == b"page"
+        assert [t.path for t in ext.buffer.latest()] == ["/page"]
+        app2 = Flask(__name__, static_folder=str(tmp_path), static_url_path="/static")
+        ext2 = FlaskTrace(app2, exclude=[])
+        assert fetch(app2, "/static/site.css")[2] == b"body {}"
+        assert [t.path for t in ext2.buffer.latest()] == ["/static/site.css"]
+        assert ext2.buffer.latest()[0].hooks() == ["view:static"]
+
     def test_bad_options_fail_at_set_up(self) -> None:
         """A bad keyword or config value raises ConfigurationError naming it."""
         with pytest.raises(ConfigurationError, match="unknown"):
@@ -419,6 +443,7 @@ HOOK_FUNCTIONS = {
     "view": "view",
     "after_request": "after",
     "teardown_request": "teardown",
+    "teardown_appcontext": "teardown_app",
     "errorhandler": "handler",
 }
 
@@ -426,7 +451,14 @@ HOOK_FUNCTIONS = {
 class TestExceptions:
     @pytest.mark.parametrize(
         "where",
-        ["before_request", "view", "after_request", "teardown_request", "errorhandler"],
+        [
+            "before_request",
+            "view",
+            "after_request",
+            "teardown_request",
+            "teardown_appcontext",
+            "errorhandler",
+        ],
     )
     @pytest.mark.parametrize("config", ["TESTING", "PROPAGATE_EXCEPTIONS"])
     def test_same_exception_object_propagates(self, where: str, config: str) -> None:

@@ -941,6 +941,50 @@ def test_threads_spawned_by_a_view_do_not_corrupt_the_trace(step_clock: StepCloc
     assert second is not trace
 
 
+def test_thread_with_the_request_context_vars_records_as_itself(
+    step_clock: StepClock,
+) -> None:
+    """A worker thread run in a copy of the request's contextvars belongs to
+    the request: its teardown (from copy_current_request_context) is
+    recorded with the worker's thread id, between the view's start and end.
+    """
+    import contextvars
+
+    from flask import copy_current_request_context
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.teardown_request
+        def teardown(exc: BaseException | None) -> None:
+            log.append("teardown")
+
+        @app.route("/")
+        def index() -> str:
+            @copy_current_request_context
+            def work() -> None:
+                log.append(f"work {request.path}")
+
+            context = contextvars.copy_context()
+            thread = threading.Thread(target=context.run, args=(work,))
+            thread.start()
+            thread.join(5)
+            return "ok"
+
+        return app
+
+    pair = Pair(factory, step_clock)
+    _, trace = pair.both("/")
+    assert pair.traced_log == ["work /", "teardown", "teardown"]
+    assert trace.hooks() == ["view:index", "teardown_request:teardown", "teardown_request:teardown"]
+    [view] = trace.find(kind="view")
+    worker, main = trace.find(kind="teardown_request")
+    assert worker.thread != trace.thread
+    assert main.thread == trace.thread
+    assert view.start_ns < worker.start_ns < worker.end_ns < view.end_ns
+    assert main.start_ns > view.end_ns
+
+
 def test_streamed_template_and_context_kept_for_the_body(step_clock: StepClock) -> None:
     """stream_with_context keeps the request context for the body: the trace
     shows a second teardown after the body started.
