@@ -812,7 +812,9 @@ def demo(
     server_thread.start()
 
     view: _View = _JsonView() if as_json else _HumanView(verbose)
-    follow = _Follow(_Client(base), view, {}, lines=0, full=verbose, wait=2.0)
+    # The server is new: follow it from its first trace (cursor 0), so the
+    # traffic thread cannot get ahead of the first poll.
+    follow = _Follow(_Client(base), view, {}, lines=0, full=verbose, wait=2.0, cursor=0)
     view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
     view.message(
         f"sending it requests; in another terminal try  wsgitrace tail -v {base}"
