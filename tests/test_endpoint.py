@@ -1022,6 +1022,16 @@ class TestAccess:
                 assert secret.encode() not in body
 
 
+def test_lone_surrogates_do_not_break_answers(serve: Callable[..., Served]) -> None:
+    """A captured string that is not valid UTF-8 text is replaced, not a 500."""
+    served = serve()
+    trace = add(served.buffer, "/bad")
+    trace.error = {"type": "OSError", "message": "no file \udcff", "traceback": "", "where": "app"}
+    assert served.listing()["traces"][0]["error"] == "OSError"
+    data = served.get(f"/_trace/{trace.id}").json()
+    assert data["error"]["message"] == "no file ?"
+
+
 def test_missing_host_header_is_refused(serve: Callable[..., Served]) -> None:
     """An HTTP/1.0 request without Host is refused."""
     served = serve()

@@ -103,6 +103,11 @@ class TestSafe:
         assert text == ("a\\x1b[2Jb\\x9bc\\x07d\\x0de\\x09f\\x0ag\\x7fh\\x85i\\u202ej\\x00")
         assert not RAW_CONTROL.search(text)
 
+    def test_lone_surrogates_are_escaped(self) -> None:
+        """A lone surrogate (undecodable bytes) is shown escaped, so output can be encoded."""
+        assert safe("file\udcff") == "file\\udcff"
+        assert render_text(build_trace_table([make_trace(path="/\udcff")])).encode("utf-8")
+
     def test_printable_text_is_unchanged(self) -> None:
         """Printable text, markup-like brackets and non-ASCII letters are kept."""
         assert safe("[bold red]héllo ✓ ☃[/]") == "[bold red]héllo ✓ ☃[/]"

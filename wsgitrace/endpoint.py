@@ -641,7 +641,9 @@ def _json(
     *,
     head: bool = False,
 ) -> list[bytes]:
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate (e.g. in an exception message) must not fail the answer.
+    body = text.encode("utf-8", "replace")
     headers = [
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(body))),
