@@ -43,11 +43,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import operator
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -467,23 +468,25 @@ def _is_subsequence(expected: list[str], ran: list[str]) -> bool:
     return True
 
 
-def _align(expected: list[str], ran: list[str]) -> list[tuple[int | None, int | None]]:
-    """A longest common subsequence alignment of the two lists (patterns in
-    ``expected`` match by :func:`_match`), as (expected index, ran index)
-    pairs; ``None`` on the side an item is missing from.
+def _align(
+    expected: list[str], ran: list[str], match: Callable[[str, str], bool] = _match
+) -> list[tuple[int | None, int | None]]:
+    """A longest common subsequence alignment of the two lists (an item of
+    ``ran`` matches one of ``expected`` by ``match``), as (expected index,
+    ran index) pairs; ``None`` on the side an item is missing from.
     """
     n, m = len(expected), len(ran)
     lengths = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            if _match(ran[j], expected[i]):
+            if match(ran[j], expected[i]):
                 lengths[i][j] = lengths[i + 1][j + 1] + 1
             else:
                 lengths[i][j] = max(lengths[i + 1][j], lengths[i][j + 1])
     pairs: list[tuple[int | None, int | None]] = []
     i = j = 0
     while i < n and j < m:
-        if _match(ran[j], expected[i]):
+        if match(ran[j], expected[i]):
             pairs.append((i, j))
             i += 1
             j += 1
@@ -629,19 +632,24 @@ def _printable(text: str) -> str:
 
 
 @pytest.fixture
-def wsgitrace(request: pytest.FixtureRequest) -> Iterator[TraceCapture]:
+def wsgitrace() -> Iterator[TraceCapture]:
     """Every trace made in this process during the test, as a
     :class:`TraceCapture`: ``.last``, ``.all``, ``.filter(path=...)``,
     ``.watch(app)`` and the hook order assertions.
     """
-    item = request.node
-    state = item.stash.get(_STATE, None)
+    # The running item comes from pytest_runtest_setup: asking for the
+    # ``request`` fixture (or ``pytestconfig``, which does) would make pytest
+    # build a fixture definition, signature and all, on every use.
+    item = _running[-1] if _running else None
+    state = item.stash.get(_STATE, None) if item is not None else None
     if state is not None and state.capture.active:
         # Started for a ``wsgitrace_keep`` marker, before any fixture.
         yield state.capture
         return
-    with capture_traces(max_traces=_settings(request.config).max_traces) as capture:
-        item.stash[_STATE] = _ItemState(capture)
+    max_traces = _settings(item.config).max_traces if item is not None else 1000
+    with capture_traces(max_traces=max_traces) as capture:
+        if item is not None:
+            item.stash[_STATE] = _ItemState(capture)
         yield capture
 
 
@@ -677,6 +685,9 @@ class _ItemState:
 _SETTINGS = pytest.StashKey[_Settings]()
 _STATE = pytest.StashKey[_ItemState]()
 _KEEP = pytest.StashKey[bool]()
+
+#: Items being run, innermost last (a test may run pytest in process).
+_running: list[pytest.Item] = []
 
 
 def _settings(config: pytest.Config) -> _Settings:
@@ -779,6 +790,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    _running.append(item)
     if item.stash.get(_KEEP, False):
         # Start before any fixture, so requests made by fixtures are kept.
         manager = capture_traces(max_traces=_settings(item.config).max_traces)
@@ -791,6 +803,8 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     try:
         return (yield)
     finally:
+        if item in _running:
+            _running.remove(item)
         state = item.stash.get(_STATE, None)
         if state is not None and state.manager is not None:
             state.manager.__exit__(None, None, None)
@@ -921,7 +935,7 @@ def pytest_assertrepr_compare(
         return None
     try:
         lines = ["hook lists differ (left: ran, right: expected)", "   exp  ran"]
-        for e, r in _align(expected, ran):
+        for e, r in _align(expected, ran, operator.eq):
             e_col = f"{e:>6}" if e is not None else "     ."
             r_col = f"{r:>5}" if r is not None else "    ."
             if e is not None and r is not None:
