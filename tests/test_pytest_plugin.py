@@ -481,6 +481,26 @@ def test_live_server_request_of_earlier_test_left_out(live_url, wsgitrace):
 @pytest.mark.wsgitrace_keep
 def test_kept_without_fixture(app):
     app.test_client().get("/admin/")
+
+
+@pytest.fixture
+def early_request(app):
+    app.test_client().get("/early")
+
+
+@pytest.mark.wsgitrace_keep
+def test_kept_captures_fixture_requests(early_request, app, wsgitrace):
+    app.test_client().get("/late")
+    assert [t.path for t in wsgitrace.all] == ["/early", "/late"]
+
+
+def test_unmarked_misses_earlier_fixture_requests(early_request, app, wsgitrace):
+    app.test_client().get("/late")
+    assert [t.path for t in wsgitrace.all] == ["/late"]
+
+
+def test_fails_without_requests(wsgitrace):
+    assert False
 """
 
 
@@ -500,14 +520,16 @@ def read_jsonl(path: Any) -> dict[str, dict[str, Any]]:
 
 def test_failure_report_isolation_and_json(pytester: pytest.Pytester) -> None:
     """One run: a passing test, a failing order assertion with its diff and
-    the timeline section, a failing test without the fixture (no section),
-    factories, two tests that do not see each other's traces (even a live
-    server request left running by an earlier test), and the JSON Lines file.
+    the timeline section, failing tests without the fixture or without
+    requests (no section), factories, tests that do not see each other's
+    traces (even a live server request left running by an earlier test), the
+    ``wsgitrace_keep`` marker (capturing from before the fixtures), and the
+    JSON Lines file.
     """
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_hooks=TEST_HOOKS)
     result = pytester.runpytest_subprocess("--wsgitrace-json=out/traces.jsonl", "-p", "no:xdist")
-    result.assert_outcomes(passed=6, failed=2)
+    result.assert_outcomes(passed=8, failed=3)
     result.stdout.fnmatch_lines(
         [
             "*_ test_order_fails _*",
@@ -532,14 +554,19 @@ def test_failure_report_isolation_and_json(pytester: pytest.Pytester) -> None:
             "GET / → 200 OK",
             "*view:index*",
             "*_ test_without_fixture _*",
-            "wsgitrace: traces of 2 tests written to *traces.jsonl",
+            "wsgitrace: traces of 3 tests written to *traces.jsonl",
         ]
     )
     output = result.stdout.str()
     assert "wsgitrace -" not in section(output, "test_without_fixture")
+    assert "wsgitrace -" not in section(output, "test_fails_without_requests")
     assert "\x1b[" not in output
     records = read_jsonl(pytester.path / "out" / "traces.jsonl")
-    assert sorted(records) == ["test_kept_without_fixture", "test_order_fails"]
+    assert sorted(records) == [
+        "test_kept_captures_fixture_requests",
+        "test_kept_without_fixture",
+        "test_order_fails",
+    ]
     failed = records["test_order_fails"]
     assert (failed["outcome"], failed["schema"], failed["dropped"]) == ("failed", 1, 0)
     assert [t["path"] for t in failed["traces"]] == ["/", "/admin/"]

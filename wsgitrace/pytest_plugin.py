@@ -2,8 +2,8 @@
 a failing test made.
 
 Installed with wsgitrace and loaded by pytest through its ``pytest11`` entry
-point (``-p no:wsgitrace`` turns it off). Flask and rich are imported only
-when a test uses them::
+point; ``-p no:wsgitrace`` turns it off. Flask and rich are imported only when
+a test uses them::
 
     from wsgitrace.demo_app import create_app
 
@@ -21,19 +21,35 @@ when a test uses them::
         wsgitrace.assert_short_circuited(trace, "before_request:admin.require_admin")
         wsgitrace.assert_hook_not_run(trace, "view:*")
 
-The ``wsgitrace`` fixture captures every trace any
-:class:`~wsgitrace.TraceMiddleware` or :class:`~wsgitrace.flask.FlaskTrace`
-in the process makes while the test runs: through Flask's test client,
-werkzeug's ``Client`` or a server thread. Requests that started before the
-test did are left out.
+The ``wsgitrace`` fixture (a :class:`TraceCapture`) captures every trace that
+any :class:`~wsgitrace.TraceMiddleware` or :class:`~wsgitrace.flask.FlaskTrace`
+in the process makes from the moment the fixture is set up to the end of the
+test: through Flask's test client, werkzeug's ``Client`` or a server thread.
+A trace is there as soon as the app call returns. Requests that reached the
+app before the capture started (one still running from an earlier test) are
+left out; requests made by fixtures set up before ``wsgitrace`` are too, so
+request it first, or mark the test ``wsgitrace_keep``, whose capture starts
+before every fixture. ``wsgitrace_capture`` captures one block of a test.
 
-When a test that made requests fails, its report gets a ``wsgitrace``
-section with the timeline of those requests (``--wsgitrace-report`` or the
-``wsgitrace_report`` ini option: ``failed``, ``always`` or ``never``).
-``--wsgitrace-json=PATH`` writes the traces of failed tests, of tests marked
-``wsgitrace_keep`` and, with ``--wsgitrace-keep-passed``, of every test, to
-``PATH`` as JSON Lines (one object per test). Under pytest-xdist the
-controller writes that one file from what the workers report.
+Reports and files:
+
+- ``--wsgitrace-report=failed|always|never`` (ini ``wsgitrace_report``,
+  default ``failed``): a test that captured requests gets a ``wsgitrace``
+  report section with a table of them and the timelines of the last few
+  (the one a :class:`~wsgitrace.HookOrderError` was raised on first), plain
+  text. With ``always``, passed tests' sections are printed at the end.
+- ``--wsgitrace-json=PATH`` (ini ``wsgitrace_json``): JSON Lines, one object
+  per test with ``schema``, ``nodeid``, ``outcome``, ``worker``, ``dropped``,
+  ``internal_errors`` and ``traces`` (full :meth:`Trace.to_dict` forms), for
+  failed tests, tests marked ``wsgitrace_keep`` and, with
+  ``--wsgitrace-keep-passed`` (ini ``wsgitrace_keep_passed``), every test that
+  captured. Under pytest-xdist the records travel with the test reports and
+  the controller writes the one file.
+- ``wsgitrace_max_traces`` (ini, default 1000): traces kept per test; older
+  ones are dropped and the count is shown.
+
+Whatever goes wrong inside the plugin is written into the report section;
+it never changes a test's outcome.
 
 .. versionadded:: 0.1
 """
@@ -698,6 +714,7 @@ def _settings(config: pytest.Config) -> _Settings:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``wsgitrace`` option group and ini options."""
     group = parser.getgroup("wsgitrace", "wsgitrace: request lifecycle traces")
     group.addoption(
         "--wsgitrace-report",
@@ -734,6 +751,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker, read and check the settings, open the JSON file."""
     config.addinivalue_line(
         "markers",
         "wsgitrace_keep: capture this test's requests (as the wsgitrace fixture does)"
@@ -775,6 +793,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Close the JSON file."""
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.writer is not None:
         settings.writer.close()
@@ -783,6 +802,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Note the tests marked ``wsgitrace_keep``, once, at collection."""
     for item in items:
         if item.get_closest_marker("wsgitrace_keep") is not None:
             item.stash[_KEEP] = True
@@ -790,6 +810,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Note the running item; start a marked test's capture before its fixtures."""
     _running.append(item)
     if item.stash.get(_KEEP, False):
         # Start before any fixture, so requests made by fixtures are kept.
@@ -800,6 +821,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Stop a marked test's capture after its fixtures are torn down."""
     try:
         return (yield)
     finally:
@@ -815,6 +837,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Add the report section and the JSON record of a test that captured."""
     report = yield
     state = item.stash.get(_STATE, None)
     if state is None:
@@ -833,6 +856,9 @@ def pytest_runtest_makereport(
 def _annotate(
     item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport, state: _ItemState
 ) -> None:
+    """Add the section to the first failed report (or the passed call report
+    with ``always``) and the JSON record to the teardown report.
+    """
     settings = _settings(item.config)
     state.failed = state.failed or report.failed
     state.skipped = state.skipped or report.skipped
@@ -853,6 +879,7 @@ def _annotate(
 
 
 def _json_record(item: pytest.Item, capture: TraceCapture, outcome: str) -> str:
+    """One line of the JSON Lines file: the test and its full traces."""
     traces = []
     for trace in capture.all:
         try:
@@ -884,8 +911,10 @@ class _JsonWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file: IO[str] | None = path.open("w", encoding="utf-8")
 
+    @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        data = getattr(report, "wsgitrace_json", None)
+        # Popped once written: the terminal reporter keeps every report.
+        data = report.__dict__.pop("wsgitrace_json", None)
         if not isinstance(data, str) or self.file is None:
             return
         try:
@@ -907,7 +936,10 @@ class _JsonWriter:
             self.file = None
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    """With ``always``, show passed tests' sections unless ``-rP`` does."""
     settings = config.stash.get(_SETTINGS, None)
     if settings is None:
         return
