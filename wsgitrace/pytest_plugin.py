@@ -925,7 +925,8 @@ class _JsonWriter:
             self.error = _error(exc)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        line = f"wsgitrace: traces of {self.written} tests written to {self.path}"
+        tests = "test" if self.written == 1 else "tests"
+        line = f"wsgitrace: traces of {self.written} {tests} written to {self.path}"
         if self.error:
             line += f" (writing failed: {self.error})"
         terminalreporter.write_line(line)
