@@ -4,9 +4,19 @@ Usage::
 
     python bench/inprocess.py [--rounds N] [--requests N] [--warmup N]
                               [--routes /hello,/json,...] [--configs bare,...]
-                              [--gc-off] [--cpu N] [--json out.json] [--markdown]
-                              [--write-readme README.md]
+                              [--gc-off] [--cpu N] [--memory-traces N]
+                              [--retries N] [--quiet-timeout S]
+                              [--json out.json] [--markdown] [--write-readme README.md]
     python bench/inprocess.py --profile flasktrace [--profile-route /hello]
+                              [--profile-requests N]
+
+Defaults: 15 rounds × 2,000 requests per configuration and route, 1,500
+warm-up requests each. ``--cpu 1`` pins the process to one CPU. Each round
+is repeated (``--retries``, default 2) when other processes used more than a
+quarter of a CPU while it ran, after waiting (``--quiet-timeout``) for a
+quiet machine; the report says how many contended rounds were kept.
+``--profile CONFIG`` prints cProfile's top functions by tottime for one
+configuration, then wsgitrace's own functions, and exits.
 
 Four configurations, each a separately built Flask app from the same code
 (``bench/apps.py``): ``bare`` Flask, wsgitrace's ``middleware`` only,

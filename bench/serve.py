@@ -4,7 +4,16 @@ Usage::
 
     python bench/serve.py [--duration S] [--connections C] [--rounds N]
                           [--warmup S] [--path /hello] [--configs bare,...]
+                          [--retries N] [--quiet-timeout S]
                           [--json out.json] [--markdown] [--write-readme README.md]
+
+Defaults: 10 s per run after 2 s of warm-up, 16 connections (a sync worker
+serves one at a time; the others wait in the backlog, so it never idles),
+3 rounds. A run during which other processes used more than a quarter of a
+CPU is repeated (``--retries``, default 2) after waiting for a quiet machine
+(``--quiet-timeout``); a budget measured on contended runs is "inconclusive".
+After each run the app's ``/_bench`` route reports how many requests the
+tracer recorded, so a configuration cannot pass by tracing nothing.
 
 Each configuration of ``bench/apps.py`` (``bare``, ``middleware``,
 ``flasktrace``, ``otel``) is served in turn by gunicorn (one sync worker) on a
