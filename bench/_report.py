@@ -221,13 +221,20 @@ def verdict(ok: bool | None) -> str:
     return "pass" if ok else "FAIL"
 
 
+#: A phrase each script's report contains, to recognise a pasted report.
+SECTION_SIGNATURES = {"inprocess": "In-process, ", "serve": "gunicorn, 1 sync worker"}
+
+
 def replace_readme_block(readme: str, section: str, body: str) -> str:
     """Put ``body`` into README's bench block as ``section``.
 
     The block between :data:`README_START` and :data:`README_END` holds one
     sub-block per script (``inprocess``, then ``serve``), each between its own
-    markers, so running one script keeps the other's results; anything else in
-    the block (a placeholder) is dropped.
+    markers, so running one script keeps the other's results. Text in the
+    block outside any sub-block (e.g. a report pasted by hand) is kept: as the
+    sub-block of the script whose report it is (see
+    :data:`SECTION_SIGNATURES`; replaced when that is ``section``), else
+    verbatim before the sub-blocks.
 
     :raises ValueError: the outer markers are missing.
     """
@@ -238,10 +245,17 @@ def replace_readme_block(readme: str, section: str, body: str) -> str:
         raise ValueError(msg)
     inner = re.compile(r"<!-- bench:(\w+):start -->\n?(.*?)\n?<!-- bench:\1:end -->", re.DOTALL)
     sections = {m.group(1): m.group(2) for m in inner.finditer(match.group(1))}
+    loose = inner.sub("", match.group(1)).strip()
+    if loose:
+        owner = next((name for name, sign in SECTION_SIGNATURES.items() if sign in loose), None)
+        if owner is not None:
+            sections.setdefault(owner, loose)
+            loose = ""
     sections[section] = body.strip()
     order = sorted(sections, key=lambda name: (SECTION_ORDER.get(name, 99), name))
-    content = "\n\n".join(
+    parts = [loose] if loose else []
+    parts.extend(
         f"<!-- bench:{name}:start -->\n{sections[name]}\n<!-- bench:{name}:end -->"
         for name in order
     )
-    return readme[: match.start(1)] + "\n" + content + "\n" + readme[match.end(1) :]
+    return readme[: match.start(1)] + "\n" + "\n\n".join(parts) + "\n" + readme[match.end(1) :]
