@@ -231,14 +231,18 @@ class TestSession:
             assert vary == ([] if path == "/ignore" else ["Cookie"])
             assert last(ext).session_keys == ["cart", "csrf_token", "user_id"]
         # The session object itself was never marked accessed, teardown included.
-        [ctx] = traced.config["SEEN_CONTEXTS"]
-        assert ctx._session is not None
-        assert dict(ctx._session) == {
-            "cart": ["tea", "jam"],
-            "csrf_token": "tok-abc123",
-            "user_id": 7,
-        }
-        assert ctx._session.accessed is False
+        # The session object's accessed flag ends as without tracing, teardown
+        # included (False on Flask 3.1; 3.0 sets it itself).
+        accessed = []
+        for app in (plain, traced):
+            [ctx] = app.config["SEEN_CONTEXTS"]
+            # Flask 3.1 keeps it in ctx._session, Flask 3.0 in ctx.session.
+            stored = getattr(ctx, "_session", None) or vars(ctx)["session"]
+            assert sorted(stored) == ["cart", "csrf_token", "user_id"]
+            accessed.append(stored.accessed)
+        assert accessed[1] is accessed[0]
+        if hasattr(ctx, "_session"):
+            assert accessed == [False, False]
 
     def test_no_session_no_keys(self) -> None:
         """Without a session cookie, session_keys stays None."""

@@ -301,7 +301,11 @@ class _AppTracer:
     def snapshot_session(self, trace: Trace) -> None:
         try:
             ctx = _cv_request.get(None)
-            session = getattr(ctx, "_session", None) if ctx is not None else None
+            if ctx is None:
+                return
+            # Flask 3.1 keeps it in ``_session`` behind a property that marks
+            # it accessed; Flask 3.0 in a plain ``session`` attribute.
+            session = getattr(ctx, "_session", None) or vars(ctx).get("session")
             if not session:
                 return
             keys = [str(k) for k in dict.keys(session)]
