@@ -1030,3 +1030,66 @@ def test_streamed_template_and_context_kept_for_the_body(step_clock: StepClock) 
     # before the server's close().
     assert body_event.start_ns < last_teardown.start_ns
     assert last_teardown.end_ns <= body_event.end_ns <= close.start_ns
+
+
+def test_after_request_that_raises_unhandled(step_clock: StepClock) -> None:
+    """An after_request that raises: Flask answers with its 500 handler and
+    finalizes again, so the after_request hooks run a second time (the
+    failing one raising again, logged by Flask); the trace shows exactly that.
+    """
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        @app.after_request
+        def fragile(response: Response) -> Response:
+            log.append(f"fragile {response.status_code}")
+            raise BoomError("after_request failed")
+
+        @app.after_request
+        def stamp(response: Response) -> Response:
+            log.append(f"stamp {response.status_code}")
+            response.headers["X-Stamp"] = "1"
+            return response
+
+        @app.errorhandler(500)
+        def server_error(error: Exception) -> tuple[str, int]:
+            return "sorry", 500
+
+        @app.teardown_request
+        def teardown(exc: BaseException | None) -> None:
+            log.append(f"teardown {type(exc).__name__}")
+
+        return app
+
+    pair = Pair(factory, step_clock)
+    (status, headers, body), trace = pair.both("/")
+    assert (status, body) == ("500 INTERNAL SERVER ERROR", b"sorry")
+    assert ("X-Stamp", "1") in headers
+    assert pair.traced_log == [
+        "stamp 200",
+        "fragile 200",
+        "stamp 500",
+        "fragile 500",
+        "teardown BoomError",
+    ]
+    assert trace.hooks() == [
+        "view:index",
+        "after_request:stamp",
+        "after_request:fragile",
+        "errorhandler:server_error",
+        "after_request:stamp",
+        "after_request:fragile",
+        "teardown_request:teardown",
+    ]
+    assert [e.attrs.get("error") for e in trace.find(kind="after_request")] == [
+        None,
+        "BoomError",
+        None,
+        "BoomError",
+    ]
+    assert [e.name for e in trace.find(kind="signal")].count("signal:request-finished") == 0
