@@ -52,7 +52,7 @@ from .context import _current_trace
 from .exceptions import WsgitraceWarning
 from .middleware import TraceMiddleware, report_internal_error
 from .redact import REDACTED
-from .trace import Trace, cut, format_error
+from .trace import EventKey, Trace, cut, format_error
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -62,6 +62,19 @@ if TYPE_CHECKING:
 __all__ = ["FlaskTrace"]
 
 _MISSING = object()
+
+# Shared keys of the signals sent on every request (no attributes).
+_SIGNAL_KEYS: dict[str, EventKey] = {
+    name: ("signal", name, None)
+    for name in (
+        "signal:request-started",
+        "signal:request-finished",
+        "signal:request-tearing-down",
+        "signal:appcontext-pushed",
+        "signal:appcontext-tearing-down",
+        "signal:appcontext-popped",
+    )
+}
 #: Traces with a template render in progress kept per app (see _template_starts).
 _MAX_PENDING_TEMPLATES = 256
 _SUPPORTED = ("3.0", "3.1")
@@ -130,8 +143,8 @@ class _AppTracer:
         # Traces made by this app's middleware carry these limits: a trace of
         # another app (one app served inside another's request) is left alone.
         self.limits = middleware.limits
-        self._hook_info: dict[tuple[str, str | None, int], tuple[str, dict[str, Any], Any]] = {}
-        self._view_info: dict[str, tuple[str, dict[str, Any], Any]] = {}
+        self._hook_info: dict[tuple[str, str | None, int], tuple[EventKey, Any]] = {}
+        self._view_info: dict[str, tuple[EventKey, Any]] = {}
         # id(trace) -> (trace, starts of renders not finished yet); the trace
         # is kept to tell a reused id apart, the size is capped because a
         # render that raises never pops its start.
@@ -141,12 +154,12 @@ class _AppTracer:
 
     # -- naming -------------------------------------------------------------
 
-    def hook_info(self, kind: str, blueprint: str | None, func: Any) -> tuple[str, dict[str, Any]]:
-        """Event name and shared static attributes of a hook function."""
+    def hook_info(self, kind: str, blueprint: str | None, func: Any) -> EventKey:
+        """The shared event key (kind, name, static attributes) of a hook."""
         key = (kind, blueprint, id(func))
         info = self._hook_info.get(key)
-        if info is not None and info[2]() is func:
-            return info[0], info[1]
+        if info is not None and info[1]() is func:
+            return info[0]
         try:
             short = _function_name(func)
             attrs = {
@@ -166,17 +179,18 @@ class _AppTracer:
             # Not weak-referenceable (rare); a strong reference cannot hold the
             # app because such objects are not closures.
             ref = _Strong(func)
+        event_key: EventKey = (kind, name, attrs)
         if len(self._hook_info) < 4096:
-            self._hook_info[key] = (name, attrs, ref)
-        return name, attrs
+            self._hook_info[key] = (event_key, ref)
+        return event_key
 
     # -- the hook runner ----------------------------------------------------
 
-    def view_info(self, endpoint: str, view: Any) -> tuple[str, dict[str, Any]]:
-        """Event name ``view:<endpoint>`` and static attributes of a view."""
+    def view_info(self, endpoint: str, view: Any) -> EventKey:
+        """The shared event key ``view:<endpoint>`` of a view."""
         info = self._view_info.get(endpoint)
-        if info is not None and info[2]() is view:
-            return info[0], info[1]
+        if info is not None and info[1]() is view:
+            return info[0]
         blueprint = endpoint.rpartition(".")[0] or None
         try:
             attrs = {
@@ -193,15 +207,16 @@ class _AppTracer:
             ref: Any = weakref.ref(view)
         except TypeError:
             ref = _Strong(view)
+        event_key: EventKey = ("view", f"view:{endpoint}", attrs)
         if len(self._view_info) < 4096:
-            self._view_info[endpoint] = (f"view:{endpoint}", attrs, ref)
-        return f"view:{endpoint}", attrs
+            self._view_info[endpoint] = (event_key, ref)
+        return event_key
 
     def run_hook(
         self,
         trace: Trace,
         kind: str,
-        info: tuple[str, dict[str, Any]],
+        info: EventKey,
         call: Callable[..., Any],
         *args: Any,
     ) -> Any:
@@ -222,30 +237,35 @@ class _AppTracer:
         except BaseException as exc:
             self.after_hook(trace, kind, info, start, before, g_dict, None, exc)
             raise
-        if rv is None and before is None and not g_dict:
-            # The common case, kept to one clock read and one record.
-            try:
-                trace.record(kind, info[0], start, clock(), info[1])
-            except Exception:
-                report_internal_error("flask.hook", trace)
-        else:
-            self.after_hook(trace, kind, info, start, before, g_dict, rv, None)
+        try:
+            end = clock()
+            unchanged = _g_changes(before, g_dict) is None if (before or g_dict) else True
+            if unchanged and (rv is None or kind != "before_request"):
+                # The common case: one shared key, no attributes built.
+                trace.record_key(info, start, end)
+                return rv
+        except Exception:
+            report_internal_error("flask.hook", trace)
+            return rv
+        self.after_hook(trace, kind, info, start, before, g_dict, rv, None, end)
         return rv
 
     def after_hook(
         self,
         trace: Trace,
         kind: str,
-        info: tuple[str, dict[str, Any]],
+        info: EventKey,
         start: int,
         before: dict[str, Any] | None,
         g_dict: dict[str, Any] | None,
         rv: Any,
         exc: BaseException | None,
+        end: int | None = None,
     ) -> None:
         try:
-            end = self.clock()
-            name, attrs = info
+            if end is None:
+                end = self.clock()
+            _, name, attrs = info
             extra = _g_changes(before, g_dict)
             if kind == "before_request" and rv is not None:
                 extra = extra or {}
@@ -254,7 +274,7 @@ class _AppTracer:
             if exc is not None:
                 extra = extra or {}
                 extra["error"] = type(exc).__name__
-            trace.record(kind, name, start, end, {**attrs, **extra} if extra else attrs)
+            trace.record(kind, name, start, end, {**(attrs or {}), **extra} if extra else attrs)
         except Exception:
             report_internal_error("flask.hook", trace)
 
@@ -263,7 +283,10 @@ class _AppTracer:
     ) -> None:
         try:
             end = self.clock()
-            trace.record("signal", name, end if start is None else start, end, attrs)
+            key = _SIGNAL_KEYS.get(name) if attrs is None else None
+            if key is None:
+                key = ("signal", name, attrs)
+            trace.record_key(key, end if start is None else start, end)
         except Exception:
             report_internal_error("flask.signal", trace)
 
@@ -900,14 +923,16 @@ class _RecordingErrorHandler:
 
     def _record(self, start: int, handled: Exception, exc: BaseException | None) -> None:
         try:
-            name, attrs = self.tracer.hook_info("errorhandler", self.blueprint, self.handler)
+            _, name, attrs = self.tracer.hook_info("errorhandler", self.blueprint, self.handler)
             extra: dict[str, Any] = {"exception": type(handled).__name__}
             code = getattr(handled, "code", None)
             if code is not None:
                 extra["code"] = code
             if exc is not None:
                 extra["error"] = type(exc).__name__
-            self.trace.record("errorhandler", name, start, self.tracer.clock(), {**attrs, **extra})
+            self.trace.record(
+                "errorhandler", name, start, self.tracer.clock(), {**(attrs or {}), **extra}
+            )
         except Exception:
             report_internal_error("flask.errorhandler", self.trace)
 

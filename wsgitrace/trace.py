@@ -23,7 +23,7 @@ import traceback
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from ._types import Clock
 
@@ -49,6 +49,9 @@ HOOK_KINDS = frozenset(
 TRUNCATION_MARKER = "…[truncated]"
 
 _get_ident = threading.get_ident
+
+#: What a trace stores per event: kind, name and attributes (or ``None``).
+EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
 #: request, app, start_response, first_byte, body, close.
 _WSGI_EVENT_COUNT = 6
@@ -199,14 +202,12 @@ class Trace:
     """
 
     __slots__ = (
-        "_attrs",
         "_clock",
         "_id",
-        "_kinds",
+        "_keys",
         "_limits",
         "_live",
         "_max_events",
-        "_names",
         "_seq",
         "_size",
         "_threads",
@@ -268,10 +269,10 @@ class Trace:
         self.start_ns = clock() if start_ns is None else start_ns
         self.wall_time = time.time()
         self.thread = _get_ident()
-        self._kinds: list[str] = []
-        self._names: list[str] = []
+        # One (kind, name, attrs) key per event; hooks pass shared constant
+        # keys, so an event costs a list slot and two int64 timestamps.
+        self._keys: list[EventKey] = []
         self._times = array("q")
-        self._attrs: dict[int, dict[str, Any]] | None = None
         self._threads: dict[int, int] | None = None
         self._size = 0
         self.cursor = 0
@@ -315,26 +316,31 @@ class Trace:
         name: str,
         start_ns: int,
         end_ns: int,
-        attrs: dict[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> None:
         """Append one event. Past :attr:`TraceLimits.max_events` the event is
         counted in :attr:`dropped_events` instead.
         """
-        names = self._names
-        index = len(names)
+        self.record_key((kind, name, attrs or None), start_ns, end_ns)
+
+    def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> None:
+        """Append one event described by a (usually shared) ``(kind, name,
+        attrs)`` key. The timestamps are written before the key, so a reader
+        on another thread never sees an event without its times.
+        """
+        keys = self._keys
+        index = len(keys)
         if index >= self._max_events:
             self.dropped_events += 1
             return
-        self._kinds.append(kind)
-        names.append(name)
         times = self._times
         times.append(start_ns)
-        times.append(end_ns)
-        if attrs:
-            if self._attrs is None:
-                self._attrs = {index: attrs}
-            else:
-                self._attrs[index] = attrs
+        try:
+            times.append(end_ns)
+        except BaseException:
+            times.pop()
+            raise
+        keys.append(key)
         ident = _get_ident()
         if ident != self.thread:
             if self._threads is None:
@@ -415,20 +421,21 @@ class Trace:
         if self._live:
             yield from self._wsgi_events()
         times = self._times
-        attrs = self._attrs or {}
+        keys = self._keys
         threads = self._threads or {}
         base = self.start_ns
         # Another thread may be inside record() (name appended, times not
         # yet): read only the events whose two timestamps are written.
-        for index in range(min(len(self._names), len(times) // 2)):
+        for index in range(min(len(keys), len(times) // 2)):
             start = times[2 * index]
+            kind, name, attrs = keys[index]
             yield Event(
-                kind=self._kinds[index],
-                name=self._names[index],
+                kind=kind,
+                name=name,
                 start_ns=start - base,
                 duration_ns=times[2 * index + 1] - start,
                 thread=threads.get(index, self.thread),
-                attrs=attrs.get(index, {}),
+                attrs=attrs or {},
                 seq=index,
             )
 
@@ -483,11 +490,11 @@ class Trace:
         return self._size or self._estimate_size()
 
     def _estimate_size(self) -> int:
-        size = 900 + 40 * len(self._names) + len(self.path) + len(self.query)
+        size = 900 + 24 * len(self._keys) + len(self.path) + len(self.query)
         headers = self.request_headers + self.response_headers
         size += 60 * len(headers) + sum(map(len, headers))
-        if self._attrs:
-            size += 300 * len(self._attrs)
+        # Hook attributes are shared between traces; count the rest roughly.
+        size += 100 * sum(1 for key in self._keys if key[2] is not None)
         if self.error:
             size += sum(len(v) for v in self.error.values()) + 300
         if self.g:
@@ -511,7 +518,7 @@ class Trace:
             "ttfb_ms": _round(self.ttfb_ms),
             "bytes": self.bytes_sent,
             "endpoint": self.endpoint,
-            "hooks": sum(1 for k in self._kinds if k in HOOK_KINDS),
+            "hooks": sum(1 for key in self._keys if key[0] in HOOK_KINDS),
             "error": self.error["type"] if self.error else None,
             "warnings": list(self.warnings or ()),
         }
@@ -588,15 +595,12 @@ class Trace:
         for event in data.get("events") or ():
             start = round(float(event.get("start_ms", 0)) * 1e6)
             end = start + round(float(event.get("duration_ms", 0)) * 1e6)
-            trace._kinds.append(str(event.get("kind", "")))
-            trace._names.append(str(event.get("name", "")))
+            trace._keys.append(
+                (str(event.get("kind", "")), str(event.get("name", "")), event.get("attrs") or None)
+            )
             trace._times.append(start)
             trace._times.append(end)
-            index = len(trace._names) - 1
-            if event.get("attrs"):
-                if trace._attrs is None:
-                    trace._attrs = {}
-                trace._attrs[index] = dict(event["attrs"])
+            index = len(trace._keys) - 1
             if event.get("thread"):
                 if trace._threads is None:
                     trace._threads = {}
