@@ -156,21 +156,21 @@ class TraceMiddleware:
                 return self._endpoint_app(environ, start_response)
         try:
             trace = self._begin(environ, path)
+            body = None if trace is None else _TracedBody(self, trace, start_response)
         except Exception:
             report_internal_error("begin")
-            trace = None
-        if trace is None:
+            body = None
+        if body is None:
             return self.app(environ, start_response)
-        recorder = _Recorder(self, trace, start_response)
-        token = _current_trace.set(trace)
+        token = _current_trace.set(body.trace)
         try:
-            app_iter = self.app(environ, recorder.start_response)
+            app_iter = self.app(environ, body.start_response)
         except BaseException as exc:
             _current_trace.reset(token)
-            recorder.app_raised(exc)
+            body.app_raised(exc)
             raise
         _current_trace.reset(token)
-        return recorder.app_returned(app_iter, environ)
+        return body.app_returned(app_iter, environ)
 
     def _begin(self, environ: WSGIEnvironment, path: str) -> Trace | None:
         if self._exclude and path.startswith(self._exclude):
@@ -182,10 +182,11 @@ class TraceMiddleware:
                     return None
             elif random.random() >= sample:  # noqa: S311 - sampling, not security
                 return None
+        query = environ.get("QUERY_STRING")
         trace = Trace(
             environ.get("REQUEST_METHOD", "GET"),
             path,
-            query=self.redactor.query(environ.get("QUERY_STRING", "")),
+            query=self.redactor.query(query) if query else "",
             remote_addr=environ.get("REMOTE_ADDR"),
             clock=self.clock,
             limits=self.limits,
@@ -236,7 +237,9 @@ class TraceMiddleware:
         return entry
 
     def response_headers(self, headers: list[tuple[str, str]], trace: Trace) -> tuple[str, ...]:
-        """Flatten, redact and cap the response headers; note Content-Length."""
+        """Flatten, redact and cap the response headers; note Content-Length.
+        Called when the trace's headers are first read, not while serving.
+        """
         is_secret = self.redactor.is_secret
         max_string = self.limits.max_string
         room = self.limits.max_headers
@@ -274,31 +277,41 @@ class TraceMiddleware:
         return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
 
 
-class _Recorder:
-    """Per-request state: the recording ``start_response`` and ``write``, and
-    the steps that finish the trace.
+class _TracedBody:
+    """Per-request recorder and the app's response iterable, wrapped to
+    record chunks and ``close()`` (in the manner of werkzeug's
+    ``lint.GuardedIterator``). One object per request: it hands the app the
+    recording ``start_response`` and ``write``, then becomes the body.
     """
 
     __slots__ = (
+        "_app_iter",
+        "_body_start",
+        "_closed",
+        "_exhausted",
+        "_iterator",
+        "_middleware",
+        "_returned",
         "_server_start_response",
         "_server_write",
-        "body_start",
-        "exhausted",
-        "middleware",
-        "starts",
+        "_starts",
         "trace",
     )
 
     def __init__(
         self, middleware: TraceMiddleware, trace: Trace, start_response: StartResponse
     ) -> None:
-        self.middleware = middleware
+        self._middleware = middleware
         self.trace = trace
         self._server_start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
-        self.starts = 0
-        self.body_start = 0
-        self.exhausted = False
+        self._starts = 0
+        self._body_start = 0
+        self._exhausted = False
+        self._returned = False
+        self._closed = False
+        self._app_iter: Iterable[bytes] = ()
+        self._iterator: Iterator[bytes] | None = None
 
     # -- callables handed to the app ---------------------------------------
 
@@ -309,9 +322,28 @@ class _Recorder:
         exc_info: OptExcInfo | None = None,
     ) -> Callable[[bytes], object]:
         trace = self.trace
+        if exc_info is None and not self._starts:
+            # The common case: two stores, the headers flattened when read.
+            self._starts = 1
+            try:
+                trace.start_response_ns = trace.now()
+                trace.status = status
+                if self._middleware._capture_headers:
+                    trace.set_raw_response_headers(headers, self._middleware.response_headers)
+                else:
+                    trace.content_length = _content_length(headers)
+            except Exception:
+                report_internal_error("start_response", trace)
+            try:
+                self._server_write = self._server_start_response(status, headers)
+            except BaseException:
+                trace.status = None
+                trace.set_raw_response_headers(None, None)
+                raise
+            return self.write
         sent = (trace.status, trace.response_headers, trace.content_length)
         try:
-            self._on_start_response(status, headers, exc_info)
+            self._on_start_response_again(status, headers, exc_info)
         except Exception:
             report_internal_error("start_response", trace)
         try:
@@ -326,23 +358,20 @@ class _Recorder:
             raise
         return self.write
 
-    def _on_start_response(
+    def _on_start_response_again(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
     ) -> None:
         trace = self.trace
         now = trace.now()
-        if self.starts and exc_info is None:
+        if self._starts and exc_info is None:
             trace.warn("start_response called twice without exc_info")
-        first = not self.starts
-        self.starts += 1
+        first = not self._starts
+        self._starts += 1
         trace.status = status
-        trace.content_length = None
-        if self.middleware._capture_headers:
-            trace.response_headers = self.middleware.response_headers(headers, trace)
+        if self._middleware._capture_headers:
+            trace.response_headers = self._middleware.response_headers(headers, trace)
         else:
-            for name, value in headers:
-                if name.lower() == "content-length" and value.isdigit():
-                    trace.content_length = int(value)
+            trace.content_length = _content_length(headers)
         if first and exc_info is None:
             trace.start_response_ns = now
         else:
@@ -383,9 +412,9 @@ class _Recorder:
         try:
             trace = self.trace
             now = trace.app_end_ns = trace.now()
-            self.error(exc, "app", now)
-            self.middleware.publish(trace)
-            self.finish(now)
+            self._error(exc, "app", now)
+            self._middleware.publish(trace)
+            self._finish(now)
         except Exception:
             report_internal_error("app_raised", self.trace)
 
@@ -393,7 +422,7 @@ class _Recorder:
         try:
             trace = self.trace
             now = trace.app_end_ns = trace.now()
-            self.middleware.publish(trace)
+            self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if (
                 file_wrapper is not None
@@ -402,126 +431,18 @@ class _Recorder:
             ):
                 # Returned untouched so the server can still use sendfile.
                 trace.record("file_wrapper", "file_wrapper", now, now)
-                self.finish(now)
+                self._finish(now)
                 return app_iter
+            self._app_iter = app_iter
             if hasattr(type(app_iter), "__len__"):
-                return _SizedTracedBody(app_iter, self)
-            return _TracedBody(app_iter, self)
+                self.__class__ = _SizedTracedBody
+            self._returned = True
+            return self
         except Exception:
             report_internal_error("app_returned", self.trace)
             return app_iter
 
     # -- the body -----------------------------------------------------------
-
-    def chunk(self, data: bytes) -> None:
-        try:
-            trace = self.trace
-            if not trace.chunks:
-                self.body_start = trace.now()
-                if not self.starts:
-                    trace.warn("body yielded before start_response was called")
-            trace.chunks += 1
-            size = len(data)
-            if size:
-                if trace.first_byte_ns is None:
-                    trace.first_byte_ns = trace.now()
-                trace.bytes_sent += size
-        except Exception:
-            report_internal_error("chunk", self.trace)
-
-    def body_done(self) -> None:
-        try:
-            self.exhausted = True
-            self._record_body(self.trace.now())
-        except Exception:
-            report_internal_error("body_done", self.trace)
-
-    def _record_body(self, end: int) -> None:
-        trace = self.trace
-        if trace.body_end_ns is None:
-            trace.body_start_ns = self.body_start or end
-            trace.body_end_ns = end
-
-    def iteration_failed(self, exc: BaseException) -> None:
-        try:
-            now = self.trace.now()
-            self._record_body(now)
-            if not isinstance(exc, GeneratorExit):
-                self.error(exc, "iteration", now)
-            self.finish(now)
-        except Exception:
-            report_internal_error("iteration_failed", self.trace)
-
-    def closed(self, start: int | None, exc: BaseException | None) -> None:
-        try:
-            trace = self.trace
-            now = trace.now()
-            if start is None:
-                start = now
-            self._record_body(start)
-            trace.close_start_ns = start
-            trace.close_end_ns = now
-            if exc is not None:
-                self.error(exc, "close", now)
-            if trace.finished and trace.end_ns is not None and trace.end_ns < now:
-                # Finished early by an iteration error: the exchange still
-                # ends when the server closes the body.
-                trace.end_ns = now
-            self.finish(now)
-        except Exception:
-            report_internal_error("closed", self.trace)
-
-    def collected(self) -> None:
-        """The body was garbage-collected without ``close()``."""
-        try:
-            trace = self.trace
-            if trace.finished:
-                return
-            trace.warn("unclosed: the response body was garbage-collected without close()")
-            now = trace.now()
-            self._record_body(now)
-            self.finish(now)
-        except Exception:
-            report_internal_error("collected", self.trace)
-
-    def error(self, exc: BaseException, where: str, now: int) -> None:
-        trace = self.trace
-        if trace.error is None:
-            trace.error = format_error(exc, where, trace.limits)
-        trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
-
-    def finish(self, end: int) -> None:
-        trace = self.trace
-        if trace.finished:
-            return
-        if (
-            self.exhausted
-            and trace.content_length is not None
-            and trace.bytes_sent != trace.content_length
-            and trace.method != "HEAD"
-            and trace.status_code not in (204, 304)
-        ):
-            trace.warn(
-                f"Content-Length mismatch: header says {trace.content_length},"
-                f" body sent {trace.bytes_sent} bytes"
-            )
-        trace.end_ns = end
-        trace.finished = True
-        self.middleware.buffer.finished(trace)
-
-
-class _TracedBody:
-    """The app's response iterable, wrapped to record chunks and ``close()``
-    (in the manner of werkzeug's ``lint.GuardedIterator``).
-    """
-
-    __slots__ = ("_app_iter", "_closed", "_iterator", "_recorder")
-
-    def __init__(self, app_iter: Iterable[bytes], recorder: _Recorder) -> None:
-        self._app_iter = app_iter
-        self._recorder = recorder
-        self._iterator: Iterator[bytes] | None = None
-        self._closed = False
 
     def __iter__(self) -> _TracedBody:
         self._iterator = iter(self._app_iter)
@@ -531,33 +452,55 @@ class _TracedBody:
         iterator = self._iterator
         if iterator is None:
             iterator = self._iterator = iter(self._app_iter)
-        recorder = self._recorder
-        token = _current_trace.set(recorder.trace)
+        trace = self.trace
+        token = _current_trace.set(trace)
         try:
             chunk = next(iterator)
         except StopIteration:
             _current_trace.reset(token)
-            recorder.body_done()
+            self._body_done()
             raise
         except BaseException as exc:
             _current_trace.reset(token)
-            recorder.iteration_failed(exc)
+            self._iteration_failed(exc)
             raise
         _current_trace.reset(token)
-        recorder.chunk(chunk)
+        try:
+            if trace.chunks:
+                trace.chunks += 1
+                size = len(chunk)
+                if size:
+                    trace.bytes_sent += size
+                    if trace.first_byte_ns is None:
+                        trace.first_byte_ns = trace.now()
+            else:
+                self._first_chunk(chunk)
+        except Exception:
+            report_internal_error("chunk", trace)
         return chunk
 
+    def _first_chunk(self, data: bytes) -> None:
+        trace = self.trace
+        self._body_start = trace.now()
+        if not self._starts:
+            trace.warn("body yielded before start_response was called")
+        trace.chunks = 1
+        size = len(data)
+        if size:
+            trace.first_byte_ns = self._body_start
+            trace.bytes_sent += size
+
     def close(self) -> None:
-        recorder = self._recorder
+        trace = self.trace
         first = not self._closed
         self._closed = True
         start: int | None
         try:
-            start = recorder.trace.now()
+            start = trace.now()
         except Exception:
-            report_internal_error("close", recorder.trace)
+            report_internal_error("close", trace)
             start = None
-        token = _current_trace.set(recorder.trace)
+        token = _current_trace.set(trace)
         error: BaseException | None = None
         try:
             close = getattr(self._app_iter, "close", None)
@@ -569,11 +512,95 @@ class _TracedBody:
         finally:
             _current_trace.reset(token)
             if first:
-                recorder.closed(start, error)
+                self._closed_at(start, error)
 
     def __del__(self) -> None:
-        if not self._closed:
-            self._recorder.collected()
+        if self._returned and not self._closed:
+            self._collected()
+
+    # -- finishing ----------------------------------------------------------
+
+    def _body_done(self) -> None:
+        try:
+            self._exhausted = True
+            self._record_body(self.trace.now())
+        except Exception:
+            report_internal_error("body_done", self.trace)
+
+    def _record_body(self, end: int) -> None:
+        trace = self.trace
+        if trace.body_end_ns is None:
+            trace.body_start_ns = self._body_start or end
+            trace.body_end_ns = end
+
+    def _iteration_failed(self, exc: BaseException) -> None:
+        try:
+            now = self.trace.now()
+            self._record_body(now)
+            if not isinstance(exc, GeneratorExit):
+                self._error(exc, "iteration", now)
+            self._finish(now)
+        except Exception:
+            report_internal_error("iteration_failed", self.trace)
+
+    def _closed_at(self, start: int | None, exc: BaseException | None) -> None:
+        try:
+            trace = self.trace
+            now = trace.now()
+            if start is None:
+                start = now
+            self._record_body(start)
+            trace.close_start_ns = start
+            trace.close_end_ns = now
+            if exc is not None:
+                self._error(exc, "close", now)
+            if trace.finished and trace.end_ns is not None and trace.end_ns < now:
+                # Finished early by an iteration error: the exchange still
+                # ends when the server closes the body.
+                trace.end_ns = now
+            self._finish(now)
+        except Exception:
+            report_internal_error("closed", self.trace)
+
+    def _collected(self) -> None:
+        """The body was garbage-collected without ``close()``."""
+        try:
+            trace = self.trace
+            if trace.finished:
+                return
+            trace.warn("unclosed: the response body was garbage-collected without close()")
+            now = trace.now()
+            self._record_body(now)
+            self._finish(now)
+        except Exception:
+            report_internal_error("collected", self.trace)
+
+    def _error(self, exc: BaseException, where: str, now: int) -> None:
+        trace = self.trace
+        if trace.error is None:
+            trace.error = format_error(exc, where, trace.limits)
+        trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
+
+    def _finish(self, end: int) -> None:
+        trace = self.trace
+        if trace.finished:
+            return
+        if self._exhausted and trace.method != "HEAD":
+            # Scan the raw list rather than flatten it here, on the request path.
+            raw = trace._raw_response_headers
+            expected = _content_length(raw) if raw is not None else trace.content_length
+            if (
+                expected is not None
+                and trace.bytes_sent != expected
+                and trace.status_code not in (204, 304)
+            ):
+                trace.warn(
+                    f"Content-Length mismatch: header says {expected},"
+                    f" body sent {trace.bytes_sent} bytes"
+                )
+        trace.end_ns = end
+        trace.finished = True
+        self._middleware.buffer.finished(trace)
 
 
 class _SizedTracedBody(_TracedBody):
@@ -585,3 +612,10 @@ class _SizedTracedBody(_TracedBody):
 
     def __len__(self) -> int:
         return len(self._app_iter)  # type: ignore[arg-type]
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == "content-length" and value.isdigit():
+            return int(value)
+    return None

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -52,6 +52,9 @@ _get_ident = threading.get_ident
 
 #: What a trace stores per event: kind, name and attributes (or ``None``).
 EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
+
+#: Flattens, redacts and cuts a response header list for a trace.
+HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]], Trace], tuple[str, ...]]"
 
 #: request, app, start_response, first_byte, body, close.
 _WSGI_EVENT_COUNT = 6
@@ -203,11 +206,15 @@ class Trace:
 
     __slots__ = (
         "_clock",
+        "_content_length",
+        "_flatten_headers",
         "_id",
         "_keys",
         "_limits",
         "_live",
         "_max_events",
+        "_raw_response_headers",
+        "_response_headers",
         "_seq",
         "_size",
         "_threads",
@@ -219,7 +226,6 @@ class Trace:
         "chunks",
         "close_end_ns",
         "close_start_ns",
-        "content_length",
         "cursor",
         "dropped_events",
         "end_ns",
@@ -234,7 +240,6 @@ class Trace:
         "query",
         "remote_addr",
         "request_headers",
-        "response_headers",
         "rule",
         "session_keys",
         "start_ns",
@@ -284,9 +289,13 @@ class Trace:
         self.query = query if len(query) <= max_string else self._cut("query", query)
         self.remote_addr = remote_addr
         self.request_headers: tuple[str, ...] = ()
-        self.response_headers: tuple[str, ...] = ()
+        # The app's header list is kept as given and flattened, redacted and
+        # cut the first time someone reads it (see ``response_headers``).
+        self._raw_response_headers: list[tuple[str, str]] | None = None
+        self._flatten_headers: HeaderFlattener | None = None
+        self._response_headers: tuple[str, ...] = ()
+        self._content_length: int | None = None
         self.status: str | None = None
-        self.content_length: int | None = None
         self.end_ns: int | None = None
         self.app_end_ns: int | None = None
         self.start_response_ns: int | None = None
@@ -379,6 +388,49 @@ class Trace:
     @property
     def limits(self) -> TraceLimits:
         return self._limits
+
+    def set_raw_response_headers(
+        self, headers: list[tuple[str, str]] | None, flatten: HeaderFlattener | None
+    ) -> None:
+        """Keep the app's response headers as given; ``flatten`` redacts and
+        cuts them into :attr:`response_headers` when they are first read.
+        """
+        self._raw_response_headers = headers
+        self._flatten_headers = flatten
+        self._response_headers = ()
+        self._content_length = None
+
+    @property
+    def response_headers(self) -> tuple[str, ...]:
+        """Response headers as a flat ``(name, value, ...)`` tuple, redacted."""
+        raw = self._raw_response_headers
+        if raw is not None:
+            flatten = self._flatten_headers
+            self._raw_response_headers = None
+            try:
+                self._response_headers = () if flatten is None else flatten(raw, self)
+            except Exception:
+                from .middleware import report_internal_error
+
+                report_internal_error("response_headers", self)
+                self._response_headers = ()
+        return self._response_headers
+
+    @response_headers.setter
+    def response_headers(self, value: tuple[str, ...]) -> None:
+        self._raw_response_headers = None
+        self._response_headers = value
+
+    @property
+    def content_length(self) -> int | None:
+        """The response's ``Content-Length``, if it had a valid one."""
+        if self._raw_response_headers is not None:
+            _ = self.response_headers
+        return self._content_length
+
+    @content_length.setter
+    def content_length(self, value: int | None) -> None:
+        self._content_length = value
 
     # -- read side ----------------------------------------------------------
 
@@ -491,7 +543,9 @@ class Trace:
 
     def _estimate_size(self) -> int:
         size = 900 + 24 * len(self._keys) + len(self.path) + len(self.query)
-        headers = self.request_headers + self.response_headers
+        headers = self.request_headers + self._response_headers
+        raw = self._raw_response_headers
+        size += 120 * len(raw) if raw is not None else 0
         size += 60 * len(headers) + sum(map(len, headers))
         # Hook attributes are shared between traces; count the rest roughly.
         size += 100 * sum(1 for key in self._keys if key[2] is not None)
