@@ -234,3 +234,18 @@ class TestTraceBuffer:
         buffer.append(_trace(clock))
         buffer.append(_trace(clock))
         assert repr(buffer) == "<TraceBuffer 1/1 traces, cursor=2, dropped=1>"
+
+
+def test_notify_makes_a_waiting_reader_return() -> None:
+    """notify() wakes a wait() at once even though no trace arrived."""
+    buffer = TraceBuffer()
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(buffer.wait(0, timeout=10)))
+    started = time.monotonic()
+    waiter.start()
+    while not buffer._waiters:
+        time.sleep(0.001)
+    buffer.notify()
+    waiter.join(5)
+    assert results == [False]
+    assert time.monotonic() - started < 5

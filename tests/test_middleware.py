@@ -978,3 +978,61 @@ def test_a_failing_header_flattener_at_read_time_is_counted_not_raised(
     assert trace.response_headers == ()
     assert internal_error_count() == before + 1
     assert trace.to_dict()["response_headers"] == []
+
+
+def test_file_wrapper_factory_function_is_returned_untouched(make_environ: MakeEnviron) -> None:
+    """A wsgi.file_wrapper that is a function (uWSGI's) still passes through."""
+    from wsgiref.util import FileWrapper
+
+    def file_wrapper_factory(filelike: Any, block_size: int = 8192) -> FileWrapper:
+        return FileWrapper(filelike, block_size)
+
+    middleware = TraceMiddleware(dummy_app)
+    returned: list[Any] = []
+    environ = make_environ(
+        "/file", **{"test.returned": returned, "wsgi.file_wrapper": file_wrapper_factory}
+    )
+    body = middleware(environ, ignore_start_response)
+    assert body is returned[0]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert trace.find("file_wrapper")
+
+
+def test_an_untraced_request_inside_a_traced_one_records_nothing_into_it(
+    make_environ: MakeEnviron,
+) -> None:
+    """An excluded inner app call sees no current trace, then the outer one again."""
+
+    inner_saw: list[object] = []
+
+    def inner_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        inner_saw.append(current_trace())
+        with span("inner-work"):
+            pass
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"inner"]
+
+    inner = TraceMiddleware(inner_app, exclude=["/"])
+
+    def outer_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        body = inner(make_environ("/inner"), ignore_start_response)
+        inner_saw.append(current_trace())
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"".join(body)]
+
+    outer = TraceMiddleware(outer_app)
+    body = outer(make_environ("/outer"), ignore_start_response)
+    assert b"".join(body) == b"inner"
+    trace = outer.buffer.last
+    assert trace is not None
+    assert inner_saw == [None, trace]
+    assert not trace.find("span")
+    assert len(inner.buffer) == 0
+
+
+def test_endpoint_property() -> None:
+    """The endpoint app is public, None when the endpoint is off."""
+    assert TraceMiddleware(dummy_app).endpoint is None
+    assert TraceMiddleware(dummy_app, endpoint=True).endpoint is not None

@@ -61,6 +61,7 @@ class TraceBuffer:
         self._cursor = 0
         self._bytes = 0
         self._waiters = 0
+        self._notified = 0
         #: Traces evicted because the buffer held :attr:`max_traces`.
         self.dropped_count = 0
         #: Traces evicted to stay under :attr:`max_bytes`.
@@ -191,15 +192,20 @@ class TraceBuffer:
         return found if limit is None else found[:limit]
 
     def wait(self, cursor: int, timeout: float | None = None) -> bool:
-        """Block until a trace newer than ``cursor`` is appended.
+        """Block until a trace newer than ``cursor`` is appended, the timeout
+        passes or :meth:`notify` is called.
 
-        :return: ``True`` if one is there, ``False`` on timeout.
+        :return: ``True`` if one is there, ``False`` on timeout or notify.
         """
         deadline = None if timeout is None else self._get_time() + timeout
         with self._lock:
             self._waiters += 1
+            woken = self._notified
             try:
                 while self._cursor <= cursor:
+                    if self._notified != woken:
+                        # notify(): give up early, as on a timeout.
+                        return False
                     if deadline is None:
                         self._changed.wait()
                         continue
@@ -212,8 +218,9 @@ class TraceBuffer:
                 self._waiters -= 1
 
     def notify(self) -> None:
-        """Wake every :meth:`wait` (used when a server shuts down)."""
+        """Make every :meth:`wait` return now (used when a server shuts down)."""
         with self._lock:
+            self._notified += 1
             self._changed.notify_all()
 
     def __repr__(self) -> str:

@@ -131,6 +131,13 @@ class TraceMiddleware:
 
         return TraceEndpoint(self.buffer, self.options)
 
+    @property
+    def endpoint(self) -> WSGIApplication | None:
+        """The ``/_trace`` WSGI app this middleware serves under its prefix,
+        or ``None`` when it has none.
+        """
+        return self._endpoint_app
+
     def endpoint_enabled(self) -> bool:
         """Whether requests under the prefix are answered by the endpoint now."""
         if self._endpoint_app is None:
@@ -161,7 +168,16 @@ class TraceMiddleware:
             report_internal_error("begin")
             body = None
         if body is None:
-            return self.app(environ, start_response)
+            if _current_trace.get() is None:
+                return self.app(environ, start_response)
+            # Served inside another traced request (an app calling another
+            # app): this request is not traced, so nothing may record into
+            # the outer request's trace meanwhile.
+            outer = _current_trace.set(None)
+            try:
+                return self.app(environ, start_response)
+            finally:
+                _current_trace.reset(outer)
         token = _current_trace.set(body.trace)
         try:
             app_iter = self.app(environ, body.start_response)
@@ -424,10 +440,12 @@ class _TracedBody:
             now = trace.app_end_ns = trace.now()
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
-            if (
-                file_wrapper is not None
-                and isinstance(file_wrapper, type)
-                and isinstance(app_iter, file_wrapper)
+            if file_wrapper is not None and (
+                isinstance(app_iter, file_wrapper)
+                if isinstance(file_wrapper, type)
+                # A factory function (uWSGI's, for one): PEP 3333 file
+                # wrappers keep the file as ``filelike``.
+                else hasattr(app_iter, "filelike")
             ):
                 # Returned untouched so the server can still use sendfile.
                 trace.record("file_wrapper", "file_wrapper", now, now)
