@@ -834,8 +834,8 @@ class AsyncioFlask(Flask):
         return run
 
 
-def async_app(log: list[str]) -> Flask:
-    app = AsyncioFlask(__name__)
+def async_app(log: list[str], app_class: type[Flask] = AsyncioFlask) -> Flask:
+    app = app_class(__name__)
 
     @app.before_request
     async def async_before() -> None:
@@ -894,6 +894,22 @@ def test_async_views_and_hooks(step_clock: StepClock) -> None:
     ]
     (_, _, body), trace = pair.both("/sync")
     assert trace.hooks()[1] == "view:sync"
+
+
+def test_async_views_and_hooks_through_flasks_own_asgiref(step_clock: StepClock) -> None:
+    """With flask[async] (asgiref), Flask's own async_to_sync path is traced the same."""
+    pair = Pair(lambda log: async_app(log, Flask), step_clock)
+    (_, _, body), trace = pair.both("/async/bo")
+    assert body == b"hello bo from async"
+    assert trace.hooks() == [
+        "before_request:async_before",
+        "view:hello",
+        "after_request:async_after",
+        "teardown_request:async_teardown",
+    ]
+    (_, _, body), trace = pair.both("/fail")
+    assert body == b"async handled"
+    assert "errorhandler:async_handler" in trace.hooks()
 
 
 def test_threads_spawned_by_a_view_do_not_corrupt_the_trace(step_clock: StepClock) -> None:
