@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from .buffer import TraceBuffer
 from .context import current_trace, span
-from .exceptions import ConfigurationError, HookOrderError, WsgitraceError, WsgitraceWarning
+from .exceptions import (
+    ConfigurationError,
+    HookOrderError,
+    StoreError,
+    WsgitraceError,
+    WsgitraceWarning,
+)
 from .middleware import TraceMiddleware
 from .redact import Redactor
 from .trace import SCHEMA_VERSION, Event, Trace, TraceLimits
@@ -28,6 +34,7 @@ __all__ = [
     "Event",
     "HookOrderError",
     "Redactor",
+    "StoreError",
     "Trace",
     "TraceBuffer",
     "TraceLimits",

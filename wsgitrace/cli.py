@@ -9,6 +9,10 @@
     wsgitrace tail --json | jq .path      # one summary per line
     wsgitrace show 3f9a1c2b7d4e-2a        # one trace's full timeline
 
+``tail --store PATH`` and ``show --store PATH`` read a SQLite trace store
+(:mod:`wsgitrace.store`) directly, with the endpoint's semantics, so they see
+the traces of every worker process of a server on this host.
+
 ``tail`` and ``show`` read the ``/_trace`` endpoint over HTTP (a URL whose
 path is empty or ``/`` gets ``/_trace`` appended). ``tail`` long-polls it
 with ``since=<cursor>``, so it neither skips nor repeats a trace, and when the
@@ -50,7 +54,8 @@ from rich.live import Live
 from rich.text import Text
 
 from . import __version__
-from .endpoint import MAX_WAIT, SETTLE_SECONDS, TraceEndpoint
+from .endpoint import MAX_WAIT, SETTLE_SECONDS, TraceEndpoint, _BadQueryError, _parse_query
+from .exceptions import StoreError
 from .render import build_timeline, build_trace_table, safe
 from .trace import Trace
 
@@ -152,6 +157,45 @@ class _Client:
         except ValueError:
             msg = "the server's answer is not JSON (is this a wsgitrace endpoint?)"
             raise _BadAnswerError(msg) from None
+
+
+class _StoreClient:
+    """Answers like :class:`_Client`, from a trace store file: the endpoint's
+    listing, run here on the store.
+    """
+
+    def __init__(self, path: str) -> None:
+        from .buffer import TraceBuffer
+        from .config import Options
+        from .store import TraceStore
+
+        self.url = path
+        self.store = TraceStore(path, create=False)
+        self.endpoint = TraceEndpoint(TraceBuffer(1), Options(), source=self.store)
+
+    def get(self, sub: str = "", params: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+        """What ``GET /_trace[/<sub>]?<params>`` would answer."""
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        try:
+            if sub:
+                trace = self.store.get(sub)
+                if trace is None:
+                    raise _NotFoundError
+                return trace.to_dict()
+            return self.endpoint.listing(_parse_query(query, self.endpoint.limit_cap))
+        except _BadQueryError as exc:
+            raise _BadAnswerError(exc.message) from None
+        except StoreError as exc:
+            text = str(exc)
+            if "locked" in text or "no wsgitrace trace store" in text:
+                raise _UnreachableError(text) from None
+            raise _BadAnswerError(text) from None
+
+
+def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
+    if store is not None:
+        return _StoreClient(store)
+    return _Client(url, token)
 
 
 def _error_detail(code: int, body: bytes) -> str:
@@ -294,7 +338,7 @@ class _HumanView(_View):
 class _Follow:
     """Follows ``/_trace`` with long-polls, resuming across restarts."""
 
-    client: _Client
+    client: _Client | _StoreClient
     view: _View
     filters: dict[str, Any]
     lines: int
@@ -623,6 +667,12 @@ def main() -> None:
     "--slow", type=click.FloatRange(0), metavar="MS", help="Only requests slower than MS."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary per line on stdout.")
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
+)
 @_with_token
 def tail(
     url: str,
@@ -633,6 +683,7 @@ def tail(
     path: str | None,
     slow: float | None,
     as_json: bool,
+    store: str | None,
     token: str | None,
     token_file: str | None,
 ) -> None:
@@ -640,9 +691,10 @@ def tail(
 
     URL is the app's base URL or its /_trace URL (default
     http://127.0.0.1:5000). Prints the last -n traces, then follows;
-    reconnects and resumes when the server restarts.
+    reconnects and resumes when the server restarts. With --store, reads
+    the trace store every worker process writes to instead.
     """
-    client = _Client(url, _read_token(token, token_file))
+    client = _make_client(url, store, _read_token(token, token_file))
     view: _View = _JsonView() if as_json else _HumanView(verbose)
     follow = _Follow(client, view, _filters(status, method, path, slow), lines, full=verbose)
     _sigterm_as_interrupt()
@@ -657,10 +709,23 @@ def tail(
 @click.argument("trace_id", metavar="ID")
 @click.argument("url", default=DEFAULT_URL, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the trace's JSON.")
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
+)
 @_with_token
-def show(trace_id: str, url: str, as_json: bool, token: str | None, token_file: str | None) -> None:
+def show(
+    trace_id: str,
+    url: str,
+    as_json: bool,
+    store: str | None,
+    token: str | None,
+    token_file: str | None,
+) -> None:
     """Show one trace's full timeline and state."""
-    client = _Client(url, _read_token(token, token_file))
+    client = _make_client(url, store, _read_token(token, token_file))
     try:
         data = client.get(trace_id)
     except _UnreachableError as exc:

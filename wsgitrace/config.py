@@ -126,6 +126,15 @@ OPTION_SPECS: dict[str, _Spec] = {
     "allow": _Spec(_networks, (), "Networks (CIDR) allowed without a token."),
     "hosts": _Spec(_str_list, (), "Extra Host names the endpoint answers to."),
     "trust_forwarded": _Spec(_bool, False, "Use X-Forwarded-For for the client address."),
+    "store": _Spec(_optional_str, None, "SQLite file shared by the worker processes of one host."),
+    "store_max_traces": _Spec(_positive_int, 10_000, "Traces kept in the store."),
+    "store_max_bytes": _Spec(
+        _positive_int, 64 * 1024 * 1024, "Approximate bytes of trace data kept in the store."
+    ),
+    "otlp": _Spec(_bool, False, "Export traces with OTLP/HTTP (configured by OTEL_* variables)."),
+    "sink_queue": _Spec(
+        _positive_int, 2000, "Traces waiting for each sink; more are dropped and counted."
+    ),
 }
 
 
@@ -152,6 +161,11 @@ class Options:
     allow: tuple[Any, ...] = field(default=())
     hosts: tuple[str, ...] = ()
     trust_forwarded: bool = False
+    store: str | None = None
+    store_max_traces: int = 10_000
+    store_max_bytes: int = 64 * 1024 * 1024
+    otlp: bool = False
+    sink_queue: int = 2000
 
     def resolved_token(self) -> str | None:
         """The token, read from :attr:`token_file` when only that is set."""

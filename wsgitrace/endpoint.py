@@ -40,8 +40,18 @@ list and is always newest first. Query parameters:
     ``1`` lists full traces (:meth:`~wsgitrace.Trace.to_dict`) instead of
     summaries.
 
-``instance`` is random per endpoint (so per process): a client that sees it
-change knows the cursors restarted.
+``instance`` is random per endpoint (so per process), or per store: a client
+that sees it change knows the cursors restarted.
+
+With a store
+------------
+
+When the ``store`` option names a SQLite file (:mod:`wsgitrace.store`), the
+endpoint reads the store instead of the process's buffer, so every worker of
+a pre-fork server answers with the traces of all of them, under the store's
+cursors and ``instance``. Traces reach the store when they finish (within
+about a second), so in-progress ones are not listed. If the store cannot be
+read, the endpoint says so in the log (once) and answers from the buffer.
 
 In-progress traces
 ------------------
@@ -98,19 +108,21 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
-from .middleware import report_internal_error
-from .trace import SCHEMA_VERSION, Trace
+from .exceptions import StoreError
+from .middleware import logger, report_internal_error
+from .trace import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from .buffer import TraceBuffer
     from .config import Options
+    from .store import TraceStore
 
 __all__ = ["TraceEndpoint"]
 
@@ -147,6 +159,132 @@ _QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+class TraceView(Protocol):
+    """What the endpoint reads of a trace: a :class:`~wsgitrace.Trace`, or a
+    :class:`~wsgitrace.store.StoredTrace` read from a store.
+    """
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def cursor(self) -> int: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def status_code(self) -> int | None: ...
+    @property
+    def duration_ms(self) -> float | None: ...
+    @property
+    def finished(self) -> bool: ...
+    def summary(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class TraceSource(Protocol):
+    """Where the endpoint reads traces: a :class:`~wsgitrace.TraceBuffer`, or
+    a :class:`~wsgitrace.store.TraceStore` shared by several processes.
+    """
+
+    @property
+    def max_traces(self) -> int: ...
+    @property
+    def cursor(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    def latest(self, n: int | None = None) -> Sequence[TraceView]: ...
+    def since(self, cursor: int, limit: int | None = None) -> Sequence[TraceView]: ...
+    def get(self, trace_id: str) -> TraceView | None: ...
+    def wait(self, cursor: int, timeout: float | None = None) -> bool: ...
+    def notify(self) -> None: ...
+
+
+class _StoreSource:
+    """Reads a store; whenever it fails, logs why (once) and reads the
+    process's own buffer instead, so the endpoint keeps answering.
+    """
+
+    def __init__(self, store: TraceStore, fallback: TraceBuffer, instance: str) -> None:
+        self.store = store
+        self.fallback = fallback
+        self._instance = instance
+        self._logged = False
+
+    def _failed(self, exc: StoreError) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.error("%s; /_trace answers from this process's buffer meanwhile", exc)
+
+    @property
+    def max_traces(self) -> int:
+        return max(self.store.max_traces, self.fallback.max_traces)
+
+    @property
+    def instance(self) -> str:
+        try:
+            return self.store.instance
+        except StoreError as exc:
+            self._failed(exc)
+            return self._instance
+
+    @property
+    def cursor(self) -> int:
+        try:
+            return self.store.cursor
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.cursor
+
+    @property
+    def dropped(self) -> int:
+        try:
+            return self.store.dropped
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.dropped
+
+    def latest(self, n: int | None = None) -> Sequence[TraceView]:
+        try:
+            return self.store.latest(n)
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.latest(n)
+
+    def since(self, cursor: int, limit: int | None = None) -> Sequence[TraceView]:
+        try:
+            return self.store.since(cursor, limit)
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.since(cursor, limit)
+
+    def get(self, trace_id: str) -> TraceView | None:
+        try:
+            return self.store.get(trace_id)
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.get(trace_id)
+
+    def wait(self, cursor: int, timeout: float | None = None) -> bool:
+        try:
+            return self.store.wait(cursor, timeout)
+        except StoreError as exc:
+            self._failed(exc)
+            return self.fallback.wait(cursor, timeout)
+
+    def notify(self) -> None:
+        self.store.notify()
+        self.fallback.notify()
+
+
+def _to_dict(trace: TraceView) -> dict[str, Any]:
+    return trace.to_dict()
+
+
+def _summary(trace: TraceView) -> dict[str, Any]:
+    return trace.summary()
+
+
 class _BadQueryError(Exception):
     """A query value the endpoint cannot use (answered with a 400)."""
 
@@ -169,7 +307,7 @@ class _Query:
     min_ms: float | None
     full: bool
 
-    def match(self, trace: Trace) -> bool:
+    def match(self, trace: TraceView) -> bool:
         """Whether ``trace`` passes every filter."""
         if self.methods is not None and trace.method.upper() not in self.methods:
             return False
@@ -317,13 +455,15 @@ def _parse_ip(text: str | None) -> IPAddress | None:
 class TraceEndpoint:
     """The WSGI app behind ``/_trace``; made by :class:`~wsgitrace.TraceMiddleware`.
 
-    :param buffer: The buffer to read.
+    :param buffer: The buffer to read (unless ``options.store`` names a store).
     :param options: Resolved options: ``prefix``, ``token``/``token_file``,
         ``allow``, ``hosts`` and ``trust_forwarded`` are used.
     :param stream_seconds: Seconds after which a stream ends.
     :param heartbeat: Seconds of quiet between stream heartbeats.
     :param settle: Seconds the long-poll and stream wait for an in-progress
         trace to finish before handing it out as it is.
+    :param source: Read traces from this instead of ``buffer`` or the store
+        (``wsgitrace tail --store`` passes a :class:`~wsgitrace.store.TraceStore`).
 
     .. versionadded:: 0.1
     """
@@ -336,13 +476,23 @@ class TraceEndpoint:
         stream_seconds: float = STREAM_SECONDS,
         heartbeat: float = HEARTBEAT_SECONDS,
         settle: float = SETTLE_SECONDS,
+        source: TraceSource | None = None,
     ) -> None:
         self.buffer = buffer
+        self._instance = secrets.token_hex(8)
+        #: Where traces are read: the buffer, or the store shared by workers.
+        self.source: TraceSource = buffer if source is None else source
+        self._store_source: _StoreSource | None = None
+        if options.store and source is None:
+            from .store import TraceStore
+
+            store = TraceStore(options.store, options.store_max_traces, options.store_max_bytes)
+            self._store_source = _StoreSource(store, buffer, self._instance)
+            self.source = self._store_source
         self.prefix = options.prefix
         self.stream_seconds = stream_seconds
         self.heartbeat = heartbeat
         self.settle = settle
-        self.instance = secrets.token_hex(8)
         self._token = options.resolved_token()
         self._token_bytes = None if self._token is None else self._token.encode("utf-8")
         self._allow = tuple(options.allow)
@@ -358,14 +508,20 @@ class TraceEndpoint:
         self._stopping = threading.Event()
 
     @property
+    def instance(self) -> str:
+        """Random per endpoint, or per store: changes when cursors restart."""
+        instance = getattr(self.source, "instance", None)
+        return instance if isinstance(instance, str) and instance else self._instance
+
+    @property
     def limit_cap(self) -> int:
         """The most traces one listing returns."""
-        return max(LIMIT_CAP, self.buffer.max_traces)
+        return max(LIMIT_CAP, self.source.max_traces)
 
     def shutdown(self) -> None:
         """End every open stream and long-poll now (when the server stops)."""
         self._stopping.set()
-        self.buffer.notify()
+        self.source.notify()
 
     # -- access control -----------------------------------------------------
 
@@ -446,7 +602,7 @@ class TraceEndpoint:
                 ],
             )
             return [] if head else self.stream(start, query)
-        trace = self.buffer.get(rest)
+        trace = self.source.get(rest)
         if trace is None:
             return _not_found(start_response)
         return _json(start_response, "200 OK", trace.to_dict(), head=head)
@@ -459,28 +615,28 @@ class TraceEndpoint:
             traces, cursor, missed = self._long_poll(query)
         else:
             traces, cursor, missed = self._scan(query)
-        dump = Trace.to_dict if query.full else Trace.summary
+        dump = _to_dict if query.full else _summary
         return {
             "schema": SCHEMA_VERSION,
             "instance": self.instance,
             "cursor": cursor,
-            "dropped": self.buffer.dropped,
+            "dropped": self.source.dropped,
             "missed": missed,
             "traces": [dump(t) for t in traces],
         }
 
     def _start_cursor(self, since: int) -> int:
         """``since``, or 0 when it is above the buffer's cursor (a restart)."""
-        return since if since <= self.buffer.cursor else 0
+        return since if since <= self.source.cursor else 0
 
-    def _scan(self, query: _Query) -> tuple[list[Trace], int, int]:
+    def _scan(self, query: _Query) -> tuple[list[TraceView], int, int]:
         """Answer at once: traces newest first, the cursor, the missed count."""
-        buffer = self.buffer
+        buffer = self.source
         top = buffer.cursor
         if query.since is None:
             newest_first = buffer.latest()
             cursor = max(top, newest_first[0].cursor if newest_first else 0)
-            found: list[Trace] = []
+            found: list[TraceView] = []
             if query.limit:
                 for trace in newest_first:
                     if query.match(trace):
@@ -506,7 +662,7 @@ class TraceEndpoint:
         found.reverse()
         return found, position, max(missed, 0)
 
-    def _long_poll(self, query: _Query) -> tuple[list[Trace], int, int]:
+    def _long_poll(self, query: _Query) -> tuple[list[TraceView], int, int]:
         """Answer as soon as a matching, settled trace is there, or after
         ``wait`` seconds with none.
         """
@@ -530,7 +686,7 @@ class TraceEndpoint:
 
     def _follow(
         self, position: int, query: _Query, deadline: float, limit: int | None
-    ) -> Iterator[tuple[list[Trace], int, int]]:
+    ) -> Iterator[tuple[list[TraceView], int, int]]:
         """Hand out the traces after ``position`` in cursor order, settled
         (see the module docstring) and filtered, until ``deadline``.
 
@@ -538,7 +694,7 @@ class TraceEndpoint:
         after every pass that moved, and ``([], position, 0)`` whenever the
         buffer stayed quiet for :attr:`heartbeat` seconds.
         """
-        buffer = self.buffer
+        buffer = self.source
         first_seen: dict[int, float] = {}
         stopping = self._stopping
         last_yield = time.monotonic()
@@ -551,7 +707,7 @@ class TraceEndpoint:
             gap = candidates[0].cursor - position - 1 if candidates else 0
             if not candidates and top > position:
                 gap = top - position  # evicted (or cleared) before we looked
-            found: list[Trace] = []
+            found: list[TraceView] = []
             blocked = False
             moved = bool(gap)
             for trace in candidates:
@@ -587,13 +743,13 @@ class TraceEndpoint:
             return self._start_cursor(int(last_id))
         if query.since is not None:
             return self._start_cursor(query.since)
-        return self.buffer.cursor
+        return self.source.cursor
 
     def stream(self, position: int, query: _Query) -> Iterator[bytes]:
         """The Server-Sent Events body: traces after ``position`` as they
         settle, heartbeats, and an ``end`` event.
         """
-        dump: Callable[[Trace], dict[str, Any]] = Trace.to_dict if query.full else Trace.summary
+        dump: Callable[[TraceView], dict[str, Any]] = _to_dict if query.full else _summary
         yield b"retry: 1000\n" + _sse("info", self._info(position, 0))
         deadline = time.monotonic() + self.stream_seconds
         last_write = time.monotonic()
@@ -618,12 +774,12 @@ class TraceEndpoint:
             "schema": SCHEMA_VERSION,
             "instance": self.instance,
             "cursor": position,
-            "dropped": self.buffer.dropped,
+            "dropped": self.source.dropped,
             "missed": missed,
         }
 
     def __repr__(self) -> str:
-        return f"<TraceEndpoint {self.prefix!r} {self.buffer!r}>"
+        return f"<TraceEndpoint {self.prefix!r} {self.source!r}>"
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> bytes:

@@ -5,6 +5,7 @@ Hierarchy::
     WsgitraceError
      +-- ConfigurationError      bad options, raised when an object is set up
      +-- HookOrderError          (also an AssertionError) a hook order assertion failed
+     +-- StoreError              the trace store cannot be opened, read or written
 
     WsgitraceWarning              set-up time only, never on the request path
 
@@ -41,6 +42,21 @@ class HookOrderError(WsgitraceError, AssertionError):
     def __init__(self, message: str, trace: Trace | None = None) -> None:
         super().__init__(message)
         self.trace = trace
+
+
+class StoreError(WsgitraceError):
+    """The SQLite trace store cannot be used: corrupt, locked, unreadable, or
+    written by a newer wsgitrace. The message names the file and what to do.
+
+    :param message: What went wrong and what to do about it.
+    :param path: The store's file.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class WsgitraceWarning(UserWarning):

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from ._types import Clock, TraceListener
+    from .sinks import SinkDispatcher
 
 logger = logging.getLogger("wsgitrace")
 
@@ -121,6 +122,12 @@ class TraceMiddleware:
         if opts.endpoint is not False:
             # Build it now so bad endpoint options fail at set-up time.
             self._endpoint_app = self._make_endpoint()
+        #: Where finished traces also go (store, OTLP), or ``None``.
+        self.sinks: SinkDispatcher | None = None
+        if opts.enabled and (opts.store or opts.otlp):
+            from .sinks import build_sinks
+
+            self.sinks = build_sinks(opts)
 
     # -- the endpoint -------------------------------------------------------
 
@@ -282,6 +289,11 @@ class TraceMiddleware:
     def publish(self, trace: Trace) -> None:
         """Put a trace into the buffer and tell the capture listeners."""
         self.buffer.append(trace)
+        sinks = self.sinks
+        if sinks is not None and not sinks.running:
+            # Here, not when the trace finishes (maybe in a finalizer): the
+            # sinks' threads start in each process, e.g. after a fork.
+            sinks.start()
         for listener in _capture_listeners:
             # A failing listener must not stop the others or the trace's finish.
             try:
@@ -618,7 +630,10 @@ class _TracedBody:
                 )
         trace.end_ns = end
         trace.finished = True
-        self._middleware.buffer.finished(trace)
+        middleware = self._middleware
+        middleware.buffer.finished(trace)
+        if middleware.sinks is not None:
+            middleware.sinks.submit(trace)  # lock-free: safe from __del__
 
 
 class _SizedTracedBody(_TracedBody):

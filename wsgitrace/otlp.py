@@ -1,0 +1,322 @@
+"""Export traces to OpenTelemetry with OTLP/HTTP.
+
+Needs the ``otlp`` extra (``pip install 'wsgitrace[otlp]'``: the
+OpenTelemetry SDK and its OTLP/HTTP exporter), and is turned on with
+``otlp=True`` or ``WSGITRACE_OTLP=1``. Where spans go is configured the
+OpenTelemetry way, by the exporter itself::
+
+    OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318   # .../v1/traces is added
+    OTEL_EXPORTER_OTLP_HEADERS=api-key=...
+    OTEL_SERVICE_NAME=shop  OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod
+    WSGITRACE_OTLP=1 gunicorn -w 4 shop:app
+
+Each finished trace becomes one ``SERVER`` span for the request (named
+``GET /users/<id>`` after its route, with the HTTP semantic-convention
+attributes), with a child span for each hook, the view, each template
+rendered and each :func:`wsgitrace.span`, nested by time, and span events for
+``start_response``, ``first_byte``, ``close`` and an ``exception``. A
+``traceparent`` header on the request makes the span a child of the caller's.
+
+Only a trace's JSON form (:meth:`~wsgitrace.Trace.to_dict`) is exported, so
+only redacted data leaves the process: secret headers and query values are
+``[redacted]`` already when the trace is recorded. OpenTelemetry is imported
+only when this sink is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import ConfigurationError, WsgitraceError
+from .trace import HOOK_KINDS
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan, Span
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Tracer
+
+    from .trace import Trace
+
+__all__ = ["OtlpSink", "trace_spans"]
+
+#: Event kinds that become child spans.
+SPAN_KINDS = HOOK_KINDS | {"template", "span"}
+#: Event kinds that become span events on the request's span.
+EVENT_KINDS = ("start_response", "first_byte", "close")
+
+_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+
+
+def _require_sdk() -> None:
+    try:
+        for name in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"):
+            importlib.import_module(name)
+    except ImportError as exc:
+        msg = (
+            "otlp=True (WSGITRACE_OTLP) needs the OpenTelemetry SDK and OTLP/HTTP exporter:"
+            f" pip install 'wsgitrace[otlp]' ({exc})"
+        )
+        raise ConfigurationError(msg) from None
+
+
+def _make_collector() -> Any:
+    """A span processor that keeps the spans ended on the sink's thread."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class SpanCollector(SpanProcessor):
+        def __init__(self) -> None:
+            self.spans: list[ReadableSpan] = []
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.spans.append(span)
+
+    return SpanCollector()
+
+
+class OtlpSink:
+    """A sink that exports each trace as OpenTelemetry spans.
+
+    :param exporter: A span exporter; by default an ``OTLPSpanExporter``
+        (OTLP/HTTP) configured by the ``OTEL_EXPORTER_OTLP_*`` variables.
+    :param resource_attributes: Added to the resource, which the SDK builds
+        from ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``.
+
+    :raises ConfigurationError: the ``otlp`` extra is not installed.
+
+    .. versionadded:: 0.2
+    """
+
+    name = "otlp"
+
+    def __init__(
+        self,
+        exporter: SpanExporter | None = None,
+        *,
+        resource_attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        _require_sdk()
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from . import __version__
+
+        self._own_exporter = exporter is None
+        self._exporter: SpanExporter | None = exporter or self._make_exporter()
+        self._collector = _make_collector()
+        provider = TracerProvider(
+            resource=Resource.create(dict(resource_attributes or {})), shutdown_on_exit=False
+        )
+        provider.add_span_processor(self._collector)
+        self._tracer: Tracer = provider.get_tracer("wsgitrace", __version__)
+        #: Spans exported.
+        self.exported = 0
+
+    @staticmethod
+    def _make_exporter() -> SpanExporter:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        """Turn the traces into spans and export them in one request.
+
+        :raises WsgitraceError: the exporter reported a failure.
+        """
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        spans: list[ReadableSpan] = []
+        for trace in traces:
+            spans.extend(trace_spans(self._tracer, self._collector, trace.to_dict()))
+        if not spans:
+            return
+        if self._exporter is None:
+            self._exporter = self._make_exporter()
+        result = self._exporter.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            msg = f"OTLP export of {len(spans)} span(s) failed (see the opentelemetry log)"
+            raise WsgitraceError(msg)
+        self.exported += len(spans)
+
+    def after_fork(self) -> None:
+        """Make a new exporter in a forked child (its HTTP connections are
+        the parent's).
+        """
+        if self._own_exporter:
+            self._exporter = None
+
+    def close(self) -> None:
+        """Shut the exporter down."""
+        if self._exporter is not None:
+            self._exporter.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<OtlpSink {self._exporter!r}>"
+
+
+def trace_spans(tracer: Tracer, collector: Any, data: Mapping[str, Any]) -> list[Any]:
+    """The spans of one trace (its :meth:`~wsgitrace.Trace.to_dict` form),
+    made with ``tracer`` and gathered by ``collector``; root span last.
+    """
+    from opentelemetry import trace as trace_api
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    collector.spans = []
+    start = round(float(data.get("time") or 0.0) * 1e9)
+    duration = data.get("duration_ms")
+    end = start + (round(float(duration) * 1e6) if duration is not None else 0)
+    status = data.get("status")
+    error = data.get("error") if isinstance(data.get("error"), dict) else None
+
+    root: Span = tracer.start_span(  # type: ignore[assignment]
+        _span_name(data),
+        context=_parent_context(data),
+        kind=SpanKind.SERVER,
+        attributes=_request_attributes(data),
+        start_time=start,
+    )
+    events = sorted(
+        (e for e in data.get("events") or () if isinstance(e, dict)),
+        key=lambda e: (float(e.get("start_ms", 0)), -float(e.get("duration_ms", 0))),
+    )
+    # Open child spans, innermost last: (end, span, start).
+    stack: list[tuple[int, Any, int]] = []
+    children: list[tuple[int, Any]] = []
+    for event in events:
+        kind = str(event.get("kind", ""))
+        at = start + round(float(event.get("start_ms", 0)) * 1e6)
+        until = at + round(float(event.get("duration_ms", 0)) * 1e6)
+        if kind in EVENT_KINDS:
+            attrs = {"wsgitrace.duration_ms": float(event.get("duration_ms", 0))}
+            root.add_event(kind, attrs if kind == "close" else None, timestamp=at)
+            continue
+        if kind not in SPAN_KINDS:
+            continue
+        while stack and not (at >= stack[-1][2] and until <= stack[-1][0]):
+            stack.pop()
+        parent = stack[-1][1] if stack else root
+        span = tracer.start_span(
+            str(event.get("name", kind)),
+            context=trace_api.set_span_in_context(parent),
+            kind=SpanKind.INTERNAL,
+            attributes=_event_attributes(kind, event),
+            start_time=at,
+        )
+        stack.append((until, span, at))
+        children.append((until, span))
+    if error is not None:
+        root.add_event(
+            "exception",
+            {
+                "exception.type": str(error.get("type", "")),
+                "exception.message": str(error.get("message", "")),
+                "exception.stacktrace": str(error.get("traceback", "")),
+            },
+            timestamp=end,
+        )
+    if error is not None or (isinstance(status, int) and status >= 500):
+        description = str(error.get("type", "")) if error else None
+        root.set_status(Status(StatusCode.ERROR, description))
+    for until, span in children:
+        span.end(end_time=until)
+    root.end(end_time=end)
+    spans: list[Any] = collector.spans
+    collector.spans = []
+    return spans
+
+
+def _span_name(data: Mapping[str, Any]) -> str:
+    method = str(data.get("method") or "")
+    method = method if method in _METHODS else "HTTP"
+    rule = data.get("rule")
+    return f"{method} {rule}" if rule else method
+
+
+def _parent_context(data: Mapping[str, Any]) -> Any:
+    """The caller's span context from a ``traceparent`` request header."""
+    from opentelemetry import trace as trace_api
+
+    for name, value in data.get("request_headers") or ():
+        if str(name).lower() != "traceparent":
+            continue
+        found = _TRACEPARENT.match(str(value).strip().lower())
+        if found is None or found.group(1) == "0" * 32 or found.group(2) == "0" * 16:
+            return None
+        context = trace_api.SpanContext(
+            int(found.group(1), 16),
+            int(found.group(2), 16),
+            is_remote=True,
+            trace_flags=trace_api.TraceFlags(int(found.group(3), 16) & 1),
+        )
+        return trace_api.set_span_in_context(trace_api.NonRecordingSpan(context))
+    return None
+
+
+def _request_attributes(data: Mapping[str, Any]) -> dict[str, Any]:
+    """HTTP semantic-convention attributes of the request's span."""
+    method = str(data.get("method") or "")
+    attrs: dict[str, Any] = {}
+    if method in _METHODS:
+        attrs["http.request.method"] = method
+    else:
+        attrs["http.request.method"] = "_OTHER"
+        attrs["http.request.method_original"] = method
+    attrs["url.path"] = str(data.get("path") or "/")
+    if data.get("query"):
+        attrs["url.query"] = str(data["query"])
+    if data.get("rule"):
+        attrs["http.route"] = str(data["rule"])
+    status = data.get("status")
+    if isinstance(status, int):
+        attrs["http.response.status_code"] = status
+    if data.get("remote_addr"):
+        attrs["client.address"] = str(data["remote_addr"])
+    attrs["http.response.body.size"] = int(data.get("bytes") or 0)
+    for which in ("request", "response"):
+        for name, value in data.get(f"{which}_headers") or ():
+            lowered = str(name).lower()
+            if which == "request" and lowered == "user-agent":
+                attrs["user_agent.original"] = str(value)
+            key = f"http.{which}.header.{lowered}"
+            attrs[key] = [*attrs.get(key, ()), str(value)]
+    error = data.get("error")
+    if isinstance(error, dict) and error.get("type"):
+        attrs["error.type"] = str(error["type"])
+    elif isinstance(status, int) and status >= 500:
+        attrs["error.type"] = str(status)
+    attrs["wsgitrace.id"] = str(data.get("id") or "")
+    if data.get("endpoint"):
+        attrs["wsgitrace.endpoint"] = str(data["endpoint"])
+    if data.get("ttfb_ms") is not None:
+        attrs["wsgitrace.ttfb_ms"] = float(data["ttfb_ms"])
+    if data.get("warnings"):
+        attrs["wsgitrace.warnings"] = [str(w) for w in data["warnings"]]
+    return attrs
+
+
+def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"wsgitrace.kind": kind}
+    raw = event.get("attrs")
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            attrs[f"wsgitrace.{key}"] = _attribute(value)
+    if event.get("thread"):
+        attrs["thread.id"] = int(event["thread"]) & 0x7FFF_FFFF_FFFF_FFFF
+    return attrs
+
+
+def _attribute(value: Any) -> Any:
+    """An OpenTelemetry attribute value: a primitive, a list of strings, or JSON."""
+    if isinstance(value, bool | str | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str, sort_keys=True)

@@ -1,0 +1,368 @@
+"""Sinks: where finished traces go besides the in-memory buffer.
+
+A sink is any object with ``write(traces)`` and ``close()`` (see
+:class:`Sink`). A :class:`SinkDispatcher` hands each finished trace to every
+sink on a background thread per sink, behind a bounded queue, so a request
+never waits for a sink::
+
+    dispatcher = SinkDispatcher([TraceStore("/tmp/traces.db")])
+    dispatcher.start()
+    dispatcher.submit(trace)    # lock-free; safe from a finalizer
+    dispatcher.close()          # deliver what is queued, then close the sinks
+
+:meth:`SinkDispatcher.submit` only appends to a :class:`collections.deque`
+(atomic, takes no lock), because a trace can finish inside a garbage
+collection finalizer, which may run while the same thread holds any lock.
+The worker threads poll their queue every :data:`POLL_SECONDS`, so traces
+reach a sink within about a tenth of a second.
+
+A full queue (a slow or hung sink) drops the trace and counts it in
+:attr:`SinkDispatcher.dropped`; an exception from a sink is counted in
+:attr:`SinkDispatcher.failed` and logged once per sink. Neither ever reaches
+the request.
+
+Queues are flushed at interpreter exit (for up to :data:`EXIT_SECONDS`), and
+are made new in a forked child (``os.register_at_fork``): a pre-forked
+gunicorn worker starts its own threads, and sinks drop their connections
+(:meth:`Sink.after_fork`), the first time it serves a request.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .config import Options
+    from .trace import Trace
+
+__all__ = ["Sink", "SinkDispatcher", "build_sinks"]
+
+logger = logging.getLogger("wsgitrace")
+
+#: Seconds a worker thread sleeps when its queue is empty.
+POLL_SECONDS = 0.05
+#: Most traces handed to a sink in one ``write`` call.
+BATCH_SIZE = 256
+#: Seconds the exit handler waits, in all, for queued traces to be delivered.
+EXIT_SECONDS = 2.0
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where finished traces are written, off the request path.
+
+    ``write`` is called on the sink's own thread with a batch of finished
+    traces, oldest first; it may block (the queue fills and drops meanwhile)
+    and may raise (the batch is counted as failed). ``close`` is called once,
+    after the last ``write``. A sink may also define ``after_fork()``, called
+    in a forked child before anything else, to drop connections inherited
+    from the parent without closing them.
+    """
+
+    def write(self, traces: Sequence[Trace]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _CollectErrors:
+    """Run several steps, keep their exceptions, and raise them together at
+    the end (as Flask's ``ctx._CollectErrors`` does for teardown).
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def __enter__(self) -> _CollectErrors:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception):
+            self.errors.append(exc)
+            return True
+        return False
+
+    def raise_any(self, message: str) -> None:
+        """Raise the collected exception(s), if any: one as is, several as an
+        ``ExceptionGroup`` (the first one on Python 3.10).
+        """
+        if not self.errors:
+            return
+        if len(self.errors) == 1 or sys.version_info < (3, 11):
+            raise self.errors[0]
+        raise ExceptionGroup(message, self.errors)  # noqa: F821 - builtin on 3.11+
+
+
+class _SinkWorker:
+    """One sink, its queue and its thread."""
+
+    def __init__(self, sink: Sink, max_queue: int, poll: float) -> None:
+        self.sink = sink
+        self.name = getattr(sink, "name", type(sink).__name__)
+        self.max_queue = max_queue
+        self.poll = poll
+        self.queue: deque[Trace] = deque()
+        self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.busy = False
+        self.closed = False
+        self.delivered = 0
+        self.failed = 0
+        self.logged = False
+        self._dropped = itertools.count(1)
+        self.dropped = 0
+        self.reported = 0
+
+    def submit(self, trace: Trace) -> None:
+        # No lock and no allocation beyond the deque's own: finalizer-safe.
+        if len(self.queue) >= self.max_queue:
+            self.dropped = next(self._dropped)
+            return
+        self.queue.append(trace)
+
+    def start(self) -> None:
+        if self.closed or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.stop = threading.Event()
+        thread = threading.Thread(
+            target=_run_worker,
+            args=(weakref.ref(self), self.stop, self.poll),
+            name=f"wsgitrace-sink-{self.name}",
+            daemon=True,
+        )
+        thread.start()
+        self.thread = thread
+
+    def deliver(self, limit: int = BATCH_SIZE) -> bool:
+        """Write one batch; whether there was anything to write."""
+        queue = self.queue
+        if not queue:
+            return False
+        # Busy before the queue empties, so drain() never sees neither.
+        self.busy = True
+        batch: list[Trace] = []
+        try:
+            while queue and len(batch) < limit:
+                batch.append(queue.popleft())
+            dropped = self.dropped
+            if dropped > self.reported:
+                # Tell a sink that keeps counts (the store) what never reached it.
+                note_lost = getattr(self.sink, "note_lost", None)
+                if note_lost is not None:
+                    note_lost(dropped - self.reported)
+                self.reported = dropped
+            self.sink.write(batch)
+            self.delivered += len(batch)
+        except Exception as exc:
+            self.failed += len(batch)
+            if not self.logged:
+                self.logged = True
+                logger.error(
+                    "wsgitrace: sink %s failed, %d trace(s) not delivered (%s);"
+                    " requests are not affected (logged once)",
+                    self.name,
+                    len(batch),
+                    exc,
+                    exc_info=not _is_clear_error(exc),
+                )
+        finally:
+            self.busy = False
+        return True
+
+    def drain(self, deadline: float) -> bool:
+        """Deliver what is queued before ``deadline``; whether all was."""
+        thread = self.thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            while (self.queue or self.busy) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return not (self.queue or self.busy)
+        while self.queue and time.monotonic() < deadline:
+            self.deliver()
+        return not self.queue
+
+    def after_fork(self) -> None:
+        self.queue = deque()
+        self.thread = None
+        self.stop = threading.Event()
+        self.busy = False
+        self.dropped = self.reported = 0
+        self._dropped = itertools.count(1)
+        after_fork = getattr(self.sink, "after_fork", None)
+        if after_fork is not None:
+            after_fork()
+
+
+def _is_clear_error(exc: Exception) -> bool:
+    from .exceptions import WsgitraceError
+
+    return isinstance(exc, WsgitraceError)
+
+
+def _run_worker(ref: weakref.ref[_SinkWorker], stop: threading.Event, poll: float) -> None:
+    """The body of a sink's thread. It holds its worker only weakly between
+    passes, so a dispatcher nobody uses any more is freed and its thread ends.
+    """
+    while True:
+        worker = ref()
+        if worker is None or worker.stop is not stop:
+            return
+        try:
+            busy = worker.deliver()
+        except Exception:  # pragma: no cover - deliver() catches the sink's errors
+            busy = False
+        del worker
+        if not busy and stop.wait(poll):
+            worker = ref()
+            if worker is not None:
+                while worker.deliver():
+                    pass
+            return
+
+
+class SinkDispatcher:
+    """Hands finished traces to sinks on background threads.
+
+    :param sinks: The sinks; each gets its own thread and queue.
+    :param max_queue: Traces waiting per sink; more are dropped and counted.
+    :param poll: Seconds a thread sleeps when its queue is empty.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, sinks: Iterable[Sink], *, max_queue: int = 2000, poll: float = POLL_SECONDS):
+        self._workers = [_SinkWorker(sink, max_queue, poll) for sink in sinks]
+        self._pid = os.getpid()
+        #: Whether the threads run in this process (checked on the request path).
+        self.running = False
+        _dispatchers.add(self)
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return [w.sink for w in self._workers]
+
+    def submit(self, trace: Trace) -> None:
+        """Queue a finished trace for every sink. Lock-free and never blocks,
+        so it is safe from a garbage-collection finalizer.
+        """
+        for worker in self._workers:
+            worker.submit(trace)
+
+    def start(self) -> None:
+        """Start the threads in this process (again after a fork). Call it
+        from ordinary code, never from a finalizer; cheap when running.
+        """
+        if self.running:
+            return
+        for worker in self._workers:
+            worker.start()
+        self.running = True
+
+    @property
+    def dropped(self) -> int:
+        """Traces dropped because a sink's queue was full."""
+        return sum(w.dropped for w in self._workers)
+
+    @property
+    def failed(self) -> int:
+        """Traces a sink raised on."""
+        return sum(w.failed for w in self._workers)
+
+    @property
+    def delivered(self) -> int:
+        """Traces written, summed over the sinks."""
+        return sum(w.delivered for w in self._workers)
+
+    @property
+    def pending(self) -> int:
+        """Traces queued and not yet handed to their sink."""
+        return sum(len(w.queue) for w in self._workers)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued trace has been handed to its sink (by its
+        thread, or here when no thread runs). Whether all were, in time.
+        """
+        deadline = time.monotonic() + timeout
+        done = True
+        for worker in self._workers:
+            done = worker.drain(deadline) and done
+        return done
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush, stop the threads, and close every sink, even when one of
+        them fails; then raise what failed.
+        """
+        self.flush(timeout)
+        errors = _CollectErrors()
+        for worker in self._workers:
+            worker.closed = True
+            worker.stop.set()
+            with errors:
+                worker.sink.close()
+        self.running = False
+        _dispatchers.discard(self)
+        errors.raise_any("closing wsgitrace sinks failed")
+
+    def _after_fork(self) -> None:
+        self._pid = os.getpid()
+        self.running = False
+        for worker in self._workers:
+            with _CollectErrors():
+                worker.after_fork()
+
+    def __repr__(self) -> str:
+        names = ", ".join(w.name for w in self._workers)
+        return f"<SinkDispatcher [{names}] pending={self.pending} dropped={self.dropped}>"
+
+
+_dispatchers: weakref.WeakSet[SinkDispatcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for dispatcher in list(_dispatchers):
+        dispatcher._after_fork()
+
+
+def _at_exit() -> None:
+    deadline = time.monotonic() + EXIT_SECONDS
+    for dispatcher in list(_dispatchers):
+        if dispatcher._pid != os.getpid():
+            continue
+        try:
+            dispatcher.close(max(deadline - time.monotonic(), 0.0))
+        except Exception:
+            logger.exception("wsgitrace: closing sinks at exit failed")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
+
+
+def build_sinks(options: Options) -> SinkDispatcher | None:
+    """The dispatcher for the sinks ``options`` ask for (``store``,
+    ``otlp``), or ``None`` when there are none.
+
+    :raises ConfigurationError: a sink cannot be set up (e.g. the ``otlp``
+        extra is not installed).
+    """
+    sinks: list[Sink] = []
+    if options.store:
+        from .store import TraceStore
+
+        sinks.append(TraceStore(options.store, options.store_max_traces, options.store_max_bytes))
+    if options.otlp:
+        from .otlp import OtlpSink
+
+        sinks.append(OtlpSink())
+    if not sinks:
+        return None
+    return SinkDispatcher(sinks, max_queue=options.sink_queue)

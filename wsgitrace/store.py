@@ -1,0 +1,579 @@
+"""A SQLite trace store shared by the worker processes of one host.
+
+Under a pre-fork server (gunicorn) every worker has its own ring buffer, so
+``/_trace`` would see a random part of the traffic. With a store, every
+worker also writes each finished trace to one SQLite file (WAL mode), and the
+endpoint of any worker, and ``wsgitrace tail --store PATH``, read from it::
+
+    WSGITRACE_STORE=/tmp/myapp-traces.db gunicorn -w 4 myapp:app
+    wsgitrace tail --store /tmp/myapp-traces.db
+
+    store = TraceStore("/tmp/myapp-traces.db")
+    store.latest(10)          # newest first, as StoredTrace
+    store.get(trace_id).to_dict()
+
+Each row holds a trace's full :meth:`~wsgitrace.Trace.to_dict` JSON, its
+summary JSON, and indexed columns (id, time, method, path, status,
+duration). The row's ``cursor`` (``INTEGER PRIMARY KEY AUTOINCREMENT``) is
+the store-wide cursor: writers are serialized by SQLite, so rows become
+visible in cursor order and ``since=<cursor>`` never skips one. Trace ids are
+kept as they were made (unique across processes).
+
+The store is bounded by trace count and by bytes of JSON; the oldest traces
+are pruned in the transaction that goes over, and counted. Its schema version
+is kept in the ``meta`` table; a file written by a newer wsgitrace, a corrupt
+file or one locked for longer than the timeout raises :class:`~wsgitrace.
+exceptions.StoreError` with the file name and what to do, and the traced app
+goes on with its in-memory buffer.
+
+Connections are made per process (and per direction), lazily, so one opened
+before ``fork`` is never used by a child: it is left open and unused there,
+as SQLite requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import StoreError
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+__all__ = ["STORE_SCHEMA_VERSION", "StoredTrace", "TraceStore"]
+
+#: Version of the store's tables. A store with a higher one is refused.
+STORE_SCHEMA_VERSION = 1
+
+#: Seconds a reader polls between two looks at the store in :meth:`TraceStore.wait`.
+WAIT_POLL_SECONDS = 0.05
+#: Seconds a writer waits before it tries a store that failed again.
+RETRY_SECONDS = 1.0
+
+_SCHEMA = """
+CREATE TABLE traces (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    time REAL NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER,
+    duration_ms REAL,
+    size INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX traces_time ON traces (time);
+"""
+
+_COLUMNS = "cursor, id, time, method, path, status, duration_ms, summary"
+
+#: Connections made before a fork, kept in the child so they are never
+#: closed (or finalized) there: SQLite must not close a parent's connection.
+_inherited: list[sqlite3.Connection] = []
+
+
+class StoredTrace:
+    """A trace read from a :class:`TraceStore`: the summary columns at once,
+    the full JSON when :meth:`to_dict` is called. Always finished.
+    """
+
+    __slots__ = (
+        "_store",
+        "_summary",
+        "cursor",
+        "duration_ms",
+        "id",
+        "method",
+        "path",
+        "status_code",
+        "wall_time",
+    )
+
+    finished = True
+    cursor: int
+    id: str
+    wall_time: float
+    method: str
+    path: str
+    status_code: int | None
+    duration_ms: float | None
+    _summary: str
+
+    def __init__(self, store: TraceStore, row: Sequence[Any]) -> None:
+        self._store = store
+        (
+            self.cursor,
+            self.id,
+            self.wall_time,
+            self.method,
+            self.path,
+            self.status_code,
+            self.duration_ms,
+            self._summary,
+        ) = row
+
+    def summary(self) -> dict[str, Any]:
+        """The short JSON form, with the store's cursor."""
+        data: dict[str, Any] = json.loads(self._summary)
+        data["cursor"] = self.cursor
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full JSON form (as :meth:`wsgitrace.Trace.to_dict`), with the
+        store's cursor; just the summary when the row was pruned meanwhile.
+        """
+        data = self._store._load(self.cursor)
+        if data is None:
+            return self.summary()
+        data["cursor"] = self.cursor
+        return data
+
+    def __repr__(self) -> str:
+        return f"<StoredTrace {self.id} #{self.cursor} {self.method} {self.path!r}>"
+
+
+class TraceStore:
+    """One SQLite file of traces: a sink (``write``) and a trace source for
+    the endpoint (``latest``, ``since``, ``get``, ``wait``).
+
+    :param path: The file; made (with its directory's permissions) when missing,
+        unless ``create`` is false.
+    :param max_traces: Most traces kept; the oldest are pruned.
+    :param max_bytes: Most bytes of trace JSON kept; the oldest are pruned.
+    :param create: Make the file and its tables when missing (readers such
+        as ``wsgitrace tail --store`` pass false).
+    :param timeout: Seconds to wait for a lock held by another process.
+
+    .. versionadded:: 0.2
+    """
+
+    name = "store"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_traces: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        *,
+        create: bool = True,
+        timeout: float = 5.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.max_traces = max_traces
+        self.max_bytes = max_bytes
+        self.create = create
+        self.timeout = timeout
+        self._pid = os.getpid()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._retry_at = 0.0
+        self._lost = 0
+        self._instance: str | None = None
+        #: Traces this object wrote.
+        self.written = 0
+        #: Traces this object pruned.
+        self.pruned = 0
+
+    # -- connections --------------------------------------------------------
+
+    def _error(self, exc: BaseException, doing: str) -> StoreError:
+        """A :class:`StoreError` that says what is wrong with the file."""
+        text = str(exc)
+        lowered = text.lower()
+        if "locked" in lowered or "busy" in lowered:
+            hint = (
+                f"it stayed locked by another process for more than {self.timeout:g} s;"
+                " tracing goes on in memory and the store is tried again"
+            )
+        elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+            hint = (
+                "the file is corrupt or not a wsgitrace store; move it away or point"
+                " WSGITRACE_STORE at a new file (tracing goes on in memory)"
+            )
+        elif "unable to open" in lowered or "readonly" in lowered:
+            hint = "check that the file's directory exists and is writable by every worker"
+        else:
+            hint = "tracing goes on in memory"
+        msg = f"wsgitrace trace store {self.path!r}: cannot {doing} ({text}); {hint}"
+        return StoreError(msg, self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.create and not os.path.exists(self.path):
+            msg = f"no wsgitrace trace store at {self.path!r}"
+            raise StoreError(msg, self.path)
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._error(exc, "open the file") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            # Before the first table exists, so pruned pages can be given back.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                msg = f"the file cannot use WAL mode (journal_mode is {mode!r})"
+                raise sqlite3.OperationalError(msg)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA journal_size_limit = 8388608")
+            self._check_schema(conn)
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc, "open the store") from None
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """Make the tables of a new store; refuse a foreign or newer one."""
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if "meta" in names and "traces" in names:
+            version = self._version(conn)
+        elif names - {"sqlite_sequence"}:
+            msg = (
+                f"wsgitrace trace store {self.path!r}: the file is an SQLite database"
+                " of something else (it has no wsgitrace tables); point WSGITRACE_STORE"
+                " at a new file"
+            )
+            raise StoreError(msg, self.path)
+        else:
+            with _transaction(conn):
+                # Another worker may have made it since we looked.
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                    version = self._version(conn)
+                else:
+                    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [
+                            ("schema", STORE_SCHEMA_VERSION),
+                            ("instance", secrets.token_hex(8)),
+                            ("count", 0),
+                            ("bytes", 0),
+                            ("pruned", 0),
+                            ("lost", 0),
+                        ],
+                    )
+                    version = STORE_SCHEMA_VERSION
+        if version > STORE_SCHEMA_VERSION:
+            msg = (
+                f"wsgitrace trace store {self.path!r} has schema version {version}, newer"
+                f" than this wsgitrace reads ({STORE_SCHEMA_VERSION}); upgrade wsgitrace in"
+                " every process that uses it, or point WSGITRACE_STORE at a new file"
+            )
+            raise StoreError(msg, self.path)
+        # Versions below ours would be migrated here; 1 is the first.
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None or not isinstance(row[0], int):
+            msg = f"wsgitrace trace store {self.path!r} has no schema version; use a new file"
+            raise StoreError(msg, self.path)
+        return int(row[0])
+
+    def _check_pid(self) -> None:
+        """In a forked child, forget (without closing) the parent's connections."""
+        if self._pid != os.getpid():
+            self.after_fork()
+
+    def after_fork(self) -> None:
+        """Drop the connections inherited from the parent, unclosed."""
+        self._pid = os.getpid()
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                _inherited.append(conn)
+        self._writer = self._reader = None
+        self._read_lock = threading.Lock()
+        self._retry_at = 0.0
+        self._lost = 0
+
+    # -- writing (the sink) -------------------------------------------------
+
+    def note_lost(self, count: int) -> None:
+        """Count traces this process dropped before they reached the store
+        (a full queue, a failed write); added to the store-wide count.
+        """
+        self._lost += count
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        """Insert finished traces (one transaction), then prune to the caps.
+
+        :raises StoreError: the file cannot be used now; the batch is lost.
+        """
+        rows = [_row(trace) for trace in traces]
+        self._check_pid()
+        now = time.monotonic()
+        if self._writer is None:
+            if now < self._retry_at:
+                self._lost += len(rows)
+                msg = f"wsgitrace trace store {self.path!r} failed recently; retrying shortly"
+                raise StoreError(msg, self.path)
+            try:
+                self._writer = self._connect()
+                self._recount(self._writer)
+            except StoreError:
+                self._lost += len(rows)
+                self._retry_at = now + RETRY_SECONDS
+                raise
+        conn = self._writer
+        try:
+            with _transaction(conn):
+                added = conn.executemany(
+                    "INSERT OR IGNORE INTO traces"
+                    " (id, time, method, path, status, duration_ms, size, summary, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                ).rowcount
+                size = sum(row[6] for row in rows) if added == len(rows) else 0
+                if added != len(rows):
+                    size = self._size_of(conn, [row[0] for row in rows])
+                lost, self._lost = self._lost, 0
+                conn.execute(
+                    "UPDATE meta SET value = value + CASE key"
+                    " WHEN 'count' THEN ? WHEN 'bytes' THEN ? WHEN 'lost' THEN ? END"
+                    " WHERE key IN ('count', 'bytes', 'lost')",
+                    (added, size, lost),
+                )
+                pruned = self._prune(conn)
+        except sqlite3.Error as exc:
+            self._lost += len(rows)
+            self._writer = None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            self._retry_at = now + RETRY_SECONDS
+            raise self._error(exc, "write traces") from None
+        self.written += added
+        if pruned:
+            self.pruned += pruned
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+
+    def _size_of(self, conn: sqlite3.Connection, ids: list[str]) -> int:
+        # Only when some ids were there already (a retried batch): rare.
+        marks = ",".join("?" * len(ids))
+        row = conn.execute(
+            f"SELECT COALESCE(SUM(size), 0) FROM traces WHERE id IN ({marks})",  # noqa: S608
+            ids,
+        ).fetchone()
+        return int(row[0])
+
+    def _recount(self, conn: sqlite3.Connection) -> None:
+        """Set the count and byte totals from the rows (once per process)."""
+        with _transaction(conn):
+            count, size = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM traces"
+            ).fetchone()
+            conn.execute(
+                "UPDATE meta SET value = CASE key WHEN 'count' THEN ? ELSE ? END"
+                " WHERE key IN ('count', 'bytes')",
+                (count, size),
+            )
+
+    def _prune(self, conn: sqlite3.Connection) -> int:
+        """Delete the oldest traces over either cap; how many."""
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('count', 'bytes')"))
+        count, size = int(meta["count"]), int(meta["bytes"])
+        last: int | None = None
+        removed = freed = 0
+        if count > self.max_traces:
+            removed, freed, last = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MAX(cursor) FROM"
+                " (SELECT cursor, size FROM traces ORDER BY cursor LIMIT ?)",
+                (count - self.max_traces,),
+            ).fetchone()
+        if size - freed > self.max_bytes:
+            # Down to 90% of the cap, so the next write does not prune again.
+            goal = size - self.max_bytes * 9 // 10
+            for cursor, row_size in conn.execute(
+                "SELECT cursor, size FROM traces WHERE cursor > ? ORDER BY cursor",
+                (last or 0,),
+            ):
+                if freed >= goal:
+                    break
+                removed += 1
+                freed += row_size
+                last = cursor
+        if not removed:
+            return 0
+        conn.execute("DELETE FROM traces WHERE cursor <= ?", (last,))
+        conn.execute(
+            "UPDATE meta SET value = value - CASE key WHEN 'count' THEN ? ELSE ? END"
+            " WHERE key IN ('count', 'bytes')",
+            (removed, freed),
+        )
+        conn.execute("UPDATE meta SET value = value + ? WHERE key = 'pruned'", (removed,))
+        return int(removed)
+
+    def close(self) -> None:
+        """Close this process's connections."""
+        self._check_pid()
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._writer = self._reader = None
+
+    # -- reading (a trace source for the endpoint) --------------------------
+
+    @contextlib.contextmanager
+    def _read(self, doing: str = "read traces") -> Iterator[sqlite3.Connection]:
+        self._check_pid()
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = self._connect()
+            try:
+                yield self._reader
+            except sqlite3.Error as exc:
+                conn, self._reader = self._reader, None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+                raise self._error(exc, doing) from None
+
+    @property
+    def cursor(self) -> int:
+        """Cursor of the newest trace ever written (0 when none)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'traces'").fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def instance(self) -> str:
+        """A random id of the store, the same in every process that reads it."""
+        if self._instance is None:
+            with self._read() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+            self._instance = str(row[0]) if row else ""
+        return self._instance
+
+    @property
+    def dropped(self) -> int:
+        """Traces pruned by the caps plus traces the writing processes lost
+        before they reached the store.
+        """
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(value), 0) FROM meta WHERE key IN ('pruned', 'lost')"
+            ).fetchone()
+        return int(row[0])
+
+    def __len__(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+
+    def latest(self, n: int | None = None) -> list[StoredTrace]:
+        """Up to ``n`` traces (all when ``None``), newest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM traces ORDER BY cursor DESC LIMIT ?",  # noqa: S608
+                (-1 if n is None else max(n, 0),),
+            ).fetchall()
+        return [StoredTrace(self, row) for row in rows]
+
+    def since(self, cursor: int, limit: int | None = None) -> list[StoredTrace]:
+        """Traces written after ``cursor``, oldest first, at most ``limit``."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM traces WHERE cursor > ?"  # noqa: S608
+                " ORDER BY cursor LIMIT ?",
+                (cursor, -1 if limit is None else max(limit, 0)),
+            ).fetchall()
+        return [StoredTrace(self, row) for row in rows]
+
+    def get(self, trace_id: str) -> StoredTrace | None:
+        """The trace with this id, or ``None``."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM traces WHERE id = ?",  # noqa: S608
+                (trace_id,),
+            ).fetchone()
+        return None if row is None else StoredTrace(self, row)
+
+    def _load(self, cursor: int) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT data FROM traces WHERE cursor = ?", (cursor,)).fetchone()
+        if row is None:
+            return None
+        data: dict[str, Any] = json.loads(row[0])
+        return data
+
+    def wait(self, cursor: int, timeout: float | None = None) -> bool:
+        """Poll until a trace newer than ``cursor`` is there (other processes
+        write too, so there is nothing to be woken by).
+
+        :return: ``True`` if one is there, ``False`` on timeout or :meth:`notify`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wake = self._wake
+        while True:
+            if self.cursor > cursor:
+                return True
+            pause = WAIT_POLL_SECONDS
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                pause = min(pause, remaining)
+            if wake.wait(pause):
+                return self.cursor > cursor
+
+    def notify(self) -> None:
+        """Wake every :meth:`wait` now (used when a server shuts down)."""
+        wake, self._wake = self._wake, threading.Event()
+        wake.set()
+
+    def __repr__(self) -> str:
+        return f"<TraceStore {self.path!r} max_traces={self.max_traces}>"
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
+    deadlock upgrading), then commit, or roll back on any error.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _row(trace: Trace) -> tuple[Any, ...]:
+    """The row of a finished trace: its JSON, made here (off the request path)."""
+    summary = trace.summary()
+    data = trace.to_dict()
+    # ASCII JSON: a lone surrogate (from an exception message) cannot fail it.
+    summary_text = json.dumps(summary, separators=(",", ":"))
+    data_text = json.dumps(data, separators=(",", ":"))
+    return (
+        summary["id"],
+        float(summary.get("time") or 0.0),
+        str(summary.get("method") or ""),
+        str(summary.get("path") or ""),
+        summary.get("status"),
+        summary.get("duration_ms"),
+        len(summary_text) + len(data_text),
+        summary_text,
+        data_text,
+    )
