@@ -1,0 +1,399 @@
+"""Sinks: finished traces handed to background threads behind bounded queues.
+A sink that hangs or raises never slows or fails a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from wsgitrace import ConfigurationError, Trace, TraceMiddleware
+from wsgitrace.config import resolve_options
+from wsgitrace.sinks import SinkDispatcher, build_sinks
+from wsgitrace.store import TraceStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+
+def dummy_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def request(app: WSGIApplication, path: str = "/", **headers: str) -> tuple[str, bytes]:
+    """Serve one GET as a server does (closing the body); status and body."""
+    environ: dict[str, Any] = {"PATH_INFO": path, "REMOTE_ADDR": "127.0.0.1"}
+    for name, value in headers.items():
+        environ["HTTP_" + name.upper()] = value
+    setup_testing_defaults(environ)
+    status: list[str] = []
+
+    def start_response(s: str, h: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        status.append(s)
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    return status[-1], data
+
+
+def make_traces(count: int) -> list[Trace]:
+    """``count`` finished traces of real requests."""
+    app = TraceMiddleware(dummy_app, max_traces=max(count, 1))
+    for i in range(count):
+        request(app, f"/t{i}")
+    return app.buffer.latest()[::-1]
+
+
+class ListSink:
+    """Keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.traces: list[Trace] = []
+        self.batches = 0
+        self.closed = False
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        self.batches += 1
+        self.traces.extend(traces)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class HangingSink(ListSink):
+    """Blocks in ``write`` until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        super().write(traces)
+
+
+class FailingSink(ListSink):
+    """Raises on every write (and on close when asked)."""
+
+    def __init__(self, fail_close: bool = False) -> None:
+        super().__init__()
+        self.fail_close = fail_close
+        self.calls = 0
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        self.calls += 1
+        msg = "sink is down"
+        raise OSError(msg)
+
+    def close(self) -> None:
+        super().close()
+        if self.fail_close:
+            msg = f"close failed {id(self)}"
+            raise RuntimeError(msg)
+
+
+@pytest.fixture(name="dispatchers")
+def fixture_dispatchers() -> Iterator[list[SinkDispatcher]]:
+    """Dispatchers made by a test, closed at its end."""
+    made: list[SinkDispatcher] = []
+    yield made
+    for dispatcher in made:
+        for worker in dispatcher._workers:
+            sink = worker.sink
+            if isinstance(sink, HangingSink):
+                sink.release.set()
+        with contextlib.suppress(Exception):  # some tests' sinks fail on purpose
+            dispatcher.close(timeout=5)
+
+
+class TestSinkDispatcher:
+    def test_delivers_in_order_within_a_second(
+        self, dispatchers: list[SinkDispatcher], wait_for: Callable[..., Any]
+    ) -> None:
+        """Submitted traces reach the sink, oldest first, from its own thread."""
+        sink = ListSink()
+        dispatcher = SinkDispatcher([sink])
+        dispatchers.append(dispatcher)
+        dispatcher.start()
+        traces = make_traces(20)
+        start = time.monotonic()
+        for trace in traces:
+            dispatcher.submit(trace)
+        wait_for(lambda: len(sink.traces) == 20, timeout=5)
+        assert time.monotonic() - start < 1.0
+        assert sink.traces == traces
+        assert (dispatcher.delivered, dispatcher.dropped, dispatcher.failed) == (20, 0, 0)
+
+    def test_flush_without_threads_delivers_here(self) -> None:
+        """flush() delivers inline when no thread runs (never started)."""
+        sink = ListSink()
+        dispatcher = SinkDispatcher([sink])
+        traces = make_traces(3)
+        for trace in traces:
+            dispatcher.submit(trace)
+        assert dispatcher.pending == 3
+        assert dispatcher.flush()
+        assert sink.traces == traces
+        dispatcher.close()
+        assert sink.closed
+
+    def test_full_queue_drops_and_counts(self, dispatchers: list[SinkDispatcher]) -> None:
+        """A hung sink fills its queue; later traces are dropped and counted."""
+        sink = HangingSink()
+        dispatcher = SinkDispatcher([sink], max_queue=5)
+        dispatchers.append(dispatcher)
+        dispatcher.start()
+        traces = make_traces(1) * 30
+        dispatcher.submit(traces[0])
+        assert sink.entered.wait(5)
+        for trace in traces[1:]:
+            dispatcher.submit(trace)
+        assert dispatcher.pending == 5
+        assert dispatcher.dropped == 24
+        sink.release.set()
+        assert dispatcher.flush(5)
+        assert len(sink.traces) == 6
+
+    def test_failing_sink_is_counted_logged_once_and_isolated(
+        self,
+        dispatchers: list[SinkDispatcher],
+        caplog: pytest.LogCaptureFixture,
+        wait_for: Callable[..., Any],
+    ) -> None:
+        """A sink that raises loses its batches (counted, logged once); the
+        other sinks still get every trace.
+        """
+        failing, good = FailingSink(), ListSink()
+        dispatcher = SinkDispatcher([failing, good])
+        dispatchers.append(dispatcher)
+        dispatcher.start()
+        with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+            for trace in make_traces(10):
+                dispatcher.submit(trace)
+                time.sleep(0.01)
+            wait_for(lambda: len(good.traces) == 10 and dispatcher.failed == 10, timeout=5)
+        assert failing.calls >= 2
+        messages = [r.getMessage() for r in caplog.records if "sink" in r.getMessage()]
+        assert len(messages) == 1
+        assert "FailingSink failed" in messages[0]
+        assert "sink is down" in messages[0]
+
+    def test_close_runs_every_sink_then_raises(self) -> None:
+        """close() closes every sink even when some fail, then raises them
+        together, like Flask's _CollectErrors.
+        """
+        sinks = [FailingSink(fail_close=True), ListSink(), FailingSink(fail_close=True)]
+        dispatcher = SinkDispatcher(sinks)
+        if sys.version_info >= (3, 11):
+            with pytest.raises(ExceptionGroup) as info:  # noqa: F821
+                dispatcher.close()
+            assert len(info.value.exceptions) == 2
+        else:
+            with pytest.raises(RuntimeError):
+                dispatcher.close()
+        assert all(sink.closed for sink in sinks)
+
+    def test_submit_from_a_finalizer(self, dispatchers: list[SinkDispatcher]) -> None:
+        """submit() works inside __del__ during a garbage collection."""
+        sink = ListSink()
+        dispatcher = SinkDispatcher([sink])
+        dispatchers.append(dispatcher)
+        trace = make_traces(1)[0]
+
+        class Finalized:
+            def __init__(self) -> None:
+                self.me = self
+
+            def __del__(self) -> None:
+                dispatcher.submit(trace)
+
+        Finalized()
+        gc.collect()
+        assert dispatcher.flush()
+        assert sink.traces == [trace]
+
+    def test_thread_ends_when_the_dispatcher_is_freed(self, wait_for: Callable[..., Any]) -> None:
+        """The worker thread holds its dispatcher only weakly."""
+        dispatcher = SinkDispatcher([ListSink()])
+        dispatcher.start()
+        thread = dispatcher._workers[0].thread
+        assert thread is not None
+        assert thread.is_alive()
+        del dispatcher
+        gc.collect()
+        wait_for(lambda: not thread.is_alive(), timeout=5)
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_fork_gives_the_child_its_own_queue_and_thread(
+        self, dispatchers: list[SinkDispatcher], tmp_path: Path
+    ) -> None:
+        """After fork the child starts empty, starts its own thread, and
+        delivers its own traces; the parent's queue is untouched.
+        """
+        sink = HangingSink()
+        dispatcher = SinkDispatcher([sink])
+        dispatchers.append(dispatcher)
+        dispatcher.start()
+        traces = make_traces(3)
+        dispatcher.submit(traces[0])
+        assert sink.entered.wait(5)
+        dispatcher.submit(traces[1])
+        result = tmp_path / "child.txt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through a file
+            code = 1
+            try:
+                state = (dispatcher.running, dispatcher.pending)
+                sink.release.set()
+                worker = dispatcher._workers[0]
+                worker.sink = ListSink()
+                dispatcher.start()
+                dispatcher.submit(traces[2])
+                deadline = time.monotonic() + 5
+                while not worker.sink.traces and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                    time.sleep(0.01)
+                alive = worker.thread is not None and worker.thread.is_alive()
+                got = [t.path for t in worker.sink.traces]  # type: ignore[attr-defined]
+                result.write_text(repr((state, alive, got)))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert result.read_text() == repr(((False, 0), True, ["/t2"]))
+        assert dispatcher.pending == 1  # the parent's, still waiting
+
+    def test_flushed_at_exit(self, tmp_path: Path) -> None:
+        """Traces still queued when the interpreter exits are delivered."""
+        script = textwrap.dedent(
+            f"""
+            import sys, time
+            from werkzeug.test import Client
+            from wsgitrace import TraceMiddleware
+
+            def app(environ, start_response):
+                start_response("200 OK", [])
+                return [b"ok"]
+
+            app = TraceMiddleware(app, store={str(tmp_path / "exit.db")!r})
+            client = Client(app)
+            for i in range(50):
+                client.get(f"/exit{{i}}").close()
+            # No flush, no close: the exit handler delivers.
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+        store = TraceStore(tmp_path / "exit.db", create=False)
+        assert len(store) == 50
+        store.close()
+
+
+class TestBuildSinks:
+    def test_none_without_options(self) -> None:
+        """No store and no otlp: no dispatcher, no thread."""
+        assert build_sinks(resolve_options({}, None, {})) is None
+        assert TraceMiddleware(dummy_app).sinks is None
+
+    def test_store_from_the_environment(self, tmp_path: Path) -> None:
+        """WSGITRACE_STORE alone turns the store on."""
+        path = str(tmp_path / "env.db")
+        options = resolve_options({}, None, {"WSGITRACE_STORE": path})
+        dispatcher = build_sinks(options)
+        assert dispatcher is not None
+        [store] = dispatcher.sinks
+        assert isinstance(store, TraceStore)
+        assert store.path == path
+        dispatcher.close()
+
+    def test_otlp_without_the_extra_is_a_clear_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """otlp=True without the OpenTelemetry SDK names the extra to install."""
+        monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+        with pytest.raises(ConfigurationError, match=r"pip install 'wsgitrace\[otlp\]'"):
+            TraceMiddleware(dummy_app, otlp=True)
+
+    def test_disabled_tracing_builds_no_sinks(self, tmp_path: Path) -> None:
+        """enabled=False costs nothing, sinks included."""
+        app = TraceMiddleware(dummy_app, enabled=False, store=str(tmp_path / "off.db"))
+        assert app.sinks is None
+        assert not (tmp_path / "off.db").exists()
+
+
+# -- sinks on the request path ----------------------------------------------------
+
+
+def _latency(app: TraceMiddleware, count: int) -> list[float]:
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        status, body = request(app, f"/lat{i}")
+        times.append(time.perf_counter() - start)
+        assert (status, body) == ("200 OK", b"ok")
+    return times
+
+
+def test_hanging_or_raising_sink_never_slows_or_fails_requests(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Requests with a hung sink (queue full, dropping) and with a raising
+    sink take about as long as with no sink, and all succeed.
+    """
+    count = 400
+    plain = TraceMiddleware(dummy_app)
+    hanging_sink, failing_sink = HangingSink(), FailingSink()
+    hanging = TraceMiddleware(dummy_app)
+    hanging.sinks = SinkDispatcher([hanging_sink], max_queue=50)
+    failing = TraceMiddleware(dummy_app)
+    failing.sinks = SinkDispatcher([failing_sink])
+    try:
+        _latency(plain, 50)  # warm up
+        request(hanging, "/first")
+        assert hanging_sink.entered.wait(5)
+        results = {
+            "none": _latency(plain, count),
+            "hanging": _latency(hanging, count),
+            "raising": _latency(failing, count),
+        }
+        assert hanging.sinks.dropped == count - 50
+        assert failing.sinks.flush(5)
+        assert failing.sinks.failed == count
+        medians = {name: statistics.median(times) * 1e6 for name, times in results.items()}
+        with capsys.disabled():
+            print(
+                "\nrequest latency, median µs: "
+                + ", ".join(f"{name} sink {value:.1f}" for name, value in medians.items())
+            )
+        # Generous: the point is "not blocked", not a benchmark.
+        assert max(max(times) for times in results.values()) < 0.5
+        assert medians["hanging"] < medians["none"] * 3 + 50
+        assert medians["raising"] < medians["none"] * 3 + 50
+    finally:
+        hanging_sink.release.set()
+        for app in (hanging, failing):
+            assert app.sinks is not None
+            app.sinks.close()

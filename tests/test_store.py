@@ -1,0 +1,386 @@
+"""The SQLite trace store: round trips, cursors, caps, schema versions, bad
+files, several writing processes, and the endpoint and ``tail --store``
+reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from wsgitrace import StoreError, Trace, TraceMiddleware
+from wsgitrace import store as store_module
+from wsgitrace.store import STORE_SCHEMA_VERSION, TraceStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+
+def dummy_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    status = "500 Internal Server Error" if environ["PATH_INFO"] == "/fail" else "200 OK"
+    start_response(status, [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def request(
+    app: WSGIApplication, path: str = "/", query: str = "", method: str = "GET"
+) -> tuple[str, bytes]:
+    """Serve one request as a server does (closing the body)."""
+    environ: dict[str, Any] = {
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "REQUEST_METHOD": method,
+        "REMOTE_ADDR": "127.0.0.1",
+    }
+    setup_testing_defaults(environ)
+    status: list[str] = []
+
+    def start_response(s: str, h: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        status.append(s)
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    return status[-1], data
+
+
+def make_traces(*paths: str) -> list[Trace]:
+    app = TraceMiddleware(dummy_app)
+    for path in paths:
+        request(app, path)
+    return app.buffer.latest()[::-1]
+
+
+def get_json(app: WSGIApplication, path: str, query: str = "") -> Any:
+    status, body = request(app, path, query)
+    assert status == "200 OK", (status, body)
+    return json.loads(body)
+
+
+@pytest.fixture(name="db")
+def fixture_db(tmp_path: Path) -> str:
+    return str(tmp_path / "traces.db")
+
+
+class TestTraceStore:
+    def test_round_trip_keeps_ids_and_data(self, db: str) -> None:
+        """A stored trace reads back as it was, ids kept, store cursors."""
+        traces = make_traces("/a", "/b", "/c")
+        store = TraceStore(db)
+        store.write(traces)
+        assert len(store) == 3
+        assert store.cursor == 3
+        newest_first = store.latest()
+        assert [t.id for t in newest_first] == [t.id for t in reversed(traces)]
+        for stored, trace in zip(reversed(newest_first), traces, strict=True):
+            expected = trace.to_dict()
+            got = stored.to_dict()
+            assert got["cursor"] == stored.cursor
+            expected.pop("cursor")
+            got.pop("cursor")
+            assert got == expected
+            assert stored.summary()["path"] == trace.path
+            assert stored.finished
+        assert [t.cursor for t in newest_first] == [3, 2, 1]
+        assert Trace.from_dict(newest_first[0].to_dict()).path == "/c"
+
+    def test_since_latest_and_get(self, db: str) -> None:
+        """since() is oldest first after a cursor; latest() newest first."""
+        store = TraceStore(db)
+        store.write(make_traces(*(f"/p{i}" for i in range(10))))
+        assert [t.path for t in store.since(7)] == ["/p7", "/p8", "/p9"]
+        assert [t.path for t in store.since(2, limit=2)] == ["/p2", "/p3"]
+        assert [t.path for t in store.latest(2)] == ["/p9", "/p8"]
+        found = store.get(store.latest(1)[0].id)
+        assert found is not None
+        assert found.path == "/p9"
+        assert store.get("no-such-id") is None
+
+    def test_bounded_by_count(self, db: str) -> None:
+        """The oldest traces are pruned past max_traces, and counted."""
+        store = TraceStore(db, max_traces=3)
+        for i in range(4):
+            store.write(make_traces(f"/a{i}", f"/b{i}"))
+        assert [t.path for t in store.latest()] == ["/b3", "/a3", "/b2"]
+        assert (len(store), store.cursor, store.dropped) == (3, 8, 5)
+
+    def test_bounded_by_bytes(self, db: str) -> None:
+        """The oldest traces are pruned past max_bytes of JSON, and counted."""
+        store = TraceStore(db, max_bytes=20_000)
+        for i in range(20):
+            store.write(make_traces(*(f"/{i}-{j}" for j in range(5))))
+        with sqlite3.connect(db) as conn:
+            total = conn.execute("SELECT SUM(size) FROM traces").fetchone()[0]
+        assert total <= 20_000
+        assert store.dropped == 100 - len(store)
+        assert store.latest(1)[0].path == "/19-4"
+
+    def test_duplicate_ids_are_stored_once(self, db: str) -> None:
+        """Writing a trace again (a retried batch) does not duplicate it."""
+        traces = make_traces("/x", "/y")
+        store = TraceStore(db)
+        store.write(traces)
+        store.write(traces)
+        assert len(store) == 2
+
+    def test_wait_polls_for_other_writers(self, db: str) -> None:
+        """wait() sees a trace another connection writes; times out otherwise."""
+        store = TraceStore(db)
+        assert store.wait(0, timeout=0.1) is False
+        writer = TraceStore(db)
+        timer = threading.Timer(0.2, writer.write, [make_traces("/later")])
+        timer.start()
+        try:
+            assert store.wait(0, timeout=5) is True
+        finally:
+            timer.join()
+        assert store.wait(1, timeout=0.1) is False
+
+    def test_notify_wakes_a_waiter(self, db: str) -> None:
+        """notify() ends a wait at once."""
+        store = TraceStore(db)
+        store.write(make_traces("/x"))
+        timer = threading.Timer(0.1, store.notify)
+        timer.start()
+        start = time.monotonic()
+        assert store.wait(1, timeout=10) is False
+        assert time.monotonic() - start < 5
+        timer.join()
+
+    def test_instance_is_the_same_for_every_reader(self, db: str) -> None:
+        """The instance id lives in the file, so every worker reports it."""
+        first, second = TraceStore(db), TraceStore(db)
+        assert first.instance == second.instance
+        assert len(first.instance) == 16
+
+    def test_newer_schema_is_refused(self, db: str) -> None:
+        """A store written by a newer wsgitrace is refused with what to do."""
+        TraceStore(db).write(make_traces("/x"))
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema'")
+        with pytest.raises(StoreError, match="schema version 99, newer") as info:
+            TraceStore(db).latest()
+        assert "upgrade wsgitrace" in str(info.value)
+        assert info.value.path == db
+        assert STORE_SCHEMA_VERSION == 1
+
+    def test_foreign_database_is_refused(self, db: str) -> None:
+        """An SQLite file of something else is never written to."""
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE users (name TEXT)")
+        with pytest.raises(StoreError, match="something else"):
+            TraceStore(db).write(make_traces("/x"))
+        with sqlite3.connect(db) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert tables == {"users"}
+
+    def test_corrupt_file_is_a_clear_error(self, db: str) -> None:
+        """A file that is not a database gives an error saying so."""
+        Path(db).write_bytes(b"this is not a database, just some bytes" * 100)
+        with pytest.raises(StoreError, match="corrupt or not a wsgitrace store"):
+            TraceStore(db).write(make_traces("/x"))
+        with pytest.raises(StoreError, match="corrupt"):
+            TraceStore(db).latest()
+
+    def test_locked_file_is_a_clear_error_then_recovers(
+        self, db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A store locked past the timeout fails the batch (counted) with a
+        clear error; once unlocked, writing works again.
+        """
+        monkeypatch.setattr(store_module, "RETRY_SECONDS", 0.0)
+        store = TraceStore(db, timeout=0.1)
+        store.write(make_traces("/before"))
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreError, match="locked by another process"):
+                store.write(make_traces("/during"))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        store.write(make_traces("/after"))
+        assert [t.path for t in store.latest()] == ["/after", "/before"]
+        assert store.dropped == 1  # the batch lost while locked
+
+    def test_missing_file_is_not_created_by_readers(self, db: str) -> None:
+        """create=False (tail --store) refuses a missing file, making nothing."""
+        with pytest.raises(StoreError, match="no wsgitrace trace store"):
+            TraceStore(db, create=False).latest()
+        assert not Path(db).exists()
+
+    def test_several_processes_write_one_file(self, db: str) -> None:
+        """Processes writing at once: every trace once, cursors 1..N in order."""
+        script = textwrap.dedent(
+            f"""
+            import sys
+            from werkzeug.test import Client
+            from wsgitrace import TraceMiddleware
+            from wsgitrace.store import TraceStore
+
+            def app(environ, start_response):
+                start_response("200 OK", [])
+                return [b"ok"]
+
+            middleware = TraceMiddleware(app, max_traces=1000)
+            client = Client(middleware)
+            store = TraceStore({db!r})
+            for i in range(60):
+                client.get(f"/{{sys.argv[1]}}/{{i}}").close()
+                store.write(middleware.buffer.latest(1))
+            """
+        )
+        workers = [
+            subprocess.Popen([sys.executable, "-c", script, name]) for name in ("a", "b", "c")
+        ]
+        for worker in workers:
+            assert worker.wait(timeout=60) == 0
+        store = TraceStore(db, create=False)
+        traces = store.since(0)
+        assert len(traces) == 180
+        assert len({t.id for t in traces}) == 180
+        assert [t.cursor for t in traces] == list(range(1, 181))
+        for name in "abc":
+            mine = [t.path for t in traces if t.path.startswith(f"/{name}/")]
+            assert mine == [f"/{name}/{i}" for i in range(60)]
+
+
+class TestMiddlewareWithStore:
+    def test_endpoint_reads_the_store(self, db: str, wait_for: Callable[..., Any]) -> None:
+        """/_trace lists the store (every process's traces), with filters,
+        since, limit and one trace by id.
+        """
+        other = TraceStore(db)
+        other.write(make_traces("/from-another-worker"))
+        app = TraceMiddleware(dummy_app, endpoint=True, store=db)
+        for path in ("/one", "/fail", "/two"):
+            request(app, path)
+        assert app.sinks is not None
+        wait_for(lambda: get_json(app, "/_trace")["cursor"] == 4, timeout=5)
+        page = get_json(app, "/_trace")
+        assert [t["path"] for t in page["traces"]] == [
+            "/two",
+            "/fail",
+            "/one",
+            "/from-another-worker",
+        ]
+        assert page["instance"] == other.instance
+        assert page["dropped"] == 0
+        assert [t["path"] for t in get_json(app, "/_trace", "status=5xx")["traces"]] == ["/fail"]
+        page = get_json(app, "/_trace", "since=1&limit=1")
+        assert ([t["path"] for t in page["traces"]], page["cursor"]) == (["/one"], 2)
+        trace_id = page["traces"][0]["id"]
+        full = get_json(app, f"/_trace/{trace_id}")
+        assert (full["id"], full["cursor"], full["path"]) == (trace_id, 2, "/one")
+        assert any(e["kind"] == "request" for e in full["events"])
+        assert get_json(app, "/_trace", "full=1&limit=1")["traces"][0]["events"]
+        assert len(app.buffer) == 3  # the in-memory buffer still has its own
+
+    def test_long_poll_on_the_store(self, db: str) -> None:
+        """since=<cursor>&wait=N answers as soon as a worker writes a trace."""
+        app = TraceMiddleware(dummy_app, endpoint=True, store=db)
+        writer = TraceStore(db)
+        timer = threading.Timer(0.3, writer.write, [make_traces("/late")])
+        timer.start()
+        start = time.monotonic()
+        page = get_json(app, "/_trace", "since=0&wait=10")
+        timer.join()
+        assert [t["path"] for t in page["traces"]] == ["/late"]
+        assert time.monotonic() - start < 5
+
+    def test_corrupt_store_keeps_tracing_in_memory(
+        self, db: str, caplog: pytest.LogCaptureFixture, wait_for: Callable[..., Any]
+    ) -> None:
+        """With a corrupt store, requests are untouched, the error is logged
+        once, and /_trace answers from the buffer.
+        """
+        Path(db).write_bytes(b"garbage" * 1000)
+        app = TraceMiddleware(dummy_app, endpoint=True, store=db)
+        with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+            for i in range(5):
+                assert request(app, f"/r{i}") == ("200 OK", b"ok")
+            assert app.sinks is not None
+            wait_for(lambda: app.sinks is not None and app.sinks.failed == 5, timeout=5)
+            for _ in range(3):
+                page = get_json(app, "/_trace")
+        assert [t["path"] for t in page["traces"]] == [f"/r{i}" for i in reversed(range(5))]
+        store_messages = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+        # Once from the sink, once from the endpoint: never per request.
+        assert len(store_messages) == 2, store_messages
+        assert all(db in message for message in store_messages)
+
+
+# -- wsgitrace tail --store / show --store -------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsgitrace", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_tail_store_json_follows_the_store(db: str) -> None:
+    """tail --json --store prints the last -n, then each new trace once."""
+    store = TraceStore(db)
+    store.write(make_traces("/old1", "/old2", "/old3"))
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "wsgitrace", "tail", "--json", "-n", "2", "--store", db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        lines = [json.loads(tail.stdout.readline()) for _ in range(2)]
+        store.write(make_traces("/new"))
+        lines.append(json.loads(tail.stdout.readline()))
+    finally:
+        tail.terminate()
+        _, stderr = tail.communicate(timeout=30)
+    assert [line["path"] for line in lines] == ["/old2", "/old3", "/new"]
+    assert [line["cursor"] for line in lines] == [2, 3, 4]
+    assert "Traceback" not in stderr
+
+
+def test_show_store(db: str) -> None:
+    """show ID --store prints one stored trace."""
+    store = TraceStore(db)
+    [trace] = make_traces("/shown")
+    store.write([trace])
+    result = run_cli("show", trace.id, "--json", "--store", db)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == "/shown"
+    result = run_cli("show", "nope", "--store", db)
+    assert result.returncode == 1
+
+
+def test_tail_store_refuses_a_newer_schema(db: str) -> None:
+    """A store of a newer wsgitrace ends tail with the error, not a traceback."""
+    TraceStore(db).write(make_traces("/x"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema'")
+    result = run_cli("tail", "--json", "--store", db)
+    assert result.returncode == 2
+    assert "schema version 2" in result.stderr
+    assert "Traceback" not in result.stderr
