@@ -1,0 +1,315 @@
+"""OTLP export: traces sent to an OTLP/HTTP receiver on 127.0.0.1, decoded
+with ``opentelemetry-proto``: span names, parent/child structure, timings,
+semantic-convention attributes, and no secret ever leaving the process.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace")
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+
+from flask import Flask, g, render_template  # noqa: E402
+from jinja2 import DictLoader  # noqa: E402
+from werkzeug.test import Client  # noqa: E402
+
+from wsgitrace import Trace, TraceMiddleware  # noqa: E402
+from wsgitrace.flask import FlaskTrace  # noqa: E402
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+SECRET_HEADER = "Bearer hdr-s3cr3t-0123456789"
+SECRET_QUERY = "qry-s3cr3t-9876543210"
+
+
+@dataclass
+class Receiver:
+    """A tiny OTLP/HTTP collector: keeps each POST /v1/traces body."""
+
+    port: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    status: int = 200
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spans(self) -> list[Any]:
+        """Every span received, decoded, with its resource's attributes."""
+        found = []
+        for body in self.bodies:
+            request = trace_service_pb2.ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    assert scope_spans.scope.name == "wsgitrace"
+                    found.extend(scope_spans.spans)
+        return found
+
+
+@pytest.fixture(name="receiver")
+def fixture_receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A receiver on 127.0.0.1, with OTEL_EXPORTER_OTLP_ENDPOINT pointing at it."""
+    receiver = Receiver()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            receiver.paths.append(self.path)
+            if receiver.status == 200:
+                receiver.bodies.append(body)
+            self.send_response(receiver.status)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    for name in ("ENDPOINT", "TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
+        monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "shop")
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def make_flask_app() -> Flask:
+    app = Flask(__name__)
+    app.jinja_loader = DictLoader({"hello.html": "Hello {{ name }}!"})
+
+    @app.before_request
+    def load_user() -> None:
+        g.user = "ann"
+
+    @app.route("/hello/<name>")
+    def hello(name: str) -> str:
+        time.sleep(0.002)
+        return render_template("hello.html", name=name)
+
+    @app.after_request
+    def add_header(response: Any) -> Any:
+        response.headers["X-Done"] = "1"
+        return response
+
+    @app.teardown_request
+    def close_db(exc: BaseException | None) -> None:
+        pass
+
+    return app
+
+
+def by_name(spans: list[Any]) -> dict[str, Any]:
+    named = {span.name: span for span in spans}
+    assert len(named) == len(spans), [span.name for span in spans]
+    return named
+
+
+def attributes(span_or_event: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span_or_event.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        if kind == "array_value":
+            out[kv.key] = [v.string_value for v in value.array_value.values]
+        else:
+            out[kv.key] = getattr(value, kind)
+    return out
+
+
+def test_flask_request_becomes_a_span_tree(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """One SERVER span per request; hooks, view and template as children,
+    nested by time; span events; HTTP semantic-convention attributes.
+    """
+    app = make_flask_app()
+    ext = FlaskTrace(app, otlp=True)
+    response = Client(app).get("/hello/bob", headers={"User-Agent": "pytest"})
+    assert response.text == "Hello bob!"
+    response.close()
+    [trace] = ext.buffer.latest(1)
+    assert ext.middleware.sinks is not None
+    wait_for(lambda: ext.middleware.sinks.delivered == 1, timeout=10)
+    assert receiver.paths == ["/v1/traces"]
+
+    spans = by_name(receiver.spans())
+    assert set(spans) == {
+        "GET /hello/<name>",
+        "before_request:load_user",
+        "view:hello",
+        "context_processor:_default_template_ctx_processor",
+        "template:hello.html",
+        "after_request:add_header",
+        "teardown_request:close_db",
+    }
+    root = spans["GET /hello/<name>"]
+    assert root.kind == root.SPAN_KIND_SERVER
+    assert root.parent_span_id == b""
+    assert {span.trace_id for span in spans.values()} == {root.trace_id}
+    for name in ("before_request:load_user", "view:hello", "after_request:add_header"):
+        assert spans[name].parent_span_id == root.span_id, name
+        assert spans[name].kind == root.SPAN_KIND_INTERNAL
+    view_id = spans["view:hello"].span_id
+    assert spans["template:hello.html"].parent_span_id == view_id
+    assert spans["context_processor:_default_template_ctx_processor"].parent_span_id == view_id
+
+    # Timings: the root spans the request, children lie inside their parent.
+    assert trace.duration_ns is not None
+    assert root.end_time_unix_nano - root.start_time_unix_nano == pytest.approx(
+        trace.duration_ns, abs=1000
+    )
+    assert abs(root.start_time_unix_nano / 1e9 - trace.wall_time) < 1e-5
+    for span in spans.values():
+        parent = next((s for s in spans.values() if s.span_id == span.parent_span_id), None)
+        if parent is not None:
+            assert parent.start_time_unix_nano <= span.start_time_unix_nano
+            assert span.end_time_unix_nano <= parent.end_time_unix_nano
+    view = spans["view:hello"]
+    assert view.end_time_unix_nano - view.start_time_unix_nano >= 2_000_000
+    order = sorted(spans.values(), key=lambda s: s.start_time_unix_nano)
+    assert [s.name for s in order if s.parent_span_id == root.span_id] == [
+        "before_request:load_user",
+        "view:hello",
+        "after_request:add_header",
+        "teardown_request:close_db",
+    ]
+
+    events = [event.name for event in root.events]
+    assert events == ["start_response", "first_byte", "close"]
+    times = [event.time_unix_nano for event in root.events]
+    assert times == sorted(times)
+    assert root.start_time_unix_nano <= times[0] <= times[-1] <= root.end_time_unix_nano
+
+    attrs = attributes(root)
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["url.path"] == "/hello/bob"
+    assert attrs["http.route"] == "/hello/<name>"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["user_agent.original"] == "pytest"
+    assert attrs["wsgitrace.id"] == trace.id
+    assert attrs["wsgitrace.endpoint"] == "hello"
+    assert "error.type" not in attrs
+    assert attributes(spans["view:hello"])["wsgitrace.kind"] == "view"
+
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.ParseFromString(receiver.bodies[0])
+    resource = attributes(request.resource_spans[0].resource)
+    assert resource["service.name"] == "shop"
+
+
+def test_redacted_values_never_leave_the_process(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """An Authorization header and a ?token= query are redacted in the
+    exported bytes; neither secret appears anywhere in them.
+    """
+    app = make_flask_app()
+    ext = FlaskTrace(app, otlp=True)
+    client = Client(app)
+    client.set_cookie("session", "c00kie-s3cr3t")
+    client.get(
+        f"/hello/eve?token={SECRET_QUERY}&page=2", headers={"Authorization": SECRET_HEADER}
+    ).close()
+    assert ext.middleware.sinks is not None
+    wait_for(lambda: ext.middleware.sinks.delivered == 1, timeout=10)
+    raw = b"".join(receiver.bodies)
+    assert raw
+    for secret in (SECRET_HEADER, SECRET_QUERY, "s3cr3t", "c00kie"):
+        assert secret.encode() not in raw
+    root = by_name(receiver.spans())["GET /hello/<name>"]
+    attrs = attributes(root)
+    assert attrs["url.query"] == "token=[redacted]&page=2"
+    assert attrs["http.request.header.authorization"] == ["[redacted]"]
+    assert attrs["http.request.header.cookie"] == ["[redacted]"]
+
+
+def app_with_error(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    msg = "it broke"
+    raise RuntimeError(msg)
+
+
+def test_error_and_incoming_traceparent(receiver: Receiver, wait_for: Callable[..., Any]) -> None:
+    """An app error marks the span ERROR with an exception event; a
+    traceparent header makes it a child of the caller's span.
+    """
+    app = TraceMiddleware(app_with_error, otlp=True)
+    parent_trace = "0af7651916cd43dd8448eb211c80319c"
+    parent_span = "b7ad6b7169203331"
+    with pytest.raises(RuntimeError):
+        Client(app).get("/x", headers={"traceparent": f"00-{parent_trace}-{parent_span}-01"})
+    assert app.sinks is not None
+    wait_for(lambda: app.sinks is not None and app.sinks.delivered == 1, timeout=10)
+    [root] = receiver.spans()
+    assert root.name == "GET"
+    assert root.trace_id.hex() == parent_trace
+    assert root.parent_span_id.hex() == parent_span
+    assert root.status.code == root.status.STATUS_CODE_ERROR
+    assert attributes(root)["error.type"] == "builtins.RuntimeError"
+    [exception] = [event for event in root.events if event.name == "exception"]
+    assert attributes(exception)["exception.message"] == "it broke"
+
+
+def test_collector_down_never_slows_requests(
+    receiver: Receiver, wait_for: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the collector failing, requests go on at full speed; the failed
+    exports are counted.
+    """
+    receiver.status = 503
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+
+    def ok(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(ok, otlp=True, sink_queue=10)
+    client = Client(app)
+    start = time.perf_counter()
+    for i in range(200):
+        response = client.get(f"/r{i}")
+        assert response.status_code == 200
+        response.close()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5  # 200 requests; the exporter alone waits up to 1 s per batch
+    assert app.sinks is not None
+    wait_for(lambda: app.sinks is not None and app.sinks.failed >= 1, timeout=10)
+    assert app.sinks.dropped > 0
+    assert app.sinks.failed + app.sinks.dropped + app.sinks.pending <= 200
+    assert receiver.bodies == []
+
+
+def test_trace_from_dict_exports_the_same(receiver: Receiver) -> None:
+    """A trace read back from JSON (e.g. from the store) exports as well."""
+    from wsgitrace.otlp import OtlpSink
+
+    source = TraceMiddleware(app_with_error)
+    with pytest.raises(RuntimeError):
+        Client(source).get("/y")
+    [trace] = source.buffer.latest(1)
+    sink = OtlpSink()
+    sink.write([Trace.from_dict(trace.to_dict())])
+    sink.close()
+    assert [span.name for span in receiver.spans()] == ["GET"]
