@@ -278,13 +278,11 @@ def _request_attributes(data: Mapping[str, Any]) -> dict[str, Any]:
     if data.get("remote_addr"):
         attrs["client.address"] = str(data["remote_addr"])
     attrs["http.response.body.size"] = int(data.get("bytes") or 0)
-    for which in ("request", "response"):
-        for name, value in data.get(f"{which}_headers") or ():
-            lowered = str(name).lower()
-            if which == "request" and lowered == "user-agent":
-                attrs["user_agent.original"] = str(value)
-            key = f"http.{which}.header.{lowered}"
-            attrs[key] = [*attrs.get(key, ()), str(value)]
+    # Header attributes are opt-in in the conventions (and cost export size):
+    # only the user agent. Headers stay in the trace, redacted, on /_trace.
+    for name, value in data.get("request_headers") or ():
+        if str(name).lower() == "user-agent":
+            attrs["user_agent.original"] = str(value)
     error = data.get("error")
     if isinstance(error, dict) and error.get("type"):
         attrs["error.type"] = str(error["type"])
@@ -306,8 +304,6 @@ def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(raw, dict):
         for key, value in raw.items():
             attrs[f"wsgitrace.{key}"] = _attribute(value)
-    if event.get("thread"):
-        attrs["thread.id"] = int(event["thread"]) & 0x7FFF_FFFF_FFFF_FFFF
     return attrs
 
 

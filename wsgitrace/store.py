@@ -559,10 +559,19 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+_summary_keys: list[str] = []
+
+
 def _row(trace: Trace) -> tuple[Any, ...]:
     """The row of a finished trace: its JSON, made here (off the request path)."""
-    summary = trace.summary()
     data = trace.to_dict()
+    if not _summary_keys:
+        _summary_keys.extend(trace.summary())
+    # The summary is a part of the full form, except the error's shape.
+    summary = {key: data.get(key) for key in _summary_keys}
+    error = summary.get("error")
+    if isinstance(error, dict):
+        summary["error"] = error.get("type")
     # ASCII JSON: a lone surrogate (from an exception message) cannot fail it.
     summary_text = json.dumps(summary, separators=(",", ":"))
     data_text = json.dumps(data, separators=(",", ":"))
