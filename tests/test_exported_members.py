@@ -49,7 +49,7 @@ def test_import_does_not_load_flask_rich_or_pytest() -> None:
     code = (
         "import json, sys\n"
         "import wsgitrace\n"
-        "heavy = ('flask', 'rich', 'pytest', 'click', 'blinker')\n"
+        "heavy = ('flask', 'rich', 'pytest', 'click', 'blinker', 'sqlite3', 'opentelemetry')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
     result = subprocess.run(
