@@ -28,7 +28,17 @@ from .buffer import TraceBuffer
 from .config import Options, resolve_options
 from .context import _current_trace
 from .redact import REDACTED, Redactor
-from .trace import Trace, TraceLimits, cut, format_error
+from .trace import (
+    APP_END,
+    END,
+    FIRST_BYTE,
+    START_RESPONSE,
+    UNSET,
+    Trace,
+    TraceLimits,
+    cut,
+    format_error,
+)
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -354,7 +364,7 @@ class _TracedBody:
             # The common case: two stores, the headers flattened when read.
             self._starts = 1
             try:
-                trace.start_response_ns = trace.now()
+                trace._times[START_RESPONSE] = trace.now()
                 trace.status = status
                 if self._middleware._capture_headers:
                     trace.set_raw_response_headers(headers, self._middleware.response_headers)
@@ -439,7 +449,7 @@ class _TracedBody:
     def app_raised(self, exc: BaseException) -> None:
         try:
             trace = self.trace
-            now = trace.app_end_ns = trace.now()
+            now = trace._times[APP_END] = trace.now()
             self._error(exc, "app", now)
             self._middleware.publish(trace)
             self._finish(now)
@@ -449,7 +459,7 @@ class _TracedBody:
     def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
         try:
             trace = self.trace
-            now = trace.app_end_ns = trace.now()
+            now = trace._times[APP_END] = trace.now()
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
@@ -501,8 +511,8 @@ class _TracedBody:
                 size = len(chunk)
                 if size:
                     trace.bytes_sent += size
-                    if trace.first_byte_ns is None:
-                        trace.first_byte_ns = trace.now()
+                    if trace._times[FIRST_BYTE] == UNSET:
+                        trace._times[FIRST_BYTE] = trace.now()
             else:
                 self._first_chunk(chunk)
         except Exception:
@@ -628,7 +638,7 @@ class _TracedBody:
                     f"Content-Length mismatch: header says {expected},"
                     f" body sent {trace.bytes_sent} bytes"
                 )
-        trace.end_ns = end
+        trace._times[END] = end
         trace.finished = True
         middleware = self._middleware
         middleware.buffer.finished(trace)

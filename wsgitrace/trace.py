@@ -23,7 +23,7 @@ import traceback
 from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 from ._types import Clock
 
@@ -50,6 +50,14 @@ TRUNCATION_MARKER = "…[truncated]"
 
 _get_ident = threading.get_ident
 
+# Positions of the WSGI-level timestamps at the head of Trace._times; events
+# follow from _EVENTS on. UNSET marks a step that has not happened.
+END, APP_END, START_RESPONSE, FIRST_BYTE, BODY_START, BODY_END, CLOSE_START, CLOSE_END = range(8)
+_EVENTS = 8
+UNSET = -(2**63)
+_NO_STAMPS = array("q", [UNSET] * _EVENTS)
+
+
 #: What a trace stores per event: kind, name and attributes (or ``None``).
 EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
@@ -58,6 +66,29 @@ HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]], Trace], tuple[str
 
 #: request, app, start_response, first_byte, body, close.
 _WSGI_EVENT_COUNT = 6
+
+
+class _Stamp:
+    """A WSGI-level timestamp of a trace, stored in its int64 array."""
+
+    def __init__(self, index: int, doc: str) -> None:
+        self.index = index
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, trace: None, owner: type[Trace]) -> _Stamp: ...
+
+    @overload
+    def __get__(self, trace: Trace, owner: type[Trace]) -> int | None: ...
+
+    def __get__(self, trace: Trace | None, owner: type[Trace]) -> int | _Stamp | None:
+        if trace is None:
+            return self
+        value = trace._times[self.index]
+        return None if value == UNSET else value
+
+    def __set__(self, trace: Trace, value: int | None) -> None:
+        trace._times[self.index] = UNSET if value is None else value
 
 
 class _IdSource:
@@ -219,21 +250,14 @@ class Trace:
         "_size",
         "_threads",
         "_times",
-        "app_end_ns",
-        "body_end_ns",
-        "body_start_ns",
         "bytes_sent",
         "chunks",
-        "close_end_ns",
-        "close_start_ns",
         "cursor",
         "dropped_events",
-        "end_ns",
         "endpoint",
         "error",
         "evicted",
         "finished",
-        "first_byte_ns",
         "g",
         "method",
         "path",
@@ -243,7 +267,6 @@ class Trace:
         "rule",
         "session_keys",
         "start_ns",
-        "start_response_ns",
         "status",
         "thread",
         "truncated",
@@ -277,7 +300,9 @@ class Trace:
         # One (kind, name, attrs) key per event; hooks pass shared constant
         # keys, so an event costs a list slot and two int64 timestamps.
         self._keys: list[EventKey] = []
-        self._times = array("q")
+        # The WSGI-level timestamps (see _STAMPS), then two per recorded event:
+        # int64s in one array, not Python ints kept alive per request.
+        self._times = array("q", _NO_STAMPS)
         self._threads: dict[int, int] | None = None
         self._size = 0
         self.cursor = 0
@@ -296,14 +321,6 @@ class Trace:
         self._response_headers: tuple[str, ...] = ()
         self._content_length: int | None = None
         self.status: str | None = None
-        self.end_ns: int | None = None
-        self.app_end_ns: int | None = None
-        self.start_response_ns: int | None = None
-        self.first_byte_ns: int | None = None
-        self.body_start_ns: int | None = None
-        self.body_end_ns: int | None = None
-        self.close_start_ns: int | None = None
-        self.close_end_ns: int | None = None
         self.bytes_sent = 0
         self.chunks = 0
         self.endpoint: str | None = None
@@ -316,6 +333,15 @@ class Trace:
         self.dropped_events = 0
         self.finished = False
         self.evicted = False
+
+    end_ns = _Stamp(END, "When the response was closed (clock ns), or ``None``.")
+    app_end_ns = _Stamp(APP_END, "When the app callable returned or raised.")
+    start_response_ns = _Stamp(START_RESPONSE, "When ``start_response`` was first called.")
+    first_byte_ns = _Stamp(FIRST_BYTE, "When the first non-empty chunk went to the server.")
+    body_start_ns = _Stamp(BODY_START, "When the first chunk was produced.")
+    body_end_ns = _Stamp(BODY_END, "When iteration ended.")
+    close_start_ns = _Stamp(CLOSE_START, "When the server called ``close()``.")
+    close_end_ns = _Stamp(CLOSE_END, "When ``close()`` returned.")
 
     # -- write side ---------------------------------------------------------
 
@@ -478,14 +504,14 @@ class Trace:
         base = self.start_ns
         # Another thread may be inside record() (name appended, times not
         # yet): read only the events whose two timestamps are written.
-        for index in range(min(len(keys), len(times) // 2)):
-            start = times[2 * index]
+        for index in range(min(len(keys), (len(times) - _EVENTS) // 2)):
+            start = times[_EVENTS + 2 * index]
             kind, name, attrs = keys[index]
             yield Event(
                 kind=kind,
                 name=name,
                 start_ns=start - base,
-                duration_ns=times[2 * index + 1] - start,
+                duration_ns=times[_EVENTS + 2 * index + 1] - start,
                 thread=threads.get(index, self.thread),
                 attrs=attrs or {},
                 seq=index,
