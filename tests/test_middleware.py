@@ -966,9 +966,9 @@ def test_a_failing_header_flattener_at_read_time_is_counted_not_raised(
     exchange: Exchanger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Headers flattened when read: a failure there leaves them empty and is counted."""
-    middleware = TraceMiddleware(dummy_app)
     boom = Boom()
     monkeypatch.setattr(TraceMiddleware, "response_headers", boom)
+    middleware = TraceMiddleware(dummy_app)
     before = internal_error_count()
     exchange(middleware, "/", extra={"test.clock": clock})
     trace = middleware.buffer.last

@@ -127,6 +127,8 @@ class TraceMiddleware:
         self._exclude = opts.exclude
         self._capture_headers = opts.capture_headers
         self._header_memo: dict[str, tuple[str, bool]] = {}
+        # One bound method for every trace to keep, not one per request.
+        self._flatten_response_headers = self.response_headers
         self._prefix = opts.prefix
         self._endpoint_app: WSGIApplication | None = None
         if opts.endpoint is not False:
@@ -367,7 +369,9 @@ class _TracedBody:
                 trace._times[START_RESPONSE] = trace.now()
                 trace.status = status
                 if self._middleware._capture_headers:
-                    trace.set_raw_response_headers(headers, self._middleware.response_headers)
+                    trace.set_raw_response_headers(
+                        headers, self._middleware._flatten_response_headers
+                    )
                 else:
                     trace.content_length = _content_length(headers)
             except Exception:
@@ -628,7 +632,7 @@ class _TracedBody:
         if self._exhausted and trace.method != "HEAD":
             # Scan the raw list rather than flatten it here, on the request path.
             raw = trace._raw_response_headers
-            expected = _content_length(raw) if raw is not None else trace.content_length
+            expected = _content_length(raw) if isinstance(raw, list) else trace.content_length
             if (
                 expected is not None
                 and trace.bytes_sent != expected
@@ -640,6 +644,7 @@ class _TracedBody:
                 )
         trace._times[END] = end
         trace.finished = True
+        trace.compact()
         middleware = self._middleware
         middleware.buffer.finished(trace)
         if middleware.sinks is not None:

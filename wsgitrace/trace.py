@@ -23,6 +23,7 @@ import traceback
 from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeAlias, overload
 
 from ._types import Clock
@@ -316,7 +317,7 @@ class Trace:
         self.request_headers: tuple[str, ...] = ()
         # The app's header list is kept as given and flattened, redacted and
         # cut the first time someone reads it (see ``response_headers``).
-        self._raw_response_headers: list[tuple[str, str]] | None = None
+        self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
         self._flatten_headers: HeaderFlattener | None = None
         self._response_headers: tuple[str, ...] = ()
         self._content_length: int | None = None
@@ -426,6 +427,14 @@ class Trace:
         self._response_headers = ()
         self._content_length = None
 
+    def compact(self) -> None:
+        """Called when the trace finishes: keep the app's header list as one
+        flat tuple of its strings (not a list of pairs) until it is read.
+        """
+        raw = self._raw_response_headers
+        if type(raw) is list:
+            self._raw_response_headers = tuple(chain.from_iterable(raw))
+
     @property
     def response_headers(self) -> tuple[str, ...]:
         """Response headers as a flat ``(name, value, ...)`` tuple, redacted."""
@@ -433,8 +442,9 @@ class Trace:
         if raw is not None:
             flatten = self._flatten_headers
             self._raw_response_headers = None
+            pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
             try:
-                self._response_headers = () if flatten is None else flatten(raw, self)
+                self._response_headers = () if flatten is None else flatten(pairs, self)
             except Exception:
                 from .middleware import report_internal_error
 
@@ -571,7 +581,8 @@ class Trace:
         size = 900 + 24 * len(self._keys) + len(self.path) + len(self.query)
         headers = self.request_headers + self._response_headers
         raw = self._raw_response_headers
-        size += 120 * len(raw) if raw is not None else 0
+        if raw is not None:
+            size += 120 * len(raw) if type(raw) is list else 60 * len(raw)
         size += 60 * len(headers) + sum(map(len, headers))
         # Hook attributes are shared between traces; count the rest roughly.
         size += 100 * sum(1 for key in self._keys if key[2] is not None)
