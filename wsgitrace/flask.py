@@ -63,6 +63,8 @@ __all__ = ["FlaskTrace"]
 
 _MISSING = object()
 
+_URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
+
 # Shared keys of the signals sent on every request (no attributes).
 _SIGNAL_KEYS: dict[str, EventKey] = {
     name: ("signal", name, None)
@@ -145,6 +147,7 @@ class _AppTracer:
         self.limits = middleware.limits
         self._hook_info: dict[tuple[str, str | None, int], tuple[EventKey, Any]] = {}
         self._view_info: dict[str, tuple[EventKey, Any]] = {}
+        self._changed_keys: dict[tuple[Any, ...], tuple[EventKey, EventKey]] = {}
         # id(trace) -> (trace, starts of renders not finished yet); the trace
         # is kept to tell a reused id apart, the size is capped because a
         # render that raises never pops its start.
@@ -274,9 +277,32 @@ class _AppTracer:
             if exc is not None:
                 extra = extra or {}
                 extra["error"] = type(exc).__name__
-            trace.record(kind, name, start, end, {**(attrs or {}), **extra} if extra else attrs)
+            if not extra:
+                trace.record_key(info, start, end)
+            elif exc is None:
+                trace.record_key(self._changed_key(info, extra), start, end)
+            else:
+                trace.record(kind, name, start, end, {**(attrs or {}), **extra})
         except Exception:
             report_internal_error("flask.hook", trace)
+
+    def _changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
+        """The key of a hook event with state changes. A hook usually makes
+        the same change on every request (``load_user`` sets ``g.user``), so
+        keys are shared rather than built per request.
+        """
+        signature = (
+            id(info),
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in extra.items()),
+        )
+        cached = self._changed_keys.get(signature)
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        kind, name, attrs = info
+        key: EventKey = (kind, name, {**(attrs or {}), **extra})
+        if len(self._changed_keys) < 4096:
+            self._changed_keys[signature] = (info, key)
+        return key
 
     def signal(
         self, trace: Trace, name: str, start: int | None, attrs: dict[str, Any] | None = None
@@ -317,7 +343,7 @@ class _AppTracer:
             if req.view_args:
                 limit = self.max_string
                 trace.view_args = {k: _view_arg(v, limit) for k, v in req.view_args.items()}
-            trace.record("url_match", "url_match", now, now)
+            trace.record_key(_URL_MATCH_KEY, now, now)
         except Exception:
             report_internal_error("flask.url_match", trace)
 

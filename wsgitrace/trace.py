@@ -240,7 +240,9 @@ class Trace:
         "_clock",
         "_content_length",
         "_flatten_headers",
+        "_g",
         "_id",
+        "_id_prefix",
         "_keys",
         "_limits",
         "_live",
@@ -259,7 +261,6 @@ class Trace:
         "error",
         "evicted",
         "finished",
-        "g",
         "method",
         "path",
         "query",
@@ -288,6 +289,9 @@ class Trace:
         start_ns: int | None = None,
     ) -> None:
         self._id: str | None = None
+        # The prefix of the process that made the trace (it changes in a
+        # forked child); the id string itself is built when asked for.
+        self._id_prefix = _ids.prefix
         self._seq = next(_ids.counter)
         self._clock = clock
         self._limits = limits
@@ -328,7 +332,7 @@ class Trace:
         self.rule: str | None = None
         self.view_args: dict[str, Any] | None = None
         self.error: dict[str, str] | None = None
-        self.g: dict[str, str] | None = None
+        self._g: tuple[str, ...] | None = None
         self.session_keys: list[str] | None = None
         self.warnings: list[str] | None = None
         self.dropped_events = 0
@@ -427,6 +431,19 @@ class Trace:
         self._response_headers = ()
         self._content_length = None
 
+    @property
+    def g(self) -> dict[str, str] | None:
+        """The final ``flask.g`` snapshot: key to cut ``repr`` (secret-looking
+        keys redacted), or ``None``.
+        """
+        flat = self._g
+        return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+
+    @g.setter
+    def g(self, snapshot: Mapping[str, str] | None) -> None:
+        # Kept as one flat tuple: a fraction of a dict's memory per trace.
+        self._g = None if snapshot is None else tuple(chain.from_iterable(snapshot.items()))
+
     def compact(self) -> None:
         """Called when the trace finishes: keep the app's header list as one
         flat tuple of its strings (not a list of pairs) until it is read.
@@ -473,9 +490,9 @@ class Trace:
     @property
     def id(self) -> str:
         """URL-safe id, unique across processes; not a cursor."""
-        if self._id is None:
-            self._id = f"{_ids.prefix}-{self._seq:x}"
-        return self._id
+        if self._id is not None:
+            return self._id
+        return f"{self._id_prefix}-{self._seq:x}"
 
     @property
     def events(self) -> list[Event]:
@@ -578,18 +595,21 @@ class Trace:
         return self._size or self._estimate_size()
 
     def _estimate_size(self) -> int:
-        size = 900 + 24 * len(self._keys) + len(self.path) + len(self.query)
-        headers = self.request_headers + self._response_headers
+        # Calibrated against tracemalloc on the bench's /hello (see bench/):
+        # the object, its arrays and the strings it alone keeps alive. Hook
+        # attributes are shared between traces and not counted.
+        size = 500 + 24 * len(self._keys) + len(self.path) + len(self.query)
+        strings = self.request_headers + self._response_headers
         raw = self._raw_response_headers
-        if raw is not None:
-            size += 120 * len(raw) if type(raw) is list else 60 * len(raw)
-        size += 60 * len(headers) + sum(map(len, headers))
-        # Hook attributes are shared between traces; count the rest roughly.
-        size += 100 * sum(1 for key in self._keys if key[2] is not None)
+        if isinstance(raw, tuple):
+            strings += raw
+        elif raw is not None:
+            size += sum(170 + len(name) + len(value) for name, value in raw)
+        size += 50 * len(strings) + sum(map(len, strings))
         if self.error:
             size += sum(len(v) for v in self.error.values()) + 300
-        if self.g:
-            size += sum(len(k) + len(v) + 120 for k, v in self.g.items())
+        if self._g:
+            size += 60 * len(self._g) + sum(map(len, self._g))
         if self.warnings:
             size += sum(len(w) + 60 for w in self.warnings)
         return size
