@@ -259,3 +259,31 @@ def replace_readme_block(readme: str, section: str, body: str) -> str:
         for name in order
     )
     return readme[: match.start(1)] + "\n" + "\n\n".join(parts) + "\n" + readme[match.end(1) :]
+
+
+def emit(
+    data: dict[str, Any],
+    render: Any,
+    *,
+    markdown: bool,
+    json_path: str | None,
+    readme_path: str | None,
+    section: str,
+    title: str,
+) -> int:
+    """Print the report, save it as JSON, rewrite its README block; the exit
+    status is 1 when a budget conclusively fails.
+    """
+    import json
+
+    print(render(data, markdown=markdown))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    if readme_path:
+        with open(readme_path, encoding="utf-8") as f:
+            readme = f.read()
+        block = f"#### {title}\n\n" + render(data, markdown=True)
+        with open(readme_path, "w", encoding="utf-8") as f:
+            f.write(replace_readme_block(readme, section, block))
+    return 1 if any(b["ok"] is False and not b.get("status") for b in data["budgets"]) else 0

@@ -69,10 +69,10 @@ from _report import (
     README_END,
     README_START,
     CpuMonitor,
+    emit,
     fmt_spread,
     machine_info,
     machine_markdown,
-    replace_readme_block,
     spread,
     table,
     verdict,
@@ -789,17 +789,15 @@ def main(argv: list[str] | None = None) -> int:
         "read": {c: measure_read(c) for c in traced},
     }
     data["budgets"] = evaluate_budgets(data)
-    print(render(data, markdown=args.markdown))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-    if args.write_readme:
-        with open(args.write_readme, encoding="utf-8") as f:
-            readme = f.read()
-        block = "#### In-process\n\n" + render(data, markdown=True)
-        with open(args.write_readme, "w", encoding="utf-8") as f:
-            f.write(replace_readme_block(readme, "inprocess", block))
-    return 1 if any(b["ok"] is False and not b.get("status") for b in data["budgets"]) else 0
+    return emit(
+        data,
+        render,
+        markdown=args.markdown,
+        json_path=args.json,
+        readme_path=args.write_readme,
+        section="inprocess",
+        title="In-process",
+    )
 
 
 if __name__ == "__main__":

@@ -54,10 +54,10 @@ from _report import (
     README_END,
     README_START,
     CpuMonitor,
+    emit,
     fmt_spread,
     machine_info,
     machine_markdown,
-    replace_readme_block,
     spread,
     table,
     verdict,
@@ -513,17 +513,15 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     data["budgets"] = evaluate_budgets(summary)
-    print(render(data, markdown=args.markdown))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-    if args.write_readme:
-        with open(args.write_readme, encoding="utf-8") as f:
-            readme = f.read()
-        block = "#### Served (gunicorn + wrk)\n\n" + render(data, markdown=True)
-        with open(args.write_readme, "w", encoding="utf-8") as f:
-            f.write(replace_readme_block(readme, "serve", block))
-    return 1 if any(b["ok"] is False and not b.get("status") for b in data["budgets"]) else 0
+    return emit(
+        data,
+        render,
+        markdown=args.markdown,
+        json_path=args.json,
+        readme_path=args.write_readme,
+        section="serve",
+        title="Served (gunicorn + wrk)",
+    )
 
 
 if __name__ == "__main__":
