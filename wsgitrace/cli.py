@@ -649,6 +649,15 @@ def main() -> None:
     """See what every request to a WSGI or Flask app did, in order."""
 
 
+#: ``--store PATH``, shared by ``tail`` and ``show``.
+_store_option = click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
+)
+
+
 @main.command()
 @click.argument("url", default=DEFAULT_URL, required=False)
 @click.option(
@@ -667,12 +676,7 @@ def main() -> None:
     "--slow", type=click.FloatRange(0), metavar="MS", help="Only requests slower than MS."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary per line on stdout.")
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False),
-    metavar="PATH",
-    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
-)
+@_store_option
 @_with_token
 def tail(
     url: str,
@@ -709,12 +713,7 @@ def tail(
 @click.argument("trace_id", metavar="ID")
 @click.argument("url", default=DEFAULT_URL, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the trace's JSON.")
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False),
-    metavar="PATH",
-    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
-)
+@_store_option
 @_with_token
 def show(
     trace_id: str,
