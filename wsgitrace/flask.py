@@ -304,6 +304,17 @@ class _AppTracer:
             self._changed_keys[signature] = (info, key)
         return key
 
+    def send_signal(self, trace: Trace, app: Flask, signal: Any, name: str, **kwargs: Any) -> None:
+        """Send a Flask signal exactly as Flask does and record it, with the
+        time its receivers took. The send's own errors propagate, as in Flask.
+        """
+        try:
+            start: int | None = self.clock()
+        except Exception:
+            start = None
+        signal.send(app, _async_wrapper=app.ensure_sync, **kwargs)
+        self.signal(trace, name, start)
+
     def signal(
         self, trace: Trace, name: str, start: int | None, attrs: dict[str, Any] | None = None
     ) -> None:
@@ -599,7 +610,6 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
     app_ref = weakref.ref(app)
     limits = tracer.limits
     original = Flask.full_dispatch_request
-    clock = tracer.clock
 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -609,12 +619,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            try:
-                start: int | None = clock()
-            except Exception:
-                start = None
-            signals.request_started.send(app, _async_wrapper=app.ensure_sync)
-            tracer.signal(trace, "signal:request-started", start)
+            tracer.send_signal(trace, app, signals.request_started, "signal:request-started")
             rv = app.preprocess_request()
             if rv is None:
                 rv = app.dispatch_request()
@@ -697,7 +702,6 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
     app_ref = weakref.ref(app)
     limits = tracer.limits
     original = Flask.finalize_request
-    clock = tracer.clock
 
     def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -707,12 +711,9 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            try:
-                start: int | None = clock()
-            except Exception:
-                start = None
-            signals.request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
-            tracer.signal(trace, "signal:request-finished", start)
+            tracer.send_signal(
+                trace, app, signals.request_finished, "signal:request-finished", response=response
+            )
         except Exception:
             if not from_error_handler:
                 raise
@@ -763,7 +764,6 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
     original = Flask.do_teardown_request
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
-    clock = tracer.clock
 
     def do_teardown_request(
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
@@ -782,12 +782,9 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     run_hook(trace, "teardown_request", info, app.ensure_sync(func), exc)
 
         tracer.snapshot_session(trace)
-        try:
-            start: int | None = clock()
-        except Exception:
-            start = None
-        signals.request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
-        tracer.signal(trace, "signal:request-tearing-down", start)
+        tracer.send_signal(
+            trace, app, signals.request_tearing_down, "signal:request-tearing-down", exc=exc
+        )
         return None
 
     return do_teardown_request
@@ -799,7 +796,6 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
     original = Flask.do_teardown_appcontext
     run_hook = tracer.run_hook
     hook_info = tracer.hook_info
-    clock = tracer.clock
 
     def do_teardown_appcontext(
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
@@ -816,12 +812,9 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             run_hook(trace, "teardown_appcontext", info, app.ensure_sync(func), exc)
 
         tracer.snapshot_g(trace)
-        try:
-            start: int | None = clock()
-        except Exception:
-            start = None
-        signals.appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
-        tracer.signal(trace, "signal:appcontext-tearing-down", start)
+        tracer.send_signal(
+            trace, app, signals.appcontext_tearing_down, "signal:appcontext-tearing-down", exc=exc
+        )
         return None
 
     return do_teardown_appcontext
