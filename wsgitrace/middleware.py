@@ -30,6 +30,10 @@ from .context import _current_trace
 from .redact import REDACTED, Redactor
 from .trace import (
     APP_END,
+    BODY_END,
+    BODY_START,
+    CLOSE_END,
+    CLOSE_START,
     END,
     FIRST_BYTE,
     START_RESPONSE,
@@ -366,7 +370,7 @@ class _TracedBody:
             # The common case: two stores, the headers flattened when read.
             self._starts = 1
             try:
-                trace._times[START_RESPONSE] = trace.now()
+                trace._times[START_RESPONSE] = trace._clock()
                 trace.status = status
                 if self._middleware._capture_headers:
                     trace.set_raw_response_headers(
@@ -453,7 +457,7 @@ class _TracedBody:
     def app_raised(self, exc: BaseException) -> None:
         try:
             trace = self.trace
-            now = trace._times[APP_END] = trace.now()
+            now = trace._times[APP_END] = trace._clock()
             self._error(exc, "app", now)
             self._middleware.publish(trace)
             self._finish(now)
@@ -463,7 +467,7 @@ class _TracedBody:
     def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
         try:
             trace = self.trace
-            now = trace._times[APP_END] = trace.now()
+            now = trace._times[APP_END] = trace._clock()
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
@@ -516,7 +520,7 @@ class _TracedBody:
                 if size:
                     trace.bytes_sent += size
                     if trace._times[FIRST_BYTE] == UNSET:
-                        trace._times[FIRST_BYTE] = trace.now()
+                        trace._times[FIRST_BYTE] = trace._clock()
             else:
                 self._first_chunk(chunk)
         except Exception:
@@ -525,13 +529,13 @@ class _TracedBody:
 
     def _first_chunk(self, data: bytes) -> None:
         trace = self.trace
-        self._body_start = trace.now()
+        self._body_start = trace._clock()
         if not self._starts:
             trace.warn("body yielded before start_response was called")
         trace.chunks = 1
         size = len(data)
         if size:
-            trace.first_byte_ns = self._body_start
+            trace._times[FIRST_BYTE] = self._body_start
             trace.bytes_sent += size
 
     def close(self) -> None:
@@ -540,7 +544,7 @@ class _TracedBody:
         self._closed = True
         start: int | None
         try:
-            start = trace.now()
+            start = trace._clock()
         except Exception:
             report_internal_error("close", trace)
             start = None
@@ -567,19 +571,20 @@ class _TracedBody:
     def _body_done(self) -> None:
         try:
             self._exhausted = True
-            self._record_body(self.trace.now())
+            self._record_body(self.trace._clock())
         except Exception:
             report_internal_error("body_done", self.trace)
 
     def _record_body(self, end: int) -> None:
         trace = self.trace
-        if trace.body_end_ns is None:
-            trace.body_start_ns = self._body_start or end
-            trace.body_end_ns = end
+        times = trace._times
+        if times[BODY_END] == UNSET:
+            times[BODY_START] = self._body_start or end
+            times[BODY_END] = end
 
     def _iteration_failed(self, exc: BaseException) -> None:
         try:
-            now = self.trace.now()
+            now = self.trace._clock()
             self._record_body(now)
             if not isinstance(exc, GeneratorExit):
                 self._error(exc, "iteration", now)
@@ -590,12 +595,12 @@ class _TracedBody:
     def _closed_at(self, start: int | None, exc: BaseException | None) -> None:
         try:
             trace = self.trace
-            now = trace.now()
+            now = trace._clock()
             if start is None:
                 start = now
             self._record_body(start)
-            trace.close_start_ns = start
-            trace.close_end_ns = now
+            trace._times[CLOSE_START] = start
+            trace._times[CLOSE_END] = now
             if exc is not None:
                 self._error(exc, "close", now)
             if trace.finished and trace.end_ns is not None and trace.end_ns < now:
@@ -613,7 +618,7 @@ class _TracedBody:
             if trace.finished:
                 return
             trace.warn("unclosed: the response body was garbage-collected without close()")
-            now = trace.now()
+            now = trace._clock()
             self._record_body(now)
             self._finish(now)
         except Exception:
