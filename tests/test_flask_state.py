@@ -368,3 +368,92 @@ def test_view_args_keep_no_app_objects_and_are_capped() -> None:
     reprs = Product.reprs
     trace.to_json()
     assert Product.reprs == reprs
+
+
+# -- log records ------------------------------------------------------------------
+
+
+def logging_app() -> Flask:
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> str:
+        app.logger.warning("looked up %s items", 3)
+        return "ok"
+
+    @app.route("/chatty")
+    def chatty() -> str:
+        for i in range(10):
+            app.logger.warning("line %d", i)
+        return "ok"
+
+    return app
+
+
+class TestLogCapture:
+    def test_app_logger_records_become_log_events(self) -> None:
+        """A warning logged by a view is on its trace, message formatted."""
+        app = logging_app()
+        ext = FlaskTrace(app)
+        assert fetch(app)[2] == b"ok"
+        [event] = last(ext).find(kind="log")
+        assert event.name == "log:warning"
+        assert dict(event.attrs) == {
+            "level": "WARNING",
+            "logger": app.logger.name,
+            "message": "looked up 3 items",
+        }
+
+    def test_log_records_are_capped_per_trace(self) -> None:
+        """Past capture_logs records, the rest are counted, not kept."""
+        app = logging_app()
+        ext = FlaskTrace(app, capture_logs=4)
+        fetch(app, "/chatty")
+        trace = last(ext)
+        assert [e.attrs["message"] for e in trace.find(kind="log")] == [
+            "line 0",
+            "line 1",
+            "line 2",
+            "line 3",
+        ]
+        assert trace.truncated == {"logs": 6}
+
+    def test_zero_turns_log_capture_off(self) -> None:
+        """capture_logs=0 adds no handler and records nothing."""
+        app = logging_app()
+        handlers = list(app.logger.handlers)
+        ext = FlaskTrace(app, capture_logs=0)
+        fetch(app)
+        # Apps made by earlier tests share the logger (by name) and detach
+        # their handlers when collected: compare what this one added.
+        assert [h for h in app.logger.handlers if h not in handlers] == []
+        assert last(ext).find(kind="log") == []
+
+    def test_logging_output_is_unchanged(self, caplog: pytest.LogCaptureFixture) -> None:
+        """The app's records still reach every other handler, once."""
+        app = logging_app()
+        FlaskTrace(app)
+        with caplog.at_level("WARNING"):
+            fetch(app)
+        assert [r.getMessage() for r in caplog.records] == ["looked up 3 items"]
+
+    def test_records_outside_a_traced_request_are_ignored(self) -> None:
+        """Logging at start-up or in another app's request records nothing."""
+        app = logging_app()
+        ext = FlaskTrace(app)
+        app.logger.warning("not in a request")
+        fetch(app)
+        assert len(last(ext).find(kind="log")) == 1
+
+    def test_the_handler_leaves_with_the_app(self) -> None:
+        """When the app is freed, its capture handler leaves the (shared) logger."""
+        import gc
+        import logging
+
+        app = Flask("wsgitrace_log_capture_lifetime")
+        FlaskTrace(app)
+        logger = logging.getLogger("wsgitrace_log_capture_lifetime")
+        assert any(type(h).__name__ == "_LogCapture" for h in logger.handlers)
+        del app
+        gc.collect()
+        assert not any(type(h).__name__ == "_LogCapture" for h in logger.handlers)

@@ -42,6 +42,15 @@ def _optional_bool(value: Any) -> bool | None:
     return _bool(value)
 
 
+def _count(value: Any) -> int:
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    try:
+        return _positive_int(value)
+    except ValueError:
+        raise ValueError("expected a non-negative integer") from None
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         # int() would silently turn True into 1 and 1.5 into 1.
@@ -117,6 +126,9 @@ OPTION_SPECS: dict[str, _Spec] = {
     "session_values": _Spec(
         _bool, False, "Keep session values (secret-looking keys stay redacted)."
     ),
+    "capture_logs": _Spec(
+        _count, 50, "Flask: records of app.logger kept per trace as log events (0: none)."
+    ),
     "endpoint": _Spec(_optional_bool, None, "Serve /_trace (auto: Flask debug or testing)."),
     "prefix": _Spec(_prefix, "/_trace", "Path prefix of the endpoint."),
     "token": _Spec(
@@ -154,6 +166,7 @@ class Options:
     redact: tuple[str, ...] = ()
     redact_defaults: bool = True
     session_values: bool = False
+    capture_logs: int = 50
     endpoint: bool | None = None
     prefix: str = "/_trace"
     token: str | None = None

@@ -31,6 +31,7 @@ through it.
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 import weakref
@@ -563,6 +564,8 @@ class FlaskTrace:
             # only cost is the middleware's one attribute check.
             _install_phases(app, tracer)
             _connect_receivers(app, tracer)
+            if resolved.capture_logs:
+                _capture_logs(app, tracer, resolved.capture_logs)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions["wsgitrace"] = self
         self._tracers[app] = tracer
@@ -1069,3 +1072,47 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     for signal, receiver in pairs:
         signal.connect(receiver, sender=app, weak=False)
     tracer.receivers = pairs
+
+
+class _LogCapture(logging.Handler):
+    """Adds the records that reach ``app.logger`` during a traced request of
+    this app to its trace, as ``log:<level>`` events (at most ``limit`` per
+    trace). It formats nothing but the record's message, and emits nothing.
+    """
+
+    def __init__(self, tracer: _AppTracer, limit: int) -> None:
+        super().__init__()
+        self._limits = tracer.limits
+        self._clock = tracer.clock
+        self._limit = limit
+        self._max_string = tracer.max_string
+
+    def emit(self, record: logging.LogRecord) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not self._limits:
+            return
+        try:
+            if sum(1 for key in trace._keys if key[0] == "log") >= self._limit:
+                trace.note_truncated("logs")
+                return
+            now = self._clock()
+            attrs = {
+                "level": record.levelname,
+                "logger": record.name,
+                "message": cut(record.getMessage(), self._max_string),
+            }
+            if record.exc_info and record.exc_info[0] is not None:
+                attrs["exception"] = record.exc_info[0].__name__
+            trace.record("log", f"log:{record.levelname.lower()}", now, now, attrs)
+        except Exception:
+            report_internal_error("flask.log", trace)
+
+
+def _capture_logs(app: Flask, tracer: _AppTracer, limit: int) -> None:
+    # Reading app.logger first lets Flask add its default handler exactly as
+    # it would without us (it checks for existing handlers when it makes it).
+    logger = app.logger
+    handler = _LogCapture(tracer, limit)
+    logger.addHandler(handler)
+    # The logger outlives the app (logging keeps it): detach with the app.
+    weakref.finalize(app, logger.removeHandler, handler)
