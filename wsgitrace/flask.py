@@ -1102,7 +1102,7 @@ class _LogCapture(logging.Handler):
                 "message": cut(record.getMessage(), self._max_string),
             }
             if record.exc_info and record.exc_info[0] is not None:
-                attrs["exception"] = record.exc_info[0].__name__
+                attrs["exc_type"] = record.exc_info[0].__name__
             trace.record("log", f"log:{record.levelname.lower()}", now, now, attrs)
         except Exception:
             report_internal_error("flask.log", trace)
