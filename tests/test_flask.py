@@ -679,11 +679,11 @@ def test_failing_clock_never_changes_a_response(once: bool) -> None:
     "target",
     [
         "wsgitrace.trace.Trace.record",
-        "wsgitrace.flask._g_changes",
-        "wsgitrace.flask._safe_repr",
-        "wsgitrace.flask.cut",
-        "wsgitrace.flask._function_name",
-        "wsgitrace.flask.format_error",
+        "wsgitrace._flask_recorder._g_changes",
+        "wsgitrace._flask_recorder._safe_repr",
+        "wsgitrace._flask_recorder.cut",
+        "wsgitrace._flask_recorder._function_name",
+        "wsgitrace._flask_receivers.format_error",
     ],
 )
 def test_failing_internals_never_change_a_response(
@@ -721,7 +721,7 @@ def test_failing_receiver_of_the_extension_never_changes_a_response(
     plain = simple_app()
     app = simple_app()
     ext = FlaskTrace(app)
-    monkeypatch.setattr("wsgitrace.flask._MAX_PENDING_TEMPLATES", None)
+    monkeypatch.setattr("wsgitrace._flask_receivers._MAX_PENDING_TEMPLATES", None)
     assert fetch(app) == fetch(plain)
     [error] = last(ext).find(kind="tracer_error")
     assert error.attrs == {"where": "flask.before_render_template"}

@@ -800,7 +800,7 @@ def test_template_from_string_and_after_a_failed_render(
     not lend its start to another render, and the starts it leaves behind
     stay within a cap.
     """
-    monkeypatch.setattr("wsgitrace.flask._MAX_PENDING_TEMPLATES", 2)
+    monkeypatch.setattr("wsgitrace._flask_receivers._MAX_PENDING_TEMPLATES", 2)
     pair = Pair(template_app, step_clock)
     _, trace = pair.both("/string")
     assert [e.name for e in trace.find(kind="template")] == ["template:<string>"]

@@ -1,0 +1,463 @@
+"""The methods of a traced app that shadow Flask's own, one maker per phase.
+
+::
+
+    _install_phases(app, tracer)  # sets app.preprocess_request = ..., etc.
+
+Each shadowing function runs the same registries in the same order as the
+Flask 3.0/3.1 method of the same name, recording every hook through
+:meth:`_AppTracer.run_hook`; a request that is not traced runs Flask's own.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import flask
+from flask import Flask, signals
+from flask.ctx import AppContext
+from flask.ctx import _sentinel as _ctx_sentinel
+from flask.globals import request_ctx
+from flask.helpers import _split_blueprint_path
+from flask.sansio.scaffold import _sentinel as _app_sentinel
+
+from .context import _current_trace
+from .middleware import report_internal_error
+from .trace import Trace
+
+if TYPE_CHECKING:
+    from ._flask_recorder import _AppTracer
+
+# Phases whose Flask methods are shadowed, with the Flask function each
+# replaces; a class that overrides one keeps its own.
+_PHASES = (
+    "full_dispatch_request",
+    "preprocess_request",
+    "dispatch_request",
+    "finalize_request",
+    "process_response",
+    "do_teardown_request",
+    "do_teardown_appcontext",
+    "update_template_context",
+    "inject_url_defaults",
+    "_find_error_handler",
+    "app_context",
+)
+
+
+def _install_phases(app: Flask, tracer: _AppTracer) -> None:
+    cls = type(app)
+    for phase in _PHASES:
+        if getattr(cls, phase) is not getattr(Flask, phase):
+            tracer.skipped.append(phase)
+    makers: dict[str, Callable[[Flask, _AppTracer], Callable[..., Any]]] = {
+        "full_dispatch_request": _make_full_dispatch_request,
+        "preprocess_request": _make_preprocess_request,
+        "dispatch_request": _make_dispatch_request,
+        "finalize_request": _make_finalize_request,
+        "process_response": _make_process_response,
+        "do_teardown_request": _make_do_teardown_request,
+        "do_teardown_appcontext": _make_do_teardown_appcontext,
+        "update_template_context": _make_update_template_context,
+        "inject_url_defaults": _make_inject_url_defaults,
+        "_find_error_handler": _make_find_error_handler,
+        "app_context": _make_app_context,
+    }
+    for phase, make in makers.items():
+        if phase not in tracer.skipped:
+            setattr(app, phase, make(app, tracer))
+
+
+# Each maker returns a function that mirrors Flask 3.0/3.1's method of the same
+# name, recording as it goes. ``trace is None`` (a request that is not traced,
+# or a call outside a request) runs Flask's own method.
+
+
+def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], flask.Response]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.full_dispatch_request
+
+    def full_dispatch_request() -> flask.Response:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app)
+        tracer.url_match(trace)
+        app._got_first_request = True
+        try:
+            tracer.send_signal(trace, app, signals.request_started, "signal:request-started")
+            rv = app.preprocess_request()
+            if rv is None:
+                rv = app.dispatch_request()
+        except Exception as e:
+            rv = app.handle_user_exception(e)
+        return app.finalize_request(rv)
+
+    return full_dispatch_request
+
+
+def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.preprocess_request
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def preprocess_request() -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app)
+        request = flask.request
+        names = (None, *reversed(request.blueprints))
+
+        for name in names:
+            if name in app.url_value_preprocessors:
+                for url_func in app.url_value_preprocessors[name]:
+                    run_hook(
+                        trace,
+                        "url_value_preprocessor",
+                        hook_info("url_value_preprocessor", name, url_func),
+                        url_func,
+                        request.endpoint,
+                        request.view_args,
+                    )
+
+        for name in names:
+            if name in app.before_request_funcs:
+                for before_func in app.before_request_funcs[name]:
+                    rv = run_hook(
+                        trace,
+                        "before_request",
+                        hook_info("before_request", name, before_func),
+                        app.ensure_sync(before_func),
+                    )
+                    if rv is not None:
+                        return rv
+        return None
+
+    return preprocess_request
+
+
+def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.dispatch_request
+    run_hook = tracer.run_hook
+
+    def dispatch_request() -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app)
+        req = request_ctx.request
+        rule = req.url_rule
+        if (
+            req.routing_exception is not None
+            or rule is None
+            or (getattr(rule, "provide_automatic_options", False) and req.method == "OPTIONS")
+        ):
+            return original(app)
+        info = tracer.view_info(rule.endpoint, app.view_functions.get(rule.endpoint))
+        return run_hook(trace, "view", info, original, app)
+
+    return dispatch_request
+
+
+def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flask.Response]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.finalize_request
+
+    def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app, rv, from_error_handler)
+        response = app.make_response(rv)
+        try:
+            response = app.process_response(response)
+            tracer.send_signal(
+                trace, app, signals.request_finished, "signal:request-finished", response=response
+            )
+        except Exception:
+            if not from_error_handler:
+                raise
+            app.logger.exception("Request finalizing failed with an error while handling an error")
+        return response
+
+    return finalize_request
+
+
+def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.process_response
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def process_response(response: Any) -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app, response)
+        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+
+        for func in ctx._after_request_functions:
+            info = hook_info("after_request", None, func)
+            response = run_hook(trace, "after_request", info, app.ensure_sync(func), response)
+
+        for name in chain(flask.request.blueprints, (None,)):
+            if name in app.after_request_funcs:
+                for func in reversed(app.after_request_funcs[name]):
+                    info = hook_info("after_request", name, func)
+                    response = run_hook(
+                        trace, "after_request", info, app.ensure_sync(func), response
+                    )
+
+        session = ctx._session if hasattr(ctx, "_session") else ctx.session
+        if not app.session_interface.is_null_session(session):
+            app.session_interface.save_session(app, session, response)
+
+        return response
+
+    return process_response
+
+
+def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.do_teardown_request
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def do_teardown_request(
+        exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
+    ) -> None:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if exc is _app_sentinel:
+            exc = sys.exc_info()[1]
+        if trace is None or trace._limits is not limits:
+            return original(app, exc)
+
+        for name in chain(flask.request.blueprints, (None,)):
+            if name in app.teardown_request_funcs:
+                for func in reversed(app.teardown_request_funcs[name]):
+                    info = hook_info("teardown_request", name, func)
+                    run_hook(trace, "teardown_request", info, app.ensure_sync(func), exc)
+
+        tracer.snapshot_session(trace)
+        tracer.send_signal(
+            trace, app, signals.request_tearing_down, "signal:request-tearing-down", exc=exc
+        )
+        return None
+
+    return do_teardown_request
+
+
+def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.do_teardown_appcontext
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def do_teardown_appcontext(
+        exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
+    ) -> None:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if exc is _app_sentinel:
+            exc = sys.exc_info()[1]
+        if trace is None or trace._limits is not limits:
+            return original(app, exc)
+
+        for func in reversed(app.teardown_appcontext_funcs):
+            info = hook_info("teardown_appcontext", None, func)
+            run_hook(trace, "teardown_appcontext", info, app.ensure_sync(func), exc)
+
+        tracer.snapshot_g(trace)
+        tracer.send_signal(
+            trace, app, signals.appcontext_tearing_down, "signal:appcontext-tearing-down", exc=exc
+        )
+        return None
+
+    return do_teardown_appcontext
+
+
+def _make_update_template_context(
+    app: Flask, tracer: _AppTracer
+) -> Callable[[dict[str, Any]], None]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.update_template_context
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def update_template_context(context: dict[str, Any]) -> None:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app, context)
+        names: Iterable[str | None] = (None,)
+        request = flask.request
+        if request:
+            names = chain(names, reversed(request.blueprints))
+        orig_ctx = context.copy()
+        for name in names:
+            if name in app.template_context_processors:
+                for func in app.template_context_processors[name]:
+                    info = hook_info("context_processor", name, func)
+                    context.update(
+                        run_hook(trace, "context_processor", info, app.ensure_sync(func))
+                    )
+        context.update(orig_ctx)
+        return None
+
+    return update_template_context
+
+
+def _make_inject_url_defaults(
+    app: Flask, tracer: _AppTracer
+) -> Callable[[str, dict[str, Any]], None]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.inject_url_defaults
+    run_hook = tracer.run_hook
+    hook_info = tracer.hook_info
+
+    def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return original(app, endpoint, values)
+        names: Iterable[str | None] = (None,)
+        if "." in endpoint:
+            names = chain(names, reversed(_split_blueprint_path(endpoint.rpartition(".")[0])))
+        for name in names:
+            if name in app.url_default_functions:
+                for func in app.url_default_functions[name]:
+                    info = hook_info("url_defaults", name, func)
+                    run_hook(trace, "url_defaults", info, func, endpoint, values)
+        return None
+
+    return inject_url_defaults
+
+
+def _make_find_error_handler(app: Flask, tracer: _AppTracer) -> Callable[..., Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask._find_error_handler
+
+    def _find_error_handler(e: Exception, blueprints: list[str]) -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        handler = original(app, e, blueprints)
+        trace = _current_trace.get()
+        if handler is None or trace is None or trace._limits is not limits:
+            return handler
+        blueprint = _handler_blueprint(app, handler, blueprints)
+        return _RecordingErrorHandler(tracer, trace, handler, blueprint, app.ensure_sync)
+
+    return _find_error_handler
+
+
+def _handler_blueprint(app: Flask, handler: Any, blueprints: list[str]) -> str | None:
+    for name in (*blueprints, None):
+        for handler_map in app.error_handler_spec.get(name, {}).values():
+            if any(h is handler for h in handler_map.values()):
+                return name
+    return None
+
+
+class _RecordingErrorHandler:
+    """Runs an error handler the way Flask does and records which exception
+    it handled.
+    """
+
+    __slots__ = ("blueprint", "ensure_sync", "handler", "trace", "tracer")
+
+    def __init__(
+        self,
+        tracer: _AppTracer,
+        trace: Trace,
+        handler: Any,
+        blueprint: str | None,
+        ensure_sync: Callable[[Any], Callable[..., Any]],
+    ) -> None:
+        self.tracer = tracer
+        self.trace = trace
+        self.handler = handler
+        self.blueprint = blueprint
+        self.ensure_sync = ensure_sync
+
+    def __call__(self, e: Exception) -> Any:
+        tracer = self.tracer
+        try:
+            start = tracer.clock()
+        except Exception:
+            report_internal_error("flask.clock", self.trace)
+            return self.ensure_sync(self.handler)(e)
+        try:
+            rv = self.ensure_sync(self.handler)(e)
+        except BaseException as exc:
+            self._record(start, e, exc)
+            raise
+        self._record(start, e, None)
+        return rv
+
+    def _record(self, start: int, handled: Exception, exc: BaseException | None) -> None:
+        try:
+            _, name, attrs = self.tracer.hook_info("errorhandler", self.blueprint, self.handler)
+            extra: dict[str, Any] = {"exception": type(handled).__name__}
+            code = getattr(handled, "code", None)
+            if code is not None:
+                extra["code"] = code
+            if exc is not None:
+                extra["error"] = type(exc).__name__
+            self.trace.record(
+                "errorhandler", name, start, self.tracer.clock(), {**(attrs or {}), **extra}
+            )
+        except Exception:
+            report_internal_error("flask.errorhandler", self.trace)
+
+
+def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    clock = tracer.clock
+
+    class TracedAppContext(AppContext):
+        """Records ``appcontext_pushed`` / ``appcontext_popped`` where Flask
+        sends them (at the end of :meth:`push` and :meth:`pop`).
+        """
+
+        def push(self) -> None:
+            trace = _current_trace.get()
+            if trace is None or trace._limits is not limits:
+                return super().push()
+            try:
+                start: int | None = clock()
+            except Exception:
+                start = None
+            super().push()
+            tracer.signal(trace, "signal:appcontext-pushed", start)
+            return None
+
+        def pop(self, exc: BaseException | None = _ctx_sentinel) -> None:  # type: ignore[assignment]
+            trace = _current_trace.get()
+            if exc is _ctx_sentinel:
+                exc = sys.exc_info()[1]
+            super().pop(exc)
+            if trace is not None and trace._limits is limits:
+                tracer.signal(trace, "signal:appcontext-popped", None)
+
+    def app_context() -> AppContext:
+        return TracedAppContext(app_ref())  # type: ignore[arg-type]
+
+    return app_context

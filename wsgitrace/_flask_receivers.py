@@ -1,0 +1,154 @@
+"""The blinker receivers and the log handler of a traced app.
+
+::
+
+    _connect_receivers(app, tracer)  # got_request_exception, templates, flash
+    _capture_logs(app, tracer, 100)  # app.logger records as log:<level> events
+
+Receivers are connected with ``sender=app`` and ``weak=False``, for the rarer
+signals that Flask does not send from a shadowed method.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flask import signals
+
+from .context import _current_trace
+from .middleware import report_internal_error
+from .trace import cut, format_error
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ._flask_recorder import _AppTracer
+
+#: Traces with a template render in progress kept per app (see _template_starts).
+_MAX_PENDING_TEMPLATES = 256
+
+
+def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
+    clock = tracer.clock
+    limits = tracer.limits
+    starts = tracer._template_starts
+
+    def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return
+        try:
+            now = clock()
+            trace.record(
+                "signal",
+                "signal:got-request-exception",
+                now,
+                now,
+                {"exception": type(exception).__name__},
+            )
+            if trace.error is None:
+                trace.error = format_error(exception, "view", trace.limits)
+        except Exception:
+            report_internal_error("flask.got_request_exception", trace)
+
+    def _on_before_render_template(sender: Any, template: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return
+        try:
+            now = clock()
+            trace.record(
+                "signal", "signal:before-render-template", now, now, {"template": template.name}
+            )
+            entry = starts.get(id(trace))
+            if entry is None or entry[0] is not trace:
+                if len(starts) >= _MAX_PENDING_TEMPLATES:
+                    starts.pop(next(iter(starts)), None)
+                entry = starts[id(trace)] = (trace, [])
+            entry[1].append(now)
+        except Exception:
+            report_internal_error("flask.before_render_template", trace)
+
+    def _on_template_rendered(sender: Any, template: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return
+        try:
+            now = clock()
+            entry = starts.get(id(trace))
+            pending = entry[1] if entry is not None and entry[0] is trace else None
+            start = pending.pop() if pending else now
+            if pending == []:
+                starts.pop(id(trace), None)
+            name = template.name or "<string>"
+            trace.record("template", f"template:{name}", start, now, {"template": name})
+            trace.record("signal", "signal:template-rendered", now, now, {"template": name})
+        except Exception:
+            report_internal_error("flask.template_rendered", trace)
+
+    def _on_message_flashed(sender: Any, message: Any, category: Any, **_: Any) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not limits:
+            return
+        try:
+            now = clock()
+            trace.record("signal", "signal:message-flashed", now, now, {"category": str(category)})
+        except Exception:
+            report_internal_error("flask.message_flashed", trace)
+
+    pairs: list[tuple[Any, Callable[..., None]]] = [
+        (signals.got_request_exception, _on_got_request_exception),
+        (signals.before_render_template, _on_before_render_template),
+        (signals.template_rendered, _on_template_rendered),
+        (signals.message_flashed, _on_message_flashed),
+    ]
+    for signal, receiver in pairs:
+        signal.connect(receiver, sender=app, weak=False)
+    tracer.receivers = pairs
+
+
+class _LogCapture(logging.Handler):
+    """Adds the records that reach ``app.logger`` during a traced request of
+    this app to its trace, as ``log:<level>`` events (at most ``limit`` per
+    trace). It formats nothing but the record's message, and emits nothing.
+    """
+
+    def __init__(self, tracer: _AppTracer, limit: int) -> None:
+        super().__init__()
+        self._limits = tracer.limits
+        self._clock = tracer.clock
+        self._limit = limit
+        self._max_string = tracer.max_string
+
+    def emit(self, record: logging.LogRecord) -> None:
+        trace = _current_trace.get()
+        if trace is None or trace._limits is not self._limits:
+            return
+        try:
+            if sum(1 for key in trace._keys if key[0] == "log") >= self._limit:
+                trace.note_truncated("logs")
+                return
+            now = self._clock()
+            attrs = {
+                "level": record.levelname,
+                "logger": record.name,
+                "message": cut(record.getMessage(), self._max_string),
+            }
+            if record.exc_info and record.exc_info[0] is not None:
+                attrs["exc_type"] = record.exc_info[0].__name__
+            trace.record("log", f"log:{record.levelname.lower()}", now, now, attrs)
+        except Exception:
+            report_internal_error("flask.log", trace)
+
+
+def _capture_logs(app: Flask, tracer: _AppTracer, limit: int) -> None:
+    # Reading app.logger first lets Flask add its default handler exactly as
+    # it would without us (it checks for existing handlers when it makes it).
+    logger = app.logger
+    handler = _LogCapture(tracer, limit)
+    logger.addHandler(handler)
+    # The logger outlives the app (logging keeps it): detach with the app.
+    weakref.finalize(app, logger.removeHandler, handler)

@@ -1,0 +1,383 @@
+"""Per-app recording state of :class:`~wsgitrace.flask.FlaskTrace`.
+
+::
+
+    tracer = FlaskTrace(app).tracer_for(app)
+    tracer.run_hook(trace, "before_request", info, func)  # call and record
+
+:class:`_AppTracer` names hooks and views with shared event keys, runs a hook
+with one clock reading either side and records the keys of ``g`` it changed,
+records signals and the URL match, and snapshots the session and ``g``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flask.globals import _cv_app, _cv_request
+
+from .middleware import report_internal_error
+from .redact import REDACTED
+from .trace import EventKey, Trace, cut
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ._types import Clock
+    from .flask import FlaskTrace
+    from .middleware import TraceMiddleware
+
+_MISSING = object()
+
+_URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
+
+# Shared keys of the signals sent on every request (no attributes).
+_SIGNAL_KEYS: dict[str, EventKey] = {
+    name: ("signal", name, None)
+    for name in (
+        "signal:request-started",
+        "signal:request-finished",
+        "signal:request-tearing-down",
+        "signal:appcontext-pushed",
+        "signal:appcontext-tearing-down",
+        "signal:appcontext-popped",
+    )
+}
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if isinstance(name, str):
+        return name
+    inner = getattr(func, "func", None)  # functools.partial
+    if inner is not None:
+        return _function_name(inner)
+    return type(func).__name__
+
+
+class _AppTracer:
+    """Per-app recording state; holds the app only weakly."""
+
+    def __init__(
+        self, ext: FlaskTrace, app: Flask, middleware: TraceMiddleware, clock: Clock
+    ) -> None:
+        self.ext = ext
+        self.app_ref = weakref.ref(app)
+        self.middleware = middleware
+        self.clock = clock
+        self.session_values = middleware.options.session_values
+        self.max_string = middleware.limits.max_string
+        # Traces made by this app's middleware carry these limits: a trace of
+        # another app (one app served inside another's request) is left alone.
+        self.limits = middleware.limits
+        self._hook_info: dict[tuple[str, str | None, int], tuple[EventKey, Any]] = {}
+        self._view_info: dict[str, tuple[EventKey, Any]] = {}
+        self._changed_keys: dict[tuple[Any, ...], tuple[EventKey, EventKey]] = {}
+        # id(trace) -> (trace, starts of renders not finished yet); the trace
+        # is kept to tell a reused id apart, the size is capped because a
+        # render that raises never pops its start.
+        self._template_starts: dict[int, tuple[Trace, list[int]]] = {}
+        self.skipped: list[str] = []
+        self.receivers: list[tuple[Any, Callable[..., None]]] = []
+
+    # -- naming -------------------------------------------------------------
+
+    def hook_info(self, kind: str, blueprint: str | None, func: Any) -> EventKey:
+        """The shared event key (kind, name, static attributes) of a hook."""
+        key = (kind, blueprint, id(func))
+        info = self._hook_info.get(key)
+        if info is not None and info[1]() is func:
+            return info[0]
+        try:
+            short = _function_name(func)
+            attrs = {
+                "blueprint": blueprint,
+                "qualname": getattr(func, "__qualname__", short),
+                "module": getattr(func, "__module__", None),
+            }
+        except Exception:
+            # A callable whose attributes raise: named by its type.
+            report_internal_error("flask.hook_info")
+            short = type(func).__name__
+            attrs = {"blueprint": blueprint, "qualname": short, "module": None}
+        name = f"{kind}:{blueprint}.{short}" if blueprint else f"{kind}:{short}"
+        try:
+            ref: Any = weakref.ref(func)
+        except TypeError:
+            # Not weak-referenceable (rare); a strong reference cannot hold the
+            # app because such objects are not closures.
+            ref = _Strong(func)
+        event_key: EventKey = (kind, name, attrs)
+        if len(self._hook_info) < 4096:
+            self._hook_info[key] = (event_key, ref)
+        return event_key
+
+    # -- the hook runner ----------------------------------------------------
+
+    def view_info(self, endpoint: str, view: Any) -> EventKey:
+        """The shared event key ``view:<endpoint>`` of a view."""
+        info = self._view_info.get(endpoint)
+        if info is not None and info[1]() is view:
+            return info[0]
+        blueprint = endpoint.rpartition(".")[0] or None
+        try:
+            attrs = {
+                "blueprint": blueprint,
+                "endpoint": endpoint,
+                "qualname": getattr(view, "__qualname__", _function_name(view)),
+                "module": getattr(view, "__module__", None),
+            }
+        except Exception:
+            # A callable whose attributes raise: named by its type.
+            report_internal_error("flask.view_info")
+            attrs = {"blueprint": blueprint, "endpoint": endpoint, "qualname": type(view).__name__}
+        try:
+            ref: Any = weakref.ref(view)
+        except TypeError:
+            ref = _Strong(view)
+        event_key: EventKey = ("view", f"view:{endpoint}", attrs)
+        if len(self._view_info) < 4096:
+            self._view_info[endpoint] = (event_key, ref)
+        return event_key
+
+    def run_hook(
+        self,
+        trace: Trace,
+        kind: str,
+        info: EventKey,
+        call: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
+        """Call ``call(*args)`` (the hook, as Flask would) and record it as
+        ``info`` (name and static attributes).
+        """
+        app_ctx = _cv_app.get(None)
+        g_dict = app_ctx.g.__dict__ if app_ctx is not None else None
+        before = dict(g_dict) if g_dict else None
+        clock = self.clock
+        try:
+            start = clock()
+        except Exception:
+            report_internal_error("flask.clock", trace)
+            return call(*args)
+        try:
+            rv = call(*args)
+        except BaseException as exc:
+            self.after_hook(trace, kind, info, start, before, g_dict, None, exc)
+            raise
+        try:
+            end = clock()
+            unchanged = _g_changes(before, g_dict) is None if (before or g_dict) else True
+            if unchanged and (rv is None or kind != "before_request"):
+                # The common case: one shared key, no attributes built.
+                trace.record_key(info, start, end)
+                return rv
+        except Exception:
+            report_internal_error("flask.hook", trace)
+            return rv
+        self.after_hook(trace, kind, info, start, before, g_dict, rv, None, end)
+        return rv
+
+    def after_hook(
+        self,
+        trace: Trace,
+        kind: str,
+        info: EventKey,
+        start: int,
+        before: dict[str, Any] | None,
+        g_dict: dict[str, Any] | None,
+        rv: Any,
+        exc: BaseException | None,
+        end: int | None = None,
+    ) -> None:
+        try:
+            if end is None:
+                end = self.clock()
+            _, name, attrs = info
+            extra = _g_changes(before, g_dict)
+            if kind == "before_request" and rv is not None:
+                extra = extra or {}
+                extra["short_circuit"] = True
+                extra["returned"] = type(rv).__name__
+            if exc is not None:
+                extra = extra or {}
+                extra["error"] = type(exc).__name__
+            if not extra:
+                trace.record_key(info, start, end)
+            elif exc is None:
+                trace.record_key(self._changed_key(info, extra), start, end)
+            else:
+                trace.record(kind, name, start, end, {**(attrs or {}), **extra})
+        except Exception:
+            report_internal_error("flask.hook", trace)
+
+    def _changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
+        """The key of a hook event with state changes. A hook usually makes
+        the same change on every request (``load_user`` sets ``g.user``), so
+        keys are shared rather than built per request.
+        """
+        signature = (
+            id(info),
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in extra.items()),
+        )
+        cached = self._changed_keys.get(signature)
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        kind, name, attrs = info
+        key: EventKey = (kind, name, {**(attrs or {}), **extra})
+        if len(self._changed_keys) < 4096:
+            self._changed_keys[signature] = (info, key)
+        return key
+
+    def send_signal(self, trace: Trace, app: Flask, signal: Any, name: str, **kwargs: Any) -> None:
+        """Send a Flask signal exactly as Flask does and record it, with the
+        time its receivers took. The send's own errors propagate, as in Flask.
+        """
+        try:
+            start: int | None = self.clock()
+        except Exception:
+            start = None
+        signal.send(app, _async_wrapper=app.ensure_sync, **kwargs)
+        self.signal(trace, name, start)
+
+    def signal(
+        self, trace: Trace, name: str, start: int | None, attrs: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            end = self.clock()
+            key = _SIGNAL_KEYS.get(name) if attrs is None else None
+            if key is None:
+                key = ("signal", name, attrs)
+            trace.record_key(key, end if start is None else start, end)
+        except Exception:
+            report_internal_error("flask.signal", trace)
+
+    # -- state --------------------------------------------------------------
+
+    def url_match(self, trace: Trace) -> None:
+        try:
+            ctx = _cv_request.get(None)
+            if ctx is None:
+                return
+            req = ctx.request
+            now = self.clock()
+            error = req.routing_exception
+            if error is not None:
+                attrs: dict[str, Any] = {"error": type(error).__name__}
+                code = getattr(error, "code", None)
+                if code is not None:
+                    attrs["code"] = code
+                new_url = getattr(error, "new_url", None)
+                if new_url:
+                    attrs["redirect"] = cut(str(new_url), self.max_string)
+                trace.record("url_match", "url_match", now, now, attrs)
+                return
+            rule = req.url_rule
+            if rule is not None:
+                trace.endpoint = rule.endpoint
+                trace.rule = rule.rule
+            if req.view_args:
+                limit = self.max_string
+                trace.view_args = {k: _view_arg(v, limit) for k, v in req.view_args.items()}
+            trace.record_key(_URL_MATCH_KEY, now, now)
+        except Exception:
+            report_internal_error("flask.url_match", trace)
+
+    def snapshot_session(self, trace: Trace) -> None:
+        try:
+            ctx = _cv_request.get(None)
+            if ctx is None:
+                return
+            # Flask 3.1 keeps it in ``_session`` behind a property that marks
+            # it accessed; Flask 3.0 in a plain ``session`` attribute.
+            session = getattr(ctx, "_session", None) or vars(ctx).get("session")
+            if not session:
+                return
+            keys = [str(k) for k in dict.keys(session)]
+            trace.session_keys = [cut(k, self.max_string) for k in keys[:64]]
+            if self.session_values:
+                is_secret = self.middleware.redactor.is_secret
+                values = {}
+                for key in keys[:64]:
+                    value = dict.__getitem__(session, key)
+                    values[key] = REDACTED if is_secret(key) else _safe_repr(value, self.max_string)
+                trace.record("session", "session", self.clock(), self.clock(), {"values": values})
+        except Exception:
+            report_internal_error("flask.session", trace)
+
+    def snapshot_g(self, trace: Trace) -> None:
+        try:
+            app_ctx = _cv_app.get(None)
+            if app_ctx is None:
+                return
+            g_dict = app_ctx.g.__dict__
+            if not g_dict:
+                return
+            is_secret = self.middleware.redactor.is_secret
+            snapshot = {}
+            for key, value in list(g_dict.items())[:64]:
+                snapshot[cut(str(key), self.max_string)] = (
+                    REDACTED if is_secret(str(key)) else _safe_repr(value, self.max_string)
+                )
+            trace.g = snapshot
+        except Exception:
+            report_internal_error("flask.g", trace)
+
+
+class _Strong:
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+def _view_arg(value: Any, limit: int) -> Any:
+    """A view argument as kept on the trace: numbers as they are, text cut,
+    anything else (a converter's object, which may hold the app or a
+    database session) as its cut repr, taken now, inside the request.
+    """
+    if value is None or type(value) in (int, float, bool):
+        return value
+    if type(value) is str:
+        return cut(value, limit)
+    return _safe_repr(value, limit)
+
+
+def _safe_repr(value: Any, limit: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<repr failed: {type(exc).__name__}>"
+    return cut(text, limit)
+
+
+def _g_changes(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Keys of ``g`` added, changed (by identity) or removed by a hook."""
+    if not after:
+        return {"g_removed": sorted(before)} if before else None
+    if before is None:
+        return {"g_added": list(after)}
+    if len(before) == len(after):
+        for key, value in before.items():
+            if after.get(key, _MISSING) is not value:
+                break
+        else:
+            return None
+    changes: dict[str, Any] = {}
+    added = [k for k in after if k not in before]
+    changed = [k for k in after if k in before and after[k] is not before[k]]
+    removed = [k for k in before if k not in after]
+    if added:
+        changes["g_added"] = added
+    if changed:
+        changes["g_changed"] = changed
+    if removed:
+        changes["g_removed"] = removed
+    return changes or None
