@@ -1,0 +1,324 @@
+"""Reading traces: the ``/_trace`` endpoint over HTTP, or a trace store.
+
+::
+
+    client = _make_client("http://127.0.0.1:5000", store=None, token=None)
+    page = client.get(params={"limit": 10})       # the endpoint's listing
+    _Follow(client, view, filters={}, lines=10, full=False).run()
+
+:class:`_Client` GETs ``/_trace`` (a URL whose path is empty or ``/`` gets
+``/_trace`` appended); it never uses a proxy for loopback addresses and never
+follows redirects, so the token goes nowhere else. :class:`_StoreClient`
+answers the same requests from a SQLite trace store (:mod:`wsgitrace.store`)
+with the endpoint's semantics. :class:`_Follow` long-polls either with
+``since=<cursor>``, so it neither skips nor repeats a trace, and when the
+server restarts it waits for it and resumes; it reports through a
+:class:`_View` (the views themselves are in :mod:`wsgitrace.cli`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from http.client import HTTPException
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import click
+
+from . import __version__
+from .endpoint import MAX_WAIT, SETTLE_SECONDS, TraceEndpoint, _BadQueryError, _parse_query
+from .exceptions import StoreError
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+DEFAULT_PREFIX = "/_trace"
+_RETRY_SECONDS = 1.0
+
+
+# -- talking to /_trace ---------------------------------------------------------
+
+
+class _UnreachableError(Exception):
+    """The server did not answer (refused, reset, timed out)."""
+
+
+class _NotFoundError(Exception):
+    """The server answered 404: endpoint off, refused, or no such trace."""
+
+
+class _BadAnswerError(Exception):
+    """The server answered something else than the endpoint's JSON."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect (it could carry the token elsewhere)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def endpoint_url(url: str) -> str:
+    """The endpoint's URL for a base or endpoint URL: ``http://host:5000``
+    and ``http://host:5000/`` become ``http://host:5000/_trace``.
+    """
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        msg = f"not an http(s) URL: {url!r}"
+        raise click.BadParameter(msg, param_hint="URL")
+    path = parts.path if parts.path not in ("", "/") else DEFAULT_PREFIX
+    return urlunsplit((parts.scheme, parts.netloc, path.rstrip("/"), "", ""))
+
+
+def _is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Client:
+    """A small JSON client for one ``/_trace`` URL."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.url = endpoint_url(url)
+        self.timeout = timeout
+        self._headers = {"Accept": "application/json", "User-Agent": f"wsgitrace/{__version__}"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        if _is_loopback_host(urlsplit(self.url).hostname):
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def get(self, sub: str = "", params: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+        """GET ``<url>/<sub>?<params>`` and decode its JSON."""
+        url = self.url + (f"/{quote(sub, safe='')}" if sub else "")
+        if params:
+            url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
+        request = urllib.request.Request(url, headers=self._headers)  # noqa: S310 - http(s) only
+        timeout = kw.get("timeout", self.timeout)
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                detail = exc.read(4096)
+            if exc.code == 404:
+                raise _NotFoundError from None
+            raise _BadAnswerError(_error_detail(exc.code, detail)) from None
+        except (urllib.error.URLError, OSError, HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise _UnreachableError(str(reason) or type(reason).__name__) from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            msg = "the server's answer is not JSON (is this a wsgitrace endpoint?)"
+            raise _BadAnswerError(msg) from None
+
+
+class _StoreClient:
+    """Answers like :class:`_Client`, from a trace store file: the endpoint's
+    listing, run here on the store.
+    """
+
+    def __init__(self, path: str) -> None:
+        from .buffer import TraceBuffer
+        from .config import Options
+        from .store import TraceStore
+
+        self.url = path
+        self.store = TraceStore(path, create=False)
+        self.endpoint = TraceEndpoint(TraceBuffer(1), Options(), source=self.store)
+
+    def get(self, sub: str = "", params: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+        """What ``GET /_trace[/<sub>]?<params>`` would answer."""
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        try:
+            if sub:
+                trace = self.store.get(sub)
+                if trace is None:
+                    raise _NotFoundError
+                return trace.to_dict()
+            return self.endpoint.listing(_parse_query(query, self.endpoint.limit_cap))
+        except _BadQueryError as exc:
+            raise _BadAnswerError(exc.message) from None
+        except StoreError as exc:
+            text = str(exc)
+            if "locked" in text or "no wsgitrace trace store" in text:
+                raise _UnreachableError(text) from None
+            raise _BadAnswerError(text) from None
+
+
+def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
+    if store is not None:
+        return _StoreClient(store)
+    return _Client(url, token)
+
+
+def _error_detail(code: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = ""
+    return f"HTTP {code}" + (f": {message}" if message else "")
+
+
+def _read_token(token: str | None, token_file: str | None) -> str | None:
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            msg = f"cannot read the token file: {exc.strerror}"
+            raise click.BadParameter(msg, param_hint="--token-file") from None
+        if not value:
+            raise click.BadParameter("the token file is empty", param_hint="--token-file")
+        return value
+    return token or None
+
+
+# -- following ------------------------------------------------------------------
+
+
+class _View:
+    """Where followed traces go."""
+
+    shown = 0
+
+    def start(self) -> None:
+        """Called once before the first batch."""
+
+    def stop(self) -> None:
+        """Called once at the end."""
+
+    def traces(self, items: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def message(self, text: str, style: str = "") -> None:
+        raise NotImplementedError
+
+    def status(self, text: str) -> None:
+        """A one-line state (shown only to a person watching)."""
+
+
+@dataclasses.dataclass
+class _Follow:
+    """Follows ``/_trace`` with long-polls, resuming across restarts."""
+
+    client: _Client | _StoreClient
+    view: _View
+    filters: dict[str, Any]
+    lines: int
+    full: bool
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    wait: float = MAX_WAIT
+    cursor: int | None = None
+    instance: str | None = None
+    dropped: int | None = None
+    missed: int = 0
+
+    def run(self) -> int:
+        """Follow until :attr:`stop` is set; the exit status."""
+        view = self.view
+        down = False
+        view.start()
+        try:
+            while not self.stop.is_set():
+                try:
+                    page = self._poll()
+                except _UnreachableError as exc:
+                    if not down:
+                        view.message(
+                            f"cannot reach {self.client.url} ({exc}); is the app running?"
+                            " Retrying until it is (Ctrl-C to stop).",
+                            "yellow",
+                        )
+                        down = True
+                    view.status(f"waiting for {self.client.url} …")
+                    self.stop.wait(_RETRY_SECONDS)
+                    continue
+                except _NotFoundError:
+                    view.message(_not_found_message(self.client.url), "bold red")
+                    return 1
+                except _BadAnswerError as exc:
+                    view.message(f"{self.client.url}: {exc}", "bold red")
+                    return 2
+                if down:
+                    view.message(f"reconnected to {self.client.url}", "green")
+                    down = False
+                if page is not None:
+                    self._show(page)
+        finally:
+            view.stop()
+            if self.instance is not None:
+                view.message(
+                    f"{view.shown} traces shown, {self.missed} missed (evicted before tail read"
+                    f" them); the server's buffer has dropped {self.dropped or 0} traces in all",
+                    "dim",
+                )
+        return 0
+
+    def _poll(self) -> dict[str, Any] | None:
+        params: dict[str, Any] = dict(self.filters)
+        if self.full:
+            params["full"] = 1
+        if self.cursor is None:
+            params["limit"] = self.lines
+            page: dict[str, Any] = self.client.get(params=params)
+            page["traces"].reverse()  # oldest first
+        else:
+            # Full traces are ~15 times the size of summaries: smaller pages.
+            params.update(since=self.cursor, wait=self.wait, limit=200 if self.full else 1000)
+            timeout = self.wait + SETTLE_SECONDS + 15
+            page = self.client.get(params=params, timeout=timeout)
+            page["traces"].reverse()
+        instance = page.get("instance")
+        if self.instance is not None and instance != self.instance:
+            self.view.message(
+                "the server restarted; following the new process from its first trace", "yellow"
+            )
+            self.instance = instance
+            self.cursor = 0
+            self.dropped = None
+            return None
+        self.instance = instance
+        return page
+
+    def _show(self, page: dict[str, Any]) -> None:
+        view = self.view
+        traces = page["traces"]
+        dropped = int(page.get("dropped") or 0)
+        if self.dropped is None and dropped:
+            view.message(f"the server's buffer has dropped {dropped} traces so far", "dim")
+        self.dropped = dropped
+        missed = int(page.get("missed") or 0)
+        if missed and self.cursor is not None:
+            self.missed += missed
+            view.message(f"{missed} traces were evicted before tail could read them", "bold yellow")
+        if traces:
+            view.traces(traces)
+        self.cursor = int(page["cursor"])
+        view.status(
+            f"following {self.client.url} · {view.shown} shown · {dropped} dropped"
+            f" · {self.missed} missed · Ctrl-C to stop"
+        )
+
+
+def _not_found_message(url: str) -> str:
+    return (
+        f"{url} answered 404: the trace endpoint is off (plain TraceMiddleware needs"
+        " endpoint=True; FlaskTrace serves it in debug or testing mode) or it refused this"
+        " client (loopback only unless a token or allow-list is configured; Host must be"
+        " localhost, 127.0.0.1, [::1] or a configured host)."
+    )

@@ -1,0 +1,206 @@
+"""Serving for ``wsgitrace run`` and ``wsgitrace demo``.
+
+::
+
+    obj, label = load_app("myapp:create_app")     # imported; a factory is called
+    app, buffer, options = traced(obj)            # tracing installed if missing
+    endpoint = TraceEndpoint(buffer, options)
+    server = _serve(_EndpointFront(app, endpoint), "127.0.0.1", 5000, quiet=False,
+                    prefix=endpoint.prefix)       # werkzeug's threaded server
+
+The demo's traffic generator (:data:`DEMO_ROUND`, :func:`_traffic`) is here
+too. Flask is imported only when the app being served is a Flask app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from http.client import HTTPException
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import click
+
+from ._client import _NoRedirect
+from .endpoint import TraceEndpoint
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .buffer import TraceBuffer
+    from .config import Options
+
+
+class _EndpointFront:
+    """Answers the endpoint's prefix with a :class:`TraceEndpoint` before the
+    (traced) app, so ``run`` and ``demo`` can end its streams on shutdown.
+    """
+
+    def __init__(self, app: WSGIApplication, endpoint: TraceEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.prefix = endpoint.prefix
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO") or "/"
+        if path.startswith(self.prefix) and path[len(self.prefix) : len(self.prefix) + 1] in (
+            "",
+            "/",
+        ):
+            return self.endpoint(environ, start_response)
+        return self.app(environ, start_response)
+
+
+def _is_flask_app(obj: object) -> bool:
+    """Whether ``obj`` is a Flask app (without importing Flask when the app's
+    module did not).
+    """
+    flask = sys.modules.get("flask")
+    flask_class = getattr(flask, "Flask", None)
+    return isinstance(flask_class, type) and isinstance(obj, flask_class)
+
+
+def _is_factory(obj: Any) -> bool:
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        return False
+    try:
+        inspect.signature(obj).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def load_app(spec: str) -> tuple[Any, str]:
+    """Import ``module:attribute`` (or ``path/to/file.py:attribute``) and return
+    the object it names (an app factory is called) and a label.
+
+    Without an attribute, ``app``, ``application``, ``create_app`` and
+    ``make_app`` are tried in that order.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        directory, filename = os.path.split(path)
+        sys.path.insert(0, directory)
+        module_name = filename.removesuffix(".py")
+    elif os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            msg = f"cannot import {module_name!r}: {exc}"
+            raise click.BadParameter(msg, param_hint="MODULE:APP") from None
+        raise
+    names = (
+        [attribute.removesuffix("()")]
+        if attribute
+        else ["app", "application", "create_app", "make_app"]
+    )
+    for name in names:
+        obj = getattr(module, name, None)
+        if obj is not None:
+            break
+    else:
+        msg = f"module {module_name!r} has no {' or '.join(repr(n) for n in names)}"
+        raise click.BadParameter(msg, param_hint="MODULE:APP")
+    label = f"{module_name}:{name}"
+    if _is_factory(obj):
+        obj = obj()
+        label += "()"
+    if not (callable(obj) or _is_flask_app(obj)):
+        msg = f"{label} is not a WSGI app, a Flask app or an app factory: {obj!r}"
+        raise click.BadParameter(msg, param_hint="MODULE:APP")
+    return obj, label
+
+
+def traced(obj: Any) -> tuple[WSGIApplication, TraceBuffer, Options]:
+    """Install tracing on a Flask app or WSGI app (unless it already has it)
+    and return the app to serve with its buffer and options.
+    """
+    from .middleware import TraceMiddleware
+
+    if _is_flask_app(obj):
+        ext = obj.extensions.get("wsgitrace")
+        if ext is None:
+            from .flask import FlaskTrace
+
+            ext = FlaskTrace(obj, endpoint=False)
+        return obj, ext.buffer, ext.middleware.options
+    wsgi_app = getattr(obj, "wsgi_app", None)
+    if isinstance(wsgi_app, TraceMiddleware):
+        return obj, wsgi_app.buffer, wsgi_app.options
+    if isinstance(obj, TraceMiddleware):
+        return obj, obj.buffer, obj.options
+    middleware = TraceMiddleware(obj, endpoint=False)
+    return middleware, middleware.buffer, middleware.options
+
+
+def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: str) -> Any:
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class RequestHandler(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            if quiet or urlsplit(self.path).path.startswith(prefix):
+                return
+            super().log_request(code, size)
+
+    return make_server(host, port, app, threaded=True, request_handler=RequestHandler)
+
+
+def _base_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # noqa: S104 - display only
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+# -- the demo's traffic ---------------------------------------------------------
+
+
+#: One round of the demo's traffic: method, path, headers.
+DEMO_ROUND: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("GET", "/", {}),
+    ("GET", "/api/v1/items/tea", {}),
+    ("GET", "/slow?ms=150", {}),
+    ("GET", "/stream?n=5", {}),
+    ("GET", "/admin/", {}),
+    ("GET", "/admin/", {"X-User": "admin"}),
+    ("GET", "/missing", {}),
+    ("GET", "/api/v1/items/scones", {}),
+    ("POST", "/", {}),
+    ("GET", "/boom", {}),
+)
+
+
+def _send(base: str, method: str, path: str, headers: dict[str, str]) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    request = urllib.request.Request(base + path, method=method, headers=headers)  # noqa: S310
+    try:
+        with opener.open(request, timeout=10) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            exc.read()
+    except (urllib.error.URLError, OSError, HTTPException):
+        pass
+
+
+def _traffic(base: str, stop: threading.Event, count: int | None, interval: float) -> int:
+    """Send rounds of :data:`DEMO_ROUND` until ``stop`` (or ``count`` sent)."""
+    sent = 0
+    while not stop.is_set() and (count is None or sent < count):
+        for method, path, headers in DEMO_ROUND:
+            if stop.is_set() or (count is not None and sent >= count):
+                break
+            _send(base, method, path, headers)
+            sent += 1
+            stop.wait(interval)
+    return sent
