@@ -1036,3 +1036,28 @@ def test_endpoint_property() -> None:
     """The endpoint app is public, None when the endpoint is off."""
     assert TraceMiddleware(dummy_app).endpoint is None
     assert TraceMiddleware(dummy_app, endpoint=True).endpoint is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("5", 5), (" 5 ", 5), ("+5", None), ("5_0", None), ("٥", None)]
+)
+def test_content_length_is_read_one_way_when_served_and_when_read(
+    make_environ: MakeEnviron, value: str, expected: int | None
+) -> None:
+    """The finish-time mismatch check and the read side agree on what a
+    valid Content-Length is: digits only, surrounding spaces allowed."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", value)])
+        return [b"12345"]
+
+    middleware = TraceMiddleware(app)
+    body = middleware(make_environ("/"), ignore_start_response)
+    list(body)
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.content_length == expected
+    invalid = [w for w in trace.warnings or () if w.startswith("invalid Content-Length")]
+    assert bool(invalid) is (expected is None)
+    assert not [w for w in trace.warnings or () if w.startswith("Content-Length mismatch")]

@@ -285,10 +285,11 @@ class TraceMiddleware:
         out: list[str] = []
         for name, value in headers:
             if name.lower() == "content-length":
-                try:
-                    trace.content_length = int(value)
-                except ValueError:
+                length = _parse_content_length(value)
+                if length is None:
                     trace.warn(f"invalid Content-Length header: {value!r}")
+                else:
+                    trace.content_length = length
             if room == 0:
                 trace.note_truncated("response_headers")
                 continue
@@ -668,7 +669,16 @@ class _SizedTracedBody(_TracedBody):
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The valid ``Content-Length`` of a header list, if any."""
     for name, value in headers:
-        if name.lower() == "content-length" and value.isdigit():
-            return int(value)
+        if name.lower() == "content-length":
+            return _parse_content_length(value)
     return None
+
+
+def _parse_content_length(value: str) -> int | None:
+    """A ``Content-Length`` value as an int, ``None`` unless it is all digits
+    (``int()`` would also take ``+5``, `` 5`` or ``5_0``).
+    """
+    value = value.strip()
+    return int(value) if value.isdigit() and value.isascii() else None
