@@ -689,6 +689,10 @@ def _untraced_and_traced(
     assert traced.log == untraced.log
     if traced.response.error is not None:
         assert any(traced.response.error is exc for exc in traced.raised)
+    buffer = getattr(app, "buffer", None)
+    if buffer is not None and buffer.last is not None:
+        # Parts of a trace are laid out when read: reading must not raise.
+        buffer.last.to_dict()
 
 
 @pytest.mark.parametrize("path", FAULT_PATHS)

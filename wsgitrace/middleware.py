@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from .buffer import TraceBuffer
@@ -131,6 +133,7 @@ class TraceMiddleware:
         self._exclude = opts.exclude
         self._capture_headers = opts.capture_headers
         self._header_memo: dict[str, tuple[str, bool]] = {}
+        self._plans: dict[tuple[str, ...], _RequestHeaderPlan] = {}
         # One bound method for every trace to keep, not one per request.
         self._flatten_response_headers = self.response_headers
         self._prefix = opts.prefix
@@ -231,36 +234,35 @@ class TraceMiddleware:
             limits=self.limits,
         )
         if self._capture_headers:
-            trace.request_headers = self._request_headers(environ, trace)
+            self._capture_request_headers(environ, trace)
         environ["wsgitrace.trace"] = trace
         return trace
 
-    def _request_headers(self, environ: WSGIEnvironment, trace: Trace) -> tuple[str, ...]:
-        memo = self._header_memo
-        max_string = self.limits.max_string
-        room = self.limits.max_headers
-        out: list[str] = []
-        for key, value in environ.items():
-            entry = memo.get(key)
-            if entry is None:
-                entry = self._header_entry(key)
-            name, secret = entry
-            if not name:
-                continue
-            if room == 0:
-                trace.note_truncated("request_headers")
-                continue
-            room -= 1
-            if secret:
-                value = REDACTED
-            elif type(value) is not str:
-                value = repr(value)
-            if len(value) > max_string:
-                trace.note_truncated("header_values")
-                value = cut(value, max_string)
-            out.append(name)
-            out.append(value)
-        return tuple(out)
+    def _capture_request_headers(self, environ: WSGIEnvironment, trace: Trace) -> None:
+        # Environs of one server and client share a key order, so a plan
+        # made once per order copies the values with one C-level call; names
+        # and redaction are laid out when the trace is read.
+        shape = tuple(environ)
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = _RequestHeaderPlan(shape, self)
+            if len(self._plans) < 512:
+                self._plans[shape] = plan
+        if plan.dropped:
+            trace.note_truncated("request_headers", plan.dropped)
+        fetch = plan.fetch
+        if fetch is None:
+            return
+        values = fetch(environ)
+        if plan.single:
+            values = (values,)
+        try:
+            fits = max(map(len, values)) <= self.limits.max_string
+        except TypeError:
+            fits = False
+        if not fits:
+            values = plan.fit(values, trace)
+        trace._raw_request_headers = (plan, values)
 
     def _header_entry(self, key: str) -> tuple[str, bool]:
         if key.startswith("HTTP_"):
@@ -304,8 +306,11 @@ class TraceMiddleware:
         return tuple(out)
 
     def publish(self, trace: Trace) -> None:
-        """Put a trace into the buffer and tell the capture listeners."""
+        """Put a trace into the buffer and tell the sinks and capture listeners."""
         self.buffer.append(trace)
+        self._announce(trace)
+
+    def _announce(self, trace: Trace) -> None:
         sinks = self.sinks
         if sinks is not None and not sinks.running:
             # Here, not when the trace finishes (maybe in a finalizer): the
@@ -320,6 +325,56 @@ class TraceMiddleware:
 
     def __repr__(self) -> str:
         return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
+
+
+class _RequestHeaderPlan:
+    """Which environ keys of one key order are headers, their names, and
+    which are secret (their values are never copied).
+    """
+
+    __slots__ = ("dropped", "fetch", "layout", "max_string", "single")
+
+    def __init__(self, keys: tuple[str, ...], middleware: TraceMiddleware) -> None:
+        room = middleware.limits.max_headers
+        self.max_string = middleware.limits.max_string
+        layout: list[tuple[str, bool]] = []
+        fetched: list[str] = []
+        self.dropped = 0
+        for key in keys:
+            entry = middleware._header_memo.get(key) or middleware._header_entry(key)
+            if not entry[0]:
+                continue
+            if len(layout) == room:
+                self.dropped += 1
+                continue
+            layout.append(entry)
+            if not entry[1]:
+                fetched.append(key)
+        self.layout = tuple(layout)
+        self.single = len(fetched) == 1
+        self.fetch: Callable[[WSGIEnvironment], Any] | None = (
+            operator.itemgetter(*fetched) if fetched else None
+        )
+
+    def fit(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
+        """Values as strings, cut to the string cap (the rare path)."""
+        out: list[str] = []
+        for value in values:
+            text = value if type(value) is str else repr(value)
+            if len(text) > self.max_string:
+                trace.note_truncated("header_values")
+                text = cut(text, self.max_string)
+            out.append(text)
+        return tuple(out)
+
+    def expand(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
+        """The flat ``(name, value, ...)`` tuple, secrets redacted."""
+        out: list[str] = []
+        fetched = iter(values)
+        for name, secret in self.layout:
+            out.append(name)
+            out.append(REDACTED if secret else next(fetched))
+        return tuple(out)
 
 
 class _TracedBody:
@@ -469,7 +524,10 @@ class _TracedBody:
         try:
             trace = self.trace
             now = trace._times[APP_END] = trace._clock()
-            self._middleware.publish(trace)
+            middleware = self._middleware
+            middleware.buffer.append(trace)
+            if middleware.sinks is not None or _capture_listeners:
+                middleware._announce(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
                 isinstance(app_iter, file_wrapper)
@@ -493,51 +551,18 @@ class _TracedBody:
 
     # -- the body -----------------------------------------------------------
 
-    def __iter__(self) -> _TracedBody:
-        self._iterator = iter(self._app_iter)
-        return self
+    def __iter__(self) -> Iterator[bytes]:
+        # A generator, not __next__ on this object: resuming a frame costs
+        # less than a method call per chunk. It holds this body, not the
+        # other way round, so no reference cycle delays __del__.
+        return _iterate(self, iter(self._app_iter))
 
     def __next__(self) -> bytes:
+        # Only for callers that skip iter() (not PEP 3333 servers).
         iterator = self._iterator
         if iterator is None:
-            iterator = self._iterator = iter(self._app_iter)
-        trace = self.trace
-        token = _current_trace.set(trace)
-        try:
-            chunk = next(iterator)
-        except StopIteration:
-            _current_trace.reset(token)
-            self._body_done()
-            raise
-        except BaseException as exc:
-            _current_trace.reset(token)
-            self._iteration_failed(exc)
-            raise
-        _current_trace.reset(token)
-        try:
-            if trace.chunks:
-                trace.chunks += 1
-                size = len(chunk)
-                if size:
-                    trace.bytes_sent += size
-                    if trace._times[FIRST_BYTE] == UNSET:
-                        trace._times[FIRST_BYTE] = trace._clock()
-            else:
-                self._first_chunk(chunk)
-        except Exception:
-            report_internal_error("chunk", trace)
-        return chunk
-
-    def _first_chunk(self, data: bytes) -> None:
-        trace = self.trace
-        self._body_start = trace._clock()
-        if not self._starts:
-            trace.warn("body yielded before start_response was called")
-        trace.chunks = 1
-        size = len(data)
-        if size:
-            trace._times[FIRST_BYTE] = self._body_start
-            trace.bytes_sent += size
+            iterator = self._iterator = _iterate(self, iter(self._app_iter))
+        return next(iterator)
 
     def close(self) -> None:
         trace = self.trace
@@ -561,20 +586,32 @@ class _TracedBody:
         finally:
             _current_trace.reset(token)
             if first:
-                self._closed_at(start, error)
+                try:
+                    times = trace._times
+                    now = trace._clock()
+                    if start is None:
+                        start = now
+                    if times[BODY_END] == UNSET:
+                        times[BODY_START] = self._body_start or start
+                        times[BODY_END] = start
+                    times[CLOSE_START] = start
+                    times[CLOSE_END] = now
+                    if error is not None:
+                        self._error(error, "close", now)
+                    if not trace.finished:
+                        self._finish(now)
+                    elif times[END] < now:
+                        # Finished early by an iteration error: the exchange
+                        # still ends when the server closes the body.
+                        times[END] = now
+                except Exception:
+                    report_internal_error("closed", trace)
 
     def __del__(self) -> None:
         if self._returned and not self._closed:
             self._collected()
 
     # -- finishing ----------------------------------------------------------
-
-    def _body_done(self) -> None:
-        try:
-            self._exhausted = True
-            self._record_body(self.trace._clock())
-        except Exception:
-            report_internal_error("body_done", self.trace)
 
     def _record_body(self, end: int) -> None:
         trace = self.trace
@@ -592,25 +629,6 @@ class _TracedBody:
             self._finish(now)
         except Exception:
             report_internal_error("iteration_failed", self.trace)
-
-    def _closed_at(self, start: int | None, exc: BaseException | None) -> None:
-        try:
-            trace = self.trace
-            now = trace._clock()
-            if start is None:
-                start = now
-            self._record_body(start)
-            trace._times[CLOSE_START] = start
-            trace._times[CLOSE_END] = now
-            if exc is not None:
-                self._error(exc, "close", now)
-            if trace.finished and trace.end_ns is not None and trace.end_ns < now:
-                # Finished early by an iteration error: the exchange still
-                # ends when the server closes the body.
-                trace.end_ns = now
-            self._finish(now)
-        except Exception:
-            report_internal_error("closed", self.trace)
 
     def _collected(self) -> None:
         """The body was garbage-collected without ``close()``."""
@@ -636,25 +654,72 @@ class _TracedBody:
         if trace.finished:
             return
         if self._exhausted and trace.method != "HEAD":
-            # Scan the raw list rather than flatten it here, on the request path.
-            raw = trace._raw_response_headers
-            expected = _content_length(raw) if isinstance(raw, list) else trace.content_length
-            if (
-                expected is not None
-                and trace.bytes_sent != expected
-                and trace.status_code not in (204, 304)
-            ):
-                trace.warn(
-                    f"Content-Length mismatch: header says {expected},"
-                    f" body sent {trace.bytes_sent} bytes"
-                )
-        trace._times[END] = end
+            if trace._raw_response_headers is None:
+                trace._check_length()
+            else:
+                # Compared when the headers are first read, not while serving.
+                trace._length_check = True
+        times = trace._times
+        times[END] = end
         trace.finished = True
-        trace.compact()
+        raw = trace._raw_response_headers
+        if type(raw) is list:
+            # One flat tuple of the strings: a third of the list's memory.
+            trace._raw_response_headers = tuple(chain.from_iterable(raw))
         middleware = self._middleware
-        middleware.buffer.finished(trace)
+        middleware.buffer.finished(trace)  # lock-free: safe from __del__
         if middleware.sinks is not None:
-            middleware.sinks.submit(trace)  # lock-free: safe from __del__
+            middleware.sinks.submit(trace)
+
+
+def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
+    """Yield the app's chunks, recording them, with the trace current while
+    the app produces each one.
+    """
+    trace = body.trace
+    times = trace._times
+    clock = trace._clock
+    set_current = _current_trace.set
+    reset_current = _current_trace.reset
+    while True:
+        token = set_current(trace)
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            reset_current(token)
+            try:
+                body._exhausted = True
+                if times[BODY_END] == UNSET:
+                    end = clock()
+                    times[BODY_START] = body._body_start or end
+                    times[BODY_END] = end
+            except Exception:
+                report_internal_error("body_done", trace)
+            return
+        except BaseException as exc:
+            reset_current(token)
+            body._iteration_failed(exc)
+            raise
+        reset_current(token)
+        try:
+            size = len(chunk)
+            if trace.chunks:
+                trace.chunks += 1
+                if size:
+                    trace.bytes_sent += size
+                    if times[FIRST_BYTE] == UNSET:
+                        times[FIRST_BYTE] = clock()
+            else:
+                now = body._body_start = clock()
+                trace.chunks = 1
+                if not body._starts:
+                    trace.warn("body yielded before start_response was called")
+                if size:
+                    times[FIRST_BYTE] = now
+                    trace.bytes_sent += size
+        except Exception:
+            report_internal_error("chunk", trace)
+        yield chunk
 
 
 class _SizedTracedBody(_TracedBody):

@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, TypeAlias, overload
+from typing import Any, Protocol, TypeAlias, overload
 
 from ._types import Clock
 
@@ -64,6 +64,16 @@ EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
 #: Flattens, redacts and cuts a response header list for a trace.
 HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]], Trace], tuple[str, ...]]"
+
+class RequestHeaderPlan(Protocol):
+    """Lays out request header values copied from an environ (see
+    :class:`~wsgitrace.middleware.TraceMiddleware`).
+    """
+
+    def expand(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
+        """The flat ``(name, value, ...)`` tuple of the headers, redacted and cut."""
+        ...
+
 
 #: request, app, start_response, first_byte, body, close.
 _WSGI_EVENT_COUNT = 6
@@ -244,15 +254,19 @@ class Trace:
         "_id",
         "_id_prefix",
         "_keys",
+        "_length_check",
         "_limits",
         "_live",
         "_max_events",
+        "_raw_request_headers",
         "_raw_response_headers",
+        "_request_headers",
         "_response_headers",
         "_seq",
         "_size",
         "_threads",
         "_times",
+        "_warnings",
         "bytes_sent",
         "chunks",
         "cursor",
@@ -265,7 +279,6 @@ class Trace:
         "path",
         "query",
         "remote_addr",
-        "request_headers",
         "rule",
         "session_keys",
         "start_ns",
@@ -274,7 +287,6 @@ class Trace:
         "truncated",
         "view_args",
         "wall_time",
-        "warnings",
     )
 
     def __init__(
@@ -318,7 +330,10 @@ class Trace:
         self.path = path if len(path) <= max_string else self._cut("path", path)
         self.query = query if len(query) <= max_string else self._cut("query", query)
         self.remote_addr = remote_addr
-        self.request_headers: tuple[str, ...] = ()
+        # Copied out of the environ by a shared plan and laid out (names,
+        # redactions) the first time someone reads them.
+        self._raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None = None
+        self._request_headers: tuple[str, ...] = ()
         # The app's header list is kept as given and flattened, redacted and
         # cut the first time someone reads it (see ``response_headers``).
         self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
@@ -334,7 +349,9 @@ class Trace:
         self.error: dict[str, str] | None = None
         self._g: tuple[str, ...] | None = None
         self.session_keys: list[str] | None = None
-        self.warnings: list[str] | None = None
+        self._warnings: list[str] | None = None
+        # The Content-Length check waits for the headers to be read.
+        self._length_check = False
         self.dropped_events = 0
         self.finished = False
         self.evicted = False
@@ -396,10 +413,36 @@ class Trace:
 
     def warn(self, message: str) -> None:
         """Note a protocol problem seen while serving (never raised)."""
-        if self.warnings is None:
-            self.warnings = [message]
-        elif message not in self.warnings and len(self.warnings) < 32:
-            self.warnings.append(message)
+        warnings = self._warnings
+        if warnings is None:
+            self._warnings = [message]
+        elif message not in warnings and len(warnings) < 32:
+            warnings.append(message)
+
+    @property
+    def warnings(self) -> list[str] | None:
+        """Protocol problems seen while serving, or ``None``."""
+        if self._length_check:
+            _ = self.response_headers
+        return self._warnings
+
+    @warnings.setter
+    def warnings(self, value: list[str] | None) -> None:
+        self._warnings = value
+
+    def _check_length(self) -> None:
+        """Warn when an exhausted body did not match its Content-Length."""
+        self._length_check = False
+        expected = self._content_length
+        if (
+            expected is not None
+            and self.bytes_sent != expected
+            and self.status_code not in (204, 304)
+        ):
+            self.warn(
+                f"Content-Length mismatch: header says {expected},"
+                f" body sent {self.bytes_sent} bytes"
+            )
 
     def note_truncated(self, what: str, count: int = 1) -> None:
         """Count something cut by a cap."""
@@ -444,13 +487,24 @@ class Trace:
         # Kept as one flat tuple: a fraction of a dict's memory per trace.
         self._g = None if snapshot is None else tuple(chain.from_iterable(snapshot.items()))
 
-    def compact(self) -> None:
-        """Called when the trace finishes: keep the app's header list as one
-        flat tuple of its strings (not a list of pairs) until it is read.
-        """
-        raw = self._raw_response_headers
-        if type(raw) is list:
-            self._raw_response_headers = tuple(chain.from_iterable(raw))
+    @property
+    def request_headers(self) -> tuple[str, ...]:
+        """Request headers as a flat ``(name, value, ...)`` tuple, redacted."""
+        raw = self._raw_request_headers
+        if raw is not None:
+            self._raw_request_headers = None
+            try:
+                self._request_headers = raw[0].expand(raw[1], self)
+            except Exception:
+                from .middleware import report_internal_error
+
+                report_internal_error("request_headers", self)
+        return self._request_headers
+
+    @request_headers.setter
+    def request_headers(self, value: tuple[str, ...]) -> None:
+        self._raw_request_headers = None
+        self._request_headers = value
 
     @property
     def response_headers(self) -> tuple[str, ...]:
@@ -467,6 +521,13 @@ class Trace:
 
                 report_internal_error("response_headers", self)
                 self._response_headers = ()
+        if self._length_check:
+            try:
+                self._check_length()
+            except Exception:
+                from .middleware import report_internal_error
+
+                report_internal_error("length_check", self)
         return self._response_headers
 
     @response_headers.setter
@@ -599,7 +660,11 @@ class Trace:
         # the object, its arrays and the strings it alone keeps alive. Hook
         # attributes are shared between traces and not counted.
         size = 500 + 24 * len(self._keys) + len(self.path) + len(self.query)
-        strings = self.request_headers + self._response_headers
+        strings = self._request_headers + self._response_headers
+        pending = self._raw_request_headers
+        if pending is not None:
+            # Names are shared by every trace of the same header layout.
+            size += 8 * len(pending[1]) + sum(map(len, pending[1]))
         raw = self._raw_response_headers
         if isinstance(raw, tuple):
             strings += raw
@@ -610,8 +675,8 @@ class Trace:
             size += sum(len(v) for v in self.error.values()) + 300
         if self._g:
             size += 60 * len(self._g) + sum(map(len, self._g))
-        if self.warnings:
-            size += sum(len(w) + 60 for w in self.warnings)
+        if self._warnings:
+            size += sum(len(w) + 60 for w in self._warnings)
         return size
 
     def summary(self) -> dict[str, Any]:
