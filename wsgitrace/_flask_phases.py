@@ -21,10 +21,11 @@ import flask
 from flask import Flask, signals
 from flask.ctx import AppContext
 from flask.ctx import _sentinel as _ctx_sentinel
-from flask.globals import request_ctx
+from flask.globals import _cv_app, request_ctx
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 
+from ._flask_recorder import _SIGNAL_KEYS
 from .context import _current_trace
 from .middleware import report_internal_error
 from .trace import Trace
@@ -80,7 +81,10 @@ def _install_phases(app: Flask, tracer: _AppTracer) -> None:
 def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], flask.Response]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
+    clock = tracer.clock
     original = Flask.full_dispatch_request
+    request_started = signals.request_started
+    started_key = _SIGNAL_KEYS["signal:request-started"]
 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -90,7 +94,12 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            tracer.send_signal(trace, app, signals.request_started, "signal:request-started")
+            start = clock()
+            request_started.send(app, _async_wrapper=app.ensure_sync)
+            try:
+                trace.record_key(started_key, start, clock())
+            except Exception:
+                report_internal_error("flask.signal", trace)
             rv = app.preprocess_request()
             if rv is None:
                 rv = app.dispatch_request()
@@ -106,7 +115,9 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
     limits = tracer.limits
     original = Flask.preprocess_request
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    url_value_keys = tracer.hook_cache("url_value_preprocessor")
+    before_keys = tracer.hook_cache("before_request")
 
     def preprocess_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -115,6 +126,7 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
             return original(app)
         request = flask.request
         names = (None, *reversed(request.blueprints))
+        g_dict = _cv_app.get().g.__dict__
 
         for name in names:
             if name in app.url_value_preprocessors:
@@ -122,7 +134,8 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
                     run_hook(
                         trace,
                         "url_value_preprocessor",
-                        hook_info("url_value_preprocessor", name, url_func),
+                        hook_key(url_value_keys, "url_value_preprocessor", name, url_func),
+                        g_dict,
                         url_func,
                         request.endpoint,
                         request.view_args,
@@ -134,7 +147,8 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
                     rv = run_hook(
                         trace,
                         "before_request",
-                        hook_info("before_request", name, before_func),
+                        hook_key(before_keys, "before_request", name, before_func),
+                        g_dict,
                         app.ensure_sync(before_func),
                     )
                     if rv is not None:
@@ -163,8 +177,8 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
             or (getattr(rule, "provide_automatic_options", False) and req.method == "OPTIONS")
         ):
             return original(app)
-        info = tracer.view_info(rule.endpoint, app.view_functions.get(rule.endpoint))
-        return run_hook(trace, "view", info, original, app)
+        key = tracer.view_info(rule.endpoint, app.view_functions.get(rule.endpoint))
+        return run_hook(trace, "view", key, _cv_app.get().g.__dict__, original, app)
 
     return dispatch_request
 
@@ -172,7 +186,10 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
 def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flask.Response]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
+    clock = tracer.clock
     original = Flask.finalize_request
+    request_finished = signals.request_finished
+    finished_key = _SIGNAL_KEYS["signal:request-finished"]
 
     def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -182,9 +199,12 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            tracer.send_signal(
-                trace, app, signals.request_finished, "signal:request-finished", response=response
-            )
+            start = clock()
+            request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
+            try:
+                trace.record_key(finished_key, start, clock())
+            except Exception:
+                report_internal_error("flask.signal", trace)
         except Exception:
             if not from_error_handler:
                 raise
@@ -199,7 +219,8 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
     limits = tracer.limits
     original = Flask.process_response
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    after_keys = tracer.hook_cache("after_request")
 
     def process_response(response: Any) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -207,17 +228,20 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
         if trace is None or trace._limits is not limits:
             return original(app, response)
         ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+        g_dict = _cv_app.get().g.__dict__
 
         for func in ctx._after_request_functions:
-            info = hook_info("after_request", None, func)
-            response = run_hook(trace, "after_request", info, app.ensure_sync(func), response)
+            key = hook_key(after_keys, "after_request", None, func)
+            response = run_hook(
+                trace, "after_request", key, g_dict, app.ensure_sync(func), response
+            )
 
-        for name in chain(flask.request.blueprints, (None,)):
+        for name in chain(ctx.request.blueprints, (None,)):
             if name in app.after_request_funcs:
                 for func in reversed(app.after_request_funcs[name]):
-                    info = hook_info("after_request", name, func)
+                    key = hook_key(after_keys, "after_request", name, func)
                     response = run_hook(
-                        trace, "after_request", info, app.ensure_sync(func), response
+                        trace, "after_request", key, g_dict, app.ensure_sync(func), response
                     )
 
         session = ctx._session if hasattr(ctx, "_session") else ctx.session
@@ -232,9 +256,13 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
 def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
+    clock = tracer.clock
     original = Flask.do_teardown_request
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    teardown_keys = tracer.hook_cache("teardown_request")
+    request_tearing_down = signals.request_tearing_down
+    tearing_down_key = _SIGNAL_KEYS["signal:request-tearing-down"]
 
     def do_teardown_request(
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
@@ -245,17 +273,21 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
             exc = sys.exc_info()[1]
         if trace is None or trace._limits is not limits:
             return original(app, exc)
+        g_dict = _cv_app.get().g.__dict__
 
         for name in chain(flask.request.blueprints, (None,)):
             if name in app.teardown_request_funcs:
                 for func in reversed(app.teardown_request_funcs[name]):
-                    info = hook_info("teardown_request", name, func)
-                    run_hook(trace, "teardown_request", info, app.ensure_sync(func), exc)
+                    key = hook_key(teardown_keys, "teardown_request", name, func)
+                    run_hook(trace, "teardown_request", key, g_dict, app.ensure_sync(func), exc)
 
         tracer.snapshot_session(trace)
-        tracer.send_signal(
-            trace, app, signals.request_tearing_down, "signal:request-tearing-down", exc=exc
-        )
+        start = clock()
+        request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        try:
+            trace.record_key(tearing_down_key, start, clock())
+        except Exception:
+            report_internal_error("flask.signal", trace)
         return None
 
     return do_teardown_request
@@ -264,9 +296,13 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
 def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
+    clock = tracer.clock
     original = Flask.do_teardown_appcontext
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    teardown_keys = tracer.hook_cache("teardown_appcontext")
+    appcontext_tearing_down = signals.appcontext_tearing_down
+    tearing_down_key = _SIGNAL_KEYS["signal:appcontext-tearing-down"]
 
     def do_teardown_appcontext(
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
@@ -277,15 +313,19 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             exc = sys.exc_info()[1]
         if trace is None or trace._limits is not limits:
             return original(app, exc)
+        g_dict = _cv_app.get().g.__dict__
 
         for func in reversed(app.teardown_appcontext_funcs):
-            info = hook_info("teardown_appcontext", None, func)
-            run_hook(trace, "teardown_appcontext", info, app.ensure_sync(func), exc)
+            key = hook_key(teardown_keys, "teardown_appcontext", None, func)
+            run_hook(trace, "teardown_appcontext", key, g_dict, app.ensure_sync(func), exc)
 
         tracer.snapshot_g(trace)
-        tracer.send_signal(
-            trace, app, signals.appcontext_tearing_down, "signal:appcontext-tearing-down", exc=exc
-        )
+        start = clock()
+        appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        try:
+            trace.record_key(tearing_down_key, start, clock())
+        except Exception:
+            report_internal_error("flask.signal", trace)
         return None
 
     return do_teardown_appcontext
@@ -298,7 +338,8 @@ def _make_update_template_context(
     limits = tracer.limits
     original = Flask.update_template_context
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    processor_keys = tracer.hook_cache("context_processor")
 
     def update_template_context(context: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -309,13 +350,14 @@ def _make_update_template_context(
         request = flask.request
         if request:
             names = chain(names, reversed(request.blueprints))
+        g_dict = _cv_app.get().g.__dict__
         orig_ctx = context.copy()
         for name in names:
             if name in app.template_context_processors:
                 for func in app.template_context_processors[name]:
-                    info = hook_info("context_processor", name, func)
+                    key = hook_key(processor_keys, "context_processor", name, func)
                     context.update(
-                        run_hook(trace, "context_processor", info, app.ensure_sync(func))
+                        run_hook(trace, "context_processor", key, g_dict, app.ensure_sync(func))
                     )
         context.update(orig_ctx)
         return None
@@ -330,21 +372,26 @@ def _make_inject_url_defaults(
     limits = tracer.limits
     original = Flask.inject_url_defaults
     run_hook = tracer.run_hook
-    hook_info = tracer.hook_info
+    hook_key = tracer.hook_key
+    default_keys = tracer.hook_cache("url_defaults")
 
     def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
         if trace is None or trace._limits is not limits:
             return original(app, endpoint, values)
+        app_ctx = _cv_app.get(None)
+        if app_ctx is None:
+            return original(app, endpoint, values)
         names: Iterable[str | None] = (None,)
         if "." in endpoint:
             names = chain(names, reversed(_split_blueprint_path(endpoint.rpartition(".")[0])))
+        g_dict = app_ctx.g.__dict__
         for name in names:
             if name in app.url_default_functions:
                 for func in app.url_default_functions[name]:
-                    info = hook_info("url_defaults", name, func)
-                    run_hook(trace, "url_defaults", info, func, endpoint, values)
+                    key = hook_key(default_keys, "url_defaults", name, func)
+                    run_hook(trace, "url_defaults", key, g_dict, func, endpoint, values)
         return None
 
     return inject_url_defaults
@@ -431,6 +478,10 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
     app_ref = weakref.ref(app)
     limits = tracer.limits
     clock = tracer.clock
+    pushed_key = _SIGNAL_KEYS["signal:appcontext-pushed"]
+    popped_key = _SIGNAL_KEYS["signal:appcontext-popped"]
+    push = AppContext.push
+    pop = AppContext.pop
 
     class TracedAppContext(AppContext):
         """Records ``appcontext_pushed`` / ``appcontext_popped`` where Flask
@@ -440,22 +491,26 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
         def push(self) -> None:
             trace = _current_trace.get()
             if trace is None or trace._limits is not limits:
-                return super().push()
+                return push(self)
+            start = clock()
+            push(self)
             try:
-                start: int | None = clock()
+                trace.record_key(pushed_key, start, clock())
             except Exception:
-                start = None
-            super().push()
-            tracer.signal(trace, "signal:appcontext-pushed", start)
+                report_internal_error("flask.signal", trace)
             return None
 
         def pop(self, exc: BaseException | None = _ctx_sentinel) -> None:  # type: ignore[assignment]
             trace = _current_trace.get()
             if exc is _ctx_sentinel:
                 exc = sys.exc_info()[1]
-            super().pop(exc)
+            pop(self, exc)
             if trace is not None and trace._limits is limits:
-                tracer.signal(trace, "signal:appcontext-popped", None)
+                now = clock()
+                try:
+                    trace.record_key(popped_key, now, now)
+                except Exception:
+                    report_internal_error("flask.signal", trace)
 
     def app_context() -> AppContext:
         return TracedAppContext(app_ref())  # type: ignore[arg-type]

@@ -73,6 +73,8 @@ class _AppTracer:
         # another app (one app served inside another's request) is left alone.
         self.limits = middleware.limits
         self._hook_info: dict[tuple[str, str | None, int], tuple[EventKey, Any]] = {}
+        # kind -> id(func) -> (weak reference, blueprint, key): looked up per hook.
+        self._hook_caches: dict[str, dict[int, tuple[Any, str | None, EventKey]]] = {}
         self._view_info: dict[str, tuple[EventKey, Any]] = {}
         self._changed_keys: dict[tuple[Any, ...], tuple[EventKey, EventKey]] = {}
         # id(trace) -> (trace, starts of renders not finished yet); the trace
@@ -114,6 +116,32 @@ class _AppTracer:
             self._hook_info[key] = (event_key, ref)
         return event_key
 
+    def hook_cache(self, kind: str) -> dict[int, tuple[Any, str | None, EventKey]]:
+        """The cache :meth:`hook_key` uses for hooks of one kind."""
+        return self._hook_caches.setdefault(kind, {})
+
+    def hook_key(
+        self,
+        cache: dict[int, tuple[Any, str | None, EventKey]],
+        kind: str,
+        blueprint: str | None,
+        func: Any,
+    ) -> EventKey:
+        """:meth:`hook_info` through a per-kind cache keyed by ``id(func)``
+        (one lookup per hook on the request path).
+        """
+        entry = cache.get(id(func))
+        if entry is not None and entry[0]() is func and entry[1] == blueprint:
+            return entry[2]
+        key = self.hook_info(kind, blueprint, func)
+        try:
+            ref: Any = weakref.ref(func)
+        except TypeError:
+            ref = _Strong(func)
+        if len(cache) < 4096:
+            cache[id(func)] = (ref, blueprint, key)
+        return key
+
     # -- the hook runner ----------------------------------------------------
 
     def view_info(self, endpoint: str, view: Any) -> EventKey:
@@ -146,38 +174,42 @@ class _AppTracer:
         self,
         trace: Trace,
         kind: str,
-        info: EventKey,
+        key: EventKey,
+        g_dict: dict[str, Any],
         call: Callable[..., Any],
         *args: Any,
     ) -> Any:
-        """Call ``call(*args)`` (the hook, as Flask would) and record it as
-        ``info`` (name and static attributes).
+        """Call ``call(*args)`` (the hook, as Flask would) and record it under
+        ``key``, with the keys of ``g`` (its ``__dict__``) it changed.
         """
-        app_ctx = _cv_app.get(None)
-        g_dict = app_ctx.g.__dict__ if app_ctx is not None else None
-        before = dict(g_dict) if g_dict else None
+        before = g_dict.copy() if g_dict else None
         clock = self.clock
-        try:
-            start = clock()
-        except Exception:
-            report_internal_error("flask.clock", trace)
-            return call(*args)
+        start = clock()
         try:
             rv = call(*args)
         except BaseException as exc:
-            self.after_hook(trace, kind, info, start, before, g_dict, None, exc)
+            self.after_hook(trace, kind, key, start, before, g_dict, None, exc)
             raise
+        end = clock()
         try:
-            end = clock()
-            unchanged = _g_changes(before, g_dict) is None if (before or g_dict) else True
+            if before is None:
+                unchanged = not g_dict
+            elif len(before) != len(g_dict):
+                unchanged = False
+            else:
+                unchanged = True
+                for name, value in before.items():
+                    if g_dict.get(name, _MISSING) is not value:
+                        unchanged = False
+                        break
             if unchanged and (rv is None or kind != "before_request"):
                 # The common case: one shared key, no attributes built.
-                trace.record_key(info, start, end)
+                trace.record_key(key, start, end)
                 return rv
         except Exception:
             report_internal_error("flask.hook", trace)
             return rv
-        self.after_hook(trace, kind, info, start, before, g_dict, rv, None, end)
+        self.after_hook(trace, kind, key, start, before, g_dict, rv, None, end)
         return rv
 
     def after_hook(

@@ -128,7 +128,7 @@ class TraceMiddleware:
             self.redactor = Redactor(extra_headers=opts.redact, extra_patterns=opts.redact)
         else:
             self.redactor = Redactor(headers=opts.redact, patterns=opts.redact)
-        self.clock: Clock = clock or time.perf_counter_ns
+        self.clock: Clock = time.perf_counter_ns if clock is None else _SafeClock(clock)
         self._sample = opts.sample
         self._exclude = opts.exclude
         self._capture_headers = opts.capture_headers
@@ -325,6 +325,27 @@ class TraceMiddleware:
 
     def __repr__(self) -> str:
         return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
+
+
+class _SafeClock:
+    """A clock given by the user, made unable to fail: when it raises, the
+    error is counted and its last good reading is returned, so the code on
+    the request path reads clocks without guarding each call.
+    """
+
+    __slots__ = ("_clock", "_last")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._last = 0
+
+    def __call__(self) -> int:
+        try:
+            self._last = now = self._clock()
+        except Exception:
+            report_internal_error("clock")
+            return self._last
+        return now
 
 
 class _RequestHeaderPlan:

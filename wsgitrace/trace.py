@@ -65,6 +65,7 @@ EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 #: Flattens, redacts and cuts a response header list for a trace.
 HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]], Trace], tuple[str, ...]]"
 
+
 class RequestHeaderPlan(Protocol):
     """Lays out request header values copied from an environ (see
     :class:`~wsgitrace.middleware.TraceMiddleware`).
