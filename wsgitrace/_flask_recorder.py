@@ -77,6 +77,8 @@ class _AppTracer:
         self._hook_caches: dict[str, dict[int, tuple[Any, str | None, EventKey]]] = {}
         self._view_info: dict[str, tuple[EventKey, Any]] = {}
         self._changed_keys: dict[tuple[Any, ...], tuple[EventKey, EventKey]] = {}
+        # (id(hook key), *keys added to an empty g) -> (hook key, its event key)
+        self._added_keys: dict[tuple[Any, ...], tuple[EventKey, EventKey]] = {}
         # id(trace) -> (trace, starts of renders not finished yet); the trace
         # is kept to tell a reused id apart, the size is capped because a
         # render that raises never pops its start.
@@ -202,10 +204,18 @@ class _AppTracer:
                     if g_dict.get(name, _MISSING) is not value:
                         unchanged = False
                         break
-            if unchanged and (rv is None or kind != "before_request"):
-                # The common case: one shared key, no attributes built.
-                trace.record_key(key, start, end)
-                return rv
+            if rv is None or kind != "before_request":
+                if unchanged:
+                    # The common case: one shared key, no attributes built.
+                    trace.record_key(key, start, end)
+                    return rv
+                if before is None:
+                    # Keys added to an empty g (``g.user = ...``): the same
+                    # change on most requests, so its key is shared too.
+                    added = self._added_keys.get((id(key), *g_dict))
+                    if added is not None and added[0] is key:
+                        trace.record_key(added[1], start, end)
+                        return rv
         except Exception:
             report_internal_error("flask.hook", trace)
             return rv
@@ -246,6 +256,12 @@ class _AppTracer:
             report_internal_error("flask.hook", trace)
 
     def _changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
+        key = self._shared_changed_key(info, extra)
+        if list(extra) == ["g_added"] and len(self._added_keys) < 4096:
+            self._added_keys[(id(info), *extra["g_added"])] = (info, key)
+        return key
+
+    def _shared_changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
         """The key of a hook event with state changes. A hook usually makes
         the same change on every request (``load_user`` sets ``g.user``), so
         keys are shared rather than built per request.
@@ -348,12 +364,13 @@ class _AppTracer:
             if not g_dict:
                 return
             is_secret = self.middleware.redactor.is_secret
-            snapshot = {}
+            limit = self.max_string
+            flat: list[str] = []
             for key, value in list(g_dict.items())[:64]:
-                snapshot[cut(str(key), self.max_string)] = (
-                    REDACTED if is_secret(str(key)) else _safe_repr(value, self.max_string)
-                )
-            trace.g = snapshot
+                name = key if type(key) is str else str(key)
+                flat.append(name if len(name) <= limit else cut(name, limit))
+                flat.append(REDACTED if is_secret(name) else _safe_repr(value, limit))
+            trace._g = tuple(flat)
         except Exception:
             report_internal_error("flask.g", trace)
 
