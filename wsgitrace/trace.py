@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Protocol, TypeAlias, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
 
 from ._types import Clock
 
@@ -45,6 +45,28 @@ HOOK_KINDS = frozenset(
         "context_processor",
     }
 )
+
+#: Slots of a :class:`Trace` left unset until needed, and what they read as.
+_LAZY_DEFAULTS: dict[str, Any] = {
+    "_id": None,
+    "_threads": None,
+    "truncated": None,
+    "_raw_request_headers": None,
+    "_request_headers": (),
+    "_raw_response_headers": None,
+    "_flatten_headers": None,
+    "_response_headers": (),
+    "_content_length": None,
+    "endpoint": None,
+    "rule": None,
+    "view_args": None,
+    "error": None,
+    "_g": None,
+    "session_keys": None,
+    "_warnings": None,
+    "_length_check": False,
+    "dropped_events": 0,
+}
 
 #: Marker appended to a string that was cut to its cap.
 TRUNCATION_MARKER = "…[truncated]"
@@ -138,6 +160,10 @@ class TraceLimits:
     max_string: int = 1024
     max_headers: int = 64
 
+    #: Events a trace records besides its WSGI-level ones, which are kept
+    #: as timestamps but count against ``max_events``.
+    event_room: int = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         from .exceptions import ConfigurationError
 
@@ -146,6 +172,7 @@ class TraceLimits:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise ConfigurationError(msg)
+        object.__setattr__(self, "event_room", max(1, self.max_events - _WSGI_EVENT_COUNT))
 
 
 DEFAULT_LIMITS = TraceLimits()
@@ -258,7 +285,6 @@ class Trace:
         "_length_check",
         "_limits",
         "_live",
-        "_max_events",
         "_raw_request_headers",
         "_raw_response_headers",
         "_request_headers",
@@ -301,16 +327,15 @@ class Trace:
         limits: TraceLimits = DEFAULT_LIMITS,
         start_ns: int | None = None,
     ) -> None:
-        self._id: str | None = None
+        # Attributes in _LAZY_DEFAULTS are not set here: a slot left unset
+        # reads as its default (see __getattr__), which keeps this
+        # constructor, run once per request, short.
         # The prefix of the process that made the trace (it changes in a
         # forked child); the id string itself is built when asked for.
         self._id_prefix = _ids.prefix
         self._seq = next(_ids.counter)
         self._clock = clock
         self._limits = limits
-        # The six WSGI-level events are kept as timestamps, not records, but
-        # count against the cap so ``len(events) <= max_events`` holds.
-        self._max_events = max(1, limits.max_events - _WSGI_EVENT_COUNT)
         self._live = True
         self.start_ns = clock() if start_ns is None else start_ns
         self.wall_time = time.time()
@@ -320,42 +345,60 @@ class Trace:
         self._keys: list[EventKey] = []
         # The WSGI-level timestamps (see _STAMPS), then two per recorded event:
         # int64s in one array, not Python ints kept alive per request.
-        self._times = array("q", _NO_STAMPS)
-        self._threads: dict[int, int] | None = None
+        self._times = _NO_STAMPS[:]
         self._size = 0
         self.cursor = 0
         self.method = method
-        # Set before path and query, whose cuts are counted in it.
-        self.truncated: dict[str, int] | None = None
         max_string = limits.max_string
         self.path = path if len(path) <= max_string else self._cut("path", path)
         self.query = query if len(query) <= max_string else self._cut("query", query)
         self.remote_addr = remote_addr
-        # Copied out of the environ by a shared plan and laid out (names,
-        # redactions) the first time someone reads them.
-        self._raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None = None
-        self._request_headers: tuple[str, ...] = ()
-        # The app's header list is kept as given and flattened, redacted and
-        # cut the first time someone reads it (see ``response_headers``).
-        self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
-        self._flatten_headers: HeaderFlattener | None = None
-        self._response_headers: tuple[str, ...] = ()
-        self._content_length: int | None = None
         self.status: str | None = None
         self.bytes_sent = 0
         self.chunks = 0
-        self.endpoint: str | None = None
-        self.rule: str | None = None
-        self.view_args: dict[str, Any] | None = None
-        self.error: dict[str, str] | None = None
-        self._g: tuple[str, ...] | None = None
-        self.session_keys: list[str] | None = None
-        self._warnings: list[str] | None = None
-        # The Content-Length check waits for the headers to be read.
-        self._length_check = False
-        self.dropped_events = 0
         self.finished = False
         self.evicted = False
+
+    # Attributes that most traces never set, with the value they read as.
+    _id: str | None
+    _threads: dict[int, int] | None
+    #: Counts of what caps cut (``path``, ``header_values``, ...), or ``None``.
+    truncated: dict[str, int] | None
+    # Copied out of the environ by a shared plan and laid out (names,
+    # redactions) the first time someone reads them.
+    _raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None
+    _request_headers: tuple[str, ...]
+    # The app's header list is kept as given and flattened, redacted and
+    # cut the first time someone reads it (see ``response_headers``).
+    _raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None
+    _flatten_headers: HeaderFlattener | None
+    _response_headers: tuple[str, ...]
+    _content_length: int | None
+    #: The matched endpoint and rule (Flask), or ``None``.
+    endpoint: str | None
+    rule: str | None
+    #: ``request.view_args`` with safe values (Flask), or ``None``.
+    view_args: dict[str, Any] | None
+    #: The first unhandled exception: type, message, traceback, where.
+    error: dict[str, str] | None
+    _g: tuple[str, ...] | None
+    #: Keys of the session at teardown (Flask), or ``None``.
+    session_keys: list[str] | None
+    _warnings: list[str] | None
+    # The Content-Length check waits for the headers to be read.
+    _length_check: bool
+    #: Events not kept because the trace held ``max_events``.
+    dropped_events: int
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any:
+            # Only called for a slot never set: its default.
+            try:
+                return _LAZY_DEFAULTS[name]
+            except KeyError:
+                msg = f"{type(self).__name__!r} object has no attribute {name!r}"
+                raise AttributeError(msg) from None
 
     end_ns = _Stamp(END, "When the response was closed (clock ns), or ``None``.")
     app_end_ns = _Stamp(APP_END, "When the app callable returned or raised.")
@@ -388,7 +431,7 @@ class Trace:
         """
         keys = self._keys
         index = len(keys)
-        if index >= self._max_events:
+        if index >= self._limits.event_room:
             self.dropped_events += 1
             return
         times = self._times
