@@ -51,19 +51,12 @@ _LAZY_DEFAULTS: dict[str, Any] = {
     "_id": None,
     "_threads": None,
     "truncated": None,
-    "_raw_request_headers": None,
-    "_request_headers": (),
-    "_raw_response_headers": None,
     "_flatten_headers": None,
-    "_response_headers": (),
     "_content_length": None,
     "endpoint": None,
     "rule": None,
     "view_args": None,
-    "error": None,
-    "_g": None,
     "session_keys": None,
-    "_warnings": None,
     "_length_check": False,
     "dropped_events": 0,
 }
@@ -353,6 +346,14 @@ class Trace:
         self.path = path if len(path) <= max_string else self._cut("path", path)
         self.query = query if len(query) <= max_string else self._cut("query", query)
         self.remote_addr = remote_addr
+        # Read by the size estimate when the trace finishes, so always set.
+        self._raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None = None
+        self._request_headers: tuple[str, ...] = ()
+        self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
+        self._response_headers: tuple[str, ...] = ()
+        self.error: dict[str, str] | None = None
+        self._g: tuple[str, ...] | None = None
+        self._warnings: list[str] | None = None
         self.status: str | None = None
         self.bytes_sent = 0
         self.chunks = 0
@@ -364,27 +365,17 @@ class Trace:
     _threads: dict[int, int] | None
     #: Counts of what caps cut (``path``, ``header_values``, ...), or ``None``.
     truncated: dict[str, int] | None
-    # Copied out of the environ by a shared plan and laid out (names,
-    # redactions) the first time someone reads them.
-    _raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None
-    _request_headers: tuple[str, ...]
-    # The app's header list is kept as given and flattened, redacted and
-    # cut the first time someone reads it (see ``response_headers``).
-    _raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None
+    # Flattens, redacts and cuts the app's header list, kept as given, the
+    # first time someone reads it (see ``response_headers``).
     _flatten_headers: HeaderFlattener | None
-    _response_headers: tuple[str, ...]
     _content_length: int | None
     #: The matched endpoint and rule (Flask), or ``None``.
     endpoint: str | None
     rule: str | None
     #: ``request.view_args`` with safe values (Flask), or ``None``.
     view_args: dict[str, Any] | None
-    #: The first unhandled exception: type, message, traceback, where.
-    error: dict[str, str] | None
-    _g: tuple[str, ...] | None
     #: Keys of the session at teardown (Flask), or ``None``.
     session_keys: list[str] | None
-    _warnings: list[str] | None
     # The Content-Length check waits for the headers to be read.
     _length_check: bool
     #: Events not kept because the trace held ``max_events``.
