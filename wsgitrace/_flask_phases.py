@@ -115,7 +115,6 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
     limits = tracer.limits
     original = Flask.preprocess_request
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     url_value_keys = tracer.hook_cache("url_value_preprocessor")
     before_keys = tracer.hook_cache("before_request")
 
@@ -133,8 +132,10 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
                 for url_func in app.url_value_preprocessors[name]:
                     run_hook(
                         trace,
+                        url_value_keys,
                         "url_value_preprocessor",
-                        hook_key(url_value_keys, "url_value_preprocessor", name, url_func),
+                        name,
+                        url_func,
                         g_dict,
                         url_func,
                         request.endpoint,
@@ -146,8 +147,10 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
                 for before_func in app.before_request_funcs[name]:
                     rv = run_hook(
                         trace,
+                        before_keys,
                         "before_request",
-                        hook_key(before_keys, "before_request", name, before_func),
+                        name,
+                        before_func,
                         g_dict,
                         app.ensure_sync(before_func),
                     )
@@ -163,6 +166,7 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     limits = tracer.limits
     original = Flask.dispatch_request
     run_hook = tracer.run_hook
+    view_keys = tracer.hook_cache("view")
 
     def dispatch_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -177,8 +181,9 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
             or (getattr(rule, "provide_automatic_options", False) and req.method == "OPTIONS")
         ):
             return original(app)
-        key = tracer.view_info(rule.endpoint, app.view_functions.get(rule.endpoint))
-        return run_hook(trace, "view", key, _cv_app.get().g.__dict__, original, app)
+        view = app.view_functions.get(rule.endpoint)
+        g_dict = _cv_app.get().g.__dict__
+        return run_hook(trace, view_keys, "view", rule.endpoint, view, g_dict, original, app)
 
     return dispatch_request
 
@@ -219,7 +224,6 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
     limits = tracer.limits
     original = Flask.process_response
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     after_keys = tracer.hook_cache("after_request")
 
     def process_response(response: Any) -> Any:
@@ -231,17 +235,22 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
         g_dict = _cv_app.get().g.__dict__
 
         for func in ctx._after_request_functions:
-            key = hook_key(after_keys, "after_request", None, func)
-            response = run_hook(
-                trace, "after_request", key, g_dict, app.ensure_sync(func), response
-            )
+            call = app.ensure_sync(func)
+            kind = "after_request"
+            response = run_hook(trace, after_keys, kind, None, func, g_dict, call, response)
 
         for name in chain(ctx.request.blueprints, (None,)):
             if name in app.after_request_funcs:
                 for func in reversed(app.after_request_funcs[name]):
-                    key = hook_key(after_keys, "after_request", name, func)
                     response = run_hook(
-                        trace, "after_request", key, g_dict, app.ensure_sync(func), response
+                        trace,
+                        after_keys,
+                        "after_request",
+                        name,
+                        func,
+                        g_dict,
+                        app.ensure_sync(func),
+                        response,
                     )
 
         session = ctx._session if hasattr(ctx, "_session") else ctx.session
@@ -259,7 +268,6 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
     clock = tracer.clock
     original = Flask.do_teardown_request
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     teardown_keys = tracer.hook_cache("teardown_request")
     request_tearing_down = signals.request_tearing_down
     tearing_down_key = _SIGNAL_KEYS["signal:request-tearing-down"]
@@ -278,8 +286,16 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
         for name in chain(flask.request.blueprints, (None,)):
             if name in app.teardown_request_funcs:
                 for func in reversed(app.teardown_request_funcs[name]):
-                    key = hook_key(teardown_keys, "teardown_request", name, func)
-                    run_hook(trace, "teardown_request", key, g_dict, app.ensure_sync(func), exc)
+                    run_hook(
+                        trace,
+                        teardown_keys,
+                        "teardown_request",
+                        name,
+                        func,
+                        g_dict,
+                        app.ensure_sync(func),
+                        exc,
+                    )
 
         tracer.snapshot_session(trace)
         start = clock()
@@ -299,7 +315,6 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
     clock = tracer.clock
     original = Flask.do_teardown_appcontext
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     teardown_keys = tracer.hook_cache("teardown_appcontext")
     appcontext_tearing_down = signals.appcontext_tearing_down
     tearing_down_key = _SIGNAL_KEYS["signal:appcontext-tearing-down"]
@@ -316,8 +331,16 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
         g_dict = _cv_app.get().g.__dict__
 
         for func in reversed(app.teardown_appcontext_funcs):
-            key = hook_key(teardown_keys, "teardown_appcontext", None, func)
-            run_hook(trace, "teardown_appcontext", key, g_dict, app.ensure_sync(func), exc)
+            run_hook(
+                trace,
+                teardown_keys,
+                "teardown_appcontext",
+                None,
+                func,
+                g_dict,
+                app.ensure_sync(func),
+                exc,
+            )
 
         tracer.snapshot_g(trace)
         start = clock()
@@ -338,7 +361,6 @@ def _make_update_template_context(
     limits = tracer.limits
     original = Flask.update_template_context
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     processor_keys = tracer.hook_cache("context_processor")
 
     def update_template_context(context: dict[str, Any]) -> None:
@@ -355,9 +377,16 @@ def _make_update_template_context(
         for name in names:
             if name in app.template_context_processors:
                 for func in app.template_context_processors[name]:
-                    key = hook_key(processor_keys, "context_processor", name, func)
                     context.update(
-                        run_hook(trace, "context_processor", key, g_dict, app.ensure_sync(func))
+                        run_hook(
+                            trace,
+                            processor_keys,
+                            "context_processor",
+                            name,
+                            func,
+                            g_dict,
+                            app.ensure_sync(func),
+                        )
                     )
         context.update(orig_ctx)
         return None
@@ -372,7 +401,6 @@ def _make_inject_url_defaults(
     limits = tracer.limits
     original = Flask.inject_url_defaults
     run_hook = tracer.run_hook
-    hook_key = tracer.hook_key
     default_keys = tracer.hook_cache("url_defaults")
 
     def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
@@ -390,8 +418,8 @@ def _make_inject_url_defaults(
         for name in names:
             if name in app.url_default_functions:
                 for func in app.url_default_functions[name]:
-                    key = hook_key(default_keys, "url_defaults", name, func)
-                    run_hook(trace, "url_defaults", key, g_dict, func, endpoint, values)
+                    args = (endpoint, values)
+                    run_hook(trace, default_keys, "url_defaults", name, func, g_dict, func, *args)
         return None
 
     return inject_url_defaults

@@ -12,6 +12,7 @@ records signals and the URL match, and snapshots the session and ``g``.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _MISSING = object()
+_get_ident = threading.get_ident
 
 _URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
 
@@ -135,7 +137,11 @@ class _AppTracer:
         entry = cache.get(id(func))
         if entry is not None and entry[0]() is func and entry[1] == blueprint:
             return entry[2]
-        key = self.hook_info(kind, blueprint, func)
+        if kind == "view":
+            # Views are named by endpoint, passed in place of the blueprint.
+            key = self.view_info(blueprint or "", func)
+        else:
+            key = self.hook_info(kind, blueprint, func)
         try:
             ref: Any = weakref.ref(func)
         except TypeError:
@@ -175,15 +181,23 @@ class _AppTracer:
     def run_hook(
         self,
         trace: Trace,
+        cache: dict[int, tuple[Any, str | None, EventKey]],
         kind: str,
-        key: EventKey,
+        blueprint: str | None,
+        func: Any,
         g_dict: dict[str, Any],
         call: Callable[..., Any],
         *args: Any,
     ) -> Any:
-        """Call ``call(*args)`` (the hook, as Flask would) and record it under
-        ``key``, with the keys of ``g`` (its ``__dict__``) it changed.
+        """Call ``call(*args)`` (the hook ``func``, as Flask would) and record
+        it under its key from ``cache`` (see :meth:`hook_key`), with the keys
+        of ``g`` (its ``__dict__``) it changed.
         """
+        entry = cache.get(id(func))
+        if entry is not None and entry[0]() is func and entry[1] == blueprint:
+            key = entry[2]
+        else:
+            key = self.hook_key(cache, kind, blueprint, func)
         before = g_dict.copy() if g_dict else None
         clock = self.clock
         start = clock()
@@ -205,17 +219,25 @@ class _AppTracer:
                         unchanged = False
                         break
             if rv is None or kind != "before_request":
-                if unchanged:
-                    # The common case: one shared key, no attributes built.
-                    trace.record_key(key, start, end)
-                    return rv
-                if before is None:
+                if not unchanged and before is None:
                     # Keys added to an empty g (``g.user = ...``): the same
                     # change on most requests, so its key is shared too.
                     added = self._added_keys.get((id(key), *g_dict))
                     if added is not None and added[0] is key:
-                        trace.record_key(added[1], start, end)
-                        return rv
+                        key = added[1]
+                        unchanged = True
+                if unchanged:
+                    # The common case: a shared key, recorded inline (what
+                    # Trace.record_key does on the request's own thread).
+                    keys = trace._keys
+                    if len(keys) < trace._limits.event_room and _get_ident() == trace.thread:
+                        times = trace._times
+                        times.append(start)
+                        times.append(end)
+                        keys.append(key)
+                    else:
+                        trace.record_key(key, start, end)
+                    return rv
         except Exception:
             report_internal_error("flask.hook", trace)
             return rv

@@ -72,18 +72,20 @@ class TraceBuffer:
     def append(self, trace: Trace) -> int:
         """Add a trace (finished or in progress) and return its cursor."""
         with self._lock:
-            self._cursor += 1
-            trace.cursor = self._cursor
+            self._cursor = cursor = self._cursor + 1
+            trace.cursor = cursor
             traces = self._traces
             traces.append(trace)
             if len(traces) > self.max_traces:
-                self._evict_oldest()
+                old = traces.popleft()
+                old.evicted = True
+                self._bytes -= old._size
                 self.dropped_count += 1
             if self._finished:
                 self._account_finished()
             if self._waiters:
                 self._changed.notify_all()
-            return trace.cursor
+        return cursor
 
     def finished(self, trace: Trace) -> None:
         """Queue a trace that just finished for byte accounting. Lock-free, so
