@@ -94,10 +94,12 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            start = clock()
+            # A signal nobody receives is an instant: one clock reading.
+            start = clock() if request_started.receivers else 0
             request_started.send(app, _async_wrapper=app.ensure_sync)
             try:
-                trace.record_key(started_key, start, clock())
+                end = clock()
+                trace.record_key(started_key, start or end, end)
             except Exception:
                 report_internal_error("flask.signal", trace)
             rv = app.preprocess_request()
@@ -204,10 +206,12 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            start = clock()
+            # A signal nobody receives is an instant: one clock reading.
+            start = clock() if request_finished.receivers else 0
             request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
             try:
-                trace.record_key(finished_key, start, clock())
+                end = clock()
+                trace.record_key(finished_key, start or end, end)
             except Exception:
                 report_internal_error("flask.signal", trace)
         except Exception:
@@ -298,10 +302,12 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     )
 
         tracer.snapshot_session(trace)
-        start = clock()
+        # A signal nobody receives is an instant: one clock reading.
+        start = clock() if request_tearing_down.receivers else 0
         request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         try:
-            trace.record_key(tearing_down_key, start, clock())
+            end = clock()
+            trace.record_key(tearing_down_key, start or end, end)
         except Exception:
             report_internal_error("flask.signal", trace)
         return None
@@ -343,10 +349,12 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             )
 
         tracer.snapshot_g(trace)
-        start = clock()
+        # A signal nobody receives is an instant: one clock reading.
+        start = clock() if appcontext_tearing_down.receivers else 0
         appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         try:
-            trace.record_key(tearing_down_key, start, clock())
+            end = clock()
+            trace.record_key(tearing_down_key, start or end, end)
         except Exception:
             report_internal_error("flask.signal", trace)
         return None
