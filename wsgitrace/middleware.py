@@ -262,7 +262,8 @@ class TraceMiddleware:
             fits = False
         if not fits:
             values = plan.fit(values, trace)
-        trace._raw_request_headers = (plan, values)
+        trace._request_plan = plan
+        trace._request_values = values
 
     def _header_entry(self, key: str) -> tuple[str, bool]:
         if key.startswith("HTTP_"):

@@ -278,7 +278,8 @@ class Trace:
         "_length_check",
         "_limits",
         "_live",
-        "_raw_request_headers",
+        "_request_plan",
+        "_request_values",
         "_raw_response_headers",
         "_request_headers",
         "_response_headers",
@@ -347,7 +348,10 @@ class Trace:
         self.query = query if len(query) <= max_string else self._cut("query", query)
         self.remote_addr = remote_addr
         # Read by the size estimate when the trace finishes, so always set.
-        self._raw_request_headers: tuple[RequestHeaderPlan, tuple[Any, ...]] | None = None
+        # Values copied out of the environ by a plan shared by every request
+        # with the same environ keys, which lays them out when they are read.
+        self._request_plan: RequestHeaderPlan | None = None
+        self._request_values: tuple[Any, ...] = ()
         self._request_headers: tuple[str, ...] = ()
         self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
         self._response_headers: tuple[str, ...] = ()
@@ -525,11 +529,13 @@ class Trace:
     @property
     def request_headers(self) -> tuple[str, ...]:
         """Request headers as a flat ``(name, value, ...)`` tuple, redacted."""
-        raw = self._raw_request_headers
-        if raw is not None:
-            self._raw_request_headers = None
+        plan = self._request_plan
+        if plan is not None:
+            values = self._request_values
+            self._request_plan = None
+            self._request_values = ()
             try:
-                self._request_headers = raw[0].expand(raw[1], self)
+                self._request_headers = plan.expand(values, self)
             except Exception:
                 from .middleware import report_internal_error
 
@@ -538,7 +544,8 @@ class Trace:
 
     @request_headers.setter
     def request_headers(self, value: tuple[str, ...]) -> None:
-        self._raw_request_headers = None
+        self._request_plan = None
+        self._request_values = ()
         self._request_headers = value
 
     @property
@@ -694,12 +701,13 @@ class Trace:
         # Calibrated against tracemalloc on the bench's /hello (see bench/):
         # the object, its arrays and the strings it alone keeps alive. Hook
         # attributes are shared between traces and not counted.
-        size = 500 + 24 * len(self._keys) + len(self.path) + len(self.query)
+        size = 520 + 24 * len(self._keys) + len(self.path) + len(self.query)
         strings = self._request_headers + self._response_headers
-        pending = self._raw_request_headers
-        if pending is not None:
-            # Names are shared by every trace of the same header layout.
-            size += 8 * len(pending[1]) + sum(map(len, pending[1]))
+        values = self._request_values
+        if values:
+            # The tuple and the strings only this trace keeps alive; names
+            # are shared by every trace of the same header layout.
+            size += 40 + 57 * len(values) + sum(map(len, values))
         raw = self._raw_response_headers
         if isinstance(raw, tuple):
             strings += raw
