@@ -3,11 +3,13 @@
 ::
 
     tracer = FlaskTrace(app).tracer_for(app)
-    tracer.run_hook(trace, "before_request", info, func)  # call and record
+    cache = tracer.hook_cache("before_request")
+    tracer.run_hook(trace, cache, "before_request", None, func, g_dict, func)
 
 :class:`_AppTracer` names hooks and views with shared event keys, runs a hook
 with one clock reading either side and records the keys of ``g`` it changed,
-records signals and the URL match, and snapshots the session and ``g``.
+records the URL match, and snapshots the session and ``g``. Signals are
+recorded by the phases (:mod:`wsgitrace._flask_phases`) where Flask sends them.
 """
 
 from __future__ import annotations
@@ -300,29 +302,6 @@ class _AppTracer:
         if len(self._changed_keys) < 4096:
             self._changed_keys[signature] = (info, key)
         return key
-
-    def send_signal(self, trace: Trace, app: Flask, signal: Any, name: str, **kwargs: Any) -> None:
-        """Send a Flask signal exactly as Flask does and record it, with the
-        time its receivers took. The send's own errors propagate, as in Flask.
-        """
-        try:
-            start: int | None = self.clock()
-        except Exception:
-            start = None
-        signal.send(app, _async_wrapper=app.ensure_sync, **kwargs)
-        self.signal(trace, name, start)
-
-    def signal(
-        self, trace: Trace, name: str, start: int | None, attrs: dict[str, Any] | None = None
-    ) -> None:
-        try:
-            end = self.clock()
-            key = _SIGNAL_KEYS.get(name) if attrs is None else None
-            if key is None:
-                key = ("signal", name, attrs)
-            trace.record_key(key, end if start is None else start, end)
-        except Exception:
-            report_internal_error("flask.signal", trace)
 
     # -- state --------------------------------------------------------------
 
