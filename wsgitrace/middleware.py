@@ -451,9 +451,9 @@ class _TracedBody:
                 trace._times[START_RESPONSE] = trace._clock()
                 trace.status = status
                 if self._middleware._capture_headers:
-                    trace.set_raw_response_headers(
-                        headers, self._middleware._flatten_response_headers
-                    )
+                    # Kept as given; flattened, redacted and cut when read.
+                    trace._raw_response_headers = headers
+                    trace._flatten_headers = self._middleware._flatten_response_headers
                 else:
                     trace.content_length = _content_length(headers)
             except Exception:
