@@ -703,45 +703,52 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
     clock = trace._clock
     set_current = _current_trace.set
     reset_current = _current_trace.reset
-    while True:
-        token = set_current(trace)
-        try:
-            chunk = next(iterator)
-        except StopIteration:
+    # A for loop, not next() in a try: the app's StopIteration then ends
+    # the loop in C instead of being raised into this frame.
+    token = set_current(trace)
+    producing = True
+    try:
+        for chunk in iterator:
             reset_current(token)
+            producing = False
             try:
-                body._exhausted = True
-                if times[BODY_END] == UNSET:
-                    end = clock()
-                    times[BODY_START] = body._body_start or end
-                    times[BODY_END] = end
+                size = len(chunk)
+                if trace.chunks:
+                    trace.chunks += 1
+                    if size:
+                        trace.bytes_sent += size
+                        if times[FIRST_BYTE] == UNSET:
+                            times[FIRST_BYTE] = clock()
+                else:
+                    now = body._body_start = clock()
+                    trace.chunks = 1
+                    if not body._starts:
+                        trace.warn("body yielded before start_response was called")
+                    if size:
+                        times[FIRST_BYTE] = now
+                        trace.bytes_sent += size
             except Exception:
-                report_internal_error("body_done", trace)
-            return
-        except BaseException as exc:
-            reset_current(token)
-            body._iteration_failed(exc)
+                report_internal_error("chunk", trace)
+            yield chunk
+            token = set_current(trace)
+            producing = True
+    except BaseException as exc:
+        if not producing:
+            # Thrown in where the chunk was yielded (close() of this
+            # generator, or throw()): not the app's iteration failing.
             raise
         reset_current(token)
-        try:
-            size = len(chunk)
-            if trace.chunks:
-                trace.chunks += 1
-                if size:
-                    trace.bytes_sent += size
-                    if times[FIRST_BYTE] == UNSET:
-                        times[FIRST_BYTE] = clock()
-            else:
-                now = body._body_start = clock()
-                trace.chunks = 1
-                if not body._starts:
-                    trace.warn("body yielded before start_response was called")
-                if size:
-                    times[FIRST_BYTE] = now
-                    trace.bytes_sent += size
-        except Exception:
-            report_internal_error("chunk", trace)
-        yield chunk
+        body._iteration_failed(exc)
+        raise
+    reset_current(token)
+    try:
+        body._exhausted = True
+        if times[BODY_END] == UNSET:
+            end = clock()
+            times[BODY_START] = body._body_start or end
+            times[BODY_END] = end
+    except Exception:
+        report_internal_error("body_done", trace)
 
 
 class _SizedTracedBody(_TracedBody):
