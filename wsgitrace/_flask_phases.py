@@ -94,7 +94,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            # A signal nobody receives is an instant: one clock reading.
+            # A signal with no receivers at all is an instant: one clock reading.
             start = clock() if request_started.receivers else 0
             request_started.send(app, _async_wrapper=app.ensure_sync)
             try:
@@ -206,7 +206,7 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            # A signal nobody receives is an instant: one clock reading.
+            # A signal with no receivers at all is an instant: one clock reading.
             start = clock() if request_finished.receivers else 0
             request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
             try:
@@ -302,7 +302,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     )
 
         tracer.snapshot_session(trace)
-        # A signal nobody receives is an instant: one clock reading.
+        # A signal with no receivers at all is an instant: one clock reading.
         start = clock() if request_tearing_down.receivers else 0
         request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         try:
@@ -349,7 +349,7 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             )
 
         tracer.snapshot_g(trace)
-        # A signal nobody receives is an instant: one clock reading.
+        # A signal with no receivers at all is an instant: one clock reading.
         start = clock() if appcontext_tearing_down.receivers else 0
         appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
         try:

@@ -250,19 +250,23 @@ class TraceMiddleware:
                 self._plans[shape] = plan
         if plan.dropped:
             trace.note_truncated("request_headers", plan.dropped)
+        if not plan.layout:
+            return
+        trace._request_plan = plan
         fetch = plan.fetch
         if fetch is None:
-            return
+            return  # only secret headers: nothing to copy
         values = fetch(environ)
         if plan.single:
             values = (values,)
         try:
+            # Strings are the rule; anything else with a length (bytes) is
+            # kept and shown as its repr when read.
             fits = max(map(len, values)) <= self.limits.max_string
         except TypeError:
             fits = False
         if not fits:
             values = plan.fit(values, trace)
-        trace._request_plan = plan
         trace._request_values = values
 
     def _header_entry(self, key: str) -> tuple[str, bool]:
@@ -285,6 +289,8 @@ class TraceMiddleware:
         is_secret = self.redactor.is_secret
         max_string = self.limits.max_string
         room = self.limits.max_headers
+        # A later start_response (with exc_info) may drop Content-Length.
+        trace.content_length = None
         out: list[str] = []
         for name, value in headers:
             if name.lower() == "content-length":
@@ -395,7 +401,13 @@ class _RequestHeaderPlan:
         fetched = iter(values)
         for name, secret in self.layout:
             out.append(name)
-            out.append(REDACTED if secret else next(fetched))
+            if secret:
+                out.append(REDACTED)
+                continue
+            value = next(fetched)
+            if type(value) is not str:
+                value = cut(repr(value), self.max_string)
+            out.append(value)
         return tuple(out)
 
 
