@@ -657,22 +657,37 @@ def count_clock_reads() -> int:
 @pytest.mark.parametrize("once", [True, False], ids=["once", "from-then-on"])
 def test_failing_clock_never_changes_a_response(once: bool) -> None:
     """Whichever clock reading fails (just that one, or every one from then
-    on), the response and the hooks that ran are those of the untraced app.
+    on), the response and the hooks that ran are those of the untraced app;
+    each failure is counted, and the traces still record every hook.
     """
+    from wsgitrace.middleware import internal_error_count
+
+    paths = ("/", "/admin/")
     plain_log: list[str] = []
     plain = simple_app(plain_log)
-    expected = [fetch(plain, p) for p in ("/", "/admin/")]
+    expected = [fetch(plain, p) for p in paths]
+    working = simple_app()
+    working_ext = FlaskTrace(working, clock=CountingClock())
+    for path in paths:
+        fetch(working, path)
+    # Sorted: equal timestamps from a broken clock may reorder ties.
+    expected_hooks = [sorted(t.hooks()) for t in working_ext.buffer.latest()]
     reads = count_clock_reads()
     assert reads > 20
     for fail_at in range(1, reads + 2):
         log: list[str] = []
         app = simple_app(log)
         clock = CountingClock(fail_at, once=once)
-        FlaskTrace(app, clock=clock)
-        got = [fetch(app, p) for p in ("/", "/admin/")]
+        ext = FlaskTrace(app, clock=clock)
+        before = internal_error_count()
+        got = [fetch(app, p) for p in paths]
         assert got == expected, f"clock failing at reading {fail_at}"
         assert log == plain_log
         assert clock.failed
+        assert internal_error_count() - before == clock.failed, fail_at
+        traces = ext.buffer.latest()
+        assert [t.state for t in traces] == ["finished", "finished"]
+        assert [sorted(t.hooks()) for t in traces] == expected_hooks, fail_at
 
 
 @pytest.mark.parametrize(

@@ -670,7 +670,9 @@ def test_signals_recorded_in_emission_order(step_clock: StepClock, query: str) -
         _, trace = pair.both("/?" + query)
     finally:
         for signal, on_signal in connected:
-            signal.disconnect(on_signal, sender=pair.traced)
+            # Without a sender: blinker keeps a receiver disconnected from one
+            # sender in ``signal.receivers``, which other tests read.
+            signal.disconnect(on_signal)
     recorded = [e.name for e in trace.find(kind="signal")]
     assert recorded == seen
     expected = [
@@ -689,6 +691,64 @@ def test_signals_recorded_in_emission_order(step_clock: StepClock, query: str) -
         "signal:appcontext-popped",
     ]
     assert recorded == expected
+
+
+#: Signals Flask sends on every request that the extension times itself.
+TIMED_SIGNALS = {
+    "signal:request-started": signals.request_started,
+    "signal:request-finished": signals.request_finished,
+    "signal:request-tearing-down": signals.request_tearing_down,
+    "signal:appcontext-tearing-down": signals.appcontext_tearing_down,
+}
+
+
+@pytest.mark.parametrize("received", [None, *TIMED_SIGNALS])
+def test_core_signal_lasts_as_long_as_its_receivers(
+    step_clock: StepClock, received: str | None
+) -> None:
+    """A core signal with a receiver lasts as long as the receiver took (plus
+    one tick of the clock); one nobody receives is an instant, still in its
+    place among the other signals.
+    """
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        return app
+
+    def slow_receiver(sender: Any, **kwargs: Any) -> None:
+        step_clock.advance(3_000_000)
+
+    pair = Pair(factory, step_clock)
+    # The instant needs no receiver for any sender (``receivers`` is global).
+    assert not [name for name, signal in TIMED_SIGNALS.items() if signal.receivers]
+    if received is not None:
+        TIMED_SIGNALS[received].connect(slow_receiver, sender=pair.traced)
+    try:
+        _, trace = pair.both("/")
+    finally:
+        if received is not None:
+            TIMED_SIGNALS[received].disconnect(slow_receiver)
+    durations = {}
+    for name in TIMED_SIGNALS:
+        [event] = trace.find(name=name)
+        durations[name] = event.duration_ns
+    assert durations == {name: 3_000_001 if name == received else 0 for name in TIMED_SIGNALS}
+    assert [e.name for e in trace.find(kind="signal")] == [
+        "signal:appcontext-pushed",
+        "signal:request-started",
+        "signal:request-finished",
+        "signal:request-tearing-down",
+        "signal:appcontext-tearing-down",
+        "signal:appcontext-popped",
+    ]
+    [started] = trace.find(name="signal:request-started")
+    [view] = trace.find(kind="view")
+    assert started.end_ns < view.start_ns
 
 
 def test_signal_receivers_of_the_app_still_get_their_arguments(step_clock: StepClock) -> None:

@@ -133,6 +133,51 @@ class TestG:
         assert snapshot["odd"] == "<repr failed: TypeError>"
         assert "s3cr3t" not in last(ext).to_json()
 
+    def test_keys_added_to_an_empty_g_on_every_request(self) -> None:
+        """A hook that adds the same key to an empty g on each request shows
+        it on each request, under one event key shared by those traces; when
+        it adds another key, that request shows its own key.
+        """
+
+        def factory() -> Flask:
+            app = Flask(__name__)
+
+            @app.before_request
+            def load_user() -> None:
+                setattr(g, request.args.get("key", "user"), "ann")
+
+            @app.route("/")
+            def index() -> str:
+                return "ok"
+
+            return app
+
+        plain, app = factory(), factory()
+        ext = FlaskTrace(app)
+        paths = ["/", "/", "/?key=visitor", "/", "/?key=visitor"]
+        traces = []
+        for path in paths:
+            assert fetch(app, path) == fetch(plain, path)
+            traces.append(last(ext))
+
+        def hook_key(trace: Trace) -> Any:
+            [key] = [key for key in trace._keys if key[1] == "before_request:load_user"]
+            return key
+
+        added = [trace.find(name="before_request:load_user")[0].attrs for trace in traces]
+        assert [attrs["g_added"] for attrs in added] == [
+            ["user"],
+            ["user"],
+            ["visitor"],
+            ["user"],
+            ["visitor"],
+        ]
+        assert all(attrs["qualname"].endswith("load_user") for attrs in added)
+        keys = [hook_key(trace) for trace in traces]
+        assert keys[0] is keys[1] is keys[3]
+        assert keys[2] is keys[4]
+        assert keys[2] is not keys[0]
+
     def test_no_keys_added_to_g(self) -> None:
         """The app's g holds exactly its own keys at every step."""
         seen: list[list[str]] = []

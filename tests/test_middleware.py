@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import logging
 import sys
 import threading
@@ -22,7 +23,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from wsgitrace import TraceBuffer, TraceMiddleware, current_trace, span
 from wsgitrace import middleware as middleware_module
 from wsgitrace.middleware import internal_error_count
-from wsgitrace.redact import Redactor
+from wsgitrace.redact import REDACTED, Redactor
 from wsgitrace.trace import TRUNCATION_MARKER, Trace
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 TEXT = [("Content-Type", "text/plain")]
 MS = 1_000_000
+MISMATCH = "Content-Length mismatch: header says 10, body sent 5 bytes"
 
 
 class AppError(Exception):
@@ -324,6 +326,30 @@ def test_exc_info_before_headers_sent_replaces_the_status(exchange: Exchanger) -
     assert trace.warnings is None
 
 
+@pytest.mark.parametrize("capture_headers", [True, False])
+def test_exc_info_headers_without_content_length_drop_the_first_one(
+    exchange: Exchanger, capture_headers: bool
+) -> None:
+    """The Content-Length of a response replaced by start_response(...,
+    exc_info) does not outlive it: no false mismatch warning."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "5")])
+        try:
+            raise _fail(environ, "handled")
+        except AppError:
+            start_response("500 Internal Server Error", TEXT, sys.exc_info())
+        return [b"error page"]
+
+    middleware = TraceMiddleware(app, capture_headers=capture_headers)
+    sent = exchange(middleware, "/")
+    assert sent.response.body == b"error page"
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.content_length is None
+    assert trace.warnings is None
+
+
 def test_exc_info_after_headers_sent_reraises_and_keeps_the_sent_status(
     exchange: Exchanger,
 ) -> None:
@@ -455,6 +481,79 @@ def test_body_without_len_gets_no_len(make_environ: MakeEnviron) -> None:
     with pytest.raises(TypeError):
         len(body)  # type: ignore[arg-type]
     body.close()  # type: ignore[attr-defined]
+
+
+def test_body_driven_by_next_without_iter_is_recorded(make_environ: MakeEnviron) -> None:
+    """A caller that calls next() on the body without iter() gets the same
+    chunks; they are recorded, and the trace is current only while the app
+    produces one."""
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/c/next"), ignore_start_response)
+    trace = middleware.buffer.last
+    assert trace is not None
+    # traced_path_body asserts it sees its trace and opens a span across its yield.
+    assert next(body) == b"/c/next"  # type: ignore[call-overload]
+    assert current_trace() is None
+    assert (trace.chunks, trace.bytes_sent, trace.find("span")) == (1, 7, [])
+    with pytest.raises(StopIteration):
+        next(body)  # type: ignore[call-overload]
+    [user_span] = trace.find("span")
+    assert (user_span.name, dict(user_span.attrs)) == ("/c/next", {"step": "body"})
+    body.close()  # type: ignore[attr-defined]
+    assert trace.state == "finished"
+    assert [e.attrs for e in trace.find("body")] == [{"chunks": 1, "bytes": 7}]
+
+
+@pytest.mark.parametrize("driven_by", ["server", "next"])
+def test_trace_is_current_whenever_the_app_produces_a_chunk(
+    exchange: Exchanger, make_environ: MakeEnviron, driven_by: str
+) -> None:
+    """Resumed for each chunk and for its end, a generator body sees its
+    trace; the code iterating it never does."""
+    seen: list[Trace | None] = []
+
+    def generate() -> Iterator[bytes]:
+        for _ in range(3):
+            seen.append(current_trace())
+            yield b"x"
+            assert current_trace() is seen[0]
+        seen.append(current_trace())
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", TEXT)
+        return generate()
+
+    middleware = TraceMiddleware(app)
+    if driven_by == "server":
+        assert exchange(middleware, "/").response.body == b"xxx"
+    else:
+        body = middleware(make_environ("/"), ignore_start_response)
+        for _ in range(3):
+            assert next(body) == b"x"  # type: ignore[call-overload]
+            assert current_trace() is None
+        with pytest.raises(StopIteration):
+            next(body)  # type: ignore[call-overload]
+        body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert seen == [trace] * 4
+    assert current_trace() is None
+    assert (trace.state, trace.chunks, trace.error) == ("finished", 3, None)
+
+
+def test_body_exhausted_by_next_is_checked_against_its_content_length(
+    make_environ: MakeEnviron,
+) -> None:
+    """Exhaustion seen through next() counts as a full body for the check."""
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/mismatch"), ignore_start_response)
+    assert next(body) == b"short"  # type: ignore[call-overload]
+    with pytest.raises(StopIteration):
+        next(body)  # type: ignore[call-overload]
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.warnings == [MISMATCH]
 
 
 def test_head_with_content_length_and_no_body_is_not_a_mismatch(exchange: Exchanger) -> None:
@@ -614,6 +713,82 @@ def test_content_length_mismatch_is_a_warning(exchange: Exchanger) -> None:
     assert trace.summary()["warnings"] == trace.warnings
 
 
+#: Ways to read a finished trace first, and what each gives for /mismatch.
+FIRST_READS: dict[str, tuple[Callable[[Trace], object], object]] = {
+    "warnings": (lambda trace: trace.warnings, [MISMATCH]),
+    "state": (lambda trace: trace.state, "finished"),
+    "summary": (lambda trace: trace.summary()["warnings"], [MISMATCH]),
+    "to_dict": (lambda trace: trace.to_dict()["warnings"], [MISMATCH]),
+    "response_headers": (lambda trace: trace.response_headers[-2:], ("Content-Length", "10")),
+    "content_length": (lambda trace: trace.content_length, 10),
+}
+
+
+@pytest.mark.parametrize("capture_headers", [True, False], ids=["headers", "no-headers"])
+@pytest.mark.parametrize("first_read", FIRST_READS)
+def test_content_length_mismatch_whatever_is_read_first(
+    exchange: Exchanger, first_read: str, capture_headers: bool
+) -> None:
+    """The check waits for the headers to be read; whatever is read first
+    gives the right answer, and the warning is there, once."""
+    middleware = TraceMiddleware(dummy_app, capture_headers=capture_headers)
+    exchange(middleware, "/mismatch")
+    trace = middleware.buffer.last
+    assert trace is not None
+    read, expected = FIRST_READS[first_read]
+    if first_read == "response_headers" and not capture_headers:
+        expected = ()
+    assert read(trace) == expected
+    assert trace.state == "finished"
+    assert trace.warnings == [MISMATCH]
+    assert trace.summary()["warnings"] == [MISMATCH]
+    assert trace.to_dict()["warnings"] == [MISMATCH]
+
+
+def test_content_length_mismatch_when_headers_were_read_in_progress(
+    make_environ: MakeEnviron,
+) -> None:
+    """Headers read while the body is pending: the check still runs at the end."""
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware(make_environ("/mismatch"), ignore_start_response)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.response_headers == ("Content-Type", "text/plain", "Content-Length", "10")
+    assert (trace.state, trace.warnings) == ("in_progress", None)
+    assert list(body) == [b"short"]
+    body.close()  # type: ignore[attr-defined]
+    assert trace.state == "finished"
+    assert trace.warnings == [MISMATCH]
+
+
+@pytest.mark.parametrize("capture_headers", [True, False], ids=["headers", "no-headers"])
+@pytest.mark.parametrize(
+    ("method", "status", "mismatch"),
+    [
+        ("GET", "200 OK", True),
+        ("HEAD", "200 OK", False),
+        ("GET", "204 No Content", False),
+        ("GET", "304 Not Modified", False),
+    ],
+)
+def test_no_content_length_mismatch_for_head_204_and_304(
+    exchange: Exchanger, method: str, status: str, mismatch: bool, capture_headers: bool
+) -> None:
+    """HEAD, 204 and 304 send no body whatever their Content-Length says."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response(status, [("Content-Length", "10")])
+        return []
+
+    middleware = TraceMiddleware(app, capture_headers=capture_headers)
+    exchange(middleware, "/", method)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (trace.content_length, trace.bytes_sent, trace.state) == (10, 0, "finished")
+    expected = ["Content-Length mismatch: header says 10, body sent 0 bytes"]
+    assert trace.warnings == (expected if mismatch else None)
+
+
 def test_start_response_twice_without_exc_info_is_a_warning(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     sent = exchange(middleware, "/twice")
@@ -709,6 +884,31 @@ def test_a_failing_clock_never_changes_the_response(
                 assert internal_error_count() > before, (once, fail_at)
             else:
                 assert internal_error_count() == before
+
+
+def test_a_failing_clock_keeps_its_last_good_reading(exchange: Exchanger) -> None:
+    """A user clock that breaks after one reading: the app (which reads it
+    through a span) sees no exception, every failure is counted, and every
+    timestamp is that last good reading."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        with span("work"):
+            start_response("200 OK", TEXT)
+        return [b"ok"]
+
+    failing = FailingClock(fail_at=2, once=False)
+    middleware = TraceMiddleware(app, clock=failing)
+    before = internal_error_count()
+    sent = exchange(middleware, "/")
+    assert sent.response.outcome() == exchange(app, "/").response.outcome()
+    assert failing.failures > 1
+    assert internal_error_count() - before == failing.failures
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    assert (trace.start_ns, trace.end_ns) == (1000, 1000)
+    assert {e.kind for e in trace.events} >= {"request", "app", "span", "body", "close"}
+    assert {(e.start_ns, e.duration_ns) for e in trace.events} == {(0, 0)}
 
 
 FAULTS = {
@@ -852,6 +1052,130 @@ def test_concurrent_requests_keep_the_buffer_within_its_bounds(
     assert len(buffer) <= 200
     assert buffer.dropped == total - len(buffer)
     assert buffer.dropped_bytes > 0
+
+
+# -- request headers ------------------------------------------------------------
+
+
+def _served(middleware: TraceMiddleware, environ: WSGIEnvironment) -> Trace:
+    """Serve one request to the end; its trace, not read yet."""
+    body = middleware(environ, ignore_start_response)
+    list(body)
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    return trace
+
+
+def _header_pairs(trace: Trace) -> list[tuple[str, str]]:
+    flat = trace.request_headers
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def test_request_headers_follow_each_environs_key_order(make_environ: MakeEnviron) -> None:
+    """Same headers in another environ key order, then the first order again
+    with new values: every trace lays out its own values, in its own order."""
+    middleware = TraceMiddleware(dummy_app)
+    forward = {"Accept": "text/html", "X-One": "1", "X-Two": "2"}
+    backward = {"X-Two": "two", "X-One": "one", "Accept": "*/*"}
+    traces = [
+        _served(middleware, make_environ("/", headers=headers))
+        for headers in (forward, backward, {**forward, "X-One": "uno"})
+    ]
+    host = ("Host", "127.0.0.1")
+    assert [_header_pairs(trace) for trace in reversed(traces)] == [
+        [("Accept", "text/html"), ("X-One", "uno"), ("X-Two", "2"), host],
+        [("X-Two", "two"), ("X-One", "one"), ("Accept", "*/*"), host],
+        [("Accept", "text/html"), ("X-One", "1"), ("X-Two", "2"), host],
+    ]
+    assert len(middleware._plans) == 2
+
+
+def test_secret_request_headers_are_redacted_and_never_copied(make_environ: MakeEnviron) -> None:
+    """Secret header values are not even kept pending on the trace."""
+    middleware = TraceMiddleware(dummy_app)
+    secrets = {
+        "Authorization": "Bearer s3cret-bearer",
+        "Cookie": "sid=c00kie-value",
+        "X-Api-Key": "k3y-value",
+    }
+    trace = _served(middleware, make_environ("/", headers={"X-Plain": "visible", **secrets}))
+    pending = trace._request_values
+    assert "visible" in pending
+    assert not [value for value in secrets.values() if value in repr(pending)]
+    pairs = dict(_header_pairs(trace))
+    assert {name: pairs[name] for name in secrets} == dict.fromkeys(secrets, REDACTED)
+    assert pairs["X-Plain"] == "visible"
+    text = trace.to_json()
+    assert not [value for value in secrets.values() if value in text]
+
+
+def test_an_environ_with_only_secret_headers_keeps_them_redacted() -> None:
+    middleware = TraceMiddleware(dummy_app)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "QUERY_STRING": "",
+        "HTTP_AUTHORIZATION": "Bearer s3cret",
+    }
+    trace = _served(middleware, environ)
+    assert _header_pairs(trace) == [("Authorization", REDACTED)]
+
+
+def test_long_and_non_string_request_header_values(make_environ: MakeEnviron) -> None:
+    """A value past max_string is cut, marked and counted (secrets are not
+    copied, so not counted); a non-str environ value is kept as its repr."""
+    middleware = TraceMiddleware(dummy_app, max_string=16)
+    environ = make_environ(
+        "/", headers={"X-Long": "x" * 100, "Authorization": "a" * 100}, HTTP_X_NUMBER=42
+    )
+    trace = _served(middleware, environ)
+    assert _header_pairs(trace) == [
+        ("X-Long", "x" * 16 + TRUNCATION_MARKER),
+        ("Authorization", REDACTED),
+        ("X-Number", "42"),
+        ("Host", "127.0.0.1"),
+    ]
+    assert trace.truncated == {"header_values": 1}
+
+
+def test_a_bytes_request_header_value_is_recorded_as_its_repr(make_environ: MakeEnviron) -> None:
+    middleware = TraceMiddleware(dummy_app)
+    trace = _served(middleware, make_environ("/", HTTP_X_RAW=b"raw"))
+    assert ("X-Raw", "b'raw'") in _header_pairs(trace)
+    trace.to_json()
+
+
+def test_request_headers_past_max_headers_are_counted_on_every_request(
+    make_environ: MakeEnviron,
+) -> None:
+    """The first max_headers headers are kept (a secret one included, its
+    value redacted); the rest are counted, also when the plan is reused."""
+    middleware = TraceMiddleware(dummy_app, max_headers=3)
+    headers = {"X-A": "a", "Authorization": "secret", "X-B": "b", "X-C": "c", "X-D": "d"}
+    for _ in range(2):
+        trace = _served(middleware, make_environ("/", headers=headers))
+        assert _header_pairs(trace) == [("X-A", "a"), ("Authorization", REDACTED), ("X-B", "b")]
+        # X-C, X-D and Host.
+        assert trace.truncated == {"request_headers": 3}
+    assert len(middleware._plans) == 1
+
+
+def test_request_header_plans_are_bounded(make_environ: MakeEnviron) -> None:
+    """Many environ key orders: the plan cache stays bounded and the requests
+    past its bound still get their headers right."""
+    middleware = TraceMiddleware(dummy_app)
+    names = [f"X-{letter}" for letter in "ABCDEF"]
+    orders = list(itertools.permutations(names))[:600]
+    for order in orders:
+        headers = {name: f"{name}={position}" for position, name in enumerate(order)}
+        trace = _served(middleware, make_environ("/", headers=headers))
+        assert len(middleware._plans) <= 512
+    assert len(middleware._plans) == 512
+    assert _header_pairs(trace) == [
+        *((name, f"{name}={position}") for position, name in enumerate(orders[-1])),
+        ("Host", "127.0.0.1"),
+    ]
 
 
 # -- caps -----------------------------------------------------------------------

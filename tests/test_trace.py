@@ -180,6 +180,72 @@ class TestTrace:
         assert trace.query == "b" * 10 + TRUNCATION_MARKER
         assert trace.truncated == {"path": 1, "query": 1}
 
+    def test_rarely_set_attributes_read_as_their_defaults(self, clock: FakeClock) -> None:
+        """A fresh trace reads the attributes it leaves unset as their defaults."""
+        trace = Trace(clock=clock)
+        assert (
+            trace.endpoint,
+            trace.rule,
+            trace.view_args,
+            trace.truncated,
+            trace.session_keys,
+            trace.dropped_events,
+            trace.content_length,
+        ) == (None, None, None, None, None, 0, None)
+        assert re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", trace.id)
+        assert trace.id == trace.id
+        data = trace.to_dict()
+        assert (data["endpoint"], data["rule"], data["view_args"]) == (None, None, None)
+        assert (data["truncated"], data["dropped_events"], data["session_keys"]) == ({}, 0, None)
+
+    def test_rarely_set_attributes_keep_what_is_set(self, clock: FakeClock) -> None:
+        """Set, they read back; another trace still reads the defaults."""
+        trace = Trace(clock=clock)
+        other = Trace(clock=clock)
+        trace.endpoint, trace.rule = "orders", "/orders/<int:id>"
+        trace.view_args = {"id": 7}
+        trace.session_keys = ["user_id"]
+        trace.dropped_events += 2
+        trace.note_truncated("path")
+        trace.note_truncated("path", 2)
+        assert (
+            trace.endpoint,
+            trace.rule,
+            trace.view_args,
+            trace.session_keys,
+            trace.dropped_events,
+            trace.truncated,
+        ) == ("orders", "/orders/<int:id>", {"id": 7}, ["user_id"], 2, {"path": 3})
+        assert (other.endpoint, other.view_args, other.dropped_events, other.truncated) == (
+            None,
+            None,
+            0,
+            None,
+        )
+        assert Trace.from_dict({"id": "given-id"}).id == "given-id"
+
+    def test_unknown_attributes_still_raise(self, clock: FakeClock) -> None:
+        """Only the known lazy slots have defaults: anything else is an
+        AttributeError naming it, and cannot be set."""
+        trace = Trace(clock=clock)
+        with pytest.raises(AttributeError, match="'Trace' object has no attribute 'no_such_field'"):
+            _ = trace.no_such_field  # type: ignore[attr-defined]
+        assert not hasattr(trace, "endpoints")
+        with pytest.raises(AttributeError):
+            trace.no_such_field = 1  # type: ignore[attr-defined]
+
+    def test_event_room_leaves_space_for_the_wsgi_events(self, clock: FakeClock) -> None:
+        """The six WSGI-level events count against max_events; at least one
+        recorded event always fits."""
+        assert TraceLimits(max_events=10).event_room == 4
+        assert TraceLimits(max_events=3).event_room == 1
+        assert TraceLimits().event_room == 256 - 6
+        trace = Trace(clock=clock, limits=TraceLimits(max_events=10))
+        for i in range(6):
+            trace.mark("span", f"s{i}")
+        assert [e.name for e in trace.events] == ["s0", "s1", "s2", "s3"]
+        assert trace.dropped_events == 2
+
     def test_approx_size_grows_with_content(self, clock: FakeClock) -> None:
         """approx_size counts events, headers and strings."""
         small = Trace(clock=clock)
