@@ -21,7 +21,7 @@ import pytest
 from werkzeug.middleware.lint import LintMiddleware
 
 from wsgitrace import TraceBuffer, TraceMiddleware, current_trace, span
-from wsgitrace import middleware as middleware_module
+from wsgitrace import _internal as internal_module
 from wsgitrace.middleware import internal_error_count
 from wsgitrace.redact import REDACTED, Redactor
 from wsgitrace.trace import TRUNCATION_MARKER, Trace
@@ -951,7 +951,7 @@ def test_failing_internals_never_change_the_response(
 def test_internal_errors_are_counted_and_logged_once_per_place(
     exchange: Exchanger, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(middleware_module, "_internal_errors", {})
+    monkeypatch.setattr(internal_module, "_internal_errors", {})
     monkeypatch.setattr(Redactor, "query", Boom())
     middleware = TraceMiddleware(dummy_app)
     with caplog.at_level(logging.ERROR, logger="wsgitrace"):

@@ -726,7 +726,7 @@ wsgitrace.render.build_timeline = broken
 @pytest.fixture(autouse=True)
 def _no_leftover_listeners() -> Iterator[None]:
     """Every capture removes its listener."""
-    from wsgitrace.middleware import _capture_listeners
+    from wsgitrace._internal import _capture_listeners
 
     before = list(_capture_listeners)
     yield

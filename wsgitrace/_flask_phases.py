@@ -26,8 +26,8 @@ from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 
 from ._flask_recorder import _SIGNAL_KEYS
+from ._internal import report_internal_error
 from .context import _current_trace
-from .middleware import report_internal_error
 from .trace import Trace
 
 if TYPE_CHECKING:

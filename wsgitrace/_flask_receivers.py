@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from flask import signals
 
+from ._internal import report_internal_error
 from .context import _current_trace
-from .middleware import report_internal_error
 from .trace import cut, format_error
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask.globals import _cv_app, _cv_request
 
-from .middleware import report_internal_error
+from ._internal import report_internal_error
 from .redact import REDACTED
 from .trace import EventKey, Trace, cut
 

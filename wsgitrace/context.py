@@ -91,7 +91,7 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
                 attrs["error"] = exc_type.__name__
             trace.record("span", self.name, start, trace.now(), attrs)
         except Exception:
-            from .middleware import report_internal_error
+            from ._internal import report_internal_error
 
             report_internal_error("span", trace)
 

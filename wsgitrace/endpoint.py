@@ -113,8 +113,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
+from ._internal import logger, report_internal_error
 from .exceptions import StoreError
-from .middleware import logger, report_internal_error
 from .trace import SCHEMA_VERSION
 
 if TYPE_CHECKING:

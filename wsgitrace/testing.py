@@ -37,13 +37,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .exceptions import HookOrderError
-from .middleware import (
+from ._internal import (
     add_capture_listener,
     internal_error_count,
     remove_capture_listener,
     report_internal_error,
 )
+from .exceptions import HookOrderError
 from .trace import Event, Trace, _ids
 
 if TYPE_CHECKING:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
 
+from ._internal import report_internal_error
 from ._types import Clock
 
 #: Version of the JSON form produced by :meth:`Trace.to_dict`.
@@ -537,8 +538,6 @@ class Trace:
             try:
                 self._request_headers = plan.expand(values, self)
             except Exception:
-                from .middleware import report_internal_error
-
                 report_internal_error("request_headers", self)
         return self._request_headers
 
@@ -559,16 +558,12 @@ class Trace:
             try:
                 self._response_headers = () if flatten is None else flatten(pairs, self)
             except Exception:
-                from .middleware import report_internal_error
-
                 report_internal_error("response_headers", self)
                 self._response_headers = ()
         if self._length_check:
             try:
                 self._check_length()
             except Exception:
-                from .middleware import report_internal_error
-
                 report_internal_error("length_check", self)
         return self._response_headers
 

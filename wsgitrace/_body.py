@@ -1,0 +1,411 @@
+"""The per-request recorder of :class:`~wsgitrace.TraceMiddleware`: the
+``start_response`` and ``write`` it hands the app, and the response body it
+hands the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+from typing import TYPE_CHECKING
+
+from ._internal import _capture_listeners, report_internal_error
+from .context import _current_trace
+from .trace import (
+    APP_END,
+    BODY_END,
+    BODY_START,
+    CLOSE_END,
+    CLOSE_START,
+    END,
+    FIRST_BYTE,
+    START_RESPONSE,
+    UNSET,
+    Trace,
+    format_error,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from .middleware import TraceMiddleware
+
+
+class _TracedBody:
+    """Per-request recorder and the app's response iterable, wrapped to
+    record chunks and ``close()`` (in the manner of werkzeug's
+    ``lint.GuardedIterator``). One object per request: it hands the app the
+    recording ``start_response`` and ``write``, then becomes the body.
+    """
+
+    __slots__ = (
+        "_app_iter",
+        "_body_start",
+        "_closed",
+        "_exhausted",
+        "_iterator",
+        "_middleware",
+        "_returned",
+        "_server_start_response",
+        "_server_write",
+        "_starts",
+        "trace",
+    )
+
+    def __init__(
+        self, middleware: TraceMiddleware, trace: Trace, start_response: StartResponse
+    ) -> None:
+        self._middleware = middleware
+        self.trace = trace
+        self._server_start_response = start_response
+        self._server_write: Callable[[bytes], object] | None = None
+        self._starts = 0
+        self._body_start = 0
+        self._exhausted = False
+        self._returned = False
+        self._closed = False
+        self._app_iter: Iterable[bytes] = ()
+        self._iterator: Iterator[bytes] | None = None
+
+    # -- callables handed to the app ---------------------------------------
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: OptExcInfo | None = None,
+    ) -> Callable[[bytes], object]:
+        trace = self.trace
+        if exc_info is None and not self._starts:
+            # The common case: two stores, the headers flattened when read.
+            self._starts = 1
+            try:
+                trace._times[START_RESPONSE] = trace._clock()
+                trace.status = status
+                if self._middleware._capture_headers:
+                    # Kept as given; flattened, redacted and cut when read.
+                    trace._raw_response_headers = headers
+                    trace._flatten_headers = self._middleware._flatten_response_headers
+                else:
+                    trace.content_length = _content_length(headers)
+            except Exception:
+                report_internal_error("start_response", trace)
+            try:
+                self._server_write = self._server_start_response(status, headers)
+            except BaseException:
+                trace.status = None
+                trace.set_raw_response_headers(None, None)
+                raise
+            return self.write
+        sent = (trace.status, trace.response_headers, trace.content_length)
+        try:
+            self._on_start_response_again(status, headers, exc_info)
+        except Exception:
+            report_internal_error("start_response", trace)
+        try:
+            if exc_info is None:
+                self._server_write = self._server_start_response(status, headers)
+            else:
+                self._server_write = self._server_start_response(status, headers, exc_info)
+        except BaseException:
+            # Refused by the server (exc_info once headers were sent): the
+            # trace keeps the status and headers the client got.
+            trace.status, trace.response_headers, trace.content_length = sent
+            raise
+        return self.write
+
+    def _on_start_response_again(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
+    ) -> None:
+        trace = self.trace
+        now = trace.now()
+        if self._starts and exc_info is None:
+            trace.warn("start_response called twice without exc_info")
+        first = not self._starts
+        self._starts += 1
+        trace.status = status
+        if self._middleware._capture_headers:
+            trace.response_headers = self._middleware.response_headers(headers, trace)
+        else:
+            trace.content_length = _content_length(headers)
+        if first and exc_info is None:
+            trace.start_response_ns = now
+        else:
+            attrs = {"exc_info": True} if exc_info is not None else None
+            trace.record("start_response", "start_response", now, now, attrs)
+
+    def write(self, data: bytes) -> object:
+        write = self._server_write
+        if write is None:
+            # Same failure the server would give for write() before
+            # start_response, without touching our own state first.
+            msg = "write() called before start_response()"
+            raise AssertionError(msg)
+        start: int | None
+        try:
+            start = self.trace.now()
+        except Exception:
+            report_internal_error("write", self.trace)
+            start = None
+        result = write(data)
+        if start is None:
+            return result
+        try:
+            trace = self.trace
+            end = trace.now()
+            size = len(data)
+            if size and trace.first_byte_ns is None:
+                trace.first_byte_ns = start
+            trace.bytes_sent += size
+            trace.record("write", "write", start, end, {"bytes": size})
+        except Exception:
+            report_internal_error("write", self.trace)
+        return result
+
+    # -- the app call -------------------------------------------------------
+
+    def app_raised(self, exc: BaseException) -> None:
+        try:
+            trace = self.trace
+            now = trace._times[APP_END] = trace._clock()
+            self._error(exc, "app", now)
+            self._middleware.publish(trace)
+            self._finish(now)
+        except Exception:
+            report_internal_error("app_raised", self.trace)
+
+    def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
+        try:
+            trace = self.trace
+            now = trace._times[APP_END] = trace._clock()
+            middleware = self._middleware
+            middleware.buffer.append(trace)
+            if middleware.sinks is not None or _capture_listeners:
+                middleware._announce(trace)
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if file_wrapper is not None and (
+                isinstance(app_iter, file_wrapper)
+                if isinstance(file_wrapper, type)
+                # A factory function (uWSGI's, for one): PEP 3333 file
+                # wrappers keep the file as ``filelike``.
+                else hasattr(app_iter, "filelike")
+            ):
+                # Returned untouched so the server can still use sendfile.
+                trace.record("file_wrapper", "file_wrapper", now, now)
+                self._finish(now)
+                return app_iter
+            self._app_iter = app_iter
+            if hasattr(type(app_iter), "__len__"):
+                self.__class__ = _SizedTracedBody
+            self._returned = True
+            return self
+        except Exception:
+            report_internal_error("app_returned", self.trace)
+            return app_iter
+
+    # -- the body -----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[bytes]:
+        # A generator, not __next__ on this object: resuming a frame costs
+        # less than a method call per chunk. It holds this body, not the
+        # other way round, so no reference cycle delays __del__.
+        return _iterate(self, iter(self._app_iter))
+
+    def __next__(self) -> bytes:
+        # Only for callers that skip iter() (not PEP 3333 servers).
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = _iterate(self, iter(self._app_iter))
+        return next(iterator)
+
+    def close(self) -> None:
+        trace = self.trace
+        first = not self._closed
+        self._closed = True
+        start: int | None
+        try:
+            start = trace._clock()
+        except Exception:
+            report_internal_error("close", trace)
+            start = None
+        token = _current_trace.set(trace)
+        error: BaseException | None = None
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _current_trace.reset(token)
+            if first:
+                try:
+                    times = trace._times
+                    now = trace._clock()
+                    if start is None:
+                        start = now
+                    if times[BODY_END] == UNSET:
+                        times[BODY_START] = self._body_start or start
+                        times[BODY_END] = start
+                    times[CLOSE_START] = start
+                    times[CLOSE_END] = now
+                    if error is not None:
+                        self._error(error, "close", now)
+                    if not trace.finished:
+                        self._finish(now)
+                    elif times[END] < now:
+                        # Finished early by an iteration error: the exchange
+                        # still ends when the server closes the body.
+                        times[END] = now
+                except Exception:
+                    report_internal_error("closed", trace)
+
+    def __del__(self) -> None:
+        if self._returned and not self._closed:
+            self._collected()
+
+    # -- finishing ----------------------------------------------------------
+
+    def _record_body(self, end: int) -> None:
+        trace = self.trace
+        times = trace._times
+        if times[BODY_END] == UNSET:
+            times[BODY_START] = self._body_start or end
+            times[BODY_END] = end
+
+    def _iteration_failed(self, exc: BaseException) -> None:
+        try:
+            now = self.trace._clock()
+            self._record_body(now)
+            if not isinstance(exc, GeneratorExit):
+                self._error(exc, "iteration", now)
+            self._finish(now)
+        except Exception:
+            report_internal_error("iteration_failed", self.trace)
+
+    def _collected(self) -> None:
+        """The body was garbage-collected without ``close()``."""
+        try:
+            trace = self.trace
+            if trace.finished:
+                return
+            trace.warn("unclosed: the response body was garbage-collected without close()")
+            now = trace._clock()
+            self._record_body(now)
+            self._finish(now)
+        except Exception:
+            report_internal_error("collected", self.trace)
+
+    def _error(self, exc: BaseException, where: str, now: int) -> None:
+        trace = self.trace
+        if trace.error is None:
+            trace.error = format_error(exc, where, trace.limits)
+        trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
+
+    def _finish(self, end: int) -> None:
+        trace = self.trace
+        if trace.finished:
+            return
+        if self._exhausted and trace.method != "HEAD":
+            if trace._raw_response_headers is None:
+                trace._check_length()
+            else:
+                # Compared when the headers are first read, not while serving.
+                trace._length_check = True
+        times = trace._times
+        times[END] = end
+        trace.finished = True
+        raw = trace._raw_response_headers
+        if type(raw) is list:
+            # One flat tuple of the strings: a third of the list's memory.
+            trace._raw_response_headers = tuple(chain.from_iterable(raw))
+        middleware = self._middleware
+        middleware.buffer.finished(trace)  # lock-free: safe from __del__
+        if middleware.sinks is not None:
+            middleware.sinks.submit(trace)
+
+
+def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
+    """Yield the app's chunks, recording them, with the trace current while
+    the app produces each one.
+    """
+    trace = body.trace
+    times = trace._times
+    clock = trace._clock
+    set_current = _current_trace.set
+    reset_current = _current_trace.reset
+    # A for loop, not next() in a try: the app's StopIteration then ends
+    # the loop in C instead of being raised into this frame.
+    token = set_current(trace)
+    producing = True
+    try:
+        for chunk in iterator:
+            reset_current(token)
+            producing = False
+            try:
+                size = len(chunk)
+                if trace.chunks:
+                    trace.chunks += 1
+                    if size:
+                        trace.bytes_sent += size
+                        if times[FIRST_BYTE] == UNSET:
+                            times[FIRST_BYTE] = clock()
+                else:
+                    now = body._body_start = clock()
+                    trace.chunks = 1
+                    if not body._starts:
+                        trace.warn("body yielded before start_response was called")
+                    if size:
+                        times[FIRST_BYTE] = now
+                        trace.bytes_sent += size
+            except Exception:
+                report_internal_error("chunk", trace)
+            yield chunk
+            token = set_current(trace)
+            producing = True
+    except BaseException as exc:
+        if not producing:
+            # Thrown in where the chunk was yielded (close() of this
+            # generator, or throw()): not the app's iteration failing.
+            raise
+        reset_current(token)
+        body._iteration_failed(exc)
+        raise
+    reset_current(token)
+    try:
+        body._exhausted = True
+        if times[BODY_END] == UNSET:
+            end = clock()
+            times[BODY_START] = body._body_start or end
+            times[BODY_END] = end
+    except Exception:
+        report_internal_error("body_done", trace)
+
+
+class _SizedTracedBody(_TracedBody):
+    """A traced body whose app iterable has a length, so servers can still
+    use ``len()`` (e.g. to set ``Content-Length`` for one-element lists).
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._app_iter)  # type: ignore[arg-type]
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The valid ``Content-Length`` of a header list, if any."""
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return _parse_content_length(value)
+    return None
+
+
+def _parse_content_length(value: str) -> int | None:
+    """A ``Content-Length`` value as an int, ``None`` unless it is all digits
+    (``int()`` would also take ``+5``, `` 5`` or ``5_0``).
+    """
+    value = value.strip()
+    return int(value) if value.isdigit() and value.isascii() else None
