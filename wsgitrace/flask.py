@@ -17,9 +17,11 @@ How it records. Flask calls its hooks from a handful of app methods
 (``preprocess_request``, ``process_response``, ``do_teardown_request``, ...).
 The extension sets instance attributes that shadow those methods with
 versions that run the *same registries in the same order* as Flask 3.0/3.1
-and take one clock reading per hook, instead of wrapping every hook function
-or connecting a blinker receiver per signal (each would cost about a
-microsecond per event). Signals are recorded where Flask sends them;
+and read the clock either side of each hook, instead of wrapping every hook
+function or connecting a blinker receiver per signal (each would cost about a
+microsecond per event). Signals are recorded where Flask sends them (an
+instant when the signal has no receivers at all, else with the time its
+receivers took);
 the rarer ones (``got_request_exception``, template and flash signals) are
 recorded by receivers connected for this app only, strongly referenced.
 A method that the app's class overrides is left alone (its phase is
