@@ -32,7 +32,8 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import click
 
 from . import __version__
-from .endpoint import MAX_WAIT, SETTLE_SECONDS, TraceEndpoint, _BadQueryError, _parse_query
+from ._trace_query import MAX_WAIT, _BadQueryError, _parse_query
+from .endpoint import SETTLE_SECONDS, TraceEndpoint
 from .exceptions import StoreError
 
 DEFAULT_URL = "http://127.0.0.1:5000"

@@ -103,18 +103,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import math
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from ._internal import logger, report_internal_error
-from .exceptions import StoreError
+from ._internal import report_internal_error
+from ._trace_query import _INT_RE, _BadQueryError, _parse_query, _Query
+from ._trace_sources import TraceSource, TraceView, _StoreSource, _summary, _to_dict
 from .trace import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -122,16 +120,11 @@ if TYPE_CHECKING:
 
     from .buffer import TraceBuffer
     from .config import Options
-    from .store import TraceStore
 
 __all__ = ["TraceEndpoint"]
 
-#: ``limit`` used when none is given.
-DEFAULT_LIMIT = 100
 #: Smallest cap on ``limit``; the cap is the larger of this and the buffer size.
 LIMIT_CAP = 1000
-#: Most seconds a long-poll waits.
-MAX_WAIT = 20.0
 #: Seconds after which a stream ends (clients resume).
 STREAM_SECONDS = 20.0
 #: Seconds of quiet between two stream heartbeats.
@@ -151,275 +144,8 @@ _NOT_FOUND_BODY = (
 _COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_STATUS_RE = re.compile(r"([1-5])(xx|\d\d)\Z", re.IGNORECASE)
-_METHOD_RE = re.compile(r"[A-Za-z]{1,20}\Z")
-_INT_RE = re.compile(r"\d{1,18}\Z")
-_QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class TraceView(Protocol):
-    """What the endpoint reads of a trace: a :class:`~wsgitrace.Trace`, or a
-    :class:`~wsgitrace.store.StoredTrace` read from a store.
-    """
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def cursor(self) -> int: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def status_code(self) -> int | None: ...
-    @property
-    def duration_ms(self) -> float | None: ...
-    @property
-    def finished(self) -> bool: ...
-    def summary(self) -> dict[str, Any]: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class TraceSource(Protocol):
-    """Where the endpoint reads traces: a :class:`~wsgitrace.TraceBuffer`, or
-    a :class:`~wsgitrace.store.TraceStore` shared by several processes.
-    """
-
-    @property
-    def max_traces(self) -> int: ...
-    @property
-    def cursor(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
-    def latest(self, n: int | None = None) -> Sequence[TraceView]: ...
-    def since(self, cursor: int, limit: int | None = None) -> Sequence[TraceView]: ...
-    def get(self, trace_id: str) -> TraceView | None: ...
-    def wait(self, cursor: int, timeout: float | None = None) -> bool: ...
-    def notify(self) -> None: ...
-
-
-class _StoreSource:
-    """Reads a store; whenever it fails, logs why (once) and reads the
-    process's own buffer instead, so the endpoint keeps answering.
-    """
-
-    def __init__(self, store: TraceStore, fallback: TraceBuffer, instance: str) -> None:
-        self.store = store
-        self.fallback = fallback
-        self._instance = instance
-        self._logged = False
-
-    def _failed(self, exc: StoreError) -> None:
-        if not self._logged:
-            self._logged = True
-            logger.error("%s; /_trace answers from this process's buffer meanwhile", exc)
-
-    @property
-    def max_traces(self) -> int:
-        return max(self.store.max_traces, self.fallback.max_traces)
-
-    @property
-    def instance(self) -> str:
-        try:
-            return self.store.instance
-        except StoreError as exc:
-            self._failed(exc)
-            return self._instance
-
-    @property
-    def cursor(self) -> int:
-        try:
-            return self.store.cursor
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.cursor
-
-    @property
-    def dropped(self) -> int:
-        try:
-            return self.store.dropped
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.dropped
-
-    def latest(self, n: int | None = None) -> Sequence[TraceView]:
-        try:
-            return self.store.latest(n)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.latest(n)
-
-    def since(self, cursor: int, limit: int | None = None) -> Sequence[TraceView]:
-        try:
-            return self.store.since(cursor, limit)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.since(cursor, limit)
-
-    def get(self, trace_id: str) -> TraceView | None:
-        try:
-            return self.store.get(trace_id)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.get(trace_id)
-
-    def wait(self, cursor: int, timeout: float | None = None) -> bool:
-        try:
-            return self.store.wait(cursor, timeout)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.wait(cursor, timeout)
-
-    def notify(self) -> None:
-        self.store.notify()
-        self.fallback.notify()
-
-
-def _to_dict(trace: TraceView) -> dict[str, Any]:
-    return trace.to_dict()
-
-
-def _summary(trace: TraceView) -> dict[str, Any]:
-    return trace.summary()
-
-
-class _BadQueryError(Exception):
-    """A query value the endpoint cannot use (answered with a 400)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Query:
-    """The parsed query parameters of one request."""
-
-    limit: int
-    since: int | None
-    wait: float
-    methods: frozenset[str] | None
-    statuses: tuple[tuple[int, int], ...] | None
-    path: str | None
-    min_ms: float | None
-    full: bool
-
-    def match(self, trace: TraceView) -> bool:
-        """Whether ``trace`` passes every filter."""
-        if self.methods is not None and trace.method.upper() not in self.methods:
-            return False
-        if self.statuses is not None:
-            code = trace.status_code
-            if code is None or not any(low <= code <= high for low, high in self.statuses):
-                return False
-        if self.path is not None and not trace.path.startswith(self.path):
-            return False
-        if self.min_ms is not None:
-            duration = trace.duration_ms
-            if duration is None or duration < self.min_ms:
-                return False
-        return True
-
-
-def _parse_query(query_string: str, cap: int) -> _Query:
-    """Parse and check the query string; raise :class:`_BadQueryError`."""
-    try:
-        raw = parse_qs(query_string, keep_blank_values=True, max_num_fields=64)
-    except ValueError:
-        raise _BadQueryError("query", "too many query parameters") from None
-    if _QUERY_TOKEN_KEYS & raw.keys():
-        msg = "a token is never accepted in the query string; send 'Authorization: Bearer <token>'"
-        raise _BadQueryError("token", msg)
-
-    def one(name: str) -> str | None:
-        values = raw.get(name)
-        if not values:
-            return None
-        if len(values) > 1:
-            raise _BadQueryError(name, f"'{name}' is given more than once")
-        value = values[0].strip()
-        if len(value) > 1024:
-            raise _BadQueryError(name, f"'{name}' is too long")
-        return value
-
-    limit = DEFAULT_LIMIT
-    text = one("limit")
-    if text is not None:
-        if not _INT_RE.match(text):
-            raise _BadQueryError("limit", "'limit' must be a non-negative integer")
-        limit = min(int(text), cap)
-
-    since: int | None = None
-    text = one("since")
-    if text is not None:
-        if not _INT_RE.match(text):
-            raise _BadQueryError("since", "'since' must be a cursor (a non-negative integer)")
-        since = int(text)
-
-    wait = 0.0
-    text = one("wait")
-    if text is not None:
-        wait = _non_negative_float("wait", text, "seconds")
-        wait = min(wait, MAX_WAIT)
-
-    methods: frozenset[str] | None = None
-    text = one("method")
-    if text:
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if not parts or not all(_METHOD_RE.match(p) for p in parts):
-            raise _BadQueryError("method", "'method' must be HTTP methods such as GET or GET,POST")
-        methods = frozenset(p.upper() for p in parts)
-
-    statuses: tuple[tuple[int, int], ...] | None = None
-    text = one("status")
-    if text:
-        ranges = []
-        for part in (p.strip() for p in text.split(",")):
-            found = _STATUS_RE.match(part)
-            if found is None:
-                msg = "'status' must be status codes or classes such as 404, 5xx or 4xx,5xx"
-                raise _BadQueryError("status", msg)
-            if found.group(2).lower() == "xx":
-                low = int(found.group(1)) * 100
-                ranges.append((low, low + 99))
-            else:
-                ranges.append((int(part), int(part)))
-        statuses = tuple(ranges)
-
-    path: str | None = None
-    text = one("path")
-    if text:
-        if not text.startswith("/"):
-            raise _BadQueryError("path", "'path' must be a path prefix starting with '/'")
-        # Compare like for like: PATH_INFO holds the request's bytes as latin-1.
-        path = text.encode("utf-8").decode("latin-1")
-
-    min_ms: float | None = None
-    text = one("min_ms")
-    if text:
-        min_ms = _non_negative_float("min_ms", text, "milliseconds")
-
-    full = False
-    text = one("full")
-    if text is not None:
-        if text.lower() not in ("", "0", "1", "true", "false"):
-            raise _BadQueryError("full", "'full' must be 1 or 0")
-        full = text.lower() in ("", "1", "true")
-
-    return _Query(limit, since, wait, methods, statuses, path, min_ms, full)
-
-
-def _non_negative_float(name: str, text: str, unit: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise _BadQueryError(name, f"'{name}' must be a number of {unit}") from None
-    if not math.isfinite(value) or value < 0:
-        raise _BadQueryError(name, f"'{name}' must be a non-negative number of {unit}")
-    return value
 
 
 def _host_name(host: str) -> str | None:

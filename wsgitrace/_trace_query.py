@@ -1,0 +1,164 @@
+"""The query string of ``GET /_trace`` and ``/_trace/stream``, parsed and
+checked (see :mod:`wsgitrace.endpoint` for what each parameter means)::
+
+    query = _parse_query("limit=20&status=5xx", cap=1000)
+    matching = [t for t in traces if query.match(t)]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+if TYPE_CHECKING:
+    from ._trace_sources import TraceView
+
+#: ``limit`` used when none is given.
+DEFAULT_LIMIT = 100
+#: Most seconds a long-poll waits.
+MAX_WAIT = 20.0
+
+_STATUS_RE = re.compile(r"([1-5])(xx|\d\d)\Z", re.IGNORECASE)
+_METHOD_RE = re.compile(r"[A-Za-z]{1,20}\Z")
+_INT_RE = re.compile(r"\d{1,18}\Z")
+_QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"})
+
+
+class _BadQueryError(Exception):
+    """A query value the endpoint cannot use (answered with a 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Query:
+    """The parsed query parameters of one request."""
+
+    limit: int
+    since: int | None
+    wait: float
+    methods: frozenset[str] | None
+    statuses: tuple[tuple[int, int], ...] | None
+    path: str | None
+    min_ms: float | None
+    full: bool
+
+    def match(self, trace: TraceView) -> bool:
+        """Whether ``trace`` passes every filter."""
+        if self.methods is not None and trace.method.upper() not in self.methods:
+            return False
+        if self.statuses is not None:
+            code = trace.status_code
+            if code is None or not any(low <= code <= high for low, high in self.statuses):
+                return False
+        if self.path is not None and not trace.path.startswith(self.path):
+            return False
+        if self.min_ms is not None:
+            duration = trace.duration_ms
+            if duration is None or duration < self.min_ms:
+                return False
+        return True
+
+
+def _parse_query(query_string: str, cap: int) -> _Query:
+    """Parse and check the query string; raise :class:`_BadQueryError`."""
+    try:
+        raw = parse_qs(query_string, keep_blank_values=True, max_num_fields=64)
+    except ValueError:
+        raise _BadQueryError("query", "too many query parameters") from None
+    if _QUERY_TOKEN_KEYS & raw.keys():
+        msg = "a token is never accepted in the query string; send 'Authorization: Bearer <token>'"
+        raise _BadQueryError("token", msg)
+
+    def one(name: str) -> str | None:
+        values = raw.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise _BadQueryError(name, f"'{name}' is given more than once")
+        value = values[0].strip()
+        if len(value) > 1024:
+            raise _BadQueryError(name, f"'{name}' is too long")
+        return value
+
+    limit = DEFAULT_LIMIT
+    text = one("limit")
+    if text is not None:
+        if not _INT_RE.match(text):
+            raise _BadQueryError("limit", "'limit' must be a non-negative integer")
+        limit = min(int(text), cap)
+
+    since: int | None = None
+    text = one("since")
+    if text is not None:
+        if not _INT_RE.match(text):
+            raise _BadQueryError("since", "'since' must be a cursor (a non-negative integer)")
+        since = int(text)
+
+    wait = 0.0
+    text = one("wait")
+    if text is not None:
+        wait = _non_negative_float("wait", text, "seconds")
+        wait = min(wait, MAX_WAIT)
+
+    methods: frozenset[str] | None = None
+    text = one("method")
+    if text:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or not all(_METHOD_RE.match(p) for p in parts):
+            raise _BadQueryError("method", "'method' must be HTTP methods such as GET or GET,POST")
+        methods = frozenset(p.upper() for p in parts)
+
+    statuses: tuple[tuple[int, int], ...] | None = None
+    text = one("status")
+    if text:
+        ranges = []
+        for part in (p.strip() for p in text.split(",")):
+            found = _STATUS_RE.match(part)
+            if found is None:
+                msg = "'status' must be status codes or classes such as 404, 5xx or 4xx,5xx"
+                raise _BadQueryError("status", msg)
+            if found.group(2).lower() == "xx":
+                low = int(found.group(1)) * 100
+                ranges.append((low, low + 99))
+            else:
+                ranges.append((int(part), int(part)))
+        statuses = tuple(ranges)
+
+    path: str | None = None
+    text = one("path")
+    if text:
+        if not text.startswith("/"):
+            raise _BadQueryError("path", "'path' must be a path prefix starting with '/'")
+        # Compare like for like: PATH_INFO holds the request's bytes as latin-1.
+        path = text.encode("utf-8").decode("latin-1")
+
+    min_ms: float | None = None
+    text = one("min_ms")
+    if text:
+        min_ms = _non_negative_float("min_ms", text, "milliseconds")
+
+    full = False
+    text = one("full")
+    if text is not None:
+        if text.lower() not in ("", "0", "1", "true", "false"):
+            raise _BadQueryError("full", "'full' must be 1 or 0")
+        full = text.lower() in ("", "1", "true")
+
+    return _Query(limit, since, wait, methods, statuses, path, min_ms, full)
+
+
+def _non_negative_float(name: str, text: str, unit: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _BadQueryError(name, f"'{name}' must be a number of {unit}") from None
+    if not math.isfinite(value) or value < 0:
+        raise _BadQueryError(name, f"'{name}' must be a non-negative number of {unit}")
+    return value
