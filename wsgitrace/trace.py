@@ -19,7 +19,6 @@ import os
 import secrets
 import threading
 import time
-import traceback
 from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,12 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
 
 from ._internal import report_internal_error
+from ._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
+from ._limits import TRUNCATION_MARKER as TRUNCATION_MARKER
+from ._limits import TraceLimits as TraceLimits
+from ._limits import cut as cut
+from ._limits import format_error as format_error
+from ._limits import jsonable as jsonable
 from ._types import Clock
 
 #: Version of the JSON form produced by :meth:`Trace.to_dict`.
@@ -62,8 +67,6 @@ _LAZY_DEFAULTS: dict[str, Any] = {
     "dropped_events": 0,
 }
 
-#: Marker appended to a string that was cut to its cap.
-TRUNCATION_MARKER = "…[truncated]"
 
 _get_ident = threading.get_ident
 
@@ -90,10 +93,6 @@ class RequestHeaderPlan(Protocol):
     def expand(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
         """The flat ``(name, value, ...)`` tuple of the headers, redacted and cut."""
         ...
-
-
-#: request, app, start_response, first_byte, body, close.
-_WSGI_EVENT_COUNT = 6
 
 
 class _Stamp:
@@ -140,46 +139,6 @@ if hasattr(os, "register_at_fork"):
 
 
 @dataclass(frozen=True)
-class TraceLimits:
-    """Per-trace caps. Whatever is cut is counted and marked on the trace.
-
-    :param max_events: Events kept per trace; later ones are counted in
-        :attr:`Trace.dropped_events`.
-    :param max_string: Length of any captured string (header value, path,
-        query, ``repr``); longer ones end with :data:`TRUNCATION_MARKER`.
-    :param max_headers: Request and response headers kept per trace.
-    """
-
-    max_events: int = 256
-    max_string: int = 1024
-    max_headers: int = 64
-
-    #: Events a trace records besides its WSGI-level ones, which are kept
-    #: as timestamps but count against ``max_events``.
-    event_room: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        from .exceptions import ConfigurationError
-
-        for name in ("max_events", "max_string", "max_headers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                msg = f"{name} must be a positive integer, got {value!r}"
-                raise ConfigurationError(msg)
-        object.__setattr__(self, "event_room", max(1, self.max_events - _WSGI_EVENT_COUNT))
-
-
-DEFAULT_LIMITS = TraceLimits()
-
-
-def cut(text: str, limit: int) -> str:
-    """Cut ``text`` to ``limit`` characters, marking the cut."""
-    if len(text) <= limit:
-        return text
-    return text[:limit] + TRUNCATION_MARKER
-
-
-@dataclass(frozen=True)
 class Event:
     """One step of a request, as read from a :class:`Trace`.
 
@@ -222,37 +181,6 @@ class Event:
             "thread": self.thread,
             "attrs": {k: jsonable(v) for k, v in self.attrs.items()},
         }
-
-
-def jsonable(value: Any, limit: int = 1024) -> Any:
-    """Return ``value`` if JSON can hold it as is, else a cut ``repr``."""
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return cut(value, limit)
-    if isinstance(value, list | tuple):
-        return [jsonable(v, limit) for v in value[:100]]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, limit) for k, v in list(value.items())[:100]}
-    try:
-        return cut(repr(value), limit)
-    except Exception:
-        return f"<unrepresentable {type(value).__name__}>"
-
-
-def format_error(exc: BaseException, where: str, limits: TraceLimits) -> dict[str, str]:
-    """Describe an exception for a trace: type, message, traceback, where."""
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<str() failed>"
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": cut(message, limits.max_string),
-        "traceback": cut(tb, limits.max_string * 16),
-        "where": where,
-    }
 
 
 class Trace:
