@@ -1389,3 +1389,110 @@ def test_content_length_is_read_one_way_when_served_and_when_read(
     invalid = [w for w in trace.warnings or () if w.startswith("invalid Content-Length")]
     assert bool(invalid) is (expected is None)
     assert not [w for w in trace.warnings or () if w.startswith("Content-Length mismatch")]
+
+
+# -- found in review: next() without iter(), concurrent first reads, publish ---------
+
+
+def _mismatched_length_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    # Content-Length says 10, the body sends 2 bytes: a mismatch warning is due.
+    start_response("200 OK", [("X-A", "1"), ("Content-Length", "10")])
+    return [b"hi"]
+
+
+def _served_mismatch() -> Trace:
+    middleware = TraceMiddleware(_mismatched_length_app)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_HOST": "h", "HTTP_ACCEPT": "*/*"}
+    body = middleware(environ, ignore_start_response)
+    assert b"".join(body) == b"hi"
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    return trace
+
+
+def test_body_driven_by_next_and_dropped_is_finished_unclosed() -> None:
+    """A server that calls next() on the body and drops it unclosed: the
+    trace finishes by reference counting alone (no cycle keeps the body)."""
+    middleware = TraceMiddleware(dummy_app)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, ignore_start_response)
+    gc.disable()
+    try:
+        assert next(body) == b"hello"  # type: ignore[call-overload]
+        del body
+        trace = middleware.buffer.last
+        assert trace is not None
+        assert trace.finished
+        assert trace.state == "unclosed"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("read", ["response_headers", "request_headers"])
+def test_two_first_readers_both_get_the_laid_out_headers(
+    monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    """Reader A is paused inside the lazy layout (as a thread switch would
+    pause it) while reader B reads: B gets the full headers, and the
+    Content-Length warning is produced exactly once."""
+    trace = _served_mismatch()
+    entered, release = threading.Event(), threading.Event()
+    real_is_secret = Redactor.is_secret
+
+    def paused_is_secret(self: Redactor, name: str) -> bool:
+        if threading.current_thread().name == "A":
+            entered.set()
+            release.wait(5)
+        return real_is_secret(self, name)
+
+    if read == "response_headers":
+        monkeypatch.setattr(Redactor, "is_secret", paused_is_secret)
+    else:
+        from wsgitrace.middleware import _RequestHeaderPlan
+
+        real_expand = _RequestHeaderPlan.expand
+
+        def paused_expand(self: Any, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
+            if threading.current_thread().name == "A":
+                entered.set()
+                release.wait(5)
+            return real_expand(self, values, trace)
+
+        monkeypatch.setattr(_RequestHeaderPlan, "expand", paused_expand)
+    seen: dict[str, Any] = {}
+
+    def reader(name: str) -> None:
+        seen[name] = (getattr(trace, read), trace.to_dict()["warnings"])
+
+    a = threading.Thread(target=reader, args=("A",), name="A")
+    a.start()
+    assert entered.wait(5)
+    b = threading.Thread(target=reader, args=("B",), name="B")
+    b.start()
+    b.join(0.2)  # B waits for A's layout rather than reading a half-done one
+    release.set()
+    a.join(5)
+    b.join(5)
+    assert seen["A"][0] == seen["B"][0] != ()
+    mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
+    assert seen["A"][1] == seen["B"][1] == trace.warnings == mismatch
+
+
+def test_publish_is_called_for_every_trace() -> None:
+    """TraceMiddleware.publish is the one place traces enter the buffer, so a
+    subclass overriding it sees requests whose app returned or raised."""
+    published: list[str] = []
+
+    class Recording(TraceMiddleware):
+        def publish(self, trace: Trace) -> None:
+            published.append(trace.path)
+            super().publish(trace)
+
+    middleware = Recording(dummy_app)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, ignore_start_response)
+    b"".join(body)
+    body.close()  # type: ignore[attr-defined]
+    with pytest.raises(AppError):
+        middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/raise"}, ignore_start_response)
+    assert published == ["/", "/raise"]
+    assert len(middleware.buffer) == 2

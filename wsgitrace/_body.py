@@ -5,11 +5,12 @@ hands the server.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from ._internal import _capture_listeners, report_internal_error
+from ._internal import report_internal_error
 from .context import _current_trace
 from .trace import (
     APP_END,
@@ -40,6 +41,7 @@ class _TracedBody:
     """
 
     __slots__ = (
+        "__weakref__",
         "_app_iter",
         "_body_start",
         "_closed",
@@ -179,10 +181,7 @@ class _TracedBody:
         try:
             trace = self.trace
             now = trace._times[APP_END] = trace._clock()
-            middleware = self._middleware
-            middleware.buffer.append(trace)
-            if middleware.sinks is not None or _capture_listeners:
-                middleware._announce(trace)
+            self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
                 isinstance(app_iter, file_wrapper)
@@ -213,10 +212,13 @@ class _TracedBody:
         return _iterate(self, iter(self._app_iter))
 
     def __next__(self) -> bytes:
-        # Only for callers that skip iter() (not PEP 3333 servers).
+        # Only for callers that skip iter() (not PEP 3333 servers). The
+        # generator is kept here, so it gets this body through a weak proxy:
+        # a cycle would keep an abandoned body from being finished.
         iterator = self._iterator
         if iterator is None:
-            iterator = self._iterator = _iterate(self, iter(self._app_iter))
+            body = cast("_TracedBody", weakref.proxy(self))
+            iterator = self._iterator = _iterate(body, iter(self._app_iter))
         return next(iterator)
 
     def close(self) -> None:

@@ -242,8 +242,9 @@ class TraceMiddleware:
         is_secret = self.redactor.is_secret
         max_string = self.limits.max_string
         room = self.limits.max_headers
-        # A later start_response (with exc_info) may drop Content-Length.
-        trace.content_length = None
+        # Set once, at the end: a later start_response (with exc_info) may
+        # drop the header.
+        content_length = None
         out: list[str] = []
         for name, value in headers:
             if name.lower() == "content-length":
@@ -251,7 +252,7 @@ class TraceMiddleware:
                 if length is None:
                     trace.warn(f"invalid Content-Length header: {value!r}")
                 else:
-                    trace.content_length = length
+                    content_length = length
             if room == 0:
                 trace.note_truncated("response_headers")
                 continue
@@ -263,12 +264,14 @@ class TraceMiddleware:
                 value = cut(value, max_string)
             out.append(name)
             out.append(value)
+        trace.content_length = content_length
         return tuple(out)
 
     def publish(self, trace: Trace) -> None:
         """Put a trace into the buffer and tell the sinks and capture listeners."""
         self.buffer.append(trace)
-        self._announce(trace)
+        if self.sinks is not None or _capture_listeners:
+            self._announce(trace)
 
     def _announce(self, trace: Trace) -> None:
         sinks = self.sinks

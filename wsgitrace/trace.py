@@ -52,6 +52,10 @@ HOOK_KINDS = frozenset(
     }
 )
 
+# Serialises laying out a trace's headers the first time they are read
+# (read side only: the request path never takes it).
+_LAYOUT_LOCK = threading.RLock()
+
 #: Slots of a :class:`Trace` left unset until needed, and what they read as.
 _LAZY_DEFAULTS: dict[str, Any] = {
     "_id": None,
@@ -458,15 +462,16 @@ class Trace:
     @property
     def request_headers(self) -> tuple[str, ...]:
         """Request headers as a flat ``(name, value, ...)`` tuple, redacted."""
-        plan = self._request_plan
-        if plan is not None:
-            values = self._request_values
-            self._request_plan = None
-            self._request_values = ()
-            try:
-                self._request_headers = plan.expand(values, self)
-            except Exception:
-                report_internal_error("request_headers", self)
+        if self._request_plan is not None:
+            with _LAYOUT_LOCK:  # readers on several threads lay them out once
+                plan = self._request_plan
+                if plan is not None:
+                    try:
+                        self._request_headers = plan.expand(self._request_values, self)
+                    except Exception:
+                        report_internal_error("request_headers", self)
+                    self._request_plan = None
+                    self._request_values = ()
         return self._request_headers
 
     @request_headers.setter
@@ -478,27 +483,32 @@ class Trace:
     @property
     def response_headers(self) -> tuple[str, ...]:
         """Response headers as a flat ``(name, value, ...)`` tuple, redacted."""
-        raw = self._raw_response_headers
-        if raw is not None:
-            flatten = self._flatten_headers
-            self._raw_response_headers = None
-            pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
-            try:
-                self._response_headers = () if flatten is None else flatten(pairs, self)
-            except Exception:
-                report_internal_error("response_headers", self)
-                self._response_headers = ()
-        if self._length_check:
-            try:
-                self._check_length()
-            except Exception:
-                report_internal_error("length_check", self)
+        if self._raw_response_headers is not None or self._length_check:
+            with _LAYOUT_LOCK:  # readers on several threads lay them out once
+                self._settle_response_headers()
         return self._response_headers
 
     @response_headers.setter
     def response_headers(self, value: tuple[str, ...]) -> None:
         self._raw_response_headers = None
         self._response_headers = value
+
+    def _settle_response_headers(self) -> None:
+        raw = self._raw_response_headers
+        if raw is not None:
+            flatten = self._flatten_headers
+            pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
+            try:
+                self._response_headers = () if flatten is None else flatten(pairs, self)
+            except Exception:
+                report_internal_error("response_headers", self)
+                self._response_headers = ()
+            self._raw_response_headers = None
+        if self._length_check:
+            try:
+                self._check_length()
+            except Exception:
+                report_internal_error("length_check", self)
 
     @property
     def content_length(self) -> int | None:
