@@ -185,6 +185,13 @@ class TestRedactor:
             redactor.is_secret(f"X-Header-{i}")
         assert len(redactor._memo) <= 4096
 
+    def test_long_names_are_decided_but_not_memoized(self) -> None:
+        """A client's invented 4,000-character header names are not kept."""
+        redactor = Redactor()
+        assert redactor.is_secret("X-" + "a" * 4000 + "-Token")
+        assert not redactor.is_secret("X-" + "b" * 4000)
+        assert all(len(name) <= 256 for name in redactor._memo)
+
     @pytest.mark.parametrize("option", ["headers", "extra_headers", "patterns", "extra_patterns"])
     def test_a_string_instead_of_a_list_is_refused(self, option: str) -> None:
         """A bare string (a common slip) raises ConfigurationError with its repr."""

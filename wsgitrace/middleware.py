@@ -46,6 +46,12 @@ if TYPE_CHECKING:
     from .sinks import SinkDispatcher
 
 
+#: Environ key orders whose header plans are kept (the oldest goes first).
+_PLAN_CACHE_SIZE = 512
+#: Environs whose keys add up to more characters get no kept plan.
+_PLAN_KEY_CHARS = 4096
+
+
 class TraceMiddleware:
     """Trace every request the wrapped WSGI app serves.
 
@@ -196,31 +202,41 @@ class TraceMiddleware:
         # made once per order copies the values with one C-level call; names
         # and redaction are laid out when the trace is read.
         shape = tuple(environ)
-        plan = self._plans.get(shape)
+        plans = self._plans
+        plan = plans.get(shape)
+        shared = plan is not None
         if plan is None:
             plan = _RequestHeaderPlan(shape, self)
-            if len(self._plans) < 512:
-                self._plans[shape] = plan
+            if sum(map(len, shape)) <= _PLAN_KEY_CHARS:
+                if len(plans) >= _PLAN_CACHE_SIZE:
+                    plans.pop(next(iter(plans)), None)  # the oldest
+                plans[shape] = plan
+                shared = True
         if plan.dropped:
             trace.note_truncated("request_headers", plan.dropped)
         if not plan.layout:
             return
-        trace._request_plan = plan
+        values: tuple[Any, ...] = ()
         fetch = plan.fetch
-        if fetch is None:
-            return  # only secret headers: nothing to copy
-        values = fetch(environ)
-        if plan.single:
-            values = (values,)
-        try:
-            # Strings are the rule; anything else with a length (bytes) is
-            # kept and shown as its repr when read.
-            fits = max(map(len, values)) <= self.limits.max_string
-        except TypeError:
-            fits = False
-        if not fits:
-            values = plan.fit(values, trace)
-        trace._request_values = values
+        if fetch is not None:  # None: only secret headers, nothing to copy
+            values = fetch(environ)
+            if plan.single:
+                values = (values,)
+            try:
+                # Strings are the rule; anything else with a length (bytes)
+                # is kept and shown as its repr when read.
+                fits = max(map(len, values)) <= self.limits.max_string
+            except TypeError:
+                fits = False
+            if not fits:
+                values = plan.fit(values, trace)
+        if shared:
+            trace._request_plan = plan
+            trace._request_values = values
+        else:
+            # An environ too unusual to keep a plan for: laid out now, so the
+            # trace keeps (and its size counts) only the cut strings.
+            trace.request_headers = plan.expand(values, trace)
 
     def _header_entry(self, key: str) -> tuple[str, bool]:
         if key.startswith("HTTP_"):
@@ -230,8 +246,8 @@ class TraceMiddleware:
         else:
             raw = ""
         name = "-".join(part.capitalize() for part in raw.split("_")) if raw else ""
-        entry = (name, bool(name) and self.redactor.is_secret(name))
-        if len(self._header_memo) < 2048:
+        entry = (cut(name, self.limits.max_string), bool(name) and self.redactor.is_secret(name))
+        if len(self._header_memo) < 2048 and len(key) <= 256:
             self._header_memo[key] = entry
         return entry
 

@@ -54,6 +54,8 @@ DEFAULT_PATTERNS = (
 )
 
 _MEMO_LIMIT = 4096
+# Longer names (a client's invention) are decided each time, not kept.
+_MEMO_NAME_CHARS = 256
 
 
 class Redactor:
@@ -110,7 +112,7 @@ class Redactor:
             decision = lowered in self.headers or (
                 self._pattern is not None and self._pattern.search(lowered) is not None
             )
-            if len(self._memo) < _MEMO_LIMIT:
+            if len(self._memo) < _MEMO_LIMIT and len(name) <= _MEMO_NAME_CHARS:
                 self._memo[name] = decision
         return decision
 

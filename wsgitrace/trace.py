@@ -23,6 +23,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
+from sys import getsizeof
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
 
 from ._internal import report_internal_error
@@ -632,27 +633,27 @@ class Trace:
 
     def _estimate_size(self) -> int:
         # Calibrated against tracemalloc on the bench's /hello (see bench/):
-        # the object, its arrays and the strings it alone keeps alive. Hook
-        # attributes are shared between traces and not counted.
-        size = 520 + 24 * len(self._keys) + len(self.path) + len(self.query)
+        # the object, its arrays and the strings it alone keeps alive (by
+        # their real size: a cut string's marker makes it two bytes a
+        # character). Hook attributes are shared between traces, not counted.
+        size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
         strings = self._request_headers + self._response_headers
         values = self._request_values
         if values:
-            # The tuple and the strings only this trace keeps alive; names
-            # are shared by every trace of the same header layout.
-            size += 40 + 57 * len(values) + sum(map(len, values))
+            # Names are shared by every trace of the same header layout.
+            size += 40 + 8 * len(values) + sum(map(getsizeof, values))
         raw = self._raw_response_headers
         if isinstance(raw, tuple):
             strings += raw
         elif raw is not None:
-            size += sum(170 + len(name) + len(value) for name, value in raw)
-        size += 50 * len(strings) + sum(map(len, strings))
+            size += sum(120 + getsizeof(name) + getsizeof(value) for name, value in raw)
+        size += 8 * len(strings) + sum(map(getsizeof, strings))
         if self.error:
-            size += sum(len(v) for v in self.error.values()) + 300
+            size += 300 + sum(map(getsizeof, self.error.values()))
         if self._g:
-            size += 60 * len(self._g) + sum(map(len, self._g))
+            size += 40 + 8 * len(self._g) + sum(map(getsizeof, self._g))
         if self._warnings:
-            size += sum(len(w) + 60 for w in self._warnings)
+            size += sum(getsizeof(w) + 8 for w in self._warnings)
         return size
 
     def summary(self) -> dict[str, Any]:
