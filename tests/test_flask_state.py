@@ -109,6 +109,45 @@ class TestG:
         [close] = trace.find(kind="teardown_appcontext")
         assert close.attrs["g_removed"] == ["db"]
 
+    def test_a_g_without_a_dict_is_traced_without_changes(self) -> None:
+        """An app whose ``app_ctx_globals_class`` has slots (no ``__dict__``)
+        answers as without tracing; its hooks are traced, with no g changes.
+        """
+
+        class SlottedGlobals:
+            __slots__ = ("user",)
+
+        def make() -> Flask:
+            app = Flask(__name__)
+            app.app_ctx_globals_class = SlottedGlobals  # type: ignore[assignment]
+
+            @app.before_request
+            def load_user() -> None:
+                g.user = "ann"
+
+            @app.route("/")
+            def index() -> str:
+                return f"hello {g.user}"
+
+            @app.teardown_appcontext
+            def close(exc: BaseException | None) -> None:
+                return None
+
+            return app
+
+        expected = fetch(make())
+        ext = FlaskTrace(app := make())
+        assert fetch(app) == expected
+        assert expected[2] == b"hello ann"
+        trace = last(ext)
+        assert trace.hooks() == [
+            "before_request:load_user",
+            "view:index",
+            "teardown_appcontext:close",
+        ]
+        assert not [e for e in trace.events if "g_added" in e.attrs]
+        assert trace.g is None
+
     def test_removing_every_key(self) -> None:
         """A hook that empties g lists every key it removed."""
         ext = FlaskTrace(app := g_app())

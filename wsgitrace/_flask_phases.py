@@ -25,7 +25,7 @@ from flask.globals import _cv_app, request_ctx
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 
-from ._flask_recorder import _SIGNAL_KEYS
+from ._flask_recorder import _NO_G, _SIGNAL_KEYS
 from ._internal import report_internal_error
 from .context import _current_trace
 from .trace import Trace
@@ -127,7 +127,7 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
             return original(app)
         request = flask.request
         names = (None, *reversed(request.blueprints))
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
         for name in names:
             if name in app.url_value_preprocessors:
@@ -184,7 +184,7 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
         ):
             return original(app)
         view = app.view_functions.get(rule.endpoint)
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
         return run_hook(trace, view_keys, "view", rule.endpoint, view, g_dict, original, app)
 
     return dispatch_request
@@ -236,7 +236,7 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
         if trace is None or trace._limits is not limits:
             return original(app, response)
         ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
         for func in ctx._after_request_functions:
             call = app.ensure_sync(func)
@@ -285,7 +285,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
             exc = sys.exc_info()[1]
         if trace is None or trace._limits is not limits:
             return original(app, exc)
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
         for name in chain(flask.request.blueprints, (None,)):
             if name in app.teardown_request_funcs:
@@ -334,7 +334,7 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             exc = sys.exc_info()[1]
         if trace is None or trace._limits is not limits:
             return original(app, exc)
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
         for func in reversed(app.teardown_appcontext_funcs):
             run_hook(
@@ -380,7 +380,7 @@ def _make_update_template_context(
         request = flask.request
         if request:
             names = chain(names, reversed(request.blueprints))
-        g_dict = _cv_app.get().g.__dict__
+        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
         orig_ctx = context.copy()
         for name in names:
             if name in app.template_context_processors:
@@ -422,7 +422,7 @@ def _make_inject_url_defaults(
         names: Iterable[str | None] = (None,)
         if "." in endpoint:
             names = chain(names, reversed(_split_blueprint_path(endpoint.rpartition(".")[0])))
-        g_dict = app_ctx.g.__dict__
+        g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
         for name in names:
             if name in app.url_default_functions:
                 for func in app.url_default_functions[name]:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _MISSING = object()
+# What a g without a __dict__ (a custom app_ctx_globals_class) is read as;
+# never written to.
+_NO_G: dict[str, Any] = {}
 _get_ident = threading.get_ident
 
 _URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
@@ -361,7 +364,7 @@ class _AppTracer:
             app_ctx = _cv_app.get(None)
             if app_ctx is None:
                 return
-            g_dict = app_ctx.g.__dict__
+            g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
             if not g_dict:
                 return
             is_secret = self.middleware.redactor.is_secret
