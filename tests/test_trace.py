@@ -382,3 +382,37 @@ class TestHelpers:
     def test_current_trace_var_is_unset_by_default(self) -> None:
         """No trace is current outside a request."""
         assert _current_trace.get() is None
+
+
+def test_the_request_thread_and_another_record_at_once_without_mixing() -> None:
+    """The request's thread and a worker (contextvars copied) recording into
+    one trace at the same time: every event keeps its own timestamps and
+    thread, and none is lost.
+    """
+    import sys
+    import threading
+
+    trace = Trace("GET", "/", clock=lambda: 0, limits=TraceLimits(max_events=100_000))
+    count = 20_000
+    worker_base = 10**9
+
+    def record(tag: str, base: int) -> None:
+        for i in range(count):
+            trace.record_key((tag, tag, None), base + i, base + i)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        worker = threading.Thread(target=record, args=("worker", worker_base))
+        worker.start()
+        record("request", 0)
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    events = trace.events
+    assert len(events) == 2 * count
+    for event in events:
+        assert (event.kind == "worker") == (event.start_ns >= worker_base)
+        assert event.duration_ns == 0
+        assert (event.thread == trace.thread) == (event.kind == "request")
+    assert trace.dropped_events == 0

@@ -128,7 +128,7 @@ class _LogCapture(logging.Handler):
         if trace is None or trace._limits is not self._limits:
             return
         try:
-            if sum(1 for key in trace._keys if key[0] == "log") >= self._limit:
+            if sum(1 for key in trace.event_keys() if key[0] == "log") >= self._limit:
                 trace.note_truncated("logs")
                 return
             now = self._clock()

@@ -235,7 +235,11 @@ class _AppTracer:
                     # The common case: a shared key, recorded inline (what
                     # Trace.record_key does on the request's own thread).
                     keys = trace._keys
-                    if len(keys) < trace._limits.event_room and _get_ident() == trace.thread:
+                    if (
+                        trace._foreign is None
+                        and len(keys) < trace._limits.event_room
+                        and _get_ident() == trace.thread
+                    ):
                         times = trace._times
                         times.append(start)
                         times.append(end)

@@ -320,7 +320,7 @@ class _SafeClock:
 
     def __call__(self) -> int:
         try:
-            self._last = now = self._clock()
+            self._last = now = int(self._clock())
         except Exception:
             report_internal_error("clock")
             return self._last

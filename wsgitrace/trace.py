@@ -53,6 +53,9 @@ HOOK_KINDS = frozenset(
     }
 )
 
+# Serialises events recorded by threads other than the request's (rare).
+_FOREIGN_LOCK = threading.Lock()
+
 # Serialises laying out a trace's headers the first time they are read
 # (read side only: the request path never takes it).
 _LAYOUT_LOCK = threading.RLock()
@@ -60,7 +63,6 @@ _LAYOUT_LOCK = threading.RLock()
 #: Slots of a :class:`Trace` left unset until needed, and what they read as.
 _LAZY_DEFAULTS: dict[str, Any] = {
     "_id": None,
-    "_threads": None,
     "truncated": None,
     "_flatten_headers": None,
     "_content_length": None,
@@ -205,6 +207,7 @@ class Trace:
         "_clock",
         "_content_length",
         "_flatten_headers",
+        "_foreign",
         "_g",
         "_id",
         "_id_prefix",
@@ -219,7 +222,6 @@ class Trace:
         "_response_headers",
         "_seq",
         "_size",
-        "_threads",
         "_times",
         "_warnings",
         "bytes_sent",
@@ -271,6 +273,8 @@ class Trace:
         # One (kind, name, attrs) key per event; hooks pass shared constant
         # keys, so an event costs a list slot and two int64 timestamps.
         self._keys: list[EventKey] = []
+        # Events recorded by other threads: (key, start, end, thread).
+        self._foreign: list[tuple[EventKey, int, int, int]] | None = None
         # The WSGI-level timestamps (see _STAMPS), then two per recorded event:
         # int64s in one array, not Python ints kept alive per request.
         self._times = _NO_STAMPS[:]
@@ -300,7 +304,6 @@ class Trace:
 
     # Attributes that most traces never set, with the value they read as.
     _id: str | None
-    _threads: dict[int, int] | None
     #: Counts of what caps cut (``path``, ``header_values``, ...), or ``None``.
     truncated: dict[str, int] | None
     # Flattens, redacts and cuts the app's header list, kept as given, the
@@ -355,28 +358,32 @@ class Trace:
 
     def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> None:
         """Append one event described by a (usually shared) ``(kind, name,
-        attrs)`` key. The timestamps are written before the key, so a reader
-        on another thread never sees an event without its times.
+        attrs)`` key. Only the request's own thread appends to the key list
+        and timestamp array (the timestamps first, so a reader never sees an
+        event without its times); other threads add whole tuples to a list
+        of their own, so concurrent writers never interleave.
         """
         keys = self._keys
-        index = len(keys)
-        if index >= self._limits.event_room:
-            self.dropped_events += 1
-            return
-        times = self._times
-        times.append(start_ns)
-        try:
+        foreign = self._foreign
+        if _get_ident() != self.thread:
+            self._record_foreign(key, start_ns, end_ns)
+        elif len(keys) + (0 if foreign is None else len(foreign)) < self._limits.event_room:
+            times = self._times
+            times.append(start_ns)
             times.append(end_ns)
-        except BaseException:
-            times.pop()
-            raise
-        keys.append(key)
-        ident = _get_ident()
-        if ident != self.thread:
-            if self._threads is None:
-                self._threads = {index: ident}
+            keys.append(key)
+        else:
+            self.dropped_events += 1
+
+    def _record_foreign(self, key: EventKey, start_ns: int, end_ns: int) -> None:
+        with _FOREIGN_LOCK:
+            foreign = self._foreign
+            if foreign is None:
+                foreign = self._foreign = []
+            if len(self._keys) + len(foreign) < self._limits.event_room:
+                foreign.append((key, start_ns, end_ns, _get_ident()))
             else:
-                self._threads[index] = ident
+                self.dropped_events += 1
 
     def mark(self, kind: str, name: str | None = None, attrs: dict[str, Any] | None = None) -> int:
         """Record an instant event at the current time and return that time."""
@@ -564,11 +571,12 @@ class Trace:
             yield from self._wsgi_events()
         times = self._times
         keys = self._keys
-        threads = self._threads or {}
         base = self.start_ns
-        # Another thread may be inside record() (name appended, times not
-        # yet): read only the events whose two timestamps are written.
-        for index in range(min(len(keys), (len(times) - _EVENTS) // 2)):
+        thread = self.thread
+        # The request thread may be between appending the times and the key:
+        # read only the events whose key is there.
+        count = min(len(keys), (len(times) - _EVENTS) // 2)
+        for index in range(count):
             start = times[_EVENTS + 2 * index]
             kind, name, attrs = keys[index]
             yield Event(
@@ -576,10 +584,20 @@ class Trace:
                 name=name,
                 start_ns=start - base,
                 duration_ns=times[_EVENTS + 2 * index + 1] - start,
-                thread=threads.get(index, self.thread),
+                thread=thread,
                 attrs=attrs or {},
                 seq=index,
             )
+        for seq, ((kind, name, attrs), start, end, ident) in enumerate(
+            list(self._foreign or ()), start=count
+        ):
+            yield Event(kind, name, start - base, end - start, ident, attrs or {}, seq)
+
+    def event_keys(self) -> list[EventKey]:
+        """The ``(kind, name, attrs)`` of every recorded event, cheaply (no
+        :class:`Event` objects, no sorting).
+        """
+        return self._keys + [entry[0] for entry in self._foreign or ()]
 
     def find(self, kind: str | None = None, name: str | None = None) -> list[Event]:
         """Events with the given kind and/or name, in order."""
@@ -637,6 +655,8 @@ class Trace:
         # their real size: a cut string's marker makes it two bytes a
         # character). Hook attributes are shared between traces, not counted.
         size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
+        if self._foreign:
+            size += 100 * len(self._foreign)
         strings = self._request_headers + self._response_headers
         values = self._request_values
         if values:
@@ -671,7 +691,7 @@ class Trace:
             "ttfb_ms": _round(self.ttfb_ms),
             "bytes": self.bytes_sent,
             "endpoint": self.endpoint,
-            "hooks": sum(1 for key in self._keys if key[0] in HOOK_KINDS),
+            "hooks": sum(1 for key in self.event_keys() if key[0] in HOOK_KINDS),
             "error": self.error["type"] if self.error else None,
             "warnings": list(self.warnings or ()),
         }
@@ -745,19 +765,17 @@ class Trace:
         trace.response_headers = _flat(data.get("response_headers"))
         trace.finished = data.get("state", "finished") != "in_progress"
         trace.thread = 0
+        # Every event with its own thread, as other threads' events are kept.
+        trace._foreign = foreign = []
         for event in data.get("events") or ():
             start = round(float(event.get("start_ms", 0)) * 1e6)
             end = start + round(float(event.get("duration_ms", 0)) * 1e6)
-            trace._keys.append(
-                (str(event.get("kind", "")), str(event.get("name", "")), event.get("attrs") or None)
+            key = (
+                str(event.get("kind", "")),
+                str(event.get("name", "")),
+                event.get("attrs") or None,
             )
-            trace._times.append(start)
-            trace._times.append(end)
-            index = len(trace._keys) - 1
-            if event.get("thread"):
-                if trace._threads is None:
-                    trace._threads = {}
-                trace._threads[index] = int(event["thread"])
+            foreign.append((key, start, end, int(event.get("thread") or 0)))
         return trace
 
     def __repr__(self) -> str:
