@@ -1543,3 +1543,72 @@ def test_unusual_environs_keep_the_byte_cap_and_no_plans() -> None:
     names = trace.request_headers[::2]
     assert len(names) == 20
     assert all(name.endswith(TRUNCATION_MARKER) for name in names)
+
+
+def test_a_reader_laying_out_headers_never_holds_up_a_request(
+    make_environ: MakeEnviron,
+) -> None:
+    """start_response called again (with exc_info) on the request path does
+    not wait for the read-side layout lock, held here by a slow reader.
+    """
+    import time
+
+    from wsgitrace.trace import _LAYOUT_LOCK
+
+    middleware = TraceMiddleware(dummy_app)
+    held, release = threading.Event(), threading.Event()
+
+    def slow_reader() -> None:
+        with _LAYOUT_LOCK:
+            held.set()
+            release.wait(5)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    try:
+        assert held.wait(5)
+        started = time.monotonic()
+        body = middleware(make_environ("/exc-info"), ignore_start_response)
+        assert b"".join(body) == b"error page"
+        body.close()  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        reader.join(5)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.status == "500 Internal Server Error"
+
+
+def test_a_reader_never_sees_the_length_check_done_without_its_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reader A is paused while it adds the Content-Length warning; reader
+    B, arriving then, waits for it instead of reading no warning."""
+    trace = _served_mismatch()
+    entered, release = threading.Event(), threading.Event()
+    real_warn = Trace.warn
+
+    def paused_warn(self: Trace, message: str) -> None:
+        if threading.current_thread().name == "A":
+            entered.set()
+            release.wait(5)
+        real_warn(self, message)
+
+    monkeypatch.setattr(Trace, "warn", paused_warn)
+    seen: dict[str, Any] = {}
+
+    def reader(name: str) -> None:
+        seen[name] = trace.warnings
+
+    a = threading.Thread(target=reader, args=("A",), name="A")
+    a.start()
+    assert entered.wait(5)
+    b = threading.Thread(target=reader, args=("B",), name="B")
+    b.start()
+    b.join(0.2)
+    release.set()
+    a.join(5)
+    b.join(5)
+    mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
+    assert seen["A"] == seen["B"] == mismatch

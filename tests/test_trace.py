@@ -416,3 +416,59 @@ def test_the_request_thread_and_another_record_at_once_without_mixing() -> None:
         assert event.duration_ns == 0
         assert (event.thread == trace.thread) == (event.kind == "request")
     assert trace.dropped_events == 0
+
+
+def test_a_finalizer_recording_while_the_foreign_lock_is_held_does_not_deadlock() -> None:
+    """A garbage collection inside a foreign thread's record can run a
+    finalizer that records on the same thread (e.g. through app.logger):
+    the lock it holds must let it in again.
+    """
+    import threading
+
+    from wsgitrace.trace import _FOREIGN_LOCK
+
+    trace = Trace("GET", "/")
+
+    def worker() -> None:
+        with _FOREIGN_LOCK:  # as inside Trace._record_foreign
+            trace.record("log", "log:error", 1, 1)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert [e.name for e in trace.events if e.kind == "log"] == ["log:error"]
+
+
+def test_keys_made_by_record_are_counted_in_the_size() -> None:
+    """Spans, logs and other record() events build keys of their own: the
+    byte accounting counts them (at least what tracemalloc sees), whether
+    recorded on the request's thread or another.
+    """
+    import gc
+    import threading
+    import tracemalloc
+
+    def fill(trace: Trace) -> None:
+        for i in range(500):
+            trace.record("span", f"span:step-{i}", i, i + 1, {"n": i, "label": f"item {i}"})
+
+    for other_thread in (False, True):
+        trace = Trace("GET", "/", limits=TraceLimits(max_events=1000))
+        before_size = trace._estimate_size()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            if other_thread:
+                thread = threading.Thread(target=fill, args=(trace,))
+                thread.start()
+                thread.join()
+            else:
+                fill(trace)
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(trace.find(kind="span")) == 500
+        assert trace._estimate_size() - before_size >= held, other_thread

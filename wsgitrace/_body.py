@@ -100,7 +100,15 @@ class _TracedBody:
                 trace.set_raw_response_headers(None, None)
                 raise
             return self.write
-        sent = (trace.status, trace.response_headers, trace.content_length)
+        # What the client was sent, read without laying anything out (that
+        # takes a read-side lock this request path must not wait for).
+        sent = (
+            trace.status,
+            trace._raw_response_headers,
+            trace._flatten_headers,
+            trace._response_headers,
+            trace._content_length,
+        )
         try:
             self._on_start_response_again(status, headers, exc_info)
         except Exception:
@@ -113,7 +121,13 @@ class _TracedBody:
         except BaseException:
             # Refused by the server (exc_info once headers were sent): the
             # trace keeps the status and headers the client got.
-            trace.status, trace.response_headers, trace.content_length = sent
+            (
+                trace.status,
+                trace._raw_response_headers,
+                trace._flatten_headers,
+                trace._response_headers,
+                trace._content_length,
+            ) = sent
             raise
         return self.write
 

@@ -223,8 +223,9 @@ class TraceMiddleware:
             if plan.single:
                 values = (values,)
             try:
-                # Strings are the rule; anything else with a length (bytes)
-                # is kept and shown as its repr when read.
+                # join refuses anything but strings: any other value (its
+                # repr may run code) is made a string here, not when read.
+                "".join(values)
                 fits = max(map(len, values)) <= self.limits.max_string
             except TypeError:
                 fits = False
@@ -376,8 +377,5 @@ class _RequestHeaderPlan:
             if secret:
                 out.append(REDACTED)
                 continue
-            value = next(fetched)
-            if type(value) is not str:
-                value = cut(repr(value), self.max_string)
-            out.append(value)
+            out.append(next(fetched))
         return tuple(out)

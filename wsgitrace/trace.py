@@ -54,7 +54,9 @@ HOOK_KINDS = frozenset(
 )
 
 # Serialises events recorded by threads other than the request's (rare).
-_FOREIGN_LOCK = threading.Lock()
+# Reentrant: a garbage collection while it is held may run a finalizer
+# that records on the same thread.
+_FOREIGN_LOCK = threading.RLock()
 
 # Serialises laying out a trace's headers the first time they are read
 # (read side only: the request path never takes it).
@@ -215,6 +217,7 @@ class Trace:
         "_length_check",
         "_limits",
         "_live",
+        "_own_key_bytes",
         "_raw_response_headers",
         "_request_headers",
         "_request_plan",
@@ -275,6 +278,8 @@ class Trace:
         self._keys: list[EventKey] = []
         # Events recorded by other threads: (key, start, end, thread).
         self._foreign: list[tuple[EventKey, int, int, int]] | None = None
+        # Bytes of the keys made by record() (not shared between traces).
+        self._own_key_bytes = 0
         # The WSGI-level timestamps (see _STAMPS), then two per recorded event:
         # int64s in one array, not Python ints kept alive per request.
         self._times = _NO_STAMPS[:]
@@ -354,6 +359,12 @@ class Trace:
         """Append one event. Past :attr:`TraceLimits.max_events` the event is
         counted in :attr:`dropped_events` instead.
         """
+        # A key of its own (unlike the shared keys of hooks): counted in the
+        # trace's size with its name and attributes.
+        size = 64 + getsizeof(name)
+        if attrs:
+            size += getsizeof(attrs) + sum(map(getsizeof, attrs.values()))
+        self._own_key_bytes += size
         self.record_key((kind, name, attrs or None), start_ns, end_ns)
 
     def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> None:
@@ -412,7 +423,6 @@ class Trace:
 
     def _check_length(self) -> None:
         """Warn when an exhausted body did not match its Content-Length."""
-        self._length_check = False
         expected = self._content_length
         if (
             expected is not None
@@ -423,6 +433,8 @@ class Trace:
                 f"Content-Length mismatch: header says {expected},"
                 f" body sent {self.bytes_sent} bytes"
             )
+        # Cleared last: a reader that finds it clear finds the warning there.
+        self._length_check = False
 
     def note_truncated(self, what: str, count: int = 1) -> None:
         """Count something cut by a cap."""
@@ -655,8 +667,10 @@ class Trace:
         # their real size: a cut string's marker makes it two bytes a
         # character). Hook attributes are shared between traces, not counted.
         size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
+        size += self._own_key_bytes
         if self._foreign:
-            size += 100 * len(self._foreign)
+            # A list slot and a tuple of the key, two ints and the thread.
+            size += 180 * len(self._foreign)
         strings = self._request_headers + self._response_headers
         values = self._request_values
         if values:
