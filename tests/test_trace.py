@@ -472,3 +472,19 @@ def test_keys_made_by_record_are_counted_in_the_size() -> None:
             tracemalloc.stop()
         assert len(trace.find(kind="span")) == 500
         assert trace._estimate_size() - before_size >= held, other_thread
+
+
+def test_an_attribute_whose_size_cannot_be_read_is_still_recorded() -> None:
+    """record() measures its attributes for the byte cap; a value whose
+    __sizeof__ raises is recorded anyway, with a guessed size."""
+
+    class Unsizable:
+        def __sizeof__(self) -> int:
+            raise ValueError("no size")
+
+    trace = Trace("GET", "/")
+    value = Unsizable()
+    trace.record("span", "span:odd", 1, 2, {"value": value})
+    [event] = trace.find(kind="span")
+    assert event.attrs == {"value": value}
+    assert trace._estimate_size() > 512

@@ -361,9 +361,12 @@ class Trace:
         """
         # A key of its own (unlike the shared keys of hooks): counted in the
         # trace's size with its name and attributes.
-        size = 64 + getsizeof(name)
-        if attrs:
-            size += getsizeof(attrs) + sum(map(getsizeof, attrs.values()))
+        try:
+            size = 64 + getsizeof(name)
+            if attrs:
+                size += getsizeof(attrs) + sum(map(getsizeof, attrs.values()))
+        except Exception:  # a value whose __sizeof__ fails: a rough guess
+            size = 512
         self._own_key_bytes += size
         self.record_key((kind, name, attrs or None), start_ns, end_ns)
 
