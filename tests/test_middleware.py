@@ -1612,3 +1612,117 @@ def test_a_reader_never_sees_the_length_check_done_without_its_warning(
     b.join(5)
     mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
     assert seen["A"] == seen["B"] == mismatch
+
+
+def test_a_reader_laying_out_replaced_headers_keeps_none_of_them() -> None:
+    """A reader lays out the first response headers while the app replaces
+    them (start_response with exc_info, accepted: nothing was sent yet):
+    the trace ends with the headers the client got, not the first ones."""
+    in_flatten, release, published, go_on = (threading.Event() for _ in range(4))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Length", "5"), ("X-Which", "first")])
+
+        def body() -> Iterator[bytes]:
+            published.set()
+            assert go_on.wait(5)
+            try:
+                raise _fail(environ, "late, before any byte")
+            except AppError:
+                start_response("500 Internal Server Error", [("X-Which", "error")], sys.exc_info())
+            yield b"error page!!"
+
+        return body()
+
+    middleware = TraceMiddleware(app)
+    flatten = middleware._flatten_response_headers
+
+    def paused_flatten(
+        headers: list[tuple[str, str]], trace: Trace
+    ) -> tuple[tuple[str, ...], int | None]:
+        if threading.current_thread().name == "reader":
+            in_flatten.set()
+            release.wait(5)
+        return flatten(headers, trace)
+
+    middleware._flatten_response_headers = paused_flatten  # type: ignore[method-assign]
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, ignore_start_response)
+    chunks: list[bytes] = []
+
+    def serve() -> None:
+        chunks.extend(body)
+        body.close()  # type: ignore[attr-defined]
+
+    server = threading.Thread(target=serve)
+    server.start()
+    assert published.wait(5)
+    trace = middleware.buffer.last
+    assert trace is not None
+    reader = threading.Thread(target=lambda: trace.response_headers, name="reader")
+    reader.start()
+    assert in_flatten.wait(5)
+    go_on.set()
+    server.join(5)
+    release.set()
+    reader.join(5)
+    assert chunks == [b"error page!!"]
+    assert trace.status == "500 Internal Server Error"
+    assert trace.response_headers == ("X-Which", "error")
+    assert trace.content_length is None
+    assert trace.warnings is None
+
+
+def test_refused_exc_info_headers_leave_nothing_on_the_trace() -> None:
+    """start_response(..., exc_info) refused because headers were sent: the
+    trace keeps what the client got, with no warning or cut counted from
+    the refused headers."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Length", "7")])
+        yield b"partial"
+        try:
+            raise _fail(environ, "late")
+        except AppError:
+            bad = [("Content-Length", "oops"), ("X-Long", "v" * 5000)]
+            start_response("500 Internal Server Error", bad, sys.exc_info())
+        yield b"never"
+
+    sent: list[str] = []
+
+    def server_start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None and sent:
+            raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: already sent
+        sent.append(status)
+        return lambda data: None
+
+    middleware = TraceMiddleware(app)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, server_start_response)
+    with pytest.raises(AppError):
+        for _chunk in body:
+            pass
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert sent == ["200 OK"]
+    assert (trace.status, trace.response_headers) == ("200 OK", ("Content-Length", "7"))
+    assert trace.truncated is None
+    assert not [w for w in trace.warnings or () if "Content-Length" in w]
+
+
+def test_a_str_subclass_header_value_is_kept_as_a_plain_cut_string(
+    make_environ: MakeEnviron,
+) -> None:
+    """A str subclass (whose len() may lie) is copied as a plain string and
+    cut to max_string like any other value."""
+
+    class Lying(str):
+        def __len__(self) -> int:
+            return 1
+
+    middleware = TraceMiddleware(dummy_app, max_string=32)
+    trace = _served(middleware, make_environ("/", HTTP_X_ODD=Lying("x" * 1000)))
+    value = dict(_header_pairs(trace))["X-Odd"]
+    assert type(value) is str
+    assert value == "x" * 32 + TRUNCATION_MARKER

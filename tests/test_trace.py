@@ -488,3 +488,28 @@ def test_an_attribute_whose_size_cannot_be_read_is_still_recorded() -> None:
     [event] = trace.find(kind="span")
     assert event.attrs == {"value": value}
     assert trace._estimate_size() > 512
+
+
+def test_dropped_events_add_nothing_to_the_size() -> None:
+    """Events past max_events are counted as dropped, not in the bytes the
+    trace is said to hold (which would evict it and others wrongly)."""
+    trace = Trace("GET", "/", limits=TraceLimits(max_events=16))
+    for i in range(10):
+        trace.record("write", "write", i, i, {"bytes": i})
+    kept = trace._estimate_size()
+    for i in range(1000):
+        trace.record("write", "write", i, i, {"bytes": i})
+    assert trace.dropped_events == 1000
+    assert trace._estimate_size() == kept
+
+
+def test_an_int_status_reads_as_no_code_and_the_length_check_runs_once() -> None:
+    """A test client may pass start_response an int: status_code is None
+    (not an error), and the Content-Length check runs once."""
+    trace = Trace("GET", "/")
+    trace.status = 200  # type: ignore[assignment]
+    assert trace.status_code is None
+    trace.content_length = 10
+    trace._length_check = True
+    assert trace.warnings == ["Content-Length mismatch: header says 10, body sent 0 bytes"]
+    assert trace._length_check is False

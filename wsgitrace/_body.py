@@ -142,7 +142,13 @@ class _TracedBody:
         self._starts += 1
         trace.status = status
         if self._middleware._capture_headers:
-            trace.response_headers = self._middleware.response_headers(headers, trace)
+            # Kept raw, as the first time: laid out when read. The raw list
+            # is stored last, so a reader laying out the earlier headers
+            # meanwhile finds them replaced and keeps nothing of them.
+            trace._response_headers = ()
+            trace._content_length = None
+            trace._flatten_headers = self._middleware._flatten_response_headers
+            trace._raw_response_headers = headers
         else:
             trace.content_length = _content_length(headers)
         if first and exc_info is None:

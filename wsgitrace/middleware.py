@@ -223,9 +223,10 @@ class TraceMiddleware:
             if plan.single:
                 values = (values,)
             try:
-                # join refuses anything but strings: any other value (its
-                # repr may run code) is made a string here, not when read.
-                "".join(values)
+                # str.__str__ takes only strings and makes a subclass a plain
+                # one (no code of its own runs); any other value, whose repr
+                # may run code, is made a string in fit(), not when read.
+                values = tuple(map(str.__str__, values))
                 fits = max(map(len, values)) <= self.limits.max_string
             except TypeError:
                 fits = False
@@ -252,15 +253,16 @@ class TraceMiddleware:
             self._header_memo[key] = entry
         return entry
 
-    def response_headers(self, headers: list[tuple[str, str]], trace: Trace) -> tuple[str, ...]:
-        """Flatten, redact and cap the response headers; note Content-Length.
-        Called when the trace's headers are first read, not while serving.
+    def response_headers(
+        self, headers: list[tuple[str, str]], trace: Trace
+    ) -> tuple[tuple[str, ...], int | None]:
+        """Flatten, redact and cap the response headers, and find their
+        valid Content-Length. Called when the trace's headers are first
+        read, not while serving.
         """
         is_secret = self.redactor.is_secret
         max_string = self.limits.max_string
         room = self.limits.max_headers
-        # Set once, at the end: a later start_response (with exc_info) may
-        # drop the header.
         content_length = None
         out: list[str] = []
         for name, value in headers:
@@ -281,8 +283,7 @@ class TraceMiddleware:
                 value = cut(value, max_string)
             out.append(name)
             out.append(value)
-        trace.content_length = content_length
-        return tuple(out)
+        return tuple(out), content_length
 
     def publish(self, trace: Trace) -> None:
         """Put a trace into the buffer and tell the sinks and capture listeners."""
@@ -361,7 +362,7 @@ class _RequestHeaderPlan:
         """Values as strings, cut to the string cap (the rare path)."""
         out: list[str] = []
         for value in values:
-            text = value if type(value) is str else repr(value)
+            text = str.__str__(value) if isinstance(value, str) else repr(value)
             if len(text) > self.max_string:
                 trace.note_truncated("header_values")
                 text = cut(text, self.max_string)

@@ -91,7 +91,9 @@ _NO_STAMPS = array("q", [UNSET] * _EVENTS)
 EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
 #: Flattens, redacts and cuts a response header list for a trace.
-HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]], Trace], tuple[str, ...]]"
+HeaderFlattener: TypeAlias = (
+    "Callable[[list[tuple[str, str]], Trace], tuple[tuple[str, ...], int | None]]"
+)
 
 
 class RequestHeaderPlan(Protocol):
@@ -361,6 +363,8 @@ class Trace:
         """
         # A key of its own (unlike the shared keys of hooks): counted in the
         # trace's size with its name and attributes.
+        if not self.record_key((kind, name, attrs or None), start_ns, end_ns):
+            return
         try:
             size = 64 + getsizeof(name)
             if attrs:
@@ -368,36 +372,38 @@ class Trace:
         except Exception:  # a value whose __sizeof__ fails: a rough guess
             size = 512
         self._own_key_bytes += size
-        self.record_key((kind, name, attrs or None), start_ns, end_ns)
 
-    def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> None:
+    def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> bool:
         """Append one event described by a (usually shared) ``(kind, name,
         attrs)`` key. Only the request's own thread appends to the key list
         and timestamp array (the timestamps first, so a reader never sees an
         event without its times); other threads add whole tuples to a list
-        of their own, so concurrent writers never interleave.
+        of their own, so concurrent writers never interleave. Returns
+        whether the event was kept (``False`` past the cap).
         """
         keys = self._keys
         foreign = self._foreign
         if _get_ident() != self.thread:
-            self._record_foreign(key, start_ns, end_ns)
-        elif len(keys) + (0 if foreign is None else len(foreign)) < self._limits.event_room:
+            return self._record_foreign(key, start_ns, end_ns)
+        if len(keys) + (0 if foreign is None else len(foreign)) < self._limits.event_room:
             times = self._times
             times.append(start_ns)
             times.append(end_ns)
             keys.append(key)
-        else:
-            self.dropped_events += 1
+            return True
+        self.dropped_events += 1
+        return False
 
-    def _record_foreign(self, key: EventKey, start_ns: int, end_ns: int) -> None:
+    def _record_foreign(self, key: EventKey, start_ns: int, end_ns: int) -> bool:
         with _FOREIGN_LOCK:
             foreign = self._foreign
             if foreign is None:
                 foreign = self._foreign = []
             if len(self._keys) + len(foreign) < self._limits.event_room:
                 foreign.append((key, start_ns, end_ns, _get_ident()))
-            else:
-                self.dropped_events += 1
+                return True
+            self.dropped_events += 1
+            return False
 
     def mark(self, kind: str, name: str | None = None, attrs: dict[str, Any] | None = None) -> int:
         """Record an instant event at the current time and return that time."""
@@ -426,18 +432,21 @@ class Trace:
 
     def _check_length(self) -> None:
         """Warn when an exhausted body did not match its Content-Length."""
-        expected = self._content_length
-        if (
-            expected is not None
-            and self.bytes_sent != expected
-            and self.status_code not in (204, 304)
-        ):
-            self.warn(
-                f"Content-Length mismatch: header says {expected},"
-                f" body sent {self.bytes_sent} bytes"
-            )
-        # Cleared last: a reader that finds it clear finds the warning there.
-        self._length_check = False
+        try:
+            expected = self._content_length
+            if (
+                expected is not None
+                and self.bytes_sent != expected
+                and self.status_code not in (204, 304)
+            ):
+                self.warn(
+                    f"Content-Length mismatch: header says {expected},"
+                    f" body sent {self.bytes_sent} bytes"
+                )
+        finally:
+            # Cleared last: a reader that finds it clear finds the warning
+            # there. Cleared on failure too, so the check runs once.
+            self._length_check = False
 
     def note_truncated(self, what: str, count: int = 1) -> None:
         """Count something cut by a cap."""
@@ -521,13 +530,20 @@ class Trace:
         if raw is not None:
             flatten = self._flatten_headers
             pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
+            flat: tuple[str, ...] = ()
+            length = None
             try:
-                self._response_headers = () if flatten is None else flatten(pairs, self)
+                if flatten is not None:
+                    flat, length = flatten(pairs, self)
             except Exception:
                 report_internal_error("response_headers", self)
-                self._response_headers = ()
-            self._raw_response_headers = None
-        if self._length_check:
+            # Unless the request replaced them meanwhile (start_response
+            # with exc_info, which does not wait for this lock).
+            if self._raw_response_headers is raw:
+                self._response_headers = flat
+                self._content_length = length
+                self._raw_response_headers = None
+        if self._length_check and self._raw_response_headers is None:
             try:
                 self._check_length()
             except Exception:
@@ -632,7 +648,7 @@ class Trace:
             return None
         try:
             return int(self.status[:3])
-        except ValueError:
+        except (TypeError, ValueError):  # a test client may pass an int
             return None
 
     @property
