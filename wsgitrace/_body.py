@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 from ._internal import report_internal_error
 from .context import _current_trace
 from .trace import (
+    _LAYOUT_LOCK,
     APP_END,
     BODY_END,
     BODY_START,
@@ -100,19 +101,7 @@ class _TracedBody:
                 trace.set_raw_response_headers(None, None)
                 raise
             return self.write
-        # What the client was sent, read without laying anything out (that
-        # takes a read-side lock this request path must not wait for).
-        sent = (
-            trace.status,
-            trace._raw_response_headers,
-            trace._flatten_headers,
-            trace._response_headers,
-            trace._content_length,
-        )
-        try:
-            self._on_start_response_again(status, headers, exc_info)
-        except Exception:
-            report_internal_error("start_response", trace)
+        now = trace._clock()
         try:
             if exc_info is None:
                 self._server_write = self._server_start_response(status, headers)
@@ -121,41 +110,48 @@ class _TracedBody:
         except BaseException:
             # Refused by the server (exc_info once headers were sent): the
             # trace keeps the status and headers the client got.
-            (
-                trace.status,
-                trace._raw_response_headers,
-                trace._flatten_headers,
-                trace._response_headers,
-                trace._content_length,
-            ) = sent
+            self._start_response_again(status, headers, exc_info, now, accepted=False)
             raise
+        self._start_response_again(status, headers, exc_info, now, accepted=True)
         return self.write
 
-    def _on_start_response_again(
-        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
+    def _start_response_again(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: OptExcInfo | None,
+        now: int,
+        *,
+        accepted: bool,
     ) -> None:
-        trace = self.trace
-        now = trace.now()
-        if self._starts and exc_info is None:
-            trace.warn("start_response called twice without exc_info")
-        first = not self._starts
-        self._starts += 1
-        trace.status = status
-        if self._middleware._capture_headers:
-            # Kept raw, as the first time: laid out when read. The raw list
-            # is stored last, so a reader laying out the earlier headers
-            # meanwhile finds them replaced and keeps nothing of them.
-            trace._response_headers = ()
-            trace._content_length = None
-            trace._flatten_headers = self._middleware._flatten_response_headers
-            trace._raw_response_headers = headers
-        else:
-            trace.content_length = _content_length(headers)
-        if first and exc_info is None:
-            trace.start_response_ns = now
-        else:
-            attrs = {"exc_info": True} if exc_info is not None else None
-            trace.record("start_response", "start_response", now, now, attrs)
+        """Record a ``start_response`` call other than the first plain one,
+        after the server took or refused it.
+        """
+        try:
+            trace = self.trace
+            if self._starts and exc_info is None:
+                trace.warn("start_response called twice without exc_info")
+            first = not self._starts
+            self._starts += 1
+            if accepted and self._middleware._capture_headers:
+                # Kept raw, as the first time. Under the read-side lock: a
+                # reader may be laying out the headers these replace.
+                with _LAYOUT_LOCK:
+                    trace.status = status
+                    trace._response_headers = ()
+                    trace._content_length = None
+                    trace._flatten_headers = self._middleware._flatten_response_headers
+                    trace._raw_response_headers = headers
+            elif accepted:
+                trace.status = status
+                trace.content_length = _content_length(headers)
+            if first and exc_info is None:
+                trace.start_response_ns = now
+            else:
+                attrs = {"exc_info": True} if exc_info is not None else None
+                trace.record("start_response", "start_response", now, now, attrs)
+        except Exception:
+            report_internal_error("start_response", self.trace)
 
     def write(self, data: bytes) -> object:
         write = self._server_write
@@ -339,10 +335,16 @@ class _TracedBody:
         times = trace._times
         times[END] = end
         trace.finished = True
-        raw = trace._raw_response_headers
-        if type(raw) is list:
+        if type(trace._raw_response_headers) is list and _LAYOUT_LOCK.acquire(blocking=False):
             # One flat tuple of the strings: a third of the list's memory.
-            trace._raw_response_headers = tuple(chain.from_iterable(raw))
+            # Not while a reader lays the list out (it would be replaced
+            # under it); then the list is kept as it is.
+            try:
+                raw = trace._raw_response_headers
+                if type(raw) is list:
+                    trace._raw_response_headers = tuple(chain.from_iterable(raw))
+            finally:
+                _LAYOUT_LOCK.release()
         middleware = self._middleware
         middleware.buffer.finished(trace)  # lock-free: safe from __del__
         if middleware.sinks is not None:

@@ -34,6 +34,7 @@ from .config import Options, resolve_options
 from .context import _current_trace
 from .redact import REDACTED, Redactor
 from .trace import (
+    HeaderLayout,
     Trace,
     TraceLimits,
     cut,
@@ -253,37 +254,37 @@ class TraceMiddleware:
             self._header_memo[key] = entry
         return entry
 
-    def response_headers(
-        self, headers: list[tuple[str, str]], trace: Trace
-    ) -> tuple[tuple[str, ...], int | None]:
+    def response_headers(self, headers: list[tuple[str, str]]) -> HeaderLayout:
         """Flatten, redact and cap the response headers, and find their
-        valid Content-Length. Called when the trace's headers are first
-        read, not while serving.
+        valid Content-Length. Called when a trace's headers are first read,
+        not while serving; changes nothing, the trace applies the result.
         """
         is_secret = self.redactor.is_secret
         max_string = self.limits.max_string
         room = self.limits.max_headers
         content_length = None
+        warnings: list[str] = []
+        dropped = cut_count = 0
         out: list[str] = []
         for name, value in headers:
             if name.lower() == "content-length":
                 length = _parse_content_length(value)
                 if length is None:
-                    trace.warn(f"invalid Content-Length header: {value!r}")
+                    warnings.append(f"invalid Content-Length header: {value!r}")
                 else:
                     content_length = length
             if room == 0:
-                trace.note_truncated("response_headers")
+                dropped += 1
                 continue
             room -= 1
             if is_secret(name):
                 value = REDACTED
             elif len(value) > max_string:
-                trace.note_truncated("header_values")
+                cut_count += 1
                 value = cut(value, max_string)
             out.append(name)
             out.append(value)
-        return tuple(out), content_length
+        return HeaderLayout(tuple(out), content_length, tuple(warnings), dropped, cut_count)
 
     def publish(self, trace: Trace) -> None:
         """Put a trace into the buffer and tell the sinks and capture listeners."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from sys import getsizeof
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, overload
 
 from ._internal import report_internal_error
 from ._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
@@ -90,10 +90,26 @@ _NO_STAMPS = array("q", [UNSET] * _EVENTS)
 #: What a trace stores per event: kind, name and attributes (or ``None``).
 EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
-#: Flattens, redacts and cuts a response header list for a trace.
-HeaderFlattener: TypeAlias = (
-    "Callable[[list[tuple[str, str]], Trace], tuple[tuple[str, ...], int | None]]"
-)
+
+class HeaderLayout(NamedTuple):
+    """Response headers laid out for a trace, and what laying them out found.
+    Applied to the trace only if its headers were not replaced meanwhile.
+    """
+
+    #: Flat ``(name, value, ...)``, redacted and cut.
+    headers: tuple[str, ...]
+    #: The valid ``Content-Length``, if any.
+    content_length: int | None
+    #: Protocol problems (an invalid ``Content-Length``).
+    warnings: tuple[str, ...]
+    #: Headers past ``max_headers``.
+    dropped: int
+    #: Values cut to ``max_string``.
+    cut: int
+
+
+#: Flattens, redacts and cuts a response header list.
+HeaderFlattener: TypeAlias = "Callable[[list[tuple[str, str]]], HeaderLayout]"
 
 
 class RequestHeaderPlan(Protocol):
@@ -530,18 +546,27 @@ class Trace:
         if raw is not None:
             flatten = self._flatten_headers
             pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
-            flat: tuple[str, ...] = ()
-            length = None
+            layout = None
             try:
                 if flatten is not None:
-                    flat, length = flatten(pairs, self)
+                    layout = flatten(pairs)
             except Exception:
                 report_internal_error("response_headers", self)
-            # Unless the request replaced them meanwhile (start_response
-            # with exc_info, which does not wait for this lock).
+            # Kept, with what it found, only if the request did not replace
+            # the headers meanwhile (start_response with exc_info).
             if self._raw_response_headers is raw:
-                self._response_headers = flat
-                self._content_length = length
+                if layout is None:
+                    self._response_headers = ()
+                    self._content_length = None
+                else:
+                    self._response_headers = layout.headers
+                    self._content_length = layout.content_length
+                    for warning in layout.warnings:
+                        self.warn(warning)
+                    if layout.dropped:
+                        self.note_truncated("response_headers", layout.dropped)
+                    if layout.cut:
+                        self.note_truncated("header_values", layout.cut)
                 self._raw_response_headers = None
         if self._length_check and self._raw_response_headers is None:
             try:
