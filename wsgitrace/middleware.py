@@ -21,6 +21,7 @@ import operator
 import random
 import time
 from collections.abc import Callable, Iterable
+from sys import getsizeof
 from typing import TYPE_CHECKING, Any
 
 from ._body import _parse_content_length, _TracedBody
@@ -360,13 +361,17 @@ class _RequestHeaderPlan:
         )
 
     def fit(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
-        """Values as strings, cut to the string cap (the rare path)."""
+        """Values as strings, cut to the string cap (the rare path). What
+        they take beyond one byte a character (a cut string's marker, a
+        repr's text) is added to the trace's size here.
+        """
         out: list[str] = []
         for value in values:
             text = str.__str__(value) if isinstance(value, str) else repr(value)
             if len(text) > self.max_string:
                 trace.note_truncated("header_values")
                 text = cut(text, self.max_string)
+            trace._own_key_bytes += max(0, getsizeof(text) - 49 - len(text))
             out.append(text)
         return tuple(out)
 

@@ -707,25 +707,30 @@ class Trace:
 
     def _estimate_size(self) -> int:
         # Calibrated against tracemalloc on the bench's /hello (see bench/):
-        # the object, its arrays and the strings it alone keeps alive (by
-        # their real size: a cut string's marker makes it two bytes a
-        # character). Hook attributes are shared between traces, not counted.
+        # the object, its arrays and the strings it alone keeps alive. The
+        # environ's and the app's header strings are latin-1 (PEP 3333), one
+        # byte a character plus a 49-byte header; values cut on capture (the
+        # marker makes them two bytes a character) are counted in
+        # _own_key_bytes then, as are keys made by record(). Strings laid out
+        # or made later are measured with getsizeof. Hook keys are shared
+        # between traces and not counted.
         size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
         size += self._own_key_bytes
         if self._foreign:
             # A list slot and a tuple of the key, two ints and the thread.
             size += 180 * len(self._foreign)
-        strings = self._request_headers + self._response_headers
         values = self._request_values
         if values:
             # Names are shared by every trace of the same header layout.
-            size += 40 + 8 * len(values) + sum(map(getsizeof, values))
+            size += 40 + 57 * len(values) + sum(map(len, values))
         raw = self._raw_response_headers
         if isinstance(raw, tuple):
-            strings += raw
+            size += 40 + 57 * len(raw) + sum(map(len, raw))
         elif raw is not None:
-            size += sum(120 + getsizeof(name) + getsizeof(value) for name, value in raw)
-        size += 8 * len(strings) + sum(map(getsizeof, strings))
+            size += sum(170 + len(name) + len(value) for name, value in raw)
+        laid_out = self._request_headers + self._response_headers
+        if laid_out:
+            size += 40 + 8 * len(laid_out) + sum(map(getsizeof, laid_out))
         if self.error:
             size += 300 + sum(map(getsizeof, self.error.values()))
         if self._g:
