@@ -1430,6 +1430,47 @@ def test_body_driven_by_next_and_dropped_is_finished_unclosed() -> None:
         gc.enable()
 
 
+def _pause_in(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, thread: str = "A"
+) -> tuple[threading.Event, threading.Event]:
+    """Make ``owner.method`` stop, when the thread named ``thread`` calls it,
+    until released (as a thread switch would stop it there). Returns the
+    (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(owner, method)
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == thread:
+            entered.set()
+            release.wait(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, paused)
+    return entered, release
+
+
+def _two_readers(
+    read: Callable[[], Any], entered: threading.Event, release: threading.Event
+) -> dict[str, Any]:
+    """Reader A starts and is stopped inside ``read``; reader B reads then;
+    A is released. Returns what each read."""
+    seen: dict[str, Any] = {}
+
+    def reader(name: str) -> None:
+        seen[name] = read()
+
+    a = threading.Thread(target=reader, args=("A",), name="A")
+    a.start()
+    assert entered.wait(5)
+    b = threading.Thread(target=reader, args=("B",), name="B")
+    b.start()
+    b.join(0.2)  # B waits for A rather than reading a half-done state
+    release.set()
+    a.join(5)
+    b.join(5)
+    return seen
+
+
 @pytest.mark.parametrize("read", ["response_headers", "request_headers"])
 def test_two_first_readers_both_get_the_laid_out_headers(
     monkeypatch: pytest.MonkeyPatch, read: str
@@ -1437,44 +1478,16 @@ def test_two_first_readers_both_get_the_laid_out_headers(
     """Reader A is paused inside the lazy layout (as a thread switch would
     pause it) while reader B reads: B gets the full headers, and the
     Content-Length warning is produced exactly once."""
+    from wsgitrace.middleware import _RequestHeaderPlan
+
     trace = _served_mismatch()
-    entered, release = threading.Event(), threading.Event()
-    real_is_secret = Redactor.is_secret
-
-    def paused_is_secret(self: Redactor, name: str) -> bool:
-        if threading.current_thread().name == "A":
-            entered.set()
-            release.wait(5)
-        return real_is_secret(self, name)
-
     if read == "response_headers":
-        monkeypatch.setattr(Redactor, "is_secret", paused_is_secret)
+        entered, release = _pause_in(monkeypatch, Redactor, "is_secret")
     else:
-        from wsgitrace.middleware import _RequestHeaderPlan
-
-        real_expand = _RequestHeaderPlan.expand
-
-        def paused_expand(self: Any, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
-            if threading.current_thread().name == "A":
-                entered.set()
-                release.wait(5)
-            return real_expand(self, values, trace)
-
-        monkeypatch.setattr(_RequestHeaderPlan, "expand", paused_expand)
-    seen: dict[str, Any] = {}
-
-    def reader(name: str) -> None:
-        seen[name] = (getattr(trace, read), trace.to_dict()["warnings"])
-
-    a = threading.Thread(target=reader, args=("A",), name="A")
-    a.start()
-    assert entered.wait(5)
-    b = threading.Thread(target=reader, args=("B",), name="B")
-    b.start()
-    b.join(0.2)  # B waits for A's layout rather than reading a half-done one
-    release.set()
-    a.join(5)
-    b.join(5)
+        entered, release = _pause_in(monkeypatch, _RequestHeaderPlan, "expand")
+    seen = _two_readers(
+        lambda: (getattr(trace, read), trace.to_dict()["warnings"]), entered, release
+    )
     assert seen["A"][0] == seen["B"][0] != ()
     mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
     assert seen["A"][1] == seen["B"][1] == trace.warnings == mismatch
@@ -1588,30 +1601,8 @@ def test_a_reader_never_sees_the_length_check_done_without_its_warning(
     """Reader A is paused while it adds the Content-Length warning; reader
     B, arriving then, waits for it instead of reading no warning."""
     trace = _served_mismatch()
-    entered, release = threading.Event(), threading.Event()
-    real_warn = Trace.warn
-
-    def paused_warn(self: Trace, message: str) -> None:
-        if threading.current_thread().name == "A":
-            entered.set()
-            release.wait(5)
-        real_warn(self, message)
-
-    monkeypatch.setattr(Trace, "warn", paused_warn)
-    seen: dict[str, Any] = {}
-
-    def reader(name: str) -> None:
-        seen[name] = trace.warnings
-
-    a = threading.Thread(target=reader, args=("A",), name="A")
-    a.start()
-    assert entered.wait(5)
-    b = threading.Thread(target=reader, args=("B",), name="B")
-    b.start()
-    b.join(0.2)
-    release.set()
-    a.join(5)
-    b.join(5)
+    entered, release = _pause_in(monkeypatch, Trace, "warn")
+    seen = _two_readers(lambda: trace.warnings, entered, release)
     mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
     assert seen["A"] == seen["B"] == mismatch
 
