@@ -1718,3 +1718,54 @@ def test_a_str_subclass_header_value_is_kept_as_a_plain_cut_string(
     value = dict(_header_pairs(trace))["X-Odd"]
     assert type(value) is str
     assert value == "x" * 32 + TRUNCATION_MARKER
+
+
+def test_a_body_collected_during_a_header_layout_keeps_that_layout() -> None:
+    """A collection during a header layout can finish the very trace being
+    laid out (its body dropped unclosed) on the same thread: the finish then
+    leaves the header list alone, and the read gets the headers."""
+    seen: dict[str, Any] = {}
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        seen["trace"] = current_trace()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-A", "1")])
+        return [b"hi"]
+
+    middleware = TraceMiddleware(app)
+    seen["body"] = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, ignore_start_response)
+    trace: Trace = seen["trace"]
+    flatten = trace._flatten_headers
+    assert flatten is not None
+
+    def collecting_flatten(pairs: list[tuple[str, str]]) -> HeaderLayout:
+        del seen["body"]  # the body goes, unclosed, in the middle of the layout
+        gc.collect()
+        return flatten(pairs)
+
+    trace._flatten_headers = collecting_flatten
+    assert not trace.finished
+    assert trace.response_headers == ("Content-Type", "text/plain", "X-A", "1")
+    assert trace.finished
+    assert trace.state == "unclosed"
+
+
+def test_non_ascii_header_strings_are_counted_at_their_size() -> None:
+    """Latin-1 header values that are not ASCII (PEP 3333's decoding of
+    UTF-8 bytes) take 24 bytes more each; the size counts them."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("X-Name", environ["HTTP_X_NAME"])])
+        return [b""]
+
+    sizes = {}
+    for text in ("aaaa", "\xe9\xe9\xe9\xe9"):
+        middleware = TraceMiddleware(app)
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_X_NAME": text}
+        body = middleware(environ, ignore_start_response)
+        b"".join(body)
+        body.close()  # type: ignore[attr-defined]
+        trace = middleware.buffer.last
+        assert trace is not None
+        sizes[text] = trace.approx_size
+    # The request value and the response value.
+    assert sizes["\xe9\xe9\xe9\xe9"] - sizes["aaaa"] == 2 * 24

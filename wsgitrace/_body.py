@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 from ._internal import report_internal_error
 from .context import _current_trace
 from .trace import (
+    _LAYOUT_IN_PROGRESS,
     _LAYOUT_LOCK,
     APP_END,
     BODY_END,
@@ -341,7 +342,7 @@ class _TracedBody:
             # under it); then the list is kept as it is.
             try:
                 raw = trace._raw_response_headers
-                if type(raw) is list:
+                if type(raw) is list and not _LAYOUT_IN_PROGRESS:
                     trace._raw_response_headers = tuple(chain.from_iterable(raw))
             finally:
                 _LAYOUT_LOCK.release()

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from ._internal import report_internal_error
 from .exceptions import ConfigurationError
 from .trace import Trace
 
@@ -99,7 +100,11 @@ class TraceBuffer:
             trace = pending.popleft()
             if trace.evicted or trace.cursor == 0 or trace._size:
                 continue
-            trace._size = trace._estimate_size()
+            try:
+                trace._size = trace._estimate_size()
+            except Exception:  # e.g. an app's header value that is not a str
+                report_internal_error("estimate_size", trace)
+                trace._size = 4096
             self._bytes += trace._size
         while self._bytes > self.max_bytes and len(self._traces) > 1:
             self._evict_oldest()

@@ -61,6 +61,10 @@ _FOREIGN_LOCK = threading.RLock()
 # Serialises laying out a trace's headers the first time they are read
 # (read side only: the request path never takes it).
 _LAYOUT_LOCK = threading.RLock()
+# Not empty while a response header list is laid out (under _LAYOUT_LOCK):
+# the compaction at finish, which may run in a collection on the thread
+# that is laying out (the lock is reentrant), then leaves the list alone.
+_LAYOUT_IN_PROGRESS: list[Trace] = []
 
 #: Slots of a :class:`Trace` left unset until needed, and what they read as.
 _LAZY_DEFAULTS: dict[str, Any] = {
@@ -542,37 +546,46 @@ class Trace:
         self._response_headers = value
 
     def _settle_response_headers(self) -> None:
-        raw = self._raw_response_headers
-        if raw is not None:
-            flatten = self._flatten_headers
-            pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
-            layout = None
+        if self._raw_response_headers is not None and not _LAYOUT_IN_PROGRESS:
+            _LAYOUT_IN_PROGRESS.append(self)
             try:
-                if flatten is not None:
-                    layout = flatten(pairs)
-            except Exception:
-                report_internal_error("response_headers", self)
-            # Kept, with what it found, only if the request did not replace
-            # the headers meanwhile (start_response with exc_info).
-            if self._raw_response_headers is raw:
-                if layout is None:
-                    self._response_headers = ()
-                    self._content_length = None
-                else:
-                    self._response_headers = layout.headers
-                    self._content_length = layout.content_length
-                    for warning in layout.warnings:
-                        self.warn(warning)
-                    if layout.dropped:
-                        self.note_truncated("response_headers", layout.dropped)
-                    if layout.cut:
-                        self.note_truncated("header_values", layout.cut)
-                self._raw_response_headers = None
+                self._lay_out_response_headers()
+            finally:
+                _LAYOUT_IN_PROGRESS.pop()
         if self._length_check and self._raw_response_headers is None:
             try:
                 self._check_length()
             except Exception:
                 report_internal_error("length_check", self)
+
+    def _lay_out_response_headers(self) -> None:
+        raw = self._raw_response_headers
+        if raw is None:
+            return
+        flatten = self._flatten_headers
+        pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
+        layout = None
+        try:
+            if flatten is not None:
+                layout = flatten(pairs)
+        except Exception:
+            report_internal_error("response_headers", self)
+        # Kept, with what it found, only if the request did not replace
+        # the headers meanwhile (start_response with exc_info).
+        if self._raw_response_headers is raw:
+            if layout is None:
+                self._response_headers = ()
+                self._content_length = None
+            else:
+                self._response_headers = layout.headers
+                self._content_length = layout.content_length
+                for warning in layout.warnings:
+                    self.warn(warning)
+                if layout.dropped:
+                    self.note_truncated("response_headers", layout.dropped)
+                if layout.cut:
+                    self.note_truncated("header_values", layout.cut)
+            self._raw_response_headers = None
 
     @property
     def content_length(self) -> int | None:
@@ -721,13 +734,15 @@ class Trace:
             size += 180 * len(self._foreign)
         values = self._request_values
         if values:
-            # Names are shared by every trace of the same header layout.
-            size += 40 + 57 * len(values) + sum(map(len, values))
+            # Names are shared by every trace of the same header layout. A
+            # latin-1 string that is not ASCII has a 24-byte longer header.
+            size += 40 + 81 * len(values) + sum(map(len, values))
+            size -= 24 * sum(map(str.isascii, values))
         raw = self._raw_response_headers
         if isinstance(raw, tuple):
-            size += 40 + 57 * len(raw) + sum(map(len, raw))
+            size += 40 + 81 * len(raw) + sum(map(len, raw)) - 24 * sum(map(str.isascii, raw))
         elif raw is not None:
-            size += sum(170 + len(name) + len(value) for name, value in raw)
+            size += sum(218 + len(name) + len(value) for name, value in raw)
         laid_out = self._request_headers + self._response_headers
         if laid_out:
             size += 40 + 8 * len(laid_out) + sum(map(getsizeof, laid_out))
