@@ -1562,8 +1562,8 @@ def test_a_reader_laying_out_headers_never_holds_up_a_plain_request(
     make_environ: MakeEnviron,
 ) -> None:
     """A request with one start_response does not wait for the read-side
-    layout lock (held here by a reader): its headers are then kept as the
-    app's list instead of being compacted, and read the same."""
+    layout lock (held here by a reader): its headers are compacted before
+    the trace is published, without the lock, and read the same."""
     import time
 
     from wsgitrace.trace import _LAYOUT_LOCK
@@ -1587,7 +1587,7 @@ def test_a_reader_laying_out_headers_never_holds_up_a_plain_request(
         assert time.monotonic() - started < 2
         trace = middleware.buffer.last
         assert trace is not None
-        assert type(trace._raw_response_headers) is list
+        assert type(trace._raw_response_headers) is tuple
     finally:
         release.set()
         reader.join(5)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, cast
 from ._internal import report_internal_error
 from .context import _current_trace
 from .trace import (
-    _LAYOUT_IN_PROGRESS,
     _LAYOUT_LOCK,
     APP_END,
     BODY_END,
@@ -132,7 +131,6 @@ class _TracedBody:
             trace = self.trace
             if self._starts and exc_info is None:
                 trace.warn("start_response called twice without exc_info")
-            first = not self._starts
             self._starts += 1
             if accepted and self._middleware._capture_headers:
                 # Kept raw, as the first time. Under the read-side lock: a
@@ -146,11 +144,10 @@ class _TracedBody:
             elif accepted:
                 trace.status = status
                 trace.content_length = _content_length(headers)
-            if first and exc_info is None:
-                trace.start_response_ns = now
-            else:
-                attrs = {"exc_info": True} if exc_info is not None else None
-                trace.record("start_response", "start_response", now, now, attrs)
+            # Never the first plain call (start_response handles that), so
+            # always an event of its own.
+            attrs = {"exc_info": True} if exc_info is not None else None
+            trace.record("start_response", "start_response", now, now, attrs)
         except Exception:
             report_internal_error("start_response", self.trace)
 
@@ -161,15 +158,8 @@ class _TracedBody:
             # start_response, without touching our own state first.
             msg = "write() called before start_response()"
             raise AssertionError(msg)
-        start: int | None
-        try:
-            start = self.trace.now()
-        except Exception:
-            report_internal_error("write", self.trace)
-            start = None
+        start = self.trace.now()  # clocks never raise (see _SafeClock)
         result = write(data)
-        if start is None:
-            return result
         try:
             trace = self.trace
             end = trace.now()
@@ -198,6 +188,12 @@ class _TracedBody:
         try:
             trace = self.trace
             now = trace._times[APP_END] = trace._clock()
+            raw = trace._raw_response_headers
+            if type(raw) is list:
+                # One flat tuple of the strings, a third of the list's memory,
+                # made before the trace is published: no reader can hold the
+                # list yet. (Headers started later stay a list.)
+                trace._raw_response_headers = tuple(chain.from_iterable(raw))
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
@@ -242,12 +238,7 @@ class _TracedBody:
         trace = self.trace
         first = not self._closed
         self._closed = True
-        start: int | None
-        try:
-            start = trace._clock()
-        except Exception:
-            report_internal_error("close", trace)
-            start = None
+        start = trace._clock()  # clocks never raise (see _SafeClock)
         token = _current_trace.set(trace)
         error: BaseException | None = None
         try:
@@ -263,11 +254,7 @@ class _TracedBody:
                 try:
                     times = trace._times
                     now = trace._clock()
-                    if start is None:
-                        start = now
-                    if times[BODY_END] == UNSET:
-                        times[BODY_START] = self._body_start or start
-                        times[BODY_END] = start
+                    self._record_body(start)
                     times[CLOSE_START] = start
                     times[CLOSE_END] = now
                     if error is not None:
@@ -336,16 +323,6 @@ class _TracedBody:
         times = trace._times
         times[END] = end
         trace.finished = True
-        if type(trace._raw_response_headers) is list and _LAYOUT_LOCK.acquire(blocking=False):
-            # One flat tuple of the strings: a third of the list's memory.
-            # Not while a reader lays the list out (it would be replaced
-            # under it); then the list is kept as it is.
-            try:
-                raw = trace._raw_response_headers
-                if type(raw) is list and not _LAYOUT_IN_PROGRESS:
-                    trace._raw_response_headers = tuple(chain.from_iterable(raw))
-            finally:
-                _LAYOUT_LOCK.release()
         middleware = self._middleware
         middleware.buffer.finished(trace)  # lock-free: safe from __del__
         if middleware.sinks is not None:
@@ -401,10 +378,7 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
     reset_current(token)
     try:
         body._exhausted = True
-        if times[BODY_END] == UNSET:
-            end = clock()
-            times[BODY_START] = body._body_start or end
-            times[BODY_END] = end
+        body._record_body(clock())
     except Exception:
         report_internal_error("body_done", trace)
 

@@ -240,7 +240,7 @@ class TraceMiddleware:
         else:
             # An environ too unusual to keep a plan for: laid out now, so the
             # trace keeps (and its size counts) only the cut strings.
-            trace.request_headers = plan.expand(values, trace)
+            trace.request_headers = plan.expand(values)
 
     def _header_entry(self, key: str) -> tuple[str, bool]:
         if key.startswith("HTTP_"):
@@ -362,8 +362,8 @@ class _RequestHeaderPlan:
 
     def fit(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
         """Values as strings, cut to the string cap (the rare path). What
-        they take beyond one byte a character (a cut string's marker, a
-        repr's text) is added to the trace's size here.
+        they take beyond the latin-1 size the estimate counts (a cut
+        string's marker makes it two bytes a character) is added here.
         """
         out: list[str] = []
         for value in values:
@@ -371,11 +371,12 @@ class _RequestHeaderPlan:
             if len(text) > self.max_string:
                 trace.note_truncated("header_values")
                 text = cut(text, self.max_string)
-            trace._own_key_bytes += max(0, getsizeof(text) - 49 - len(text))
+            latin1 = len(text) + (49 if text.isascii() else 73)
+            trace._own_key_bytes += max(0, getsizeof(text) - latin1)
             out.append(text)
         return tuple(out)
 
-    def expand(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
+    def expand(self, values: tuple[Any, ...]) -> tuple[str, ...]:
         """The flat ``(name, value, ...)`` tuple, secrets redacted."""
         out: list[str] = []
         fetched = iter(values)

@@ -58,13 +58,10 @@ HOOK_KINDS = frozenset(
 # that records on the same thread.
 _FOREIGN_LOCK = threading.RLock()
 
-# Serialises laying out a trace's headers the first time they are read
-# (read side only: the request path never takes it).
+# Serialises laying out a trace's headers the first time they are read.
+# The request path takes it only when start_response is called again (with
+# exc_info) to replace headers a reader may be laying out.
 _LAYOUT_LOCK = threading.RLock()
-# Not empty while a response header list is laid out (under _LAYOUT_LOCK):
-# the compaction at finish, which may run in a collection on the thread
-# that is laying out (the lock is reentrant), then leaves the list alone.
-_LAYOUT_IN_PROGRESS: list[Trace] = []
 
 #: Slots of a :class:`Trace` left unset until needed, and what they read as.
 _LAZY_DEFAULTS: dict[str, Any] = {
@@ -121,8 +118,8 @@ class RequestHeaderPlan(Protocol):
     :class:`~wsgitrace.middleware.TraceMiddleware`).
     """
 
-    def expand(self, values: tuple[Any, ...], trace: Trace) -> tuple[str, ...]:
-        """The flat ``(name, value, ...)`` tuple of the headers, redacted and cut."""
+    def expand(self, values: tuple[Any, ...]) -> tuple[str, ...]:
+        """The flat ``(name, value, ...)`` tuple of the headers, redacted."""
         ...
 
 
@@ -519,7 +516,7 @@ class Trace:
                 plan = self._request_plan
                 if plan is not None:
                     try:
-                        self._request_headers = plan.expand(self._request_values, self)
+                        self._request_headers = plan.expand(self._request_values)
                     except Exception:
                         report_internal_error("request_headers", self)
                     self._request_plan = None
@@ -546,12 +543,8 @@ class Trace:
         self._response_headers = value
 
     def _settle_response_headers(self) -> None:
-        if self._raw_response_headers is not None and not _LAYOUT_IN_PROGRESS:
-            _LAYOUT_IN_PROGRESS.append(self)
-            try:
-                self._lay_out_response_headers()
-            finally:
-                _LAYOUT_IN_PROGRESS.pop()
+        if self._raw_response_headers is not None:
+            self._lay_out_response_headers()
         if self._length_check and self._raw_response_headers is None:
             try:
                 self._check_length()
