@@ -81,7 +81,7 @@ def _install_phases(app: Flask, tracer: _AppTracer) -> None:
 def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], flask.Response]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    clock = tracer.clock
+    send_signal = tracer.send_signal
     original = Flask.full_dispatch_request
     request_started = signals.request_started
     started_key = _SIGNAL_KEYS["signal:request-started"]
@@ -94,14 +94,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         tracer.url_match(trace)
         app._got_first_request = True
         try:
-            # A signal with no receivers at all is an instant: one clock reading.
-            start = clock() if request_started.receivers else 0
-            request_started.send(app, _async_wrapper=app.ensure_sync)
-            try:
-                end = clock()
-                trace.record_key(started_key, start or end, end)
-            except Exception:
-                report_internal_error("flask.signal", trace)
+            send_signal(trace, app, request_started, started_key)
             rv = app.preprocess_request()
             if rv is None:
                 rv = app.dispatch_request()
@@ -193,7 +186,7 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
 def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flask.Response]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    clock = tracer.clock
+    send_signal = tracer.send_signal
     original = Flask.finalize_request
     request_finished = signals.request_finished
     finished_key = _SIGNAL_KEYS["signal:request-finished"]
@@ -206,14 +199,7 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
-            # A signal with no receivers at all is an instant: one clock reading.
-            start = clock() if request_finished.receivers else 0
-            request_finished.send(app, _async_wrapper=app.ensure_sync, response=response)
-            try:
-                end = clock()
-                trace.record_key(finished_key, start or end, end)
-            except Exception:
-                report_internal_error("flask.signal", trace)
+            send_signal(trace, app, request_finished, finished_key, response=response)
         except Exception:
             if not from_error_handler:
                 raise
@@ -269,7 +255,7 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
 def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    clock = tracer.clock
+    send_signal = tracer.send_signal
     original = Flask.do_teardown_request
     run_hook = tracer.run_hook
     teardown_keys = tracer.hook_cache("teardown_request")
@@ -302,14 +288,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     )
 
         tracer.snapshot_session(trace)
-        # A signal with no receivers at all is an instant: one clock reading.
-        start = clock() if request_tearing_down.receivers else 0
-        request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
-        try:
-            end = clock()
-            trace.record_key(tearing_down_key, start or end, end)
-        except Exception:
-            report_internal_error("flask.signal", trace)
+        send_signal(trace, app, request_tearing_down, tearing_down_key, exc=exc)
         return None
 
     return do_teardown_request
@@ -318,7 +297,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
 def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[..., None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    clock = tracer.clock
+    send_signal = tracer.send_signal
     original = Flask.do_teardown_appcontext
     run_hook = tracer.run_hook
     teardown_keys = tracer.hook_cache("teardown_appcontext")
@@ -349,14 +328,7 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
             )
 
         tracer.snapshot_g(trace)
-        # A signal with no receivers at all is an instant: one clock reading.
-        start = clock() if appcontext_tearing_down.receivers else 0
-        appcontext_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
-        try:
-            end = clock()
-            trace.record_key(tearing_down_key, start or end, end)
-        except Exception:
-            report_internal_error("flask.signal", trace)
+        send_signal(trace, app, appcontext_tearing_down, tearing_down_key, exc=exc)
         return None
 
     return do_teardown_appcontext

@@ -310,6 +310,22 @@ class _AppTracer:
             self._changed_keys[signature] = (info, key)
         return key
 
+    def send_signal(
+        self, trace: Trace, app: Flask, signal: Any, key: EventKey, **kwargs: Any
+    ) -> None:
+        """Send a Flask signal exactly as Flask does (its errors propagate, as
+        in Flask) and record it under ``key``: with the time its receivers
+        took, or as an instant (one clock reading) when it has none at all.
+        """
+        clock = self.clock
+        start = clock() if signal.receivers else 0
+        signal.send(app, _async_wrapper=app.ensure_sync, **kwargs)
+        try:
+            end = clock()
+            trace.record_key(key, start or end, end)
+        except Exception:
+            report_internal_error("flask.signal", trace)
+
     # -- state --------------------------------------------------------------
 
     def url_match(self, trace: Trace) -> None:
