@@ -408,7 +408,10 @@ class Trace:
             times.append(end_ns)
             keys.append(key)
             return True
-        self.dropped_events += 1
+        # Past the cap (rare): counted under the lock other threads count
+        # under, so two threads overflowing at once lose no count.
+        with _FOREIGN_LOCK:
+            self.dropped_events += 1
         return False
 
     def _record_foreign(self, key: EventKey, start_ns: int, end_ns: int) -> bool:
