@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from sys import getsizeof
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, overload
+from typing import Any, NamedTuple, Protocol, TypeAlias, overload
 
 from ._internal import report_internal_error
 from ._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
@@ -62,21 +62,6 @@ _FOREIGN_LOCK = threading.RLock()
 # The request path takes it only when start_response is called again (with
 # exc_info) to replace headers a reader may be laying out.
 _LAYOUT_LOCK = threading.RLock()
-
-#: Slots of a :class:`Trace` left unset until needed, and what they read as.
-_LAZY_DEFAULTS: dict[str, Any] = {
-    "_id": None,
-    "truncated": None,
-    "_flatten_headers": None,
-    "_content_length": None,
-    "endpoint": None,
-    "rule": None,
-    "view_args": None,
-    "session_keys": None,
-    "_length_check": False,
-    "dropped_events": 0,
-}
-
 
 _get_ident = threading.get_ident
 
@@ -279,9 +264,8 @@ class Trace:
         limits: TraceLimits = DEFAULT_LIMITS,
         start_ns: int | None = None,
     ) -> None:
-        # Attributes in _LAZY_DEFAULTS are not set here: a slot left unset
-        # reads as its default (see __getattr__), which keeps this
-        # constructor, run once per request, short.
+        # Every slot is set here: a class with __getattr__ (for lazy
+        # defaults) would make each attribute read on the request path slower.
         # The prefix of the process that made the trace (it changes in a
         # forked child); the id string itself is built when asked for.
         self._id_prefix = _ids.prefix
@@ -304,6 +288,24 @@ class Trace:
         self._times = _NO_STAMPS[:]
         self._size = 0
         self.cursor = 0
+        self._id: str | None = None
+        #: Counts of what caps cut (``path``, ``header_values``, ...), or ``None``.
+        self.truncated: dict[str, int] | None = None
+        # Flattens, redacts and cuts the app's header list, kept as given, the
+        # first time someone reads it (see ``response_headers``).
+        self._flatten_headers: HeaderFlattener | None = None
+        self._content_length: int | None = None
+        #: The matched endpoint and rule (Flask), or ``None``.
+        self.endpoint: str | None = None
+        self.rule: str | None = None
+        #: ``request.view_args`` with safe values (Flask), or ``None``.
+        self.view_args: dict[str, Any] | None = None
+        #: Keys of the session at teardown (Flask), or ``None``.
+        self.session_keys: list[str] | None = None
+        # The Content-Length check waits for the headers to be read.
+        self._length_check = False
+        #: Events not kept because the trace held ``max_events``.
+        self.dropped_events = 0
         self.method = method
         max_string = limits.max_string
         self.path = path if len(path) <= max_string else self._cut("path", path)
@@ -325,36 +327,6 @@ class Trace:
         self.chunks = 0
         self.finished = False
         self.evicted = False
-
-    # Attributes that most traces never set, with the value they read as.
-    _id: str | None
-    #: Counts of what caps cut (``path``, ``header_values``, ...), or ``None``.
-    truncated: dict[str, int] | None
-    # Flattens, redacts and cuts the app's header list, kept as given, the
-    # first time someone reads it (see ``response_headers``).
-    _flatten_headers: HeaderFlattener | None
-    _content_length: int | None
-    #: The matched endpoint and rule (Flask), or ``None``.
-    endpoint: str | None
-    rule: str | None
-    #: ``request.view_args`` with safe values (Flask), or ``None``.
-    view_args: dict[str, Any] | None
-    #: Keys of the session at teardown (Flask), or ``None``.
-    session_keys: list[str] | None
-    # The Content-Length check waits for the headers to be read.
-    _length_check: bool
-    #: Events not kept because the trace held ``max_events``.
-    dropped_events: int
-
-    if not TYPE_CHECKING:
-
-        def __getattr__(self, name: str) -> Any:
-            # Only called for a slot never set: its default.
-            try:
-                return _LAZY_DEFAULTS[name]
-            except KeyError:
-                msg = f"{type(self).__name__!r} object has no attribute {name!r}"
-                raise AttributeError(msg) from None
 
     end_ns = _Stamp(END, "When the response was closed (clock ns), or ``None``.")
     app_end_ns = _Stamp(APP_END, "When the app callable returned or raised.")
