@@ -21,7 +21,7 @@ import flask
 from flask import Flask, signals
 from flask.ctx import AppContext
 from flask.ctx import _sentinel as _ctx_sentinel
-from flask.globals import _cv_app, request_ctx
+from flask.globals import _cv_app, _cv_request
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 
@@ -116,9 +116,10 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
     def preprocess_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None or trace._limits is not limits:
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
             return original(app)
-        request = flask.request
+        request = ctx.request
         names = (None, *reversed(request.blueprints))
         g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
@@ -166,9 +167,10 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     def dispatch_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None or trace._limits is not limits:
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
             return original(app)
-        req = request_ctx.request
+        req = ctx.request
         rule = req.url_rule
         if (
             req.routing_exception is not None
@@ -219,9 +221,9 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
     def process_response(response: Any) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None or trace._limits is not limits:
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
             return original(app, response)
-        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
         g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
         for func in ctx._after_request_functions:
@@ -243,7 +245,7 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
                         response,
                     )
 
-        session = ctx._session if hasattr(ctx, "_session") else ctx.session
+        session: Any = ctx._session if hasattr(ctx, "_session") else ctx.session
         if not app.session_interface.is_null_session(session):
             app.session_interface.save_session(app, session, response)
 
@@ -269,11 +271,12 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
         trace = _current_trace.get()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
-        if trace is None or trace._limits is not limits:
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
             return original(app, exc)
         g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
 
-        for name in chain(flask.request.blueprints, (None,)):
+        for name in chain(ctx.request.blueprints, (None,)):
             if name in app.teardown_request_funcs:
                 for func in reversed(app.teardown_request_funcs[name]):
                     run_hook(
@@ -349,9 +352,9 @@ def _make_update_template_context(
         if trace is None or trace._limits is not limits:
             return original(app, context)
         names: Iterable[str | None] = (None,)
-        request = flask.request
-        if request:
-            names = chain(names, reversed(request.blueprints))
+        ctx = _cv_request.get(None)
+        if ctx is not None:
+            names = chain(names, reversed(ctx.request.blueprints))
         g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
         orig_ctx = context.copy()
         for name in names:
