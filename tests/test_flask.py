@@ -550,6 +550,193 @@ class TestSubclass:
         assert ("X-After", "1") in headers
         assert last(ext).hooks() == ["before_request:before", "view:index"]
 
+    def test_ensure_sync_gets_each_real_handler_once(self) -> None:
+        """An ensure_sync override (Flask's documented way to change how
+        handlers run) sees the same calls as without the extension: the real
+        error handler, once.
+        """
+
+        def build(calls: list[str]) -> Flask:
+            class LoggingFlask(Flask):
+                def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+                    calls.append(func.__name__)
+                    return super().ensure_sync(func)
+
+            app = LoggingFlask(__name__)
+
+            @app.errorhandler(ValueError)
+            def on_value_error(e: ValueError) -> tuple[str, int]:
+                return "handled", 400
+
+            @app.errorhandler(500)
+            def on_server_error(e: Exception) -> tuple[str, int]:
+                return "server error", 500
+
+            @app.route("/value")
+            def value() -> str:
+                raise ValueError("value")
+
+            @app.route("/key")
+            def key() -> str:
+                raise KeyError("key")
+
+            return app
+
+        plain_calls: list[str] = []
+        plain = build(plain_calls)
+        expected = [fetch(plain, "/value"), fetch(plain, "/key")]
+        calls: list[str] = []
+        app = build(calls)
+        ext = FlaskTrace(app)
+        assert [fetch(app, "/value"), fetch(app, "/key")] == expected
+        assert calls == plain_calls == ["value", "on_value_error", "key", "on_server_error"]
+        assert last(ext).hooks() == ["view:key", "errorhandler:on_server_error"]
+
+    def test_method_set_on_the_app_is_kept(self) -> None:
+        """A phase another extension replaced on the app instance keeps
+        running, and is listed as skipped.
+        """
+        app = simple_app()
+        original = app.process_response
+
+        def process_response(response: Response) -> Response:
+            response = original(response)
+            response.headers["X-Other-Extension"] = "1"
+            return response
+
+        app.process_response = process_response  # type: ignore[method-assign]
+        ext = FlaskTrace(app)
+        assert ext.skipped == ["process_response"]
+        _, headers, _ = fetch(app)
+        assert ("X-Other-Extension", "1") in headers
+        assert ("X-Hook", "1") in headers
+        assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
+
+    def test_flask_methods_patched_on_the_class_still_run(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Methods an APM agent patched on Flask itself (before init_app)
+        run on traced requests; a wrapper on Flask.wsgi_app runs even when
+        put there after init_app.
+        """
+        calls: list[str] = []
+        process_response = Flask.process_response
+        wsgi_app = Flask.wsgi_app
+
+        def patched_process_response(self: Flask, response: Response) -> Response:
+            calls.append("process_response")
+            return process_response(self, response)
+
+        def patched_wsgi_app(self: Flask, environ: Any, start_response: Any) -> Any:
+            calls.append("wsgi_app")
+            return wsgi_app(self, environ, start_response)
+
+        monkeypatch.setattr(Flask, "process_response", patched_process_response)
+        app = simple_app()
+        ext = FlaskTrace(app)
+        monkeypatch.setattr(Flask, "wsgi_app", patched_wsgi_app)
+        status, headers, _ = fetch(app)
+        assert status == "200 OK"
+        assert ("X-Hook", "1") in headers
+        assert calls == ["wsgi_app", "process_response"]
+        assert ext.skipped == ["process_response"]
+        assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
+
+
+class TestUnusualApps:
+    def test_endpoint_that_is_not_a_string(self) -> None:
+        """Flask accepts any hashable endpoint; the view runs and is named
+        by the endpoint's str().
+        """
+        app = Flask(__name__)
+        app.add_url_rule("/", endpoint=("api", 1), view_func=lambda: "ok")  # type: ignore[arg-type]
+        ext = FlaskTrace(app)
+        assert fetch(app)[0::2] == ("200 OK", b"ok")
+        trace = last(ext)
+        assert trace.hooks() == ["view:('api', 1)"]
+        assert trace.endpoint == "('api', 1)"
+
+    def test_template_context_outside_an_app_context(self) -> None:
+        """update_template_context() works without a context, as in Flask,
+        while a body iterated after the request is being traced.
+        """
+
+        def build() -> Flask:
+            app = Flask(__name__)
+
+            @app.context_processor
+            def site() -> dict[str, str]:
+                return {"site": "demo"}
+
+            @app.route("/")
+            def index() -> Response:
+                def body() -> Any:
+                    context: dict[str, Any] = {}
+                    app.update_template_context(context)
+                    yield context["site"].encode()
+
+                return Response(body())
+
+            return app
+
+        expected = fetch(build())
+        app = build()
+        FlaskTrace(app)
+        assert fetch(app) == expected
+        assert expected[2] == b"demo"
+
+    def test_error_handler_named_by_the_registration_that_handled(self) -> None:
+        """One function registered on a blueprint (for KeyError) and on the
+        app (for Exception): a ValueError is handled by the app's.
+        """
+        app = Flask(__name__)
+        admin = Blueprint("admin", __name__, url_prefix="/admin")
+
+        def handle(e: Exception) -> tuple[str, int]:
+            return f"handled {type(e).__name__}", 500
+
+        admin.register_error_handler(KeyError, handle)
+        app.register_error_handler(Exception, handle)
+
+        @admin.route("/")
+        def dashboard() -> str:
+            raise ValueError("v")
+
+        app.register_blueprint(admin)
+        ext = FlaskTrace(app)
+        assert fetch(app, "/admin/")[2] == b"handled ValueError"
+        assert last(ext).hooks() == ["view:admin.dashboard", "errorhandler:handle"]
+
+    def test_failing_error_handler_recording_keeps_the_response(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A failure while naming the error handler that ran leaves its
+        response as it was, and is counted.
+        """
+        from wsgitrace.middleware import internal_error_count
+
+        def build() -> Flask:
+            app = Flask(__name__)
+
+            @app.errorhandler(404)
+            def not_found(e: Exception) -> tuple[str, int]:
+                return "custom 404", 404
+
+            return app
+
+        expected = fetch(build(), "/missing")
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("broken")
+
+        monkeypatch.setattr("wsgitrace._flask_recorder._handler_blueprint", broken)
+        app = build()
+        ext = FlaskTrace(app)
+        before = internal_error_count()
+        assert fetch(app, "/missing") == expected
+        assert internal_error_count() == before + 1
+        assert last(ext).hooks() == []
+
 
 # -- two apps -----------------------------------------------------------------
 
@@ -698,6 +885,7 @@ def test_failing_clock_never_changes_a_response(once: bool) -> None:
         "wsgitrace._flask_recorder._safe_repr",
         "wsgitrace._flask_recorder.cut",
         "wsgitrace._flask_recorder._function_name",
+        "wsgitrace._flask_recorder._AppTracer.hook_key",
         "wsgitrace._flask_receivers.format_error",
     ],
 )

@@ -15,6 +15,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterable
 from itertools import chain
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 import flask
@@ -24,17 +25,19 @@ from flask.ctx import _sentinel as _ctx_sentinel
 from flask.globals import _cv_app, _cv_request
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
+from werkzeug.exceptions import BadRequestKeyError, HTTPException, InternalServerError
+from werkzeug.routing import RoutingException
 
 from ._flask_recorder import _NO_G, _SIGNAL_KEYS
 from ._internal import report_internal_error
 from .context import _current_trace
-from .trace import Trace
 
 if TYPE_CHECKING:
     from ._flask_recorder import _AppTracer
 
-# Phases whose Flask methods are shadowed, with the Flask function each
-# replaces; a class that overrides one keeps its own.
+# Phases whose Flask methods are shadowed on the app. A phase whose method
+# is not Flask's own (a subclass's override, a method set on the app, or
+# Flask's patched by an APM agent) is left alone: it keeps running.
 _PHASES = (
     "full_dispatch_request",
     "preprocess_request",
@@ -45,7 +48,9 @@ _PHASES = (
     "do_teardown_appcontext",
     "update_template_context",
     "inject_url_defaults",
-    "_find_error_handler",
+    "handle_http_exception",
+    "handle_user_exception",
+    "handle_exception",
     "app_context",
 )
 
@@ -53,7 +58,7 @@ _PHASES = (
 def _install_phases(app: Flask, tracer: _AppTracer) -> None:
     cls = type(app)
     for phase in _PHASES:
-        if getattr(cls, phase) is not getattr(Flask, phase):
+        if phase in vars(app) or not _is_flasks_own(getattr(cls, phase, None), phase):
             tracer.skipped.append(phase)
     makers: dict[str, Callable[[Flask, _AppTracer], Callable[..., Any]]] = {
         "full_dispatch_request": _make_full_dispatch_request,
@@ -65,12 +70,25 @@ def _install_phases(app: Flask, tracer: _AppTracer) -> None:
         "do_teardown_appcontext": _make_do_teardown_appcontext,
         "update_template_context": _make_update_template_context,
         "inject_url_defaults": _make_inject_url_defaults,
-        "_find_error_handler": _make_find_error_handler,
+        "handle_http_exception": _make_handle_http_exception,
+        "handle_user_exception": _make_handle_user_exception,
+        "handle_exception": _make_handle_exception,
         "app_context": _make_app_context,
     }
     for phase, make in makers.items():
         if phase not in tracer.skipped:
             setattr(app, phase, make(app, tracer))
+
+
+def _is_flasks_own(func: object, phase: str) -> bool:
+    """Whether ``func`` is the function Flask defines for ``phase``, not a
+    replacement or a wrapper (wrapt's proxies are not plain functions).
+    """
+    return (
+        type(func) is FunctionType
+        and getattr(func, "__module__", None) in ("flask.app", "flask.sansio.app")
+        and getattr(func, "__qualname__", None) in (f"Flask.{phase}", f"App.{phase}")
+    )
 
 
 # Each maker returns a function that mirrors Flask 3.0/3.1's method of the same
@@ -349,13 +367,16 @@ def _make_update_template_context(
     def update_template_context(context: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _current_trace.get()
-        if trace is None or trace._limits is not limits:
+        app_ctx = _cv_app.get(None)
+        # No app context (a body iterated after the request, without
+        # stream_with_context): Flask's own runs the processors without one.
+        if trace is None or trace._limits is not limits or app_ctx is None:
             return original(app, context)
         names: Iterable[str | None] = (None,)
         ctx = _cv_request.get(None)
         if ctx is not None:
             names = chain(names, reversed(ctx.request.blueprints))
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
         orig_ctx = context.copy()
         for name in names:
             if name in app.template_context_processors:
@@ -408,81 +429,85 @@ def _make_inject_url_defaults(
     return inject_url_defaults
 
 
-def _make_find_error_handler(app: Flask, tracer: _AppTracer) -> Callable[..., Any]:
+def _make_handle_http_exception(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask._find_error_handler
+    original = Flask.handle_http_exception
 
-    def _find_error_handler(e: Exception, blueprints: list[str]) -> Any:
+    def handle_http_exception(e: HTTPException) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        handler = original(app, e, blueprints)
         trace = _current_trace.get()
-        if handler is None or trace is None or trace._limits is not limits:
-            return handler
-        blueprint = _handler_blueprint(app, handler, blueprints)
-        return _RecordingErrorHandler(tracer, trace, handler, blueprint, app.ensure_sync)
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
+            return original(app, e)
+        if e.code is None:
+            return e
+        if isinstance(e, RoutingException):
+            return e
+        blueprints = ctx.request.blueprints
+        handler = app._find_error_handler(e, blueprints)
+        if handler is None:
+            return e
+        return tracer.run_error_handler(trace, app, handler, e, blueprints)
 
-    return _find_error_handler
+    return handle_http_exception
 
 
-def _handler_blueprint(app: Flask, handler: Any, blueprints: list[str]) -> str | None:
-    for name in (*blueprints, None):
-        for handler_map in app.error_handler_spec.get(name, {}).values():
-            if any(h is handler for h in handler_map.values()):
-                return name
-    return None
+def _make_handle_user_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exception], Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.handle_user_exception
+
+    def handle_user_exception(e: Exception) -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
+            return original(app, e)
+        if isinstance(e, BadRequestKeyError) and (
+            app.debug or app.config["TRAP_BAD_REQUEST_ERRORS"]
+        ):
+            e.show_exception = True
+        if isinstance(e, HTTPException) and not app.trap_http_exception(e):
+            return app.handle_http_exception(e)
+        blueprints = ctx.request.blueprints
+        handler = app._find_error_handler(e, blueprints)
+        if handler is None:
+            raise  # the error being handled, as Flask does
+        return tracer.run_error_handler(trace, app, handler, e, blueprints)
+
+    return handle_user_exception
 
 
-class _RecordingErrorHandler:
-    """Runs an error handler the way Flask does and records which exception
-    it handled.
-    """
+def _make_handle_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exception], Any]:
+    app_ref = weakref.ref(app)
+    limits = tracer.limits
+    original = Flask.handle_exception
 
-    __slots__ = ("blueprint", "ensure_sync", "handler", "trace", "tracer")
+    def handle_exception(e: Exception) -> Any:
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _current_trace.get()
+        ctx = _cv_request.get(None)
+        if trace is None or trace._limits is not limits or ctx is None:
+            return original(app, e)
+        exc_info = sys.exc_info()
+        signals.got_request_exception.send(app, _async_wrapper=app.ensure_sync, exception=e)
+        propagate = app.config["PROPAGATE_EXCEPTIONS"]
+        if propagate is None:
+            propagate = app.testing or app.debug
+        if propagate:
+            if exc_info[1] is e:
+                raise  # the error being handled, as Flask does
+            raise e
+        app.log_exception(exc_info)
+        server_error: Any = InternalServerError(original_exception=e)
+        blueprints = ctx.request.blueprints
+        handler = app._find_error_handler(server_error, blueprints)
+        if handler is not None:
+            server_error = tracer.run_error_handler(trace, app, handler, server_error, blueprints)
+        return app.finalize_request(server_error, from_error_handler=True)
 
-    def __init__(
-        self,
-        tracer: _AppTracer,
-        trace: Trace,
-        handler: Any,
-        blueprint: str | None,
-        ensure_sync: Callable[[Any], Callable[..., Any]],
-    ) -> None:
-        self.tracer = tracer
-        self.trace = trace
-        self.handler = handler
-        self.blueprint = blueprint
-        self.ensure_sync = ensure_sync
-
-    def __call__(self, e: Exception) -> Any:
-        tracer = self.tracer
-        try:
-            start = tracer.clock()
-        except Exception:
-            report_internal_error("flask.clock", self.trace)
-            return self.ensure_sync(self.handler)(e)
-        try:
-            rv = self.ensure_sync(self.handler)(e)
-        except BaseException as exc:
-            self._record(start, e, exc)
-            raise
-        self._record(start, e, None)
-        return rv
-
-    def _record(self, start: int, handled: Exception, exc: BaseException | None) -> None:
-        try:
-            _, name, attrs = self.tracer.hook_info("errorhandler", self.blueprint, self.handler)
-            extra: dict[str, Any] = {"exception": type(handled).__name__}
-            code = getattr(handled, "code", None)
-            if code is not None:
-                extra["code"] = code
-            if exc is not None:
-                extra["error"] = type(exc).__name__
-            self.trace.record(
-                "errorhandler", name, start, self.tracer.clock(), {**(attrs or {}), **extra}
-            )
-        except Exception:
-            report_internal_error("flask.errorhandler", self.trace)
+    return handle_exception
 
 
 def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext]:

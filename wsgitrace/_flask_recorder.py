@@ -162,6 +162,10 @@ class _AppTracer:
         info = self._view_info.get(endpoint)
         if info is not None and info[1]() is view:
             return info[0]
+        # Endpoints are strings, but Flask does not insist (an app may use a
+        # tuple); such a view is named by the endpoint's str().
+        if not isinstance(endpoint, str):
+            endpoint = str(endpoint)
         blueprint = endpoint.rpartition(".")[0] or None
         try:
             attrs = {
@@ -202,7 +206,12 @@ class _AppTracer:
         if entry is not None and entry[0]() is func and entry[1] == blueprint:
             key = entry[2]
         else:
-            key = self.hook_key(cache, kind, blueprint, func)
+            try:
+                key = self.hook_key(cache, kind, blueprint, func)
+            except Exception:
+                # Never breaks the app: the hook runs, unrecorded.
+                report_internal_error("flask.hook_key", trace)
+                return call(*args)
         before = g_dict.copy() if g_dict else None
         clock = self.clock
         start = clock()
@@ -326,6 +335,46 @@ class _AppTracer:
         except Exception:
             report_internal_error("flask.signal", trace)
 
+    def run_error_handler(
+        self, trace: Trace, app: Flask, handler: Any, error: Exception, blueprints: list[str]
+    ) -> Any:
+        """Call an error handler as Flask does (``app.ensure_sync(handler)(error)``)
+        and record which one handled which exception.
+        """
+        call = app.ensure_sync(handler)
+        start = self.clock()
+        try:
+            rv = call(error)
+        except BaseException as exc:
+            self._record_error_handler(trace, app, handler, error, blueprints, start, exc)
+            raise
+        self._record_error_handler(trace, app, handler, error, blueprints, start, None)
+        return rv
+
+    def _record_error_handler(
+        self,
+        trace: Trace,
+        app: Flask,
+        handler: Any,
+        handled: Exception,
+        blueprints: list[str],
+        start: int,
+        exc: BaseException | None,
+    ) -> None:
+        try:
+            end = self.clock()
+            blueprint = _handler_blueprint(app, handler, handled, blueprints)
+            _, name, attrs = self.hook_info("errorhandler", blueprint, handler)
+            extra: dict[str, Any] = {"exception": type(handled).__name__}
+            code = getattr(handled, "code", None)
+            if code is not None:
+                extra["code"] = code
+            if exc is not None:
+                extra["error"] = type(exc).__name__
+            trace.record("errorhandler", name, start, end, {**(attrs or {}), **extra})
+        except Exception:
+            report_internal_error("flask.errorhandler", trace)
+
     # -- state --------------------------------------------------------------
 
     def url_match(self, trace: Trace) -> None:
@@ -348,7 +397,8 @@ class _AppTracer:
                 return
             rule = req.url_rule
             if rule is not None:
-                trace.endpoint = rule.endpoint
+                endpoint = rule.endpoint
+                trace.endpoint = endpoint if type(endpoint) is str else str(endpoint)
                 trace.rule = rule.rule
             if req.view_args:
                 limit = self.max_string
@@ -397,6 +447,24 @@ class _AppTracer:
             trace._g = tuple(flat)
         except Exception:
             report_internal_error("flask.g", trace)
+
+
+def _handler_blueprint(
+    app: Flask, handler: Any, error: Exception, blueprints: list[str]
+) -> str | None:
+    """Where ``handler`` was registered: the first registration in the
+    order Flask's ``_find_error_handler`` searches (code, then class; the
+    blueprints, then the app; the exception's MRO) that holds it.
+    """
+    exc_class, code = app._get_exc_class_and_code(type(error))
+    names = (*blueprints, None)
+    for c in (code, None) if code is not None else (None,):
+        for name in names:
+            handler_map = app.error_handler_spec.get(name, {}).get(c, {})
+            for cls in exc_class.__mro__:
+                if handler_map.get(cls) is handler:
+                    return name
+    return None
 
 
 class _Strong:

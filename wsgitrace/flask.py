@@ -60,25 +60,28 @@ _SUPPORTED = ("3.0", "3.1")
 
 
 class _WeakWsgiApp:
-    """Calls ``Flask.wsgi_app`` of an app held weakly, so that
-    ``app.wsgi_app = TraceMiddleware(...)`` adds no reference cycle.
+    """Calls the app's ``wsgi_app`` method, looked up on its class at each
+    call, of an app held weakly: ``app.wsgi_app = TraceMiddleware(...)`` adds
+    no reference cycle, and a wrapper put on ``Flask.wsgi_app`` (by an APM
+    agent, before or after ``init_app``) still runs.
     """
 
-    __slots__ = ("_app", "_func")
+    __slots__ = ("_app", "_name")
 
-    def __init__(self, app: Flask, func: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, app: Flask, name: str) -> None:
         self._app = weakref.ref(app)
-        self._func = func
+        self._name = name
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         app = self._app()
         if app is None:  # pragma: no cover - the app is gone but still called
             msg = "the Flask app traced by wsgitrace no longer exists"
             raise RuntimeError(msg)
-        return self._func(app, environ, start_response)
+        method: Callable[..., Iterable[bytes]] = getattr(type(app), self._name)
+        return method(app, environ, start_response)
 
     def __repr__(self) -> str:
-        return f"<wsgi_app of {self._app()!r}>"
+        return f"<{self._name} of {self._app()!r}>"
 
 
 class FlaskTrace:
@@ -172,8 +175,13 @@ class FlaskTrace:
 
         original = app.wsgi_app
         inner: Any = original
-        if getattr(original, "__self__", None) is app:
-            inner = _WeakWsgiApp(app, original.__func__)  # type: ignore[attr-defined]
+        name = getattr(original, "__name__", None)
+        if (
+            getattr(original, "__self__", None) is app
+            and isinstance(name, str)
+            and callable(getattr(type(app), name, None))
+        ):
+            inner = _WeakWsgiApp(app, name)
         middleware = TraceMiddleware(
             inner,
             self._buffer,
