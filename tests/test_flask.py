@@ -643,6 +643,30 @@ class TestSubclass:
         assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
 
 
+class TestAdoptsMiddleware:
+    def test_hooks_go_into_the_traces_of_an_existing_middleware(self) -> None:
+        """An app whose wsgi_app already is a TraceMiddleware gets one trace
+        per request, with its hooks, in that middleware's buffer.
+        """
+        app = simple_app()
+        middleware = TraceMiddleware(app.wsgi_app)
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        ext = FlaskTrace(app)
+        assert app.wsgi_app is middleware
+        assert ext.buffer is middleware.buffer
+        assert fetch(app)[0] == "200 OK"
+        assert len(middleware.buffer) == 1
+        assert last(ext).hooks() == SIMPLE_HOOKS
+
+    def test_options_for_an_existing_middleware_are_refused(self) -> None:
+        app = simple_app()
+        app.wsgi_app = TraceMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+        with pytest.raises(ConfigurationError, match=r"give the options \(max_events\) to it"):
+            FlaskTrace(app, max_events=10)
+        with pytest.raises(ConfigurationError, match="buffer of its own"):
+            FlaskTrace(app, buffer=TraceBuffer())
+
+
 class TestUnusualApps:
     def test_endpoint_that_is_not_a_string(self) -> None:
         """Flask accepts any hashable endpoint; the view runs and is named

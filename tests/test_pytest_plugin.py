@@ -147,6 +147,62 @@ class TestAssertHookOrder:
         with pytest.raises(HookOrderError, match="use FlaskTrace"):
             assert_hook_order(wsgitrace.last, ["view:index"])
 
+    def test_names_that_can_never_match_are_refused(
+        self, app: Flask, wsgitrace: TraceCapture
+    ) -> None:
+        """Input that could make an assertion pass or fail for the wrong
+        reason is refused: unordered collections, non-strings, signals and
+        unknown kinds, a capture instead of a trace.
+        """
+        trace = admin_trace(app, wsgitrace)
+        with pytest.raises(TypeError, match="ordered sequence"):
+            assert_hook_order(trace, {"view:index", "before_request:load_user"}, exact=False)
+        with pytest.raises(TypeError, match="a hook name is a string"):
+            assert_hook_order(trace, ["view:index", 3])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="a hook name is a string"):
+            wsgitrace.assert_hook_not_run(trace, ["view:index"])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="is a signal, not a hook"):
+            wsgitrace.assert_hook_not_run(trace, "signal:request-started")
+        with pytest.raises(ValueError, match=r"names no hook: .* kind one of"):
+            wsgitrace.assert_hook_not_run(trace, "teardown:close_db")
+        with pytest.raises(TypeError, match=r"takes a Trace \(the capture's .last"):
+            assert_hook_order(wsgitrace, ["view:index"])  # type: ignore[arg-type]
+        wsgitrace.assert_hook_not_run(trace, "*:no_such_hook")  # a kind pattern is fine
+
+    def test_dropped_events_make_negative_assertions_fail(self, wsgitrace: TraceCapture) -> None:
+        """Hooks past the max_events cap are dropped: "did not run" cannot
+        be asserted then, and failures name the cap instead of blaming a
+        missing FlaskTrace.
+        """
+        from wsgitrace import span
+
+        app = Flask(__name__)
+
+        @app.route("/")
+        def index() -> str:
+            for _ in range(10):
+                with span("query"):
+                    pass
+            return "ok"
+
+        @app.after_request
+        def add_header(response: Response) -> Response:
+            return response
+
+        FlaskTrace(app, max_events=12)
+        app.test_client().get("/")
+        trace = wsgitrace.last
+        assert trace.dropped_events > 0
+        assert "after_request:add_header" not in trace.hooks()
+        with pytest.raises(HookOrderError, match="cannot tell whether") as info:
+            wsgitrace.assert_hook_not_run(trace, "after_request:add_header")
+        assert "dropped at the trace's max_events cap (12)" in str(info.value)
+        with pytest.raises(HookOrderError) as info:
+            assert_hook_order(trace, ["view:index", "after_request:add_header"])
+        assert "events dropped" in str(info.value)
+        assert "max_events" in str(info.value)
+        assert "use FlaskTrace" not in str(info.value)
+
     def test_string_is_refused(self, app: Flask, wsgitrace: TraceCapture) -> None:
         """A single string is a mistake, not a list of one-letter names."""
         with pytest.raises(TypeError, match="not a string"):
@@ -159,12 +215,19 @@ class TestAssertHookOrder:
         ran = ["before_request:a", "view:index"]
         lines = pytest_assertrepr_compare(None, "==", ran, ["view:index"])  # type: ignore[arg-type]
         assert lines == [
-            "hook lists differ (left: ran, right: expected)",
-            "   exp  ran",
-            "     .    0  + before_request:a",
-            "     0    1    view:index",
-            "   (- expected, did not run there; + ran, not expected)",
+            "hook lists differ (+ only in the left list, - only in the right)",
+            "  left right",
+            "     0     .  + before_request:a",
+            "     1     0    view:index",
         ]
+        # Either operand may be the expected list: sides are named, not guessed.
+        lines = pytest_assertrepr_compare(None, "==", ["view:index"], ran)  # type: ignore[arg-type]
+        assert lines is not None
+        assert lines[2:] == ["     .     0  - before_request:a", "     0     1    view:index"]
+        # A tuple never equals the list hooks() returns, and the diff says so.
+        lines = pytest_assertrepr_compare(None, "==", ran, tuple(ran))  # type: ignore[arg-type]
+        assert lines is not None
+        assert lines[1] == "note: a list never equals a tuple; trace.hooks() is a list"
         assert pytest_assertrepr_compare(None, "==", ["a", "b"], ["b"]) is None  # type: ignore[arg-type]
         assert pytest_assertrepr_compare(None, "!=", ran, ran) is None  # type: ignore[arg-type]
 
@@ -341,6 +404,24 @@ class TestCapture:
             client.get("/")
         assert [t.path for t in capture.all] == ["/"]
 
+    def test_clear_forgets_the_dropped_count(self, app: Flask) -> None:
+        """After clear(), wait(n) waits for n new traces even when earlier
+        ones were dropped at the cap.
+        """
+        with capture_traces(max_traces=2) as captured:
+            for _ in range(3):
+                app.test_client().get("/")
+            assert captured.dropped == 1
+            captured.clear()
+            assert captured.dropped == 0
+            with pytest.raises(pytest.fail.Exception, match="0 traces captured"):
+                captured.wait(1, timeout=0.05, finished=False)
+
+    def test_bad_max_traces_is_refused(self) -> None:
+        for bad in (0, -1, None, 1.5, True):
+            with pytest.raises(ValueError, match="max_traces must be a positive integer"):
+                capture_traces(max_traces=bad).__enter__()  # type: ignore[arg-type]
+
     def test_capture_block_and_cap(
         self, app: Flask, wsgitrace: TraceCapture, wsgitrace_capture: WsgitraceCapture
     ) -> None:
@@ -366,6 +447,40 @@ class TestCapture:
             capture._on_trace(object())  # type: ignore[arg-type]
             assert capture.internal_errors == before + 1
         assert capture.all == []
+
+
+def test_fixture_errors_show_no_plugin_frames(pytester: pytest.Pytester) -> None:
+    """A fixture of a conftest failing in setup or teardown shows the same
+    traceback as without the plugin: none of its frames.
+    """
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture
+        def db():
+            raise RuntimeError("cannot connect to db")
+
+        @pytest.fixture
+        def tmpthing():
+            yield
+            raise RuntimeError("cannot clean up")
+        """
+    )
+    pytester.makepyfile(
+        test_errors="""
+        def test_setup(db):
+            pass
+
+        def test_teardown(tmpthing):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(passed=1, errors=2)
+    assert "cannot connect to db" in result.stdout.str()
+    assert "cannot clean up" in result.stdout.str()
+    assert "pytest_plugin.py" not in result.stdout.str()
 
 
 def test_entry_point_is_installed() -> None:

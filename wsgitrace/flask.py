@@ -46,7 +46,7 @@ from ._flask_receivers import _capture_logs, _connect_receivers
 from ._flask_recorder import _AppTracer
 from .buffer import TraceBuffer
 from .config import env_name, resolve_options
-from .exceptions import WsgitraceWarning
+from .exceptions import ConfigurationError, WsgitraceWarning
 from .middleware import TraceMiddleware
 
 if TYPE_CHECKING:
@@ -157,6 +157,9 @@ class FlaskTrace:
                 WsgitraceWarning,
                 stacklevel=2,
             )
+        if isinstance(app.wsgi_app, TraceMiddleware):
+            self._adopt(app, app.wsgi_app)
+            return
         options = dict(self._options)
         if "exclude" not in options and env_name("exclude") not in app.config:
             static = (app.static_url_path or "").rstrip("/")
@@ -199,6 +202,34 @@ class FlaskTrace:
             if resolved.capture_logs:
                 _capture_logs(app, tracer, resolved.capture_logs)
         app.wsgi_app = middleware  # type: ignore[method-assign]
+        app.extensions["wsgitrace"] = self
+        self._tracers[app] = tracer
+
+    def _adopt(self, app: Flask, middleware: TraceMiddleware) -> None:
+        """Record hooks into the traces of the :class:`TraceMiddleware` the
+        app's ``wsgi_app`` already is, instead of wrapping it in a second one
+        (whose traces would hold no hooks).
+        """
+        if self._options:
+            msg = (
+                "app.wsgi_app is already a TraceMiddleware: give the options"
+                f" ({', '.join(sorted(self._options))}) to it, not to FlaskTrace"
+            )
+            raise ConfigurationError(msg)
+        if self._buffer is None:
+            self._buffer = middleware.buffer
+        elif self._buffer is not middleware.buffer:
+            msg = (
+                "app.wsgi_app is already a TraceMiddleware with a buffer of its own;"
+                " FlaskTrace cannot use another one"
+            )
+            raise ConfigurationError(msg)
+        tracer = _AppTracer(self, app, middleware, middleware.clock)
+        if middleware.enabled:
+            _install_phases(app, tracer)
+            _connect_receivers(app, tracer)
+            if middleware.options.capture_logs:
+                _capture_logs(app, tracer, middleware.options.capture_logs)
         app.extensions["wsgitrace"] = self
         self._tracers[app] = tracer
 

@@ -74,6 +74,7 @@ from typing import IO, Protocol
 
 import pytest
 
+from . import testing
 from .exceptions import HookOrderError
 from .testing import (
     TraceCapture,
@@ -233,6 +234,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker, read and check the settings, open the JSON file."""
+    testing._under_pytest = True
     config.addinivalue_line(
         "markers",
         "wsgitrace_keep: capture this test's requests (as the wsgitrace fixture does)"
@@ -275,6 +277,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Close the JSON file."""
+    testing._under_pytest = False
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.writer is not None:
         settings.writer.close()
@@ -292,6 +295,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     """Note the running item; start a marked test's capture before its fixtures."""
+    __tracebackhide__ = True  # keeps this wrapper out of fixture errors
     _running.append(item)
     if item.stash.get(_KEEP, False):
         # Start before any fixture, so requests made by fixtures are kept.
@@ -303,6 +307,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     """Stop a marked test's capture after its fixtures are torn down."""
+    __tracebackhide__ = True
     try:
         return (yield)
     finally:
@@ -446,22 +451,29 @@ def pytest_assertrepr_compare(
     """
     if op != "==" or not (_is_hook_list(left) and _is_hook_list(right)):
         return None
-    ran, expected = list(left), list(right)  # type: ignore[call-overload]
-    if not ran and not expected:
+    first, second = list(left), list(right)  # type: ignore[call-overload]
+    if not first and not second:
         return None
     try:
-        lines = ["hook lists differ (left: ran, right: expected)", "   exp  ran"]
-        for e, r in _align(expected, ran, operator.eq):
-            e_col = f"{e:>6}" if e is not None else "     ."
-            r_col = f"{r:>5}" if r is not None else "    ."
+        # Which operand is trace.hooks() is not known: sides are named as
+        # in pytest's own diffs (+ left, - right).
+        lines = ["hook lists differ (+ only in the left list, - only in the right)"]
+        if type(left) is not type(right):
+            lines.append(
+                f"note: a {type(left).__name__} never equals a {type(right).__name__};"
+                " trace.hooks() is a list"
+            )
+        lines.append("  left right")
+        for r, e in _align(second, first, operator.eq):
+            left_col = f"{e:>6}" if e is not None else "     ."
+            right_col = f"{r:>6}" if r is not None else "     ."
             if e is not None and r is not None:
-                lines.append(f"{e_col}{r_col}    {_printable(ran[r])}")
+                lines.append(f"{left_col}{right_col}    {_printable(first[e])}")
             elif e is not None:
-                lines.append(f"{e_col}{r_col}  - {_printable(expected[e])}")
+                lines.append(f"{left_col}{right_col}  + {_printable(first[e])}")
             else:
                 assert r is not None
-                lines.append(f"{e_col}{r_col}  + {_printable(ran[r])}")
-        lines.append("   (- expected, did not run there; + ran, not expected)")
+                lines.append(f"{left_col}{right_col}  - {_printable(second[r])}")
         return lines
     except Exception:
         return None

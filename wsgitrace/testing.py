@@ -44,7 +44,7 @@ from ._internal import (
     report_internal_error,
 )
 from .exceptions import HookOrderError
-from .trace import Event, Trace, _ids
+from .trace import HOOK_KINDS, Event, Trace, _ids
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -82,6 +82,9 @@ class TraceCapture:
     """
 
     def __init__(self, *, max_traces: int = 1000) -> None:
+        if not isinstance(max_traces, int) or isinstance(max_traces, bool) or max_traces < 1:
+            msg = f"max_traces must be a positive integer, got {max_traces!r}"
+            raise ValueError(msg)
         self.max_traces = max_traces
         #: Traces dropped because :attr:`max_traces` were held.
         self.dropped = 0
@@ -159,9 +162,10 @@ class TraceCapture:
         return iter(self.all)
 
     def clear(self) -> None:
-        """Forget the traces captured so far."""
+        """Forget the traces captured so far, and the count of dropped ones."""
         with self._lock:
             self._traces.clear()
+            self.dropped = 0
 
     @property
     def internal_errors(self) -> int:
@@ -262,13 +266,18 @@ _NOTHING_TRACED = (
 )
 
 
+#: Set by the pytest plugin while pytest runs: failures then go through
+#: ``pytest.fail`` (no traceback). Merely importing pytest does not count.
+_under_pytest = False
+
+
 def _fail(msg: str) -> NoReturn:
-    """Fail the test: with ``pytest.fail`` (no traceback) when pytest is
-    loaded, else with an :exc:`AssertionError`.
+    """Fail the test: with ``pytest.fail`` (no traceback) under pytest with
+    the plugin, else with an :exc:`AssertionError`.
     """
     __tracebackhide__ = True
     pytest = sys.modules.get("pytest")
-    if pytest is not None:
+    if _under_pytest and pytest is not None:
         pytest.fail(msg, pytrace=False)
     raise AssertionError(msg)
 
@@ -313,10 +322,19 @@ def assert_hook_order(trace: Trace, expected: Sequence[str], *, exact: bool = Tr
         diverge, and a hint.
     """
     __tracebackhide__ = True
-    if isinstance(expected, str):
+    _check_trace(trace, "assert_hook_order")
+    if isinstance(expected, str | bytes):
         msg = f"expected must be a sequence of hook names, not a string: {expected!r}"
         raise TypeError(msg)
+    if not isinstance(expected, Sequence):
+        msg = (
+            "expected must be an ordered sequence (a list or tuple) of hook names,"
+            f" got {type(expected).__name__}"
+        )
+        raise TypeError(msg)
     expected = list(expected)
+    for name in expected:
+        _check_hook_name(name)
     ran = trace.hooks()
     if exact:
         ok = len(ran) == len(expected) and all(map(_match, ran, expected))
@@ -332,12 +350,18 @@ def assert_hook_not_run(trace: Trace, hook: str) -> None:
     :raise HookOrderError: Naming where it ran.
     """
     __tracebackhide__ = True
+    _check_trace(trace, "assert_hook_not_run")
+    _check_hook_name(hook)
     ran = trace.hooks()
     where = [i for i, name in enumerate(ran) if _match(name, hook)]
     if where:
         lines = [f"{hook!r} ran, but should not have (position {', '.join(map(str, where))})"]
         lines += _trace_line(trace)
         lines += _numbered(ran, set(where))
+        raise HookOrderError("\n".join(lines), trace=trace)
+    if trace.dropped_events:
+        # What was dropped may be the hook: not having seen it proves nothing.
+        lines = [f"cannot tell whether {hook!r} ran", *_trace_line(trace), *_dropped_hint(trace)]
         raise HookOrderError("\n".join(lines), trace=trace)
 
 
@@ -348,6 +372,9 @@ def assert_short_circuited(trace: Trace, hook: str | None = None) -> None:
     :raise HookOrderError: Naming the hooks that ran.
     """
     __tracebackhide__ = True
+    _check_trace(trace, "assert_short_circuited")
+    if hook is not None:
+        _check_hook_name(hook)
     stopped = [e.name for e in trace.events if e.attrs.get("short_circuit")]
     views = [name for name in trace.hooks() if name.startswith("view:")]
     problem = None
@@ -359,7 +386,8 @@ def assert_short_circuited(trace: Trace, hook: str | None = None) -> None:
         problem = f"{stopped[0]!r} short-circuited, but the view ran: {views[0]!r}"
     if problem is not None:
         lines = [problem, *_trace_line(trace), *_numbered(trace.hooks(), set())]
-        if not trace.hooks():
+        lines += _dropped_hint(trace)
+        if not trace.hooks() and not _records_flask(trace):
             lines.append(_HINT_NO_HOOKS)
         raise HookOrderError("\n".join(lines), trace=trace)
 
@@ -376,6 +404,7 @@ def assert_teardown_after_body(trace: Trace) -> None:
     :raise HookOrderError: With the order the events ran in.
     """
     __tracebackhide__ = True
+    _check_trace(trace, "assert_teardown_after_body")
     events = trace.events
     body = next((e for e in events if e.kind == "body"), None)
     last: dict[str, Event] = {}
@@ -417,6 +446,52 @@ _HINT_NO_HOOKS = (
     "hint: no hooks were recorded; TraceMiddleware alone records WSGI events only,"
     " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks"
 )
+
+
+def _check_trace(trace: object, function: str) -> None:
+    if not isinstance(trace, Trace):
+        hint = (
+            " (the capture's .last, or one of its .all)" if isinstance(trace, TraceCapture) else ""
+        )
+        msg = f"{function}() takes a Trace{hint}, got {type(trace).__name__}"
+        raise TypeError(msg)
+
+
+def _check_hook_name(name: object) -> None:
+    """Refuse what can never name a hook event, so an assertion cannot pass
+    (or fail) for the wrong reason.
+    """
+    if not isinstance(name, str):
+        msg = f"a hook name is a string such as 'before_request:load_user', got {name!r}"
+        raise TypeError(msg)
+    kind = name.partition(":")[0]
+    if kind in HOOK_KINDS or "*" in kind or "?" in kind:
+        return
+    if kind == "signal":
+        msg = (
+            f"{name!r} is a signal, not a hook: trace.hooks() lists hooks and views;"
+            f" find signals with trace.find(kind='signal', name={name!r})"
+        )
+    else:
+        msg = (
+            f"{name!r} names no hook: hook names are <kind>:<name>, kind one of"
+            f" {', '.join(sorted(HOOK_KINDS))}"
+        )
+    raise ValueError(msg)
+
+
+def _records_flask(trace: Trace) -> bool:
+    """Whether the trace has Flask-level events (made by FlaskTrace)."""
+    return any(key[0] in ("url_match", "signal") for key in trace.event_keys())
+
+
+def _dropped_hint(trace: Trace) -> list[str]:
+    if not trace.dropped_events:
+        return []
+    return [
+        f"hint: {trace.dropped_events} events were dropped at the trace's max_events cap"
+        f" ({trace.limits.max_events}), hooks among them: raise max_events"
+    ]
 
 
 def _match(name: str, pattern: str) -> bool:
@@ -568,7 +643,8 @@ def _hints(
             "hint: the response is still open; a streamed response tears down when its"
             " body is exhausted: read response.data first"
         )
-    if not ran:
+    hints += _dropped_hint(trace)
+    if not ran and not _records_flask(trace):
         hints.append(_HINT_NO_HOOKS)
     return [_printable(h) for h in hints]
 
@@ -580,7 +656,10 @@ def _describe(trace: Trace) -> str:
 
 def _trace_line(trace: Trace) -> list[str]:
     ran = len(trace.hooks())
-    return [f"  trace:    {_describe(trace)} ({ran} hooks ran, id {trace.id}, {trace.state})"]
+    dropped = f", {trace.dropped_events} events dropped" if trace.dropped_events else ""
+    return [
+        f"  trace:    {_describe(trace)} ({ran} hooks ran{dropped}, id {trace.id}, {trace.state})"
+    ]
 
 
 def _numbered(names: list[str], marked: set[int]) -> list[str]:
