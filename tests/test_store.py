@@ -222,6 +222,21 @@ class TestTraceStore:
         assert [t.path for t in store.latest()] == ["/after", "/before"]
         assert store.dropped == 1  # the batch lost while locked
 
+    def test_readers_do_not_wait_for_a_writer(self, db: str) -> None:
+        """A reader opening the store while another process holds the write
+        lock reads at once (WAL): opening asks for no write lock.
+        """
+        TraceStore(db).write(make_traces("/a", "/b"))
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            reader = TraceStore(db, create=False, timeout=0.01)
+            assert [t.path for t in reader.latest()] == ["/b", "/a"]
+            assert reader.cursor == 2
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
     def test_missing_file_is_not_created_by_readers(self, db: str) -> None:
         """create=False (tail --store) refuses a missing file, making nothing."""
         with pytest.raises(StoreError, match="no wsgitrace trace store"):

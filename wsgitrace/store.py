@@ -224,7 +224,10 @@ class TraceStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             # Before the first table exists, so pruned pages can be given back.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            # Only then: on an existing store it waits for the write lock, and
+            # a reader must never wait for a writer.
+            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 msg = f"the file cannot use WAL mode (journal_mode is {mode!r})"
