@@ -66,8 +66,10 @@ class TestResolveOptions:
                 "WSGITRACE_CAPTURE_HEADERS": "no",
                 "WSGITRACE_PREFIX": "/debug/trace/",
                 "WSGITRACE_TOKEN": "",
+                "WSGITRACE_CAPTURE_LOGS": "0",
             },
         )
+        assert options.capture_logs == 0
         assert options.enabled is False
         assert options.sample == 0.25
         assert options.exclude == ("/static", "/favicon.ico")
@@ -115,6 +117,9 @@ class TestResolveOptions:
             ("exclude", ["/a", 1]),
             ("prefix", "_trace"),
             ("prefix", "/"),
+            ("prefix", "/é"),  # PATH_INFO is latin-1: could never match
+            ("prefix", "/_trace?x"),
+            ("prefix", "/a b"),
             ("allow", "not-a-network"),
             ("token", 123),
             ("endpoint", "sometimes"),
@@ -136,6 +141,20 @@ class TestResolveOptions:
             ConfigurationError, match=re.escape("environment variable WSGITRACE_MAX_TRACES: '-1'")
         ):
             resolve_options({}, None, {"WSGITRACE_MAX_TRACES": "-1"})
+
+    def test_token_whitespace_is_stripped(self) -> None:
+        """A token set with a trailing newline (a mounted secret) still
+        matches what a client sends; a blank one is no token.
+        """
+        assert resolve_options({}, None, {"WSGITRACE_TOKEN": " s3cret\n"}).token == "s3cret"
+        assert resolve_options({"token": " \n"}, None, {}).token is None
+
+    def test_unparsable_host_fails_at_set_up(self) -> None:
+        """A hosts entry that could never match a Host header is an error."""
+        with pytest.raises(ConfigurationError, match="hosts: 'myhost:abc'"):
+            TraceMiddleware(lambda e, s: [], endpoint=True, hosts="myhost:abc")
+        middleware = TraceMiddleware(lambda e, s: [], endpoint=True, hosts="app.test:8000,::1")
+        assert middleware.endpoint is not None
 
     def test_integral_floats_and_strings_are_accepted(self) -> None:
         """2.0 and " 7 " are whole numbers."""

@@ -241,14 +241,20 @@ class TestListing:
         assert oldest["hooks"] == 0
 
     def test_headers(self, serve: Callable[..., Served]) -> None:
-        """JSON, no-store, nosniff, and never a CORS header."""
+        """JSON, no-store, nosniff, and never a CORS header; a 404 has only
+        the headers of a plain 404 (a client cannot tell the endpoint is there).
+        """
         served = serve()
-        for target in ("/_trace", "/_trace?limit=x", "/_trace/nope", "/_trace/stream?status=9"):
+        for target in ("/_trace", "/_trace?limit=x", "/_trace/stream?status=9"):
             reply = served.get(target, headers={"Origin": "http://evil.example"})
             assert reply.headers["cache-control"] == "no-store"
             assert reply.headers["x-content-type-options"] == "nosniff"
             assert not any(k.startswith("access-control-") for k in reply.headers)
         assert served.get("/_trace").headers["content-type"] == "application/json"
+        reply = served.get("/_trace/nope", headers={"Origin": "http://evil.example"})
+        assert reply.status == 404
+        own = {k for k in reply.headers if k not in ("connection", "date", "server")}
+        assert own == {"content-length", "content-type"}  # the server adds the rest
 
     def test_newest_first_with_limit(self, serve: Callable[..., Served]) -> None:
         """limit keeps the newest traces; cursor is the newest cursor."""
@@ -267,6 +273,10 @@ class TestListing:
             add(served.buffer)
         data = served.listing("limit=99999999")
         assert len(data["traces"]) == 1200
+        data = served.listing("limit=" + "9" * 40)
+        assert len(data["traces"]) == 1200
+        # A cursor from the future (a restarted server) counts from 0.
+        assert served.listing("since=" + "9" * 40) == served.listing("since=0")
 
     @pytest.mark.parametrize(
         ("query", "expected"),
@@ -303,6 +313,8 @@ class TestListing:
             ("limit=1.5", "limit"),
             ("since=-3", "since"),
             ("since=abc", "since"),
+            ("limit=%EF%BC%95", "limit"),  # a fullwidth 5
+            ("since=%D9%A1%D9%A1", "since"),  # Arabic-Indic 11
             ("wait=soon", "wait"),
             ("wait=nan", "wait"),
             ("wait=-1", "wait"),

@@ -23,7 +23,10 @@ MAX_WAIT = 20.0
 
 _STATUS_RE = re.compile(r"([1-5])(xx|\d\d)\Z", re.IGNORECASE)
 _METHOD_RE = re.compile(r"[A-Za-z]{1,20}\Z")
-_INT_RE = re.compile(r"\d{1,18}\Z")
+# ASCII digits only (\d would take any script's); any length, clamped when read.
+_INT_RE = re.compile(r"[0-9]+\Z")
+#: Cursors are SQLite integers in a store; a larger one means "after all".
+_MAX_CURSOR = 2**63 - 1
 _QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"})
 
 
@@ -99,7 +102,7 @@ def _parse_query(query_string: str, cap: int) -> _Query:
     if text is not None:
         if not _INT_RE.match(text):
             raise _BadQueryError("since", "'since' must be a cursor (a non-negative integer)")
-        since = int(text)
+        since = min(int(text), _MAX_CURSOR)
 
     wait = 0.0
     text = one("wait")

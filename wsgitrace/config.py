@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -43,6 +44,8 @@ def _optional_bool(value: Any) -> bool | None:
 
 
 def _count(value: Any) -> int:
+    if isinstance(value, str) and value.strip() == "0":
+        return 0  # as environment variables and config files give it
     if value == 0 and not isinstance(value, bool):
         return 0
     try:
@@ -88,10 +91,23 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
     return tuple(ipaddress.ip_network(v, strict=False) for v in _str_list(value))
 
 
+# Characters a URL path can hold as they are (RFC 3986 pchar, no escapes):
+# PATH_INFO holds the bytes of the request as latin-1, so a prefix with any
+# other character could never match a request.
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*\Z")
+
+
 def _prefix(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or value.rstrip("/") == "":
-        raise ValueError("expected a path such as '/_trace'")
+    if not isinstance(value, str) or not _PATH_RE.match(value) or value.rstrip("/") == "":
+        raise ValueError("expected a path such as '/_trace' (ASCII letters, digits, - . _ ~ /)")
     return value.rstrip("/")
+
+
+def _token(value: Any) -> str | None:
+    # A secret read from a file or a mounted variable often ends in a
+    # newline, which no request header can carry.
+    token = _optional_str(value)
+    return None if token is None or not token.strip() else token.strip()
 
 
 def _optional_str(value: Any) -> str | None:
@@ -131,9 +147,7 @@ OPTION_SPECS: dict[str, _Spec] = {
     ),
     "endpoint": _Spec(_optional_bool, None, "Serve /_trace (auto: Flask debug or testing)."),
     "prefix": _Spec(_prefix, "/_trace", "Path prefix of the endpoint."),
-    "token": _Spec(
-        _optional_str, None, "Bearer token that opens the endpoint to non-loopback clients."
-    ),
+    "token": _Spec(_token, None, "Bearer token that opens the endpoint to non-loopback clients."),
     "token_file": _Spec(_optional_str, None, "File holding the token."),
     "allow": _Spec(_networks, (), "Networks (CIDR) allowed without a token."),
     "hosts": _Spec(_str_list, (), "Extra Host names the endpoint answers to."),

@@ -227,8 +227,12 @@ class TraceEndpoint:
             if host.count(":") > 1 and not host.startswith("["):
                 host = f"[{host}]"  # a bare IPv6 address
             name = _host_name(host)
-            if name is not None:
-                hosts.add(name)
+            if name is None:
+                from .exceptions import ConfigurationError
+
+                msg = f"hosts: {host!r} is not a host name, address or host:port"
+                raise ConfigurationError(msg)
+            hosts.add(name)
         self._hosts = frozenset(hosts)
         self._trust_forwarded = options.trust_forwarded
         self._stopping = threading.Event()
@@ -543,7 +547,8 @@ def _not_found(start_response: StartResponse) -> list[bytes]:
         [
             ("Content-Type", "text/html; charset=utf-8"),
             ("Content-Length", str(len(_NOT_FOUND_BODY))),
-            *_COMMON_HEADERS,
         ],
     )
+    # No headers of the endpoint's own: a refusal must look like the app's
+    # 404, so a client cannot tell wsgitrace is there.
     return [_NOT_FOUND_BODY]
