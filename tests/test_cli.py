@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import http.client
+import http.server
 import json
 import os
 import pty
@@ -394,6 +395,132 @@ def test_tail_reconnects_and_resumes_after_a_restart(
     assert "restarted" in tail.stderr
 
 
+def test_tail_sees_a_restarted_server_whose_cursor_caught_up(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """The new process already has as many traces as tail had seen: tail
+    notices the restart at once (it does not long-poll for cursors after
+    the old process's last one) and shows the new traces.
+    """
+    port = free_port()
+    first = serve(port)
+    tail = cli("tail", "--json", "-n", "0", first.url)
+    first.wait_for_poll()
+    first.get("/before-restart")
+    tail.wait_for("/before-restart")
+    first.stop()
+    tail.wait_for("cannot reach", stream="err")
+    second = serve(port)
+    second.get("/after-restart")  # cursor 1, the cursor tail had reached
+    output = tail.wait_for("/after-restart", timeout=8)
+    assert tail.finish() == 0
+    assert [line["path"] for line in json_lines(output)] == ["/before-restart", "/after-restart"]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "not a valid URL"),
+        ("http://127.0.0.1:abc", "not a valid URL"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://user:pw@127.0.0.1:5000", "user name or password"),
+        ("http://127.0.0.1:5000/has space", "spaces or control characters"),
+        ("http://127.0.0.1:5000/_trace/stream", "not its stream"),
+    ],
+)
+def test_bad_urls_are_usage_errors(url: str, message: str) -> None:
+    """A URL that cannot work is a usage error (exit 2), not a retry loop."""
+    for command in ("tail", "show"):
+        args = [command, url] if command == "tail" else [command, "some-id", url]
+        result = run_command(*args)
+        assert result.returncode == 2, (command, result.stderr)
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_endpoint_url_of_a_root_with_slashes() -> None:
+    assert endpoint_url("http://127.0.0.1:5000//") == "http://127.0.0.1:5000/_trace"
+
+
+class JsonServer(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the JSON body the test sets."""
+
+    body = b"{}"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{}",
+        b"[]",
+        b'"hello"',
+        b'{"traces": null, "cursor": 1}',
+        b'{"traces": []}',
+        b'{"traces": [], "cursor": "x"}',
+    ],
+)
+def test_json_that_is_not_the_endpoints_is_refused(body: bytes) -> None:
+    """tail and show say the answer is not a wsgitrace endpoint's, and fail."""
+    handler = type("Handler", (JsonServer,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        tail = run_command("tail", url)
+        show = run_command("show", "some-id", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert tail.returncode == 2
+    assert "not a wsgitrace listing" in tail.stderr
+    assert show.returncode == 1
+    assert "not a wsgitrace trace" in show.stderr
+    assert "Traceback" not in tail.stderr + show.stderr
+
+
+def test_show_refuses_an_empty_id_and_the_stream(serve: Callable[..., Served]) -> None:
+    served = serve()
+    result = run_command("show", "", served.url)
+    assert result.returncode == 2
+    assert "a trace id is not empty" in result.stderr
+    result = run_command("show", "stream", served.url)
+    assert result.returncode == 1
+    assert "no trace 'stream'" in result.stderr
+
+
+def test_token_is_sent_as_utf8_and_never_echoed(
+    serve: Callable[..., Served], cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """A non-ASCII token works as the endpoint compares it (UTF-8); one with
+    a line break is refused without printing it.
+    """
+    served = serve(remote="10.1.2.3", token="pässwörd")
+    served.get("/")
+    result = run_command(
+        "show", served.last_id(), served.url, env=command_env(WSGITRACE_TOKEN="pässwörd")
+    )
+    assert result.returncode == 0, result.stderr
+    tail = cli("tail", "-n", "1", "--json", served.url, env=command_env(WSGITRACE_TOKEN="pässwörd"))
+    assert '"path": "/"' in tail.wait_for('"path": "/"')
+    assert tail.finish() == 0
+    token_file = tmp_path / "token"
+    token_file.write_text("first-line-secret\nsecond-line-secret\n")
+    result = run_command("tail", "--token-file", str(token_file), served.url)
+    assert result.returncode == 2
+    assert "line break or control character" in result.stderr
+    assert "line-secret" not in result.stderr
+
+
 def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> None:
     """Nothing listening: a clear message, then it keeps trying until Ctrl-C."""
     tail = cli("tail", f"http://127.0.0.1:{free_port()}")
@@ -739,6 +866,34 @@ def test_run_the_examples_by_path(
     (summary,) = json.loads(body)["traces"]
     assert {key: summary[key] for key in expected} == expected
     assert command.finish() == 0
+
+
+def test_run_says_when_it_cannot_listen(tmp_path: Path) -> None:
+    """A port in use: wsgitrace's one-line message naming the address, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_command("run", "wsgitrace.demo_app:create_app", "--port", str(port))
+    assert result.returncode == 1
+    assert f"wsgitrace: cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
+
+
+def test_run_answers_a_malformed_request_line(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """A request line the server cannot parse gets werkzeug's 400 and one
+    log line, not a traceback from the request logger.
+    """
+    command, base = start_run(cli, "wsgitrace.demo_app:create_app", cwd=tmp_path)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        reply = sock.recv(1024)
+    assert b"Error code: 400" in reply  # an HTTP/0.9-style answer: no status line
+    assert fetch(base + "/")[0] == 200
+    assert command.finish() == 0
+    assert "Traceback" not in command.stderr
 
 
 def test_run_reports_a_bad_module(tmp_path: Path) -> None:

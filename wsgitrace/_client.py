@@ -69,12 +69,26 @@ def endpoint_url(url: str) -> str:
     """
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError as exc:
+        msg = f"not a valid URL: {url!r} ({exc})"
+        raise click.BadParameter(msg, param_hint="URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         msg = f"not an http(s) URL: {url!r}"
         raise click.BadParameter(msg, param_hint="URL")
-    path = parts.path if parts.path not in ("", "/") else DEFAULT_PREFIX
-    return urlunsplit((parts.scheme, parts.netloc, path.rstrip("/"), "", ""))
+    if "@" in parts.netloc:
+        msg = f"a user name or password in the URL is not supported (use --token): {url!r}"
+        raise click.BadParameter(msg, param_hint="URL")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        msg = f"the URL contains spaces or control characters: {url!r}"
+        raise click.BadParameter(msg, param_hint="URL")
+    path = parts.path.rstrip("/") or DEFAULT_PREFIX
+    if path.endswith("/stream"):
+        msg = f"give the endpoint's URL (such as {DEFAULT_PREFIX}), not its stream: {url!r}"
+        raise click.BadParameter(msg, param_hint="URL")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _is_loopback_host(host: str | None) -> bool:
@@ -96,7 +110,14 @@ class _Client:
         self.timeout = timeout
         self._headers = {"Accept": "application/json", "User-Agent": f"wsgitrace/{__version__}"}
         if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+            if any(not c.isprintable() for c in token):
+                # Never echoed: it is a secret.
+                msg = "the token contains a line break or control character"
+                raise click.BadParameter(msg, param_hint="token")
+            # Sent as its UTF-8 bytes, which is what the endpoint compares
+            # (http.client writes header strings as latin-1).
+            header = f"Bearer {token}".encode().decode("latin-1")
+            self._headers["Authorization"] = header
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         if _is_loopback_host(urlsplit(self.url).hostname):
             handlers.append(urllib.request.ProxyHandler({}))
@@ -104,6 +125,8 @@ class _Client:
 
     def get(self, sub: str = "", params: Mapping[str, Any] | None = None, **kw: Any) -> Any:
         """GET ``<url>/<sub>?<params>`` and decode its JSON."""
+        if sub == "stream":
+            raise _NotFoundError  # the SSE stream, not a trace id
         url = self.url + (f"/{quote(sub, safe='')}" if sub else "")
         if params:
             url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
@@ -228,6 +251,10 @@ class _Follow:
     instance: str | None = None
     dropped: int | None = None
     missed: int = 0
+    # After the server was unreachable: the next poll returns at once, so a
+    # restarted server (whose cursors may have passed ours) is seen now, not
+    # after a long-poll on cursors of the old process.
+    _check_first: bool = False
 
     def run(self) -> int:
         """Follow until :attr:`stop` is set; the exit status."""
@@ -247,6 +274,7 @@ class _Follow:
                         )
                         down = True
                     view.status(f"waiting for {self.client.url} …")
+                    self._check_first = True
                     self.stop.wait(_RETRY_SECONDS)
                     continue
                 except _NotFoundError:
@@ -277,13 +305,17 @@ class _Follow:
         if self.cursor is None:
             params["limit"] = self.lines
             page: dict[str, Any] = self.client.get(params=params)
+            _check_listing(page)
             page["traces"].reverse()  # oldest first
         else:
             # Full traces are ~15 times the size of summaries: smaller pages.
-            params.update(since=self.cursor, wait=self.wait, limit=200 if self.full else 1000)
-            timeout = self.wait + SETTLE_SECONDS + 15
+            wait = 0 if self._check_first else self.wait
+            params.update(since=self.cursor, wait=wait, limit=200 if self.full else 1000)
+            timeout = wait + SETTLE_SECONDS + 15
             page = self.client.get(params=params, timeout=timeout)
+            _check_listing(page)
             page["traces"].reverse()
+        self._check_first = False
         instance = page.get("instance")
         if self.instance is not None and instance != self.instance:
             self.view.message(
@@ -314,6 +346,27 @@ class _Follow:
             f"following {self.client.url} · {view.shown} shown · {dropped} dropped"
             f" · {self.missed} missed · Ctrl-C to stop"
         )
+
+
+_NOT_ENDPOINT = "the server's answer is not a wsgitrace {} (is this a wsgitrace endpoint?)"
+
+
+def _check_listing(page: object) -> None:
+    """Refuse JSON that is not the endpoint's listing."""
+    if not (
+        isinstance(page, dict)
+        and isinstance(page.get("traces"), list)
+        and all(isinstance(t, dict) for t in page["traces"])
+        and type(page.get("cursor")) is int
+        and all(type(page.get(k, 0)) is int for k in ("dropped", "missed"))
+    ):
+        raise _BadAnswerError(_NOT_ENDPOINT.format("listing"))
+
+
+def _check_trace(data: object) -> None:
+    """Refuse JSON that is not one of the endpoint's traces."""
+    if not (isinstance(data, dict) and isinstance(data.get("id"), str) and "events" in data):
+        raise _BadAnswerError(_NOT_ENDPOINT.format("trace"))
 
 
 def _not_found_message(url: str) -> str:

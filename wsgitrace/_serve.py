@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import socket
 import sys
 import threading
 import urllib.error
@@ -144,15 +145,34 @@ def traced(obj: Any) -> tuple[WSGIApplication, TraceBuffer, Options]:
 
 
 def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: str) -> Any:
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    """werkzeug's threaded server on ``host:port``. Raises :exc:`OSError`
+    when it cannot listen there (werkzeug's own server would print and exit).
+    """
+    from werkzeug.serving import (
+        LISTEN_QUEUE,
+        WSGIRequestHandler,
+        get_sockaddr,
+        make_server,
+        select_address_family,
+    )
 
     class RequestHandler(WSGIRequestHandler):
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            if quiet or urlsplit(self.path).path.startswith(prefix):
+            # No path when the request line could not be parsed (a 400).
+            path = getattr(self, "path", "")
+            if quiet or urlsplit(path).path.startswith(prefix):
                 return
             super().log_request(code, size)
 
-    return make_server(host, port, app, threaded=True, request_handler=RequestHandler)
+    family = select_address_family(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(get_sockaddr(host, port, family))
+        sock.listen(LISTEN_QUEUE)
+        # werkzeug serves a duplicate of the descriptor; this one is closed.
+        return make_server(
+            host, port, app, threaded=True, request_handler=RequestHandler, fd=sock.fileno()
+        )
 
 
 def _base_url(host: str, port: int) -> str:

@@ -51,6 +51,7 @@ from . import __version__
 from ._client import (
     DEFAULT_URL,
     _BadAnswerError,
+    _check_trace,
     _Client,
     _Follow,
     _make_client,
@@ -319,9 +320,12 @@ def show(
     token_file: str | None,
 ) -> None:
     """Show one trace's full timeline and state."""
+    if not trace_id.strip():
+        raise click.BadParameter("a trace id is not empty", param_hint="ID")
     client = _make_client(url, store, _read_token(token, token_file))
     try:
         data = client.get(trace_id)
+        _check_trace(data)
     except _UnreachableError as exc:
         _fail(f"cannot reach {client.url} ({exc}); is the app running?")
     except _NotFoundError:
@@ -362,7 +366,7 @@ def run(app_spec: str, host: str, port: int) -> None:
         )
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    base = _base_url(host, server.server_port)
+    base = _base_url(host, server.port)
     err = _console(stderr=True)
     _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
     _message(err, f"trace endpoint: {base}{endpoint.prefix} (loopback clients)")
@@ -416,7 +420,7 @@ def demo(
         )
     except OSError as exc:
         _fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}")
-    base = _base_url("127.0.0.1", server.server_port)
+    base = _base_url("127.0.0.1", server.port)
     server_thread = threading.Thread(
         target=server.serve_forever, name="wsgitrace-demo-server", daemon=True
     )
