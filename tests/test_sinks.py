@@ -8,7 +8,6 @@ import contextlib
 import gc
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -347,51 +346,27 @@ class TestBuildSinks:
 # -- sinks on the request path ----------------------------------------------------
 
 
-def _latency(app: TraceMiddleware, count: int) -> list[float]:
-    times = []
-    for i in range(count):
-        start = time.perf_counter()
-        status, body = request(app, f"/lat{i}")
-        times.append(time.perf_counter() - start)
-        assert (status, body) == ("200 OK", b"ok")
-    return times
-
-
-def test_hanging_or_raising_sink_never_slows_or_fails_requests(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """Requests with a hung sink (queue full, dropping) and with a raising
-    sink take about as long as with no sink, and all succeed.
+def test_hanging_or_raising_sink_never_blocks_or_fails_requests() -> None:
+    """Requests served while a sink hangs (its queue full, dropping) and
+    while a sink raises all succeed, none waiting for the sink: the hung
+    sink is still inside its first batch when every request has returned.
+    (How long they take is measured by bench/sinks.py, not asserted here.)
     """
     count = 400
-    plain = TraceMiddleware(dummy_app)
     hanging_sink, failing_sink = HangingSink(), FailingSink()
     hanging = TraceMiddleware(dummy_app)
     hanging.sinks = SinkDispatcher([hanging_sink], max_queue=50)
     failing = TraceMiddleware(dummy_app)
     failing.sinks = SinkDispatcher([failing_sink])
     try:
-        _latency(plain, 50)  # warm up
         request(hanging, "/first")
         assert hanging_sink.entered.wait(5)
-        results = {
-            "none": _latency(plain, count),
-            "hanging": _latency(hanging, count),
-            "raising": _latency(failing, count),
-        }
+        for app in (hanging, failing):
+            assert [request(app) for _ in range(count)] == [("200 OK", b"ok")] * count
+        assert hanging_sink.traces == []  # still blocked in its first write
         assert hanging.sinks.dropped == count - 50
         assert failing.sinks.flush(5)
         assert failing.sinks.failed == count
-        medians = {name: statistics.median(times) * 1e6 for name, times in results.items()}
-        with capsys.disabled():
-            print(
-                "\nrequest latency, median µs: "
-                + ", ".join(f"{name} sink {value:.1f}" for name, value in medians.items())
-            )
-        # Generous: the point is "not blocked", not a benchmark.
-        assert max(max(times) for times in results.values()) < 0.5
-        assert medians["hanging"] < medians["none"] * 3 + 50
-        assert medians["raising"] < medians["none"] * 3 + 50
     finally:
         hanging_sink.release.set()
         for app in (hanging, failing):

@@ -326,7 +326,8 @@ class TestMiddlewareWithStore:
         self, db: str, caplog: pytest.LogCaptureFixture, wait_for: Callable[..., Any]
     ) -> None:
         """With a corrupt store, requests are untouched, the error is logged
-        once, and /_trace answers from the buffer.
+        once, and /_trace answers from the buffer and counts what the store
+        did not get.
         """
         Path(db).write_bytes(b"garbage" * 1000)
         app = TraceMiddleware(dummy_app, endpoint=True, store=db)
@@ -338,6 +339,7 @@ class TestMiddlewareWithStore:
             for _ in range(3):
                 page = get_json(app, "/_trace")
         assert [t["path"] for t in page["traces"]] == [f"/r{i}" for i in reversed(range(5))]
+        assert page["sink_dropped"] == 5  # the store sink's losses are visible
         store_messages = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
         # Once from the sink, once from the endpoint: never per request.
         assert len(store_messages) == 2, store_messages

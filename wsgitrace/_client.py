@@ -251,6 +251,7 @@ class _Follow:
     instance: str | None = None
     dropped: int | None = None
     missed: int = 0
+    sink_dropped: int = 0
     # After the server was unreachable: the next poll returns at once, so a
     # restarted server (whose cursors may have passed ours) is seen now, not
     # after a long-poll on cursors of the old process.
@@ -291,9 +292,15 @@ class _Follow:
         finally:
             view.stop()
             if self.instance is not None:
+                sinks = (
+                    f"; its sinks (store, OTLP) did not get {self.sink_dropped}"
+                    if self.sink_dropped
+                    else ""
+                )
                 view.message(
                     f"{view.shown} traces shown, {self.missed} missed (evicted before tail read"
-                    f" them); the server's buffer has dropped {self.dropped or 0} traces in all",
+                    f" them); the server's buffer has dropped {self.dropped or 0} traces in all"
+                    + sinks,
                     "dim",
                 )
         return 0
@@ -342,8 +349,17 @@ class _Follow:
         if traces:
             view.traces(traces)
         self.cursor = int(page["cursor"])
+        sink_dropped = int(page.get("sink_dropped") or 0)
+        if sink_dropped and not self.sink_dropped:
+            view.message(
+                f"the server's sinks (store, OTLP) did not get {sink_dropped} traces so far"
+                " (queue full or failing)",
+                "yellow",
+            )
+        self.sink_dropped = sink_dropped
+        sinks = f" · {sink_dropped} not sent to sinks" if sink_dropped else ""
         view.status(
-            f"following {self.client.url} · {view.shown} shown · {dropped} dropped"
+            f"following {self.client.url} · {view.shown} shown · {dropped} dropped{sinks}"
             f" · {self.missed} missed · Ctrl-C to stop"
         )
 
@@ -358,7 +374,7 @@ def _check_listing(page: object) -> None:
         and isinstance(page.get("traces"), list)
         and all(isinstance(t, dict) for t in page["traces"])
         and type(page.get("cursor")) is int
-        and all(type(page.get(k, 0)) is int for k in ("dropped", "missed"))
+        and all(type(page.get(k, 0)) is int for k in ("dropped", "missed", "sink_dropped"))
     ):
         raise _BadAnswerError(_NOT_ENDPOINT.format("listing"))
 

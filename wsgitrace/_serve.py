@@ -3,8 +3,8 @@
 ::
 
     obj, label = load_app("myapp:create_app")     # imported; a factory is called
-    app, buffer, options = traced(obj)            # tracing installed if missing
-    endpoint = TraceEndpoint(buffer, options)
+    app, middleware = traced(obj)                 # tracing installed if missing
+    endpoint = TraceEndpoint(middleware.buffer, middleware.options)
     server = _serve(_EndpointFront(app, endpoint), "127.0.0.1", 5000, quiet=False,
                     prefix=endpoint.prefix)       # werkzeug's threaded server
 
@@ -35,8 +35,7 @@ from .endpoint import TraceEndpoint
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from .buffer import TraceBuffer
-    from .config import Options
+    from .middleware import TraceMiddleware
 
 
 class _EndpointFront:
@@ -122,9 +121,9 @@ def load_app(spec: str) -> tuple[Any, str]:
     return obj, label
 
 
-def traced(obj: Any) -> tuple[WSGIApplication, TraceBuffer, Options]:
+def traced(obj: Any) -> tuple[WSGIApplication, TraceMiddleware]:
     """Install tracing on a Flask app or WSGI app (unless it already has it)
-    and return the app to serve with its buffer and options.
+    and return the app to serve and the middleware that traces it.
     """
     from .middleware import TraceMiddleware
 
@@ -134,14 +133,14 @@ def traced(obj: Any) -> tuple[WSGIApplication, TraceBuffer, Options]:
             from .flask import FlaskTrace
 
             ext = FlaskTrace(obj, endpoint=False)
-        return obj, ext.buffer, ext.middleware.options
+        return obj, ext.middleware
     wsgi_app = getattr(obj, "wsgi_app", None)
     if isinstance(wsgi_app, TraceMiddleware):
-        return obj, wsgi_app.buffer, wsgi_app.options
+        return obj, wsgi_app
     if isinstance(obj, TraceMiddleware):
-        return obj, obj.buffer, obj.options
+        return obj, obj
     middleware = TraceMiddleware(obj, endpoint=False)
-    return middleware, middleware.buffer, middleware.options
+    return middleware, middleware
 
 
 def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: str) -> Any:

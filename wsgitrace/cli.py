@@ -358,8 +358,11 @@ def run(app_spec: str, host: str, port: int) -> None:
     clients. MODULE may also be a path to a .py file.
     """
     obj, label = load_app(app_spec)
-    app, buffer, options = traced(obj)
-    endpoint = TraceEndpoint(buffer, dataclasses.replace(options, endpoint=True))
+    app, middleware = traced(obj)
+    endpoint = TraceEndpoint(
+        middleware.buffer, dataclasses.replace(middleware.options, endpoint=True)
+    )
+    endpoint.sinks = middleware.sinks
     try:
         server = _serve(
             _EndpointFront(app, endpoint), host, port, quiet=False, prefix=endpoint.prefix
@@ -412,8 +415,10 @@ def demo(
         count = min(count or len(DEMO_ROUND), len(DEMO_ROUND))
     app = create_app()
     app.logger.setLevel(logging.CRITICAL)  # /boom's traceback is in its trace
-    served, buffer, options = traced(app)
-    endpoint = TraceEndpoint(buffer, dataclasses.replace(options, endpoint=True))
+    served, middleware = traced(app)
+    endpoint = TraceEndpoint(
+        middleware.buffer, dataclasses.replace(middleware.options, endpoint=True)
+    )
     try:
         server = _serve(
             _EndpointFront(served, endpoint), "127.0.0.1", port, quiet=True, prefix=endpoint.prefix

@@ -16,7 +16,7 @@ Listing
 -------
 
 ``GET /_trace`` returns ``{"schema": 1, "instance": ..., "cursor": ...,
-"dropped": ..., "missed": ..., "traces": [...]}``. ``traces`` is the only
+"dropped": ..., "sink_dropped": ..., "missed": ..., "traces": [...]}``. ``traces`` is the only
 list and is always newest first. Query parameters:
 
 ``limit``
@@ -120,6 +120,7 @@ if TYPE_CHECKING:
 
     from .buffer import TraceBuffer
     from .config import Options
+    from .sinks import SinkDispatcher
 
 __all__ = ["TraceEndpoint"]
 
@@ -236,6 +237,9 @@ class TraceEndpoint:
         self._hosts = frozenset(hosts)
         self._trust_forwarded = options.trust_forwarded
         self._stopping = threading.Event()
+        #: The sinks of the traced app (set by its middleware), whose losses
+        #: are reported as ``sink_dropped``.
+        self.sinks: SinkDispatcher | None = None
 
     @property
     def instance(self) -> str:
@@ -351,9 +355,18 @@ class TraceEndpoint:
             "instance": self.instance,
             "cursor": cursor,
             "dropped": self.source.dropped,
+            "sink_dropped": self.sink_dropped,
             "missed": missed,
             "traces": [dump(t) for t in traces],
         }
+
+    @property
+    def sink_dropped(self) -> int:
+        """Traces a sink (store, OTLP) did not get: its queue was full or it
+        failed. (A store's losses also count in its ``dropped``.)
+        """
+        sinks = self.sinks
+        return 0 if sinks is None else sinks.dropped + sinks.failed
 
     def _start_cursor(self, since: int) -> int:
         """``since``, or 0 when it is above the buffer's cursor (a restart)."""
@@ -505,6 +518,7 @@ class TraceEndpoint:
             "instance": self.instance,
             "cursor": position,
             "dropped": self.source.dropped,
+            "sink_dropped": self.sink_dropped,
             "missed": missed,
         }
 

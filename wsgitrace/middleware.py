@@ -108,6 +108,8 @@ class TraceMiddleware:
             from .sinks import build_sinks
 
             self.sinks = build_sinks(opts)
+        if self._endpoint_app is not None:
+            self._endpoint_app.sinks = self.sinks  # type: ignore[attr-defined]
 
     # -- the endpoint -------------------------------------------------------
 
