@@ -96,6 +96,9 @@ class FlaskTrace:
     :param app: The app, or ``None`` to call :meth:`init_app` later.
     :param buffer: Share a buffer; one is made from the options otherwise.
     :param clock: Nanosecond clock for every timestamp.
+        Events are ordered by their readings, so a test clock should advance
+        on every reading: with one that repeats (a frozen clock), events that
+        start on the same reading may be listed out of call order.
     :param options: See :mod:`wsgitrace.config`.
 
     .. versionadded:: 0.1

@@ -64,6 +64,9 @@ class TraceMiddleware:
     :param buffer: Where traces go; a new :class:`TraceBuffer` sized by
         ``max_traces`` and ``max_bytes`` when not given.
     :param clock: Nanosecond clock (tests inject one to assert durations).
+        Events are ordered by their readings, so a test clock should advance
+        on every reading: with one that repeats (a frozen clock), events that
+        start on the same reading may be listed out of call order.
     :param options: Any option of :data:`~wsgitrace.config.OPTION_SPECS`.
 
     .. versionadded:: 0.1
