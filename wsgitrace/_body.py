@@ -11,7 +11,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, cast
 
 from ._internal import report_internal_error
-from .context import _current_trace
+from .context import _reset_trace, _set_trace
 from .trace import (
     _LAYOUT_LOCK,
     APP_END,
@@ -239,7 +239,7 @@ class _TracedBody:
         first = not self._closed
         self._closed = True
         start = trace._clock()  # clocks never raise (see _SafeClock)
-        token = _current_trace.set(trace)
+        token = _set_trace(trace)
         error: BaseException | None = None
         try:
             close = getattr(self._app_iter, "close", None)
@@ -249,7 +249,7 @@ class _TracedBody:
             error = exc
             raise
         finally:
-            _current_trace.reset(token)
+            _reset_trace(token)
             if first:
                 try:
                     times = trace._times
@@ -336,8 +336,8 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
     trace = body.trace
     times = trace._times
     clock = trace._clock
-    set_current = _current_trace.set
-    reset_current = _current_trace.reset
+    set_current = _set_trace
+    reset_current = _reset_trace
     # A for loop, not next() in a try: the app's StopIteration then ends
     # the loop in C instead of being raised into this frame.
     token = set_current(trace)

@@ -22,15 +22,14 @@ import flask
 from flask import Flask, signals
 from flask.ctx import AppContext
 from flask.ctx import _sentinel as _ctx_sentinel
-from flask.globals import _cv_app, _cv_request
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 from werkzeug.exceptions import BadRequestKeyError, HTTPException, InternalServerError
 from werkzeug.routing import RoutingException
 
-from ._flask_recorder import _NO_G, _SIGNAL_KEYS
+from ._flask_recorder import _NO_G, _SIGNAL_KEYS, _get_app_ctx, _get_request_ctx
 from ._internal import report_internal_error
-from .context import _current_trace
+from .context import _get_trace
 
 if TYPE_CHECKING:
     from ._flask_recorder import _AppTracer
@@ -106,7 +105,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return original(app)
         tracer.url_match(trace)
@@ -133,13 +132,13 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
 
     def preprocess_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app)
         request = ctx.request
         names = (None, *reversed(request.blueprints))
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for name in names:
             if name in app.url_value_preprocessors:
@@ -184,8 +183,8 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
 
     def dispatch_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app)
         req = ctx.request
@@ -197,7 +196,7 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
         ):
             return original(app)
         view = app.view_functions.get(rule.endpoint)
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
         return run_hook(trace, view_keys, "view", rule.endpoint, view, g_dict, original, app)
 
     return dispatch_request
@@ -213,7 +212,7 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
 
     def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return original(app, rv, from_error_handler)
         response = app.make_response(rv)
@@ -238,11 +237,11 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
 
     def process_response(response: Any) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app, response)
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for func in ctx._after_request_functions:
             call = app.ensure_sync(func)
@@ -286,13 +285,13 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
     ) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
+        trace = _get_trace()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
-        ctx = _cv_request.get(None)
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app, exc)
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for name in chain(ctx.request.blueprints, (None,)):
             if name in app.teardown_request_funcs:
@@ -329,12 +328,12 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
         exc: BaseException | None = _app_sentinel,  # type: ignore[assignment]
     ) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
+        trace = _get_trace()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
         if trace is None or trace._limits is not limits:
             return original(app, exc)
-        g_dict = getattr(_cv_app.get().g, "__dict__", _NO_G)
+        g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for func in reversed(app.teardown_appcontext_funcs):
             run_hook(
@@ -366,14 +365,14 @@ def _make_update_template_context(
 
     def update_template_context(context: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        app_ctx = _cv_app.get(None)
+        trace = _get_trace()
+        app_ctx = _get_app_ctx(None)
         # No app context (a body iterated after the request, without
         # stream_with_context): Flask's own runs the processors without one.
         if trace is None or trace._limits is not limits or app_ctx is None:
             return original(app, context)
         names: Iterable[str | None] = (None,)
-        ctx = _cv_request.get(None)
+        ctx = _get_request_ctx(None)
         if ctx is not None:
             names = chain(names, reversed(ctx.request.blueprints))
         g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
@@ -409,10 +408,10 @@ def _make_inject_url_defaults(
 
     def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return original(app, endpoint, values)
-        app_ctx = _cv_app.get(None)
+        app_ctx = _get_app_ctx(None)
         if app_ctx is None:
             return original(app, endpoint, values)
         names: Iterable[str | None] = (None,)
@@ -436,8 +435,8 @@ def _make_handle_http_exception(app: Flask, tracer: _AppTracer) -> Callable[[Any
 
     def handle_http_exception(e: HTTPException) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app, e)
         if e.code is None:
@@ -460,8 +459,8 @@ def _make_handle_user_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exc
 
     def handle_user_exception(e: Exception) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app, e)
         if isinstance(e, BadRequestKeyError) and (
@@ -486,8 +485,8 @@ def _make_handle_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exceptio
 
     def handle_exception(e: Exception) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
-        trace = _current_trace.get()
-        ctx = _cv_request.get(None)
+        trace = _get_trace()
+        ctx = _get_request_ctx(None)
         if trace is None or trace._limits is not limits or ctx is None:
             return original(app, e)
         exc_info = sys.exc_info()
@@ -525,7 +524,7 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
         """
 
         def push(self) -> None:
-            trace = _current_trace.get()
+            trace = _get_trace()
             if trace is None or trace._limits is not limits:
                 return push(self)
             start = clock()
@@ -537,7 +536,7 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
             return None
 
         def pop(self, exc: BaseException | None = _ctx_sentinel) -> None:  # type: ignore[assignment]
-            trace = _current_trace.get()
+            trace = _get_trace()
             if exc is _ctx_sentinel:
                 exc = sys.exc_info()[1]
             pop(self, exc)

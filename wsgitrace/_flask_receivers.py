@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from flask import signals
 
 from ._internal import report_internal_error
-from .context import _current_trace
+from .context import _get_trace
 from .trace import cut, format_error
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     starts = tracer._template_starts
 
     def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return
         try:
@@ -55,7 +55,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             report_internal_error("flask.got_request_exception", trace)
 
     def _on_before_render_template(sender: Any, template: Any, **_: Any) -> None:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return
         try:
@@ -73,7 +73,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             report_internal_error("flask.before_render_template", trace)
 
     def _on_template_rendered(sender: Any, template: Any, **_: Any) -> None:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return
         try:
@@ -90,7 +90,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             report_internal_error("flask.template_rendered", trace)
 
     def _on_message_flashed(sender: Any, message: Any, category: Any, **_: Any) -> None:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not limits:
             return
         try:
@@ -124,7 +124,7 @@ class _LogCapture(logging.Handler):
         self._max_string = tracer.max_string
 
     def emit(self, record: logging.LogRecord) -> None:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is None or trace._limits is not self._limits:
             return
         try:

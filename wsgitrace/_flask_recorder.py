@@ -37,6 +37,9 @@ _MISSING = object()
 # never written to.
 _NO_G: dict[str, Any] = {}
 _get_ident = threading.get_ident
+# Bound once (see wsgitrace.context): Flask's request and app context variables.
+_get_request_ctx = _cv_request.get
+_get_app_ctx = _cv_app.get
 
 _URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
 
@@ -379,7 +382,7 @@ class _AppTracer:
 
     def url_match(self, trace: Trace) -> None:
         try:
-            ctx = _cv_request.get(None)
+            ctx = _get_request_ctx(None)
             if ctx is None:
                 return
             req = ctx.request
@@ -409,7 +412,7 @@ class _AppTracer:
 
     def snapshot_session(self, trace: Trace) -> None:
         try:
-            ctx = _cv_request.get(None)
+            ctx = _get_request_ctx(None)
             if ctx is None:
                 return
             # Flask 3.1 keeps it in ``_session`` behind a property that marks
@@ -431,7 +434,7 @@ class _AppTracer:
 
     def snapshot_g(self, trace: Trace) -> None:
         try:
-            app_ctx = _cv_app.get(None)
+            app_ctx = _get_app_ctx(None)
             if app_ctx is None:
                 return
             g_dict = getattr(app_ctx.g, "__dict__", _NO_G)

@@ -28,6 +28,11 @@ from .trace import Trace
 F = TypeVar("F", bound=Callable[..., Any])
 
 _current_trace: ContextVar[Trace | None] = ContextVar("wsgitrace.trace", default=None)
+# Bound once for the request path: CPython 3.11 makes a new bound method for
+# each ``_get_trace()`` written in a module that imported the name.
+_get_trace = _current_trace.get
+_set_trace = _current_trace.set
+_reset_trace = _current_trace.reset
 
 #: Guards the start stacks of span objects shared between threads.
 _starts_lock = threading.Lock()
@@ -37,7 +42,7 @@ def current_trace() -> Trace | None:
     """The trace of the request being served in this context, or ``None``
     outside a traced request.
     """
-    return _current_trace.get()
+    return _get_trace()
 
 
 class span:  # noqa: N801 - used like a function, as contextlib's helpers are
@@ -58,7 +63,7 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
         self._starts: list[tuple[Trace, int]] = []
 
     def __enter__(self) -> span:
-        trace = _current_trace.get()
+        trace = _get_trace()
         if trace is not None:
             self._starts.append((trace, trace.now()))
         else:
@@ -72,7 +77,7 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
         tb: TracebackType | None,
     ) -> None:
         starts = self._starts
-        current = _current_trace.get()
+        current = _get_trace()
         with _starts_lock:
             # One span object may be used by concurrent requests (a module-level
             # ``timer = span("db")``): close this request's innermost entry,

@@ -32,7 +32,7 @@ from ._internal import remove_capture_listener as remove_capture_listener
 from ._internal import report_internal_error
 from .buffer import TraceBuffer
 from .config import Options, resolve_options
-from .context import _current_trace
+from .context import _get_trace, _reset_trace, _set_trace
 from .redact import REDACTED, Redactor
 from .trace import (
     HeaderLayout,
@@ -160,24 +160,24 @@ class TraceMiddleware:
             report_internal_error("begin")
             body = None
         if body is None:
-            if _current_trace.get() is None:
+            if _get_trace() is None:
                 return self.app(environ, start_response)
             # Served inside another traced request (an app calling another
             # app): this request is not traced, so nothing may record into
             # the outer request's trace meanwhile.
-            outer = _current_trace.set(None)
+            outer = _set_trace(None)
             try:
                 return self.app(environ, start_response)
             finally:
-                _current_trace.reset(outer)
-        token = _current_trace.set(body.trace)
+                _reset_trace(outer)
+        token = _set_trace(body.trace)
         try:
             app_iter = self.app(environ, body.start_response)
         except BaseException as exc:
-            _current_trace.reset(token)
+            _reset_trace(token)
             body.app_raised(exc)
             raise
-        _current_trace.reset(token)
+        _reset_trace(token)
         return body.app_returned(app_iter, environ)
 
     def _begin(self, environ: WSGIEnvironment, path: str) -> Trace | None:
