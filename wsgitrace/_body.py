@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
     from .middleware import TraceMiddleware
 
+_flatten = chain.from_iterable
+
 
 class _TracedBody:
     """Per-request recorder and the app's response iterable, wrapped to
@@ -84,7 +86,10 @@ class _TracedBody:
             # The common case: two stores, the headers flattened when read.
             self._starts = 1
             try:
-                trace._times[START_RESPONSE] = trace._clock()
+                # Called through a local: CPython 3.11 does not specialise
+                # obj.attr() when attr is a stored callable, not a method.
+                clock = trace._clock
+                trace._times[START_RESPONSE] = clock()
                 trace.status = status
                 if self._middleware._capture_headers:
                     # Kept as given; flattened, redacted and cut when read.
@@ -94,8 +99,9 @@ class _TracedBody:
                     trace.content_length = _content_length(headers)
             except Exception:
                 report_internal_error("start_response", trace)
+            server_start_response = self._server_start_response
             try:
-                self._server_write = self._server_start_response(status, headers)
+                self._server_write = server_start_response(status, headers)
             except BaseException:
                 trace.status = None
                 trace.set_raw_response_headers(None, None)
@@ -187,13 +193,14 @@ class _TracedBody:
     def app_returned(self, app_iter: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
         try:
             trace = self.trace
-            now = trace._times[APP_END] = trace._clock()
+            clock = trace._clock
+            now = trace._times[APP_END] = clock()
             raw = trace._raw_response_headers
             if type(raw) is list:
                 # One flat tuple of the strings, a third of the list's memory,
                 # made before the trace is published: no reader can hold the
                 # list yet. (Headers started later stay a list.)
-                trace._raw_response_headers = tuple(chain.from_iterable(raw))
+                trace._raw_response_headers = tuple(_flatten(raw))
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
@@ -238,7 +245,8 @@ class _TracedBody:
         trace = self.trace
         first = not self._closed
         self._closed = True
-        start = trace._clock()  # clocks never raise (see _SafeClock)
+        clock = trace._clock
+        start = clock()  # clocks never raise (see _SafeClock)
         token = _set_trace(trace)
         error: BaseException | None = None
         try:
@@ -253,7 +261,7 @@ class _TracedBody:
             if first:
                 try:
                     times = trace._times
-                    now = trace._clock()
+                    now = clock()
                     self._record_body(start)
                     times[CLOSE_START] = start
                     times[CLOSE_END] = now

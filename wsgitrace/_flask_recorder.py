@@ -386,7 +386,8 @@ class _AppTracer:
             if ctx is None:
                 return
             req = ctx.request
-            now = self.clock()
+            clock = self.clock
+            now = clock()
             error = req.routing_exception
             if error is not None:
                 attrs: dict[str, Any] = {"error": type(error).__name__}

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from .sinks import SinkDispatcher
 
 
+# Bound once: a method looked up on a type is not cached by CPython 3.11.
+_plain_str = str.__str__
+
 #: Environ key orders whose header plans are kept (the oldest goes first).
 _PLAN_CACHE_SIZE = 512
 #: Environs whose keys add up to more characters get no kept plan.
@@ -171,8 +174,9 @@ class TraceMiddleware:
             finally:
                 _reset_trace(outer)
         token = _set_trace(body.trace)
+        app = self.app
         try:
-            app_iter = self.app(environ, body.start_response)
+            app_iter = app(environ, body.start_response)
         except BaseException as exc:
             _reset_trace(token)
             body.app_raised(exc)
@@ -233,7 +237,7 @@ class TraceMiddleware:
                 # str.__str__ takes only strings and makes a subclass a plain
                 # one (no code of its own runs); any other value, whose repr
                 # may run code, is made a string in fit(), not when read.
-                values = tuple(map(str.__str__, values))
+                values = tuple(map(_plain_str, values))
                 fits = max(map(len, values)) <= self.limits.max_string
             except TypeError:
                 fits = False
