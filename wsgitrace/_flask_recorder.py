@@ -323,18 +323,44 @@ class _AppTracer:
         return key
 
     def send_signal(
-        self, trace: Trace, app: Flask, signal: Any, key: EventKey, **kwargs: Any
+        self,
+        trace: Trace,
+        app: Flask,
+        signal: Any,
+        key: EventKey,
+        *,
+        response: Any = _MISSING,
+        exc: Any = _MISSING,
     ) -> None:
         """Send a Flask signal exactly as Flask does (its errors propagate, as
-        in Flask) and record it under ``key``: with the time its receivers
-        took, or as an instant (one clock reading) when it has none at all.
+        in Flask), with Flask's ``response`` or ``exc`` argument when given,
+        and record it under ``key``: with the time its receivers took, or as
+        an instant (one clock reading) when it has none at all.
         """
         clock = self.clock
         start = clock() if signal.receivers else 0
-        signal.send(app, _async_wrapper=app.ensure_sync, **kwargs)
+        # Keywords spelt out: a call with **kwargs costs more than the send.
+        if response is not _MISSING:
+            signal.send(app, _async_wrapper=app.ensure_sync, response=response)
+        elif exc is not _MISSING:
+            signal.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        else:
+            signal.send(app, _async_wrapper=app.ensure_sync)
         try:
             end = clock()
-            trace.record_key(key, start or end, end)
+            keys = trace._keys
+            if (
+                trace._foreign is None
+                and len(keys) < trace._limits.event_room
+                and _get_ident() == trace.thread
+            ):
+                # Trace.record_key's common case, inline (as in run_hook).
+                times = trace._times
+                times.append(start or end)
+                times.append(end)
+                keys.append(key)
+            else:
+                trace.record_key(key, start or end, end)
         except Exception:
             report_internal_error("flask.signal", trace)
 
