@@ -371,11 +371,14 @@ def test_tail_filters(
     assert [line["path"] for line in json_lines(tail.stdout)] == expected
 
 
+@pytest.mark.parametrize("request_before_tail_polls", [False, True])
 def test_tail_reconnects_and_resumes_after_a_restart(
-    serve: Callable[..., Served], cli: Callable[..., Command]
+    serve: Callable[..., Served], cli: Callable[..., Command], request_before_tail_polls: bool
 ) -> None:
     """When the server goes away tail says so, waits, and follows the new
-    process (whose cursors start again) when it is back.
+    process (whose cursors start again) when it is back; also when the new
+    process already has as many traces as tail had seen (tail checks for a
+    restart at once, not after a long-poll for cursors past the old ones).
     """
     port = free_port()
     first = serve(port)
@@ -386,35 +389,14 @@ def test_tail_reconnects_and_resumes_after_a_restart(
     first.stop()
     tail.wait_for("cannot reach", stream="err")
     second = serve(port)
-    second.wait_for_poll()
-    second.get("/after-restart")
-    output = tail.wait_for("/after-restart")
+    if not request_before_tail_polls:
+        second.wait_for_poll()
+    second.get("/after-restart")  # cursor 1: the cursor tail had reached
+    output = tail.wait_for("/after-restart", timeout=8)
     assert tail.finish() == 0
     assert [line["path"] for line in json_lines(output)] == ["/before-restart", "/after-restart"]
     assert "reconnected" in tail.stderr
     assert "restarted" in tail.stderr
-
-
-def test_tail_sees_a_restarted_server_whose_cursor_caught_up(
-    serve: Callable[..., Served], cli: Callable[..., Command]
-) -> None:
-    """The new process already has as many traces as tail had seen: tail
-    notices the restart at once (it does not long-poll for cursors after
-    the old process's last one) and shows the new traces.
-    """
-    port = free_port()
-    first = serve(port)
-    tail = cli("tail", "--json", "-n", "0", first.url)
-    first.wait_for_poll()
-    first.get("/before-restart")
-    tail.wait_for("/before-restart")
-    first.stop()
-    tail.wait_for("cannot reach", stream="err")
-    second = serve(port)
-    second.get("/after-restart")  # cursor 1, the cursor tail had reached
-    output = tail.wait_for("/after-restart", timeout=8)
-    assert tail.finish() == 0
-    assert [line["path"] for line in json_lines(output)] == ["/before-restart", "/after-restart"]
 
 
 @pytest.mark.parametrize(
