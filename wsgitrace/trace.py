@@ -70,7 +70,11 @@ _get_ident = threading.get_ident
 END, APP_END, START_RESPONSE, FIRST_BYTE, BODY_START, BODY_END, CLOSE_START, CLOSE_END = range(8)
 _EVENTS = 8
 UNSET = -(2**63)
-_NO_STAMPS = array("q", [UNSET] * _EVENTS)
+# C long where it has 64 bits: the array converts Python ints to it by a
+# faster path than to long long (PyLong_AsLong vs _PyLong_AsByteArray for
+# values of two digits, as every nanosecond timestamp is).
+_STAMP_TYPECODE = "l" if array("l").itemsize == 8 else "q"
+_NO_STAMPS = array(_STAMP_TYPECODE, [UNSET] * _EVENTS)
 
 
 #: What a trace stores per event: kind, name and attributes (or ``None``).
