@@ -850,6 +850,41 @@ def test_run_the_examples_by_path(
     assert command.finish() == 0
 
 
+def test_run_a_flask_app_already_wrapped_in_the_middleware(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """run serves a Flask app whose wsgi_app is a TraceMiddleware, with its
+    hooks recorded into that middleware's traces.
+    """
+    (tmp_path / "wrappedapp.py").write_text(
+        textwrap.dedent(
+            """
+            from flask import Flask
+            from wsgitrace import TraceMiddleware
+
+            app = Flask(__name__)
+
+            @app.before_request
+            def check():
+                pass
+
+            @app.route("/")
+            def index():
+                return "wrapped"
+
+            app.wsgi_app = TraceMiddleware(app.wsgi_app)
+            """
+        )
+    )
+    command, base = start_run(cli, "wrappedapp:app", cwd=tmp_path)
+    assert fetch(base + "/") == (200, b"wrapped")
+    status, body = fetch(base + "/_trace")
+    assert status == 200
+    [trace] = json.loads(body)["traces"]
+    assert trace["hooks"] == 2
+    assert command.finish() == 0
+
+
 def test_run_says_when_it_cannot_listen(tmp_path: Path) -> None:
     """A port in use: wsgitrace's one-line message naming the address, exit 1."""
     with socket.socket() as taken:

@@ -643,6 +643,75 @@ class TestSubclass:
         assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
 
 
+class TestWrappedMethods:
+    def test_functools_wraps_wrapper_in_a_subclass_runs(self) -> None:
+        """A subclass's wrapper of Flask's own method (functools.wraps copies
+        Flask's names onto it) is kept and listed as skipped.
+        """
+        import functools
+
+        calls: list[str] = []
+
+        def counted(func: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                calls.append(func.__name__)
+                return func(*args, **kwargs)
+
+            return wrapper
+
+        class CountingFlask(Flask):
+            process_response = counted(Flask.process_response)
+
+        app = CountingFlask(__name__)
+        app.add_url_rule("/", "index", lambda: "ok")
+        ext = FlaskTrace(app)
+        assert fetch(app)[2] == b"ok"
+        assert calls == ["process_response"]
+        assert ext.skipped == ["process_response"]
+
+    def test_patch_made_after_init_app_runs(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An agent patching Flask's methods after init_app is not bypassed:
+        the phase runs the patched method (untraced from then on).
+        """
+        seen: list[str] = []
+        handle_user_exception = Flask.handle_user_exception
+        process_response = Flask.process_response
+        app = simple_app()
+        ext = FlaskTrace(app)
+
+        def patched_handle(self: Flask, e: Exception) -> Any:
+            seen.append(type(e).__name__)
+            return handle_user_exception(self, e)
+
+        def patched_process(self: Flask, response: Response) -> Response:
+            seen.append("process_response")
+            return process_response(self, response)
+
+        monkeypatch.setattr(Flask, "handle_user_exception", patched_handle)
+        monkeypatch.setattr(Flask, "process_response", patched_process)
+        assert fetch(app, "/fail")[0] == "500 INTERNAL SERVER ERROR"
+        assert seen == ["RuntimeError", "process_response"]
+        assert "view:fail" in last(ext).hooks()
+
+    def test_wsgi_app_method_set_on_the_app_runs(self) -> None:
+        """A method bound to the app and set as its wsgi_app is kept."""
+        import types
+
+        app = simple_app()
+
+        def wsgi_app(self: Flask, environ: Any, start_response: Any) -> Any:
+            def patched(status: str, headers: list[Any], exc_info: Any = None) -> Any:
+                return start_response(status, [*headers, ("X-Patched", "1")], exc_info)
+
+            return Flask.wsgi_app(self, environ, patched)
+
+        app.wsgi_app = types.MethodType(wsgi_app, app)  # type: ignore[method-assign]
+        ext = FlaskTrace(app)
+        assert ("X-Patched", "1") in fetch(app)[1]
+        assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
+
+
 class TestAdoptsMiddleware:
     def test_hooks_go_into_the_traces_of_an_existing_middleware(self) -> None:
         """An app whose wsgi_app already is a TraceMiddleware gets one trace

@@ -449,6 +449,16 @@ class TestCapture:
         assert capture.all == []
 
 
+def test_a_nested_session_leaves_failures_as_pytest_fail(pytester: pytest.Pytester) -> None:
+    """After a pytest run inside this one (pytester, in process), wsgitrace's
+    failures still go through pytest.fail, not a bare AssertionError.
+    """
+    pytester.makepyfile(test_inner="def test_ok():\n    pass\n")
+    pytester.runpytest_inprocess("-p", "no:xdist").assert_outcomes(passed=1)
+    with capture_traces() as captured, pytest.raises(pytest.fail.Exception):
+        captured.last  # noqa: B018 - the property fails
+
+
 def test_fixture_errors_show_no_plugin_frames(pytester: pytest.Pytester) -> None:
     """A fixture of a conftest failing in setup or teardown shows the same
     traceback as without the plugin: none of its frames.

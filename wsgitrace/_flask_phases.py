@@ -11,6 +11,7 @@ Flask 3.0/3.1 method of the same name, recording every hook through
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -54,6 +55,11 @@ _PHASES = (
 )
 
 
+# Where Flask's own methods are defined (flask/app.py, flask/sansio/app.py).
+_FLASK_DIR = os.path.dirname(os.path.abspath(flask.__file__))
+_FLASK_DIRS = (_FLASK_DIR, os.path.join(_FLASK_DIR, "sansio"))
+
+
 def _install_phases(app: Flask, tracer: _AppTracer) -> None:
     cls = type(app)
     for phase in _PHASES:
@@ -81,12 +87,14 @@ def _install_phases(app: Flask, tracer: _AppTracer) -> None:
 
 def _is_flasks_own(func: object, phase: str) -> bool:
     """Whether ``func`` is the function Flask defines for ``phase``, not a
-    replacement or a wrapper (wrapt's proxies are not plain functions).
+    replacement or a wrapper: wrapt's proxies are not plain functions, and
+    a ``functools.wraps`` wrapper has Flask's names but not its code.
     """
     return (
         type(func) is FunctionType
-        and getattr(func, "__module__", None) in ("flask.app", "flask.sansio.app")
-        and getattr(func, "__qualname__", None) in (f"Flask.{phase}", f"App.{phase}")
+        and not hasattr(func, "__wrapped__")
+        and os.path.dirname(func.__code__.co_filename) in _FLASK_DIRS
+        and func.__qualname__ in (f"Flask.{phase}", f"App.{phase}")
     )
 
 
@@ -99,15 +107,16 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
     app_ref = weakref.ref(app)
     limits = tracer.limits
     send_signal = tracer.send_signal
-    original = Flask.full_dispatch_request
+    cls = type(app)
+    own = cls.full_dispatch_request
     request_started = signals.request_started
     started_key = _SIGNAL_KEYS["signal:request-started"]
 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
-        if trace is None or trace._limits is not limits:
-            return original(app)
+        if trace is None or trace._limits is not limits or cls.full_dispatch_request is not own:
+            return cls.full_dispatch_request(app)
         tracer.url_match(trace)
         app._got_first_request = True
         try:
@@ -125,7 +134,8 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
 def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.preprocess_request
+    cls = type(app)
+    own = cls.preprocess_request
     run_hook = tracer.run_hook
     url_value_keys = tracer.hook_cache("url_value_preprocessor")
     before_keys = tracer.hook_cache("before_request")
@@ -134,8 +144,13 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.preprocess_request is not own
+        ):
+            return cls.preprocess_request(app)
         request = ctx.request
         names = (None, *reversed(request.blueprints))
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
@@ -177,7 +192,8 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
 def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.dispatch_request
+    cls = type(app)
+    own = cls.dispatch_request
     run_hook = tracer.run_hook
     view_keys = tracer.hook_cache("view")
 
@@ -185,8 +201,13 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.dispatch_request is not own
+        ):
+            return cls.dispatch_request(app)
         req = ctx.request
         rule = req.url_rule
         if (
@@ -194,10 +215,10 @@ def _make_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any]:
             or rule is None
             or (getattr(rule, "provide_automatic_options", False) and req.method == "OPTIONS")
         ):
-            return original(app)
+            return cls.dispatch_request(app)
         view = app.view_functions.get(rule.endpoint)
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
-        return run_hook(trace, view_keys, "view", rule.endpoint, view, g_dict, original, app)
+        return run_hook(trace, view_keys, "view", rule.endpoint, view, g_dict, own, app)
 
     return dispatch_request
 
@@ -206,15 +227,16 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
     app_ref = weakref.ref(app)
     limits = tracer.limits
     send_signal = tracer.send_signal
-    original = Flask.finalize_request
+    cls = type(app)
+    own = cls.finalize_request
     request_finished = signals.request_finished
     finished_key = _SIGNAL_KEYS["signal:request-finished"]
 
     def finalize_request(rv: Any, from_error_handler: bool = False) -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
-        if trace is None or trace._limits is not limits:
-            return original(app, rv, from_error_handler)
+        if trace is None or trace._limits is not limits or cls.finalize_request is not own:
+            return cls.finalize_request(app, rv, from_error_handler)
         response = app.make_response(rv)
         try:
             response = app.process_response(response)
@@ -231,7 +253,8 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
 def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.process_response
+    cls = type(app)
+    own = cls.process_response
     run_hook = tracer.run_hook
     after_keys = tracer.hook_cache("after_request")
 
@@ -239,8 +262,13 @@ def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], An
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app, response)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.process_response is not own
+        ):
+            return cls.process_response(app, response)
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for func in ctx._after_request_functions:
@@ -275,7 +303,8 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
     app_ref = weakref.ref(app)
     limits = tracer.limits
     send_signal = tracer.send_signal
-    original = Flask.do_teardown_request
+    cls = type(app)
+    own = cls.do_teardown_request
     run_hook = tracer.run_hook
     teardown_keys = tracer.hook_cache("teardown_request")
     request_tearing_down = signals.request_tearing_down
@@ -289,8 +318,13 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app, exc)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.do_teardown_request is not own
+        ):
+            return cls.do_teardown_request(app, exc)
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for name in chain(ctx.request.blueprints, (None,)):
@@ -318,7 +352,8 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
     app_ref = weakref.ref(app)
     limits = tracer.limits
     send_signal = tracer.send_signal
-    original = Flask.do_teardown_appcontext
+    cls = type(app)
+    own = cls.do_teardown_appcontext
     run_hook = tracer.run_hook
     teardown_keys = tracer.hook_cache("teardown_appcontext")
     appcontext_tearing_down = signals.appcontext_tearing_down
@@ -331,8 +366,8 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
         trace = _get_trace()
         if exc is _app_sentinel:
             exc = sys.exc_info()[1]
-        if trace is None or trace._limits is not limits:
-            return original(app, exc)
+        if trace is None or trace._limits is not limits or cls.do_teardown_appcontext is not own:
+            return cls.do_teardown_appcontext(app, exc)
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
 
         for func in reversed(app.teardown_appcontext_funcs):
@@ -359,7 +394,8 @@ def _make_update_template_context(
 ) -> Callable[[dict[str, Any]], None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.update_template_context
+    cls = type(app)
+    own = cls.update_template_context
     run_hook = tracer.run_hook
     processor_keys = tracer.hook_cache("context_processor")
 
@@ -369,8 +405,13 @@ def _make_update_template_context(
         app_ctx = _get_app_ctx(None)
         # No app context (a body iterated after the request, without
         # stream_with_context): Flask's own runs the processors without one.
-        if trace is None or trace._limits is not limits or app_ctx is None:
-            return original(app, context)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or app_ctx is None
+            or cls.update_template_context is not own
+        ):
+            return cls.update_template_context(app, context)
         names: Iterable[str | None] = (None,)
         ctx = _get_request_ctx(None)
         if ctx is not None:
@@ -402,18 +443,19 @@ def _make_inject_url_defaults(
 ) -> Callable[[str, dict[str, Any]], None]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.inject_url_defaults
+    cls = type(app)
+    own = cls.inject_url_defaults
     run_hook = tracer.run_hook
     default_keys = tracer.hook_cache("url_defaults")
 
     def inject_url_defaults(endpoint: str, values: dict[str, Any]) -> None:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
-        if trace is None or trace._limits is not limits:
-            return original(app, endpoint, values)
+        if trace is None or trace._limits is not limits or cls.inject_url_defaults is not own:
+            return cls.inject_url_defaults(app, endpoint, values)
         app_ctx = _get_app_ctx(None)
         if app_ctx is None:
-            return original(app, endpoint, values)
+            return cls.inject_url_defaults(app, endpoint, values)
         names: Iterable[str | None] = (None,)
         if "." in endpoint:
             names = chain(names, reversed(_split_blueprint_path(endpoint.rpartition(".")[0])))
@@ -431,14 +473,20 @@ def _make_inject_url_defaults(
 def _make_handle_http_exception(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.handle_http_exception
+    cls = type(app)
+    own = cls.handle_http_exception
 
     def handle_http_exception(e: HTTPException) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app, e)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.handle_http_exception is not own
+        ):
+            return cls.handle_http_exception(app, e)
         if e.code is None:
             return e
         if isinstance(e, RoutingException):
@@ -455,14 +503,20 @@ def _make_handle_http_exception(app: Flask, tracer: _AppTracer) -> Callable[[Any
 def _make_handle_user_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exception], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.handle_user_exception
+    cls = type(app)
+    own = cls.handle_user_exception
 
     def handle_user_exception(e: Exception) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app, e)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.handle_user_exception is not own
+        ):
+            return cls.handle_user_exception(app, e)
         if isinstance(e, BadRequestKeyError) and (
             app.debug or app.config["TRAP_BAD_REQUEST_ERRORS"]
         ):
@@ -481,14 +535,20 @@ def _make_handle_user_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exc
 def _make_handle_exception(app: Flask, tracer: _AppTracer) -> Callable[[Exception], Any]:
     app_ref = weakref.ref(app)
     limits = tracer.limits
-    original = Flask.handle_exception
+    cls = type(app)
+    own = cls.handle_exception
 
     def handle_exception(e: Exception) -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
         ctx = _get_request_ctx(None)
-        if trace is None or trace._limits is not limits or ctx is None:
-            return original(app, e)
+        if (
+            trace is None
+            or trace._limits is not limits
+            or ctx is None
+            or cls.handle_exception is not own
+        ):
+            return cls.handle_exception(app, e)
         exc_info = sys.exc_info()
         signals.got_request_exception.send(app, _async_wrapper=app.ensure_sync, exception=e)
         propagate = app.config["PROPAGATE_EXCEPTIONS"]

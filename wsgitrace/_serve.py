@@ -132,7 +132,10 @@ def traced(obj: Any) -> tuple[WSGIApplication, TraceMiddleware]:
         if ext is None:
             from .flask import FlaskTrace
 
-            ext = FlaskTrace(obj, endpoint=False)
+            if isinstance(obj.wsgi_app, TraceMiddleware):
+                ext = FlaskTrace(obj)  # records hooks into that middleware's traces
+            else:
+                ext = FlaskTrace(obj, endpoint=False)
         return obj, ext.middleware
     wsgi_app = getattr(obj, "wsgi_app", None)
     if isinstance(wsgi_app, TraceMiddleware):

@@ -84,6 +84,28 @@ class _WeakWsgiApp:
         return f"<{self._name} of {self._app()!r}>"
 
 
+class _WeakBoundMethod:
+    """Calls a function set on the app as its ``wsgi_app`` method, with the
+    app held weakly.
+    """
+
+    __slots__ = ("_app", "_func")
+
+    def __init__(self, app: Flask, func: Callable[..., Iterable[bytes]]) -> None:
+        self._app = weakref.ref(app)
+        self._func = func
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        app = self._app()
+        if app is None:  # pragma: no cover - the app is gone but still called
+            msg = "the Flask app traced by wsgitrace no longer exists"
+            raise RuntimeError(msg)
+        return self._func(app, environ, start_response)
+
+    def __repr__(self) -> str:
+        return f"<{self._func!r} of {self._app()!r}>"
+
+
 class FlaskTrace:
     """Trace every request of a Flask app: hooks, signals, URL matching,
     ``g`` and session state, templates, on top of :class:`TraceMiddleware`.
@@ -181,13 +203,12 @@ class FlaskTrace:
 
         original = app.wsgi_app
         inner: Any = original
-        name = getattr(original, "__name__", None)
-        if (
-            getattr(original, "__self__", None) is app
-            and isinstance(name, str)
-            and callable(getattr(type(app), name, None))
-        ):
-            inner = _WeakWsgiApp(app, name)
+        if getattr(original, "__self__", None) is app and "wsgi_app" not in vars(app):
+            # The class's method: looked up on the class at each call.
+            inner = _WeakWsgiApp(app, "wsgi_app")
+        elif getattr(original, "__self__", None) is app:
+            # A method bound to the app and set on it: kept, held weakly.
+            inner = _WeakBoundMethod(app, original.__func__)  # type: ignore[attr-defined]
         middleware = TraceMiddleware(
             inner,
             self._buffer,

@@ -234,7 +234,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker, read and check the settings, open the JSON file."""
-    testing._under_pytest = True
+    testing._under_pytest += 1
     config.addinivalue_line(
         "markers",
         "wsgitrace_keep: capture this test's requests (as the wsgitrace fixture does)"
@@ -277,7 +277,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Close the JSON file."""
-    testing._under_pytest = False
+    testing._under_pytest -= 1
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.writer is not None:
         settings.writer.close()

@@ -266,9 +266,10 @@ _NOTHING_TRACED = (
 )
 
 
-#: Set by the pytest plugin while pytest runs: failures then go through
-#: ``pytest.fail`` (no traceback). Merely importing pytest does not count.
-_under_pytest = False
+#: How many pytest sessions with the plugin are running here (pytester runs
+#: one inside another): failures then go through ``pytest.fail`` (no
+#: traceback). Merely importing pytest does not count.
+_under_pytest = 0
 
 
 def _fail(msg: str) -> NoReturn:
@@ -277,7 +278,7 @@ def _fail(msg: str) -> NoReturn:
     """
     __tracebackhide__ = True
     pytest = sys.modules.get("pytest")
-    if _under_pytest and pytest is not None:
+    if _under_pytest > 0 and pytest is not None:
         pytest.fail(msg, pytrace=False)
     raise AssertionError(msg)
 
