@@ -933,6 +933,34 @@ def test_demo_shows_traffic_and_exits_0_on_ctrl_c(cli: Callable[..., Command]) -
     assert "wsgitrace demo" in demo.stderr
 
 
+def test_demo_stops_cleanly_on_two_quick_interrupts(cli: Callable[..., Command]) -> None:
+    """A second Ctrl-C (or timeout's signal to the whole group) while demo
+    stops does not cut its clean-up short: exit 0, no "Aborted!".
+    """
+    demo = cli("demo", "--interval", "0.02")
+    demo.wait_for("/boom")
+    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.finish(interrupt=False) == 0
+    assert "Aborted" not in demo.stderr
+
+
+def test_tail_reads_the_store_named_by_the_environment(tmp_path: Path) -> None:
+    """WSGITRACE_STORE, which the app's workers write to, is where tail and
+    show read when it is set (as --store says).
+    """
+    from wsgitrace.store import TraceStore
+    from wsgitrace.trace import Trace
+
+    path = str(tmp_path / "traces.db")
+    trace = Trace("GET", "/from-the-store")
+    trace.finished = True
+    TraceStore(path).write([trace])
+    result = run_command("show", trace.id, env=command_env(WSGITRACE_STORE=path))
+    assert result.returncode == 0, result.stderr
+    assert "/from-the-store" in result.stdout
+
+
 def test_demo_once_with_the_console_script() -> None:
     """The installed wsgitrace script runs one demo round and exits by itself."""
     demo = Command(["demo", "--once", "--interval", "0", "--json"], script=True)

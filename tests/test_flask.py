@@ -643,6 +643,23 @@ class TestSubclass:
         assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
 
 
+def test_exclude_from_the_environment_replaces_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WSGITRACE_EXCLUDE is read, as for the middleware; the static/favicon
+    default applies only when no keyword, config key or variable says.
+    """
+    monkeypatch.setenv("WSGITRACE_EXCLUDE", "/skip")
+    app = simple_app()
+    app.add_url_rule("/skip/me", "skip", lambda: "skipped")
+    ext = FlaskTrace(app)
+    assert ext.middleware.options.exclude == ("/skip",)
+    fetch(app, "/skip/me")
+    assert ext.buffer.last is None
+    fetch(app)
+    assert last(ext).path == "/"
+
+
 class TestWrappedMethods:
     def test_functools_wraps_wrapper_in_a_subclass_runs(self) -> None:
         """A subclass's wrapper of Flask's own method (functools.wraps copies

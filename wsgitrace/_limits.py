@@ -23,7 +23,10 @@ class TraceLimits:
     """Per-trace caps. Whatever is cut is counted and marked on the trace.
 
     :param max_events: Events kept per trace; later ones are counted in
-        :attr:`Trace.dropped_events`.
+        :attr:`Trace.dropped_events`. The six WSGI-level events (``request``,
+        ``app``, ``start_response``, ``first_byte``, ``body``, ``close``) are
+        always kept and count against it, with room for at least one more:
+        a trace keeps at least seven.
     :param max_string: Length of any captured string (header value, path,
         query, ``repr``); longer ones end with :data:`TRUNCATION_MARKER`.
     :param max_headers: Request and response headers kept per trace.

@@ -171,19 +171,26 @@ def _filters(
 class _Interrupts:
     """SIGINT and SIGTERM raise :exc:`KeyboardInterrupt`, except while output
     is being written (rich would write a half-printed render again when the
-    live display stops): then they take effect when the write is done.
+    live display stops): then they take effect when the write is done. Only
+    the first one counts: the command is stopping, and a second Ctrl-C must
+    not cut its clean-up short.
     """
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending = False
+        self.interrupted = False
 
     def install(self) -> None:
+        self.interrupted = self.pending = False  # a new command (tests run several)
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGINT, self._handler)
             signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted:
+            return
+        self.interrupted = True
         if self.depth:
             self.pending = True
             return
@@ -200,6 +207,10 @@ class _Interrupts:
             if not self.depth and self.pending:
                 self.pending = False
                 raise KeyboardInterrupt
+
+    def stopping(self) -> None:
+        """From now on interrupts do nothing: the command is stopping."""
+        self.interrupted = True
 
 
 _interrupts = _Interrupts()
@@ -250,6 +261,7 @@ _store_option = click.option(
     "--store",
     type=click.Path(dir_okay=False),
     metavar="PATH",
+    envvar="WSGITRACE_STORE",
     help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
 )
 
@@ -381,6 +393,7 @@ def run(app_spec: str, host: str, port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        _interrupts.stopping()
         endpoint.shutdown()
         server.server_close()
     _message(err, "wsgitrace: stopped", "dim")
@@ -464,6 +477,7 @@ def demo(
     except KeyboardInterrupt:
         code = 0
     finally:
+        _interrupts.stopping()
         stop.set()
         endpoint.shutdown()
         server.shutdown()

@@ -6,8 +6,9 @@ It has what real apps have, so its traces show every kind of hook:
   preprocessor;
 - an ``admin`` blueprint whose ``before_request`` refuses unauthenticated
   requests (a short-circuit);
-- an app-wide ``before_request`` that loads the user into ``g`` and opens a
-  database handle that a ``teardown_appcontext`` closes;
+- an app-wide ``before_request`` that loads the user into ``g``, and a
+  database handle the views open on first use and a ``teardown_appcontext``
+  closes;
 - an ``after_request`` that adds a header, a template with a context
   processor, a streamed response, a slow route and an error route.
 

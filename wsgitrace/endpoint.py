@@ -563,6 +563,6 @@ def _not_found(start_response: StartResponse) -> list[bytes]:
             ("Content-Length", str(len(_NOT_FOUND_BODY))),
         ],
     )
-    # No headers of the endpoint's own: a refusal must look like the app's
-    # 404, so a client cannot tell wsgitrace is there.
+    # No headers of the endpoint's own: a refusal is a plain 404 whatever
+    # its reason, and carries nothing that says wsgitrace is there.
     return [_NOT_FOUND_BODY]

@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 
 class WsgitraceError(Exception):
-    """Base class of every error raised by wsgitrace."""
+    """Base class of wsgitrace's own errors: configuration, the trace store
+    and hook order assertions. Misuse of an API (calling before set-up, a
+    wrong argument type) raises Python's usual ``RuntimeError``,
+    ``TypeError`` or ``ValueError``.
+    """
 
 
 class ConfigurationError(WsgitraceError, ValueError):
@@ -51,7 +55,7 @@ class StoreError(WsgitraceError):
     :param message: What went wrong and what to do about it.
     :param path: The store's file.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     def __init__(self, message: str, path: str | None = None) -> None:

@@ -33,6 +33,7 @@ through it.
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -186,7 +187,8 @@ class FlaskTrace:
             self._adopt(app, app.wsgi_app)
             return
         options = dict(self._options)
-        if "exclude" not in options and env_name("exclude") not in app.config:
+        name = env_name("exclude")
+        if "exclude" not in options and name not in app.config and name not in os.environ:
             static = (app.static_url_path or "").rstrip("/")
             default_exclude = ["/favicon.ico"]
             if static and app.has_static_folder:

@@ -90,7 +90,7 @@ class OtlpSink:
 
     :raises ConfigurationError: the ``otlp`` extra is not installed.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     name = "otlp"

@@ -77,10 +77,10 @@ class Redactor:
         extra_patterns: Iterable[str] = (),
     ) -> None:
         for label, value in (
-            ("redact_headers", headers),
-            ("redact_extra_headers", extra_headers),
-            ("redact_patterns", patterns),
-            ("redact_extra_patterns", extra_patterns),
+            ("headers", headers),
+            ("extra_headers", extra_headers),
+            ("patterns", patterns),
+            ("extra_patterns", extra_patterns),
         ):
             if isinstance(value, str | bytes):
                 msg = f"{label} must be a list of names, not a string: {value!r}"

@@ -235,7 +235,7 @@ class SinkDispatcher:
     :param max_queue: Traces waiting per sink; more are dropped and counted.
     :param poll: Seconds a thread sleeps when its queue is empty.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     def __init__(self, sinks: Iterable[Sink], *, max_queue: int = 2000, poll: float = POLL_SECONDS):

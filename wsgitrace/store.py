@@ -153,7 +153,7 @@ class TraceStore:
         as ``wsgitrace tail --store`` pass false).
     :param timeout: Seconds to wait for a lock held by another process.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     name = "store"

@@ -208,9 +208,13 @@ class Trace:
     A trace is readable as soon as the app call returns (:attr:`finished` is
     false until the response is closed).
 
-    :param environ: The WSGI environ of the request; only strings are copied.
+    :param method: The request's method.
+    :param path: Its path (cut to ``limits.max_string``).
+    :param query: Its query string, already redacted.
+    :param remote_addr: The client's address, if known.
     :param clock: Nanosecond clock used for every timestamp of the trace.
     :param limits: Per-trace caps.
+    :param start_ns: When the request started; ``clock()`` when not given.
     """
 
     __slots__ = (
