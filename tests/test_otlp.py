@@ -272,6 +272,74 @@ def test_error_and_incoming_traceparent(receiver: Receiver, wait_for: Callable[.
     assert attributes(exception)["exception.message"] == "it broke"
 
 
+def test_traceparent_is_followed_without_captured_headers(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """The caller's trace is continued whether or not headers are captured."""
+    app = TraceMiddleware(app_with_error, otlp=True, capture_headers=False)
+    parent_trace = "0af7651916cd43dd8448eb211c80319c"
+    with pytest.raises(RuntimeError):
+        Client(app).get("/x", headers={"traceparent": f"00-{parent_trace}-b7ad6b7169203331-01"})
+    wait_for(lambda: app.sinks is not None and app.sinks.delivered == 1, timeout=10)
+    [root] = receiver.spans()
+    assert root.trace_id.hex() == parent_trace
+    assert root.parent_span_id.hex() == "b7ad6b7169203331"
+
+
+def test_hostile_span_names_and_attributes_never_lose_a_batch(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """A lone surrogate (a file name from os.fsdecode) in a span name is
+    escaped instead of failing the batch; a user attribute named ``kind``
+    does not replace wsgitrace's.
+    """
+    import os
+
+    import wsgitrace
+
+    app = Flask(__name__)
+
+    @app.route("/file")
+    def file() -> str:
+        with wsgitrace.span(os.fsdecode(b"caf\xe9.txt"), kind="refund"):
+            pass
+        return "ok"
+
+    ext = FlaskTrace(app, otlp=True)
+    client = app.test_client()
+    for _ in range(3):
+        client.get("/file").close()
+    sinks = ext.middleware.sinks
+    assert sinks is not None
+    wait_for(lambda: sinks.delivered + sinks.failed == 3, timeout=10)
+    assert sinks.failed == 0
+    spans = [span for span in receiver.spans() if span.name.startswith("caf")]
+    assert [span.name for span in spans] == ["caf\\udce9.txt"] * 3
+    assert attributes(spans[0])["wsgitrace.kind"] == "span"
+    assert attributes(spans[0])["wsgitrace.attr.kind"] == "refund"
+
+
+def test_forked_worker_gets_an_instance_id_of_its_own() -> None:
+    """After a fork (gunicorn --preload), each worker's spans carry their
+    own service.instance.id: the SDK's default is made once per process.
+    """
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from wsgitrace.otlp import OtlpSink
+
+    exporter = InMemorySpanExporter()
+    sink = OtlpSink(exporter=exporter)
+    trace = Trace("GET", "/")
+    trace.finished = True
+    sink.write([trace])
+    sink.after_fork()  # as in the child
+    sink.write([trace])
+    first, second = (
+        span.resource.attributes["service.instance.id"] for span in exporter.get_finished_spans()
+    )
+    assert first != second
+
+
 def test_collector_down_never_slows_requests(
     receiver: Receiver, wait_for: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

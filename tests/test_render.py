@@ -245,6 +245,17 @@ class TestTimeline:
             assert part in head[1]
         assert "endpoint admin.dashboard" in head[1]
 
+    @pytest.mark.parametrize("when", [1e20, float("nan"), float("inf"), -5.0])
+    def test_a_time_that_is_not_a_time(self, when: float) -> None:
+        """A wall time out of range (or NaN) from a hostile server is shown
+        as unknown, not a crash.
+        """
+        trace = make_trace()
+        trace.wall_time = when
+        assert "GET /orders/7" in render_text(build_timeline(trace, full=True), width=120)
+        row = render_text(build_trace_table([trace]), width=120)
+        assert "--:--:--" in row
+
     def test_hook_details(self) -> None:
         """Blueprints, short-circuits, g changes and errors are spelled out."""
         text = render_text(build_timeline(make_trace()), width=140)

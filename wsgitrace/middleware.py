@@ -205,6 +205,11 @@ class TraceMiddleware:
         )
         if self._capture_headers:
             self._capture_request_headers(environ, trace)
+        # Kept apart from the headers (which may not be captured): an
+        # OpenTelemetry export continues the caller's trace from it.
+        traceparent = environ.get("HTTP_TRACEPARENT")
+        if traceparent is not None and type(traceparent) is str:
+            trace.traceparent = traceparent[:256]
         environ["wsgitrace.trace"] = trace
         return trace
 

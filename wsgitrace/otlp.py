@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -102,21 +104,30 @@ class OtlpSink:
         resource_attributes: Mapping[str, str] | None = None,
     ) -> None:
         _require_sdk()
+
+        self._own_exporter = exporter is None
+        self._exporter: SpanExporter | None = exporter or self._make_exporter()
+        self._resource_attributes = dict(resource_attributes or {})
+        # Set in a forked child: the SDK's default id is made once per
+        # process at import, so every worker of a --preload server shares it.
+        self._instance_id: str | None = None
+        self._collector = _make_collector()
+        self._tracer: Tracer = self._make_tracer()
+        #: Spans exported.
+        self.exported = 0
+
+    def _make_tracer(self) -> Tracer:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
 
         from . import __version__
 
-        self._own_exporter = exporter is None
-        self._exporter: SpanExporter | None = exporter or self._make_exporter()
-        self._collector = _make_collector()
-        provider = TracerProvider(
-            resource=Resource.create(dict(resource_attributes or {})), shutdown_on_exit=False
-        )
+        attributes = dict(self._resource_attributes)
+        if self._instance_id is not None:
+            attributes.setdefault("service.instance.id", self._instance_id)
+        provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
         provider.add_span_processor(self._collector)
-        self._tracer: Tracer = provider.get_tracer("wsgitrace", __version__)
-        #: Spans exported.
-        self.exported = 0
+        return provider.get_tracer("wsgitrace", __version__)
 
     @staticmethod
     def _make_exporter() -> SpanExporter:
@@ -133,7 +144,10 @@ class OtlpSink:
 
         spans: list[ReadableSpan] = []
         for trace in traces:
-            spans.extend(trace_spans(self._tracer, self._collector, trace.to_dict()))
+            data = trace.to_dict()
+            if trace.traceparent is not None:
+                data["traceparent"] = trace.traceparent
+            spans.extend(trace_spans(self._tracer, self._collector, data))
         if not spans:
             return
         if self._exporter is None:
@@ -145,11 +159,14 @@ class OtlpSink:
         self.exported += len(spans)
 
     def after_fork(self) -> None:
-        """Make a new exporter in a forked child (its HTTP connections are
-        the parent's).
+        """Make a new exporter (its HTTP connections are the parent's) and a
+        new resource (its instance id is the parent's) in a forked child.
         """
         if self._own_exporter:
             self._exporter = None
+        if "service.instance.id" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+            self._instance_id = str(uuid.uuid4())
+        self._tracer = self._make_tracer()
 
     def close(self) -> None:
         """Shut the exporter down."""
@@ -175,10 +192,10 @@ def trace_spans(tracer: Tracer, collector: Any, data: Mapping[str, Any]) -> list
     error = data.get("error") if isinstance(data.get("error"), dict) else None
 
     root: Span = tracer.start_span(  # type: ignore[assignment]
-        _span_name(data),
+        _text(_span_name(data)),
         context=_parent_context(data),
         kind=SpanKind.SERVER,
-        attributes=_request_attributes(data),
+        attributes=_clean(_request_attributes(data)),
         start_time=start,
     )
     events = sorted(
@@ -202,10 +219,10 @@ def trace_spans(tracer: Tracer, collector: Any, data: Mapping[str, Any]) -> list
             stack.pop()
         parent = stack[-1][1] if stack else root
         span = tracer.start_span(
-            str(event.get("name", kind)),
+            _text(str(event.get("name", kind))),
             context=trace_api.set_span_in_context(parent),
             kind=SpanKind.INTERNAL,
-            attributes=_event_attributes(kind, event),
+            attributes=_clean(_event_attributes(kind, event)),
             start_time=at,
         )
         stack.append((until, span, at))
@@ -213,11 +230,13 @@ def trace_spans(tracer: Tracer, collector: Any, data: Mapping[str, Any]) -> list
     if error is not None:
         root.add_event(
             "exception",
-            {
-                "exception.type": str(error.get("type", "")),
-                "exception.message": str(error.get("message", "")),
-                "exception.stacktrace": str(error.get("traceback", "")),
-            },
+            _clean(
+                {
+                    "exception.type": str(error.get("type", "")),
+                    "exception.message": str(error.get("message", "")),
+                    "exception.stacktrace": str(error.get("traceback", "")),
+                }
+            ),
             timestamp=end,
         )
     if error is not None or (isinstance(status, int) and status >= 500):
@@ -239,10 +258,15 @@ def _span_name(data: Mapping[str, Any]) -> str:
 
 
 def _parent_context(data: Mapping[str, Any]) -> Any:
-    """The caller's span context from a ``traceparent`` request header."""
+    """The caller's span context from the request's ``traceparent`` header
+    (kept by the middleware when exporting, or among the captured headers).
+    """
     from opentelemetry import trace as trace_api
 
-    for name, value in data.get("request_headers") or ():
+    headers = list(data.get("request_headers") or ())
+    if isinstance(data.get("traceparent"), str):
+        headers.insert(0, ("traceparent", data["traceparent"]))
+    for name, value in headers:
         if str(name).lower() != "traceparent":
             continue
         found = _TRACEPARENT.match(str(value).strip().lower())
@@ -299,11 +323,40 @@ def _request_attributes(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"wsgitrace.kind": kind}
+    attrs: dict[str, Any] = {}
     raw = event.get("attrs")
     if isinstance(raw, dict):
         for key, value in raw.items():
-            attrs[f"wsgitrace.{key}"] = _attribute(value)
+            # A user's attribute named like one of ours keeps its value too.
+            own = key in _OWN_EVENT_ATTRIBUTES
+            name = f"wsgitrace.attr.{key}" if own else f"wsgitrace.{key}"
+            attrs[_text(name)] = _attribute(value)
+    attrs["wsgitrace.kind"] = kind
+    return attrs
+
+
+_OWN_EVENT_ATTRIBUTES = frozenset({"kind"})
+
+
+def _text(value: str) -> str:
+    """``value``, with any lone surrogate (a file name decoded by
+    ``os.fsdecode``, say) escaped: protobuf refuses them, and one would lose
+    the whole export batch.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _clean(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes with every string made encodable (see :func:`_text`)."""
+    for name, value in attrs.items():
+        if isinstance(value, str):
+            attrs[name] = _text(value)
+        elif isinstance(value, list):
+            attrs[name] = [_text(v) if isinstance(v, str) else v for v in value]
     return attrs
 
 

@@ -166,9 +166,19 @@ def summary_of(item: Trace | Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _clock(timestamp: Any) -> str:
-    if not isinstance(timestamp, int | float) or timestamp <= 0:
-        return "--:--:--"
-    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+    return _local_time("%H:%M:%S", timestamp) or "--:--:--"
+
+
+def _local_time(layout: str, timestamp: Any) -> str | None:
+    """A wall-clock time as local time, or ``None`` for one that is not a
+    time (missing, not positive, NaN, or out of the platform's range).
+    """
+    if not isinstance(timestamp, int | float) or not timestamp > 0:
+        return None
+    try:
+        return time.strftime(layout, time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def _status_text(summary: Mapping[str, Any]) -> Text:
@@ -280,9 +290,10 @@ def _header(trace: Trace, full: bool) -> Text:
         if label:
             header.append(label, style="dim")
         header.append_text(_text(value))
-    if full and trace.wall_time > 0:
+    when = _local_time("%Y-%m-%d %H:%M:%S", trace.wall_time) if full else None
+    if when is not None:
         header.append(" · ", style="dim")
-        header.append(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(trace.wall_time)))
+        header.append(when)
     return header
 
 

@@ -256,6 +256,7 @@ class Trace:
         "start_ns",
         "status",
         "thread",
+        "traceparent",
         "truncated",
         "view_args",
         "wall_time",
@@ -314,6 +315,9 @@ class Trace:
         self._length_check = False
         #: Events not kept because the trace held ``max_events``.
         self.dropped_events = 0
+        #: The request's ``traceparent`` header (W3C trace context), kept
+        #: whether or not headers are captured, for OpenTelemetry export.
+        self.traceparent: str | None = None
         self.method = method
         max_string = limits.max_string
         self.path = path if len(path) <= max_string else self._cut("path", path)
