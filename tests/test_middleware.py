@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 TEXT = [("Content-Type", "text/plain")]
 MS = 1_000_000
-MISMATCH = "Content-Length mismatch: header says 10, body sent 5 bytes"
+MISMATCH = "Content-Length mismatch: header says 10, the app's body has 5 bytes"
 
 
 class AppError(Exception):
@@ -709,7 +709,7 @@ def test_content_length_mismatch_is_a_warning(exchange: Exchanger) -> None:
     assert sent.response.outcome() == exchange(dummy_app, "/mismatch").response.outcome()
     trace = middleware.buffer.last
     assert trace is not None
-    assert trace.warnings == ["Content-Length mismatch: header says 10, body sent 5 bytes"]
+    assert trace.warnings == ["Content-Length mismatch: header says 10, the app's body has 5 bytes"]
     assert trace.summary()["warnings"] == trace.warnings
 
 
@@ -785,7 +785,7 @@ def test_no_content_length_mismatch_for_head_204_and_304(
     trace = middleware.buffer.last
     assert trace is not None
     assert (trace.content_length, trace.bytes_sent, trace.state) == (10, 0, "finished")
-    expected = ["Content-Length mismatch: header says 10, body sent 0 bytes"]
+    expected = ["Content-Length mismatch: header says 10, the app's body has 0 bytes"]
     assert trace.warnings == (expected if mismatch else None)
 
 
@@ -1489,7 +1489,7 @@ def test_two_first_readers_both_get_the_laid_out_headers(
         lambda: (getattr(trace, read), trace.to_dict()["warnings"]), entered, release
     )
     assert seen["A"][0] == seen["B"][0] != ()
-    mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
+    mismatch = ["Content-Length mismatch: header says 10, the app's body has 2 bytes"]
     assert seen["A"][1] == seen["B"][1] == trace.warnings == mismatch
 
 
@@ -1603,7 +1603,7 @@ def test_a_reader_never_sees_the_length_check_done_without_its_warning(
     trace = _served_mismatch()
     entered, release = _pause_in(monkeypatch, Trace, "warn")
     seen = _two_readers(lambda: trace.warnings, entered, release)
-    mismatch = ["Content-Length mismatch: header says 10, body sent 2 bytes"]
+    mismatch = ["Content-Length mismatch: header says 10, the app's body has 2 bytes"]
     assert seen["A"] == seen["B"] == mismatch
 
 
@@ -1769,3 +1769,64 @@ def test_non_ascii_header_strings_are_counted_at_their_size() -> None:
         sizes[text] = trace.approx_size
     # The request value and the response value.
     assert sizes["\xe9\xe9\xe9\xe9"] - sizes["aaaa"] == 2 * 24
+
+
+def test_a_file_returned_through_a_wrapper_function_is_untouched(
+    make_environ: MakeEnviron, tmp_path: Any
+) -> None:
+    """uWSGI's wsgi.file_wrapper is a function returning the file itself,
+    and uses sendfile only if it gets that very object back.
+    """
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x" * 100)
+
+    def uwsgi_file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        return filelike
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", [("Content-Length", "100")])
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
+
+    middleware = TraceMiddleware(app)
+    environ = make_environ("/file")
+    environ["wsgi.file_wrapper"] = uwsgi_file_wrapper
+    body = middleware(environ, ignore_start_response)
+    try:
+        assert type(body).__name__ == "BufferedReader"
+    finally:
+        body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.finished
+    assert [e.kind for e in trace.events if e.kind == "file_wrapper"] == ["file_wrapper"]
+
+
+def test_a_failure_after_publishing_still_finishes_the_trace(make_environ: MakeEnviron) -> None:
+    """A body whose attributes raise makes wsgitrace's own code fail after
+    the trace is published: the body goes back unwrapped, the trace is
+    finished (not left in progress), the error counted.
+    """
+    from wsgitrace.middleware import internal_error_count
+
+    class Hostile:
+        def __iter__(self) -> Any:
+            return iter([b"ok"])
+
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError(name)
+
+    hostile = Hostile()
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", [])
+        return hostile
+
+    middleware = TraceMiddleware(app)
+    environ = make_environ("/hostile")
+    environ["wsgi.file_wrapper"] = lambda filelike, block_size=8192: filelike
+    before = internal_error_count()
+    assert middleware(environ, ignore_start_response) is hostile
+    assert internal_error_count() > before
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"

@@ -40,7 +40,7 @@ def _lifecycle(clock: FakeClock) -> Trace:
         trace.error = format_error(exc, "app", trace.limits)
     trace.g = {"user": "<User 1>"}
     trace.session_keys = ["user_id"]
-    trace.warn("Content-Length mismatch: header says 3, body sent 2 bytes")
+    trace.warn("Content-Length mismatch: header says 3, the app's body has 2 bytes")
     trace.first_byte_ns = start + 9 * MS
     trace.bytes_sent, trace.chunks = 2, 1
     trace.end_ns = start + 10 * MS
@@ -511,5 +511,5 @@ def test_an_int_status_reads_as_no_code_and_the_length_check_runs_once() -> None
     assert trace.status_code is None
     trace.content_length = 10
     trace._length_check = True
-    assert trace.warnings == ["Content-Length mismatch: header says 10, body sent 0 bytes"]
+    assert trace.warnings == ["Content-Length mismatch: header says 10, the app's body has 0 bytes"]
     assert trace._length_check is False

@@ -206,9 +206,10 @@ class _TracedBody:
             if file_wrapper is not None and (
                 isinstance(app_iter, file_wrapper)
                 if isinstance(file_wrapper, type)
-                # A factory function (uWSGI's, for one): PEP 3333 file
-                # wrappers keep the file as ``filelike``.
-                else hasattr(app_iter, "filelike")
+                # A factory function: PEP 3333 file wrappers keep the file as
+                # ``filelike``; uWSGI's returns the file itself, and sends it
+                # with sendfile only if it gets that very object back.
+                else hasattr(app_iter, "filelike") or hasattr(app_iter, "read")
             ):
                 # Returned untouched so the server can still use sendfile.
                 trace.record("file_wrapper", "file_wrapper", now, now)
@@ -221,6 +222,12 @@ class _TracedBody:
             return self
         except Exception:
             report_internal_error("app_returned", self.trace)
+            # The body goes back unwrapped, so nothing else would finish the
+            # trace (published already, or about to be left in progress).
+            try:
+                self._finish(self.trace._clock())
+            except Exception:
+                report_internal_error("app_returned", self.trace)
             return app_iter
 
     # -- the body -----------------------------------------------------------

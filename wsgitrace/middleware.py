@@ -9,9 +9,10 @@
 
 It records ``request``, ``app``, ``start_response``, ``first_byte``, ``body``,
 ``write``, ``close`` and ``error`` events, and notes WSGI protocol problems as
-warnings on the trace. It is transparent: the app sees the same environ and
-callables, the server gets the same status, headers, body, laziness, ``len()``,
-``close()`` and exceptions. An error inside wsgitrace is logged once and never
+warnings on the trace. It is transparent: the app sees the same environ (plus
+``wsgitrace.trace``, the request's trace, under wsgitrace's own name as PEP
+3333 allows) and callables, the server gets the same status, headers, body,
+laziness, ``len()``, ``close()`` and exceptions. An error inside wsgitrace is logged once and never
 changes the response.
 """
 

@@ -445,7 +445,7 @@ class Trace:
             ):
                 self.warn(
                     f"Content-Length mismatch: header says {expected},"
-                    f" body sent {self.bytes_sent} bytes"
+                    f" the app's body has {self.bytes_sent} bytes"
                 )
         finally:
             # Cleared last: a reader that finds it clear finds the warning
