@@ -36,6 +36,7 @@ from .config import Options, resolve_options
 from .context import _get_trace, _reset_trace, _set_trace
 from .redact import REDACTED, Redactor
 from .trace import (
+    HEADER_SEP,
     HeaderLayout,
     Trace,
     TraceLimits,
@@ -233,22 +234,33 @@ class TraceMiddleware:
             trace.note_truncated("request_headers", plan.dropped)
         if not plan.layout:
             return
-        values: tuple[Any, ...] = ()
+        values: tuple[Any, ...] | str = ()
         fetch = plan.fetch
         if fetch is not None:  # None: only secret headers, nothing to copy
-            values = fetch(environ)
+            fetched = fetch(environ)
             if plan.single:
-                values = (values,)
+                fetched = (fetched,)
             try:
-                # str.__str__ takes only strings and makes a subclass a plain
-                # one (no code of its own runs); any other value, whose repr
-                # may run code, is made a string in fit(), not when read.
-                values = tuple(map(_plain_str, values))
-                fits = max(map(len, values)) <= self.limits.max_string
+                # The values as one string: one object to keep and to free.
+                # str.join takes only strings, and copies a subclass's
+                # characters (no code of its own runs); any other value, whose
+                # repr may run code, is made a string in fit(), not when read.
+                joined: str | None = HEADER_SEP.join(fetched)
             except TypeError:
-                fits = False
-            if not fits:
-                values = plan.fit(values, trace)
+                joined = None
+            max_string = self.limits.max_string
+            if (
+                joined is not None
+                and joined.count(HEADER_SEP) == len(fetched) - 1  # no value holds one
+                # Lengths of the joined copy: a str subclass's own __len__ never runs.
+                and (
+                    len(joined) <= max_string
+                    or max(map(len, joined.split(HEADER_SEP))) <= max_string
+                )
+            ):
+                values = joined
+            else:
+                values = plan.fit(fetched, trace)
         if shared:
             trace._request_plan = plan
             trace._request_values = values
@@ -391,10 +403,10 @@ class _RequestHeaderPlan:
             out.append(text)
         return tuple(out)
 
-    def expand(self, values: tuple[Any, ...]) -> tuple[str, ...]:
+    def expand(self, values: tuple[Any, ...] | str) -> tuple[str, ...]:
         """The flat ``(name, value, ...)`` tuple, secrets redacted."""
         out: list[str] = []
-        fetched = iter(values)
+        fetched = iter(values.split(HEADER_SEP) if isinstance(values, str) else values)
         for name, secret in self.layout:
             out.append(name)
             if secret:
