@@ -522,12 +522,23 @@ class TestLogCapture:
         assert [r.getMessage() for r in caplog.records] == ["looked up 3 items"]
 
     def test_records_outside_a_traced_request_are_ignored(self) -> None:
-        """Logging at start-up or in another app's request records nothing."""
+        """Logging at start-up or in another app's request records nothing:
+        two apps share one logger (same name), each records only its own
+        request's records.
+        """
         app = logging_app()
         ext = FlaskTrace(app)
         app.logger.warning("not in a request")
         fetch(app)
         assert len(last(ext).find(kind="log")) == 1
+        other = logging_app()
+        other_ext = FlaskTrace(other)
+        assert other.logger is app.logger
+        fetch(other)
+        assert [e.attrs["message"] for e in last(other_ext).find(kind="log")] == [
+            "looked up 3 items"
+        ]
+        assert len(ext.buffer) == 1  # the first app's handler recorded nothing
 
     def test_the_handler_leaves_with_the_app(self) -> None:
         """When the app is freed, its capture handler leaves the (shared) logger."""

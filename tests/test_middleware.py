@@ -1464,7 +1464,9 @@ def _two_readers(
     assert entered.wait(5)
     b = threading.Thread(target=reader, args=("B",), name="B")
     b.start()
-    b.join(0.2)  # B waits for A rather than reading a half-done state
+    b.join(0.2)
+    # B waits for A (the layout lock) rather than reading a half-done state.
+    assert b.is_alive()
     release.set()
     a.join(5)
     b.join(5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -166,10 +167,13 @@ class TestTraceTable:
         assert row.split()[1:] == expected
 
     def test_summaries_render_like_traces(self) -> None:
-        """Summaries read from /_trace render exactly as the traces they came from."""
+        """Summaries read from /_trace (JSON) render exactly as the traces
+        they came from.
+        """
         trace = make_trace()
-        assert summary_of(trace) == trace.summary()
-        assert render_text(build_trace_table([trace.summary()])) == render_text(
+        from_json = json.loads(json.dumps(trace.summary()))
+        assert summary_of(from_json) == trace.summary()
+        assert render_text(build_trace_table([from_json])) == render_text(
             build_trace_table([trace])
         )
 

@@ -190,10 +190,12 @@ class TestSinkDispatcher:
         dispatcher = SinkDispatcher([failing, good])
         dispatchers.append(dispatcher)
         dispatcher.start()
+        traces = make_traces(10)
         with caplog.at_level(logging.ERROR, logger="wsgitrace"):
-            for trace in make_traces(10):
+            dispatcher.submit(traces[0])
+            wait_for(lambda: failing.calls == 1, timeout=5)  # a first batch failed
+            for trace in traces[1:]:
                 dispatcher.submit(trace)
-                time.sleep(0.01)
             wait_for(lambda: len(good.traces) == 10 and dispatcher.failed == 10, timeout=5)
         assert failing.calls >= 2
         messages = [r.getMessage() for r in caplog.records if "sink" in r.getMessage()]

@@ -78,9 +78,14 @@ def hook_order_error(check: Callable[[], None]) -> HookOrderError:
 
 def test_passing_assertions_return_none() -> None:
     trace = request_trace({"X-User": "ann"})
-    assert_hook_order(trace, HOOKS)
-    assert_hook_order(trace, ["before_request:*", "view:index", "teardown_*"], exact=False)
-    assert_hook_not_run(trace, "teardown_appcontext:*")
+    assert assert_hook_order(trace, HOOKS) is None  # type: ignore[func-returns-value]
+    assert (
+        assert_hook_order(  # type: ignore[func-returns-value]
+            trace, ["before_request:*", "view:index", "teardown_*"], exact=False
+        )
+        is None
+    )
+    assert assert_hook_not_run(trace, "teardown_appcontext:*") is None  # type: ignore[func-returns-value]
 
 
 def test_exact_order_error_has_a_diff_and_a_hint() -> None:
