@@ -961,6 +961,12 @@ def test_tail_reads_the_store_named_by_the_environment(tmp_path: Path) -> None:
     result = run_command("show", trace.id, env=command_env(WSGITRACE_STORE=path))
     assert result.returncode == 0, result.stderr
     assert "/from-the-store" in result.stdout
+    # A URL given on the command line wins over the variable (set for the
+    # app's workers in the same shell, say).
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_command("show", trace.id, url, env=command_env(WSGITRACE_STORE=path))
+    assert result.returncode == 1
+    assert f"cannot reach {url}/_trace" in result.stderr
 
 
 def test_demo_once_with_the_console_script() -> None:

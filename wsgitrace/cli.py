@@ -262,8 +262,23 @@ _store_option = click.option(
     type=click.Path(dir_okay=False),
     metavar="PATH",
     envvar="WSGITRACE_STORE",
-    help="Read this SQLite trace store (WSGITRACE_STORE) instead of a URL.",
+    help="Read this SQLite trace store instead of a URL (default: WSGITRACE_STORE, unless a URL is given).",
 )
+
+
+def _store_unless_url(store: str | None) -> str | None:
+    """``--store``, except when it only came from ``WSGITRACE_STORE`` (set for
+    the app's workers, say) and a URL was given on the command line: then
+    the URL is what the user asked for.
+    """
+    ctx = click.get_current_context()
+    if (
+        store is not None
+        and ctx.get_parameter_source("store") is click.core.ParameterSource.ENVIRONMENT
+        and ctx.get_parameter_source("url") is click.core.ParameterSource.COMMANDLINE
+    ):
+        return None
+    return store
 
 
 @main.command()
@@ -306,7 +321,7 @@ def tail(
     reconnects and resumes when the server restarts. With --store, reads
     the trace store every worker process writes to instead.
     """
-    client = _make_client(url, store, _read_token(token, token_file))
+    client = _make_client(url, _store_unless_url(store), _read_token(token, token_file))
     view: _View = _JsonView() if as_json else _HumanView(verbose)
     follow = _Follow(client, view, _filters(status, method, path, slow), lines, full=verbose)
     _sigterm_as_interrupt()
@@ -334,7 +349,7 @@ def show(
     """Show one trace's full timeline and state."""
     if not trace_id.strip():
         raise click.BadParameter("a trace id is not empty", param_hint="ID")
-    client = _make_client(url, store, _read_token(token, token_file))
+    client = _make_client(url, _store_unless_url(store), _read_token(token, token_file))
     try:
         data = client.get(trace_id)
         _check_trace(data)
