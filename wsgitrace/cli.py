@@ -262,7 +262,10 @@ _store_option = click.option(
     type=click.Path(dir_okay=False),
     metavar="PATH",
     envvar="WSGITRACE_STORE",
-    help="Read this SQLite trace store instead of a URL (default: WSGITRACE_STORE, unless a URL is given).",
+    help=(
+        "Read this SQLite trace store instead of a URL"
+        " (default: WSGITRACE_STORE, unless a URL is given)."
+    ),
 )
 
 
