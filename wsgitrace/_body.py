@@ -21,7 +21,6 @@ from .trace import (
     CLOSE_START,
     END,
     FIRST_BYTE,
-    HEADER_SEP,
     START_RESPONSE,
     UNSET,
     Trace,
@@ -35,20 +34,6 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _flatten = chain.from_iterable
-
-
-def _flat_headers(raw: list[tuple[str, str]]) -> tuple[str, ...] | str:
-    """The app's header list as one string (one object to keep and to free),
-    or a flat tuple when it has values that are not strings or that hold
-    the separator.
-    """
-    try:
-        joined = HEADER_SEP.join(_flatten(raw))
-    except TypeError:
-        return tuple(_flatten(raw))
-    if joined.count(HEADER_SEP) != 2 * len(raw) - 1:
-        return tuple(_flatten(raw))
-    return joined
 
 
 class _TracedBody:
@@ -215,7 +200,7 @@ class _TracedBody:
                 # One flat tuple of the strings, a third of the list's memory,
                 # made before the trace is published: no reader can hold the
                 # list yet. (Headers started later stay a list.)
-                trace._raw_response_headers = _flat_headers(raw)
+                trace._raw_response_headers = tuple(_flatten(raw))
             self._middleware.publish(trace)
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (

@@ -36,7 +36,6 @@ from .config import Options, resolve_options
 from .context import _get_trace, _reset_trace, _set_trace
 from .redact import REDACTED, Redactor
 from .trace import (
-    HEADER_SEP,
     HeaderLayout,
     Trace,
     TraceLimits,
@@ -234,33 +233,22 @@ class TraceMiddleware:
             trace.note_truncated("request_headers", plan.dropped)
         if not plan.layout:
             return
-        values: tuple[Any, ...] | str = ()
+        values: tuple[Any, ...] = ()
         fetch = plan.fetch
         if fetch is not None:  # None: only secret headers, nothing to copy
-            fetched = fetch(environ)
+            values = fetch(environ)
             if plan.single:
-                fetched = (fetched,)
+                values = (values,)
             try:
-                # The values as one string: one object to keep and to free.
-                # str.join takes only strings, and copies a subclass's
-                # characters (no code of its own runs); any other value, whose
-                # repr may run code, is made a string in fit(), not when read.
-                joined: str | None = HEADER_SEP.join(fetched)
+                # str.__str__ takes only strings and makes a subclass a plain
+                # one (no code of its own runs); any other value, whose repr
+                # may run code, is made a string in fit(), not when read.
+                values = tuple(map(_plain_str, values))
+                fits = max(map(len, values)) <= self.limits.max_string
             except TypeError:
-                joined = None
-            max_string = self.limits.max_string
-            if (
-                joined is not None
-                and joined.count(HEADER_SEP) == len(fetched) - 1  # no value holds one
-                # Lengths of the joined copy: a str subclass's own __len__ never runs.
-                and (
-                    len(joined) <= max_string
-                    or max(map(len, joined.split(HEADER_SEP))) <= max_string
-                )
-            ):
-                values = joined
-            else:
-                values = plan.fit(fetched, trace)
+                fits = False
+            if not fits:
+                values = plan.fit(values, trace)
         if shared:
             trace._request_plan = plan
             trace._request_values = values
@@ -403,10 +391,10 @@ class _RequestHeaderPlan:
             out.append(text)
         return tuple(out)
 
-    def expand(self, values: tuple[Any, ...] | str) -> tuple[str, ...]:
+    def expand(self, values: tuple[Any, ...]) -> tuple[str, ...]:
         """The flat ``(name, value, ...)`` tuple, secrets redacted."""
         out: list[str] = []
-        fetched = iter(values.split(HEADER_SEP) if isinstance(values, str) else values)
+        fetched = iter(values)
         for name, secret in self.layout:
             out.append(name)
             if secret:

@@ -65,10 +65,6 @@ _LAYOUT_LOCK = threading.RLock()
 
 _get_ident = threading.get_ident
 
-#: Joins header strings kept as one string (no header value holds it; a
-#: list that does is kept as a tuple).
-HEADER_SEP = "\0"
-
 # Positions of the WSGI-level timestamps at the head of Trace._times; events
 # follow from _EVENTS on. UNSET marks a step that has not happened.
 END, APP_END, START_RESPONSE, FIRST_BYTE, BODY_START, BODY_END, CLOSE_START, CLOSE_END = range(8)
@@ -111,10 +107,8 @@ class RequestHeaderPlan(Protocol):
     :class:`~wsgitrace.middleware.TraceMiddleware`).
     """
 
-    def expand(self, values: tuple[Any, ...] | str) -> tuple[str, ...]:
-        """The flat ``(name, value, ...)`` tuple of the headers, redacted;
-        ``values`` as copied, or joined by :data:`HEADER_SEP`.
-        """
+    def expand(self, values: tuple[Any, ...]) -> tuple[str, ...]:
+        """The flat ``(name, value, ...)`` tuple of the headers, redacted."""
         ...
 
 
@@ -333,11 +327,10 @@ class Trace:
         # Values copied out of the environ by a plan shared by every request
         # with the same environ keys, which lays them out when they are read.
         self._request_plan: RequestHeaderPlan | None = None
-        self._request_values: tuple[Any, ...] | str = ()
-        # Laid out: a flat tuple, or joined by HEADER_SEP (see _pack).
-        self._request_headers: tuple[str, ...] | str = ()
-        self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | str | None = None
-        self._response_headers: tuple[str, ...] | str = ()
+        self._request_values: tuple[Any, ...] = ()
+        self._request_headers: tuple[str, ...] = ()
+        self._raw_response_headers: list[tuple[str, str]] | tuple[str, ...] | None = None
+        self._response_headers: tuple[str, ...] = ()
         self.error: dict[str, str] | None = None
         self._g: tuple[str, ...] | None = None
         self._warnings: list[str] | None = None
@@ -510,18 +503,18 @@ class Trace:
                 plan = self._request_plan
                 if plan is not None:
                     try:
-                        self._request_headers = _pack(plan.expand(self._request_values))
+                        self._request_headers = plan.expand(self._request_values)
                     except Exception:
                         report_internal_error("request_headers", self)
                     self._request_plan = None
                     self._request_values = ()
-        return _unpack(self._request_headers)
+        return self._request_headers
 
     @request_headers.setter
     def request_headers(self, value: tuple[str, ...]) -> None:
         self._request_plan = None
         self._request_values = ()
-        self._request_headers = _pack(value)
+        self._request_headers = value
 
     @property
     def response_headers(self) -> tuple[str, ...]:
@@ -529,12 +522,12 @@ class Trace:
         if self._raw_response_headers is not None or self._length_check:
             with _LAYOUT_LOCK:  # readers on several threads lay them out once
                 self._settle_response_headers()
-        return _unpack(self._response_headers)
+        return self._response_headers
 
     @response_headers.setter
     def response_headers(self, value: tuple[str, ...]) -> None:
         self._raw_response_headers = None
-        self._response_headers = _pack(value)
+        self._response_headers = value
 
     def _settle_response_headers(self) -> None:
         if self._raw_response_headers is not None:
@@ -550,13 +543,7 @@ class Trace:
         if raw is None:
             return
         flatten = self._flatten_headers
-        if isinstance(raw, str):
-            parts = raw.split(HEADER_SEP)
-            pairs: Any = list(zip(parts[::2], parts[1::2], strict=True))
-        elif isinstance(raw, tuple):
-            pairs = list(zip(raw[::2], raw[1::2], strict=True))
-        else:
-            pairs = raw
+        pairs = list(zip(raw[::2], raw[1::2], strict=True)) if isinstance(raw, tuple) else raw
         layout = None
         try:
             if flatten is not None:
@@ -570,10 +557,7 @@ class Trace:
                 self._response_headers = ()
                 self._content_length = None
             else:
-                packed = _pack(layout.headers)
-                # Usually the same text (nothing secret, nothing cut): the
-                # raw string is kept, not a copy of it.
-                self._response_headers = raw if packed == raw else packed
+                self._response_headers = layout.headers
                 self._content_length = layout.content_length
                 for warning in layout.warnings:
                     self.warn(warning)
@@ -723,35 +707,25 @@ class Trace:
         # _own_key_bytes then, as are keys made by record(). Strings laid out
         # or made later are measured with getsizeof. Hook keys are shared
         # between traces and not counted.
-        # The object and its scalars, the key list and the timestamp array
-        # (eight WSGI-level stamps), then a key and two stamps an event, with
-        # the lists' spare capacity.
-        size = 720 + 32 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
+        size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
         size += self._own_key_bytes
         if self._foreign:
             # A list slot and a tuple of the key, two ints and the thread.
             size += 180 * len(self._foreign)
         values = self._request_values
-        if isinstance(values, str):
-            # Joined in one string. Names are shared by every trace of the
-            # same header layout. A latin-1 string that is not ASCII has a
-            # 24-byte longer header.
-            size += 49 + len(values) + (0 if values.isascii() else 24)
-        elif values:
+        if values:
+            # Names are shared by every trace of the same header layout. A
+            # latin-1 string that is not ASCII has a 24-byte longer header.
             size += 40 + 81 * len(values) + sum(map(len, values))
             size -= 24 * sum(map(str.isascii, values))
         raw = self._raw_response_headers
-        if isinstance(raw, str):
-            size += 49 + len(raw) + (0 if raw.isascii() else 24)
-        elif isinstance(raw, tuple):
+        if isinstance(raw, tuple):
             size += 40 + 81 * len(raw) + sum(map(len, raw)) - 24 * sum(map(str.isascii, raw))
         elif raw is not None:
             size += sum(218 + len(name) + len(value) for name, value in raw)
-        for laid_out in (self._request_headers, self._response_headers):
-            if isinstance(laid_out, str):
-                size += getsizeof(laid_out)
-            elif laid_out:
-                size += 40 + 8 * len(laid_out) + sum(map(getsizeof, laid_out))
+        laid_out = self._request_headers + self._response_headers
+        if laid_out:
+            size += 40 + 8 * len(laid_out) + sum(map(getsizeof, laid_out))
         if self.error:
             size += 300 + sum(map(getsizeof, self.error.values()))
         if self._g:
@@ -867,23 +841,6 @@ class Trace:
             f"<Trace {self.id} {self.method} {self.path!r} {self.status or '-'}"
             f" {self.state} events={len(self.events)}>"
         )
-
-
-def _pack(flat: tuple[str, ...]) -> tuple[str, ...] | str:
-    """Header strings joined by :data:`HEADER_SEP` (one object to keep), or
-    the tuple itself when it is empty or a string holds the separator.
-    """
-    if not flat:
-        return flat
-    try:
-        joined = HEADER_SEP.join(flat)
-    except TypeError:
-        return flat
-    return joined if joined.count(HEADER_SEP) == len(flat) - 1 else flat
-
-
-def _unpack(packed: tuple[str, ...] | str) -> tuple[str, ...]:
-    return tuple(packed.split(HEADER_SEP)) if isinstance(packed, str) else packed
 
 
 def _round(value: float | None) -> float | None:
