@@ -887,6 +887,33 @@ def test_run_a_flask_app_already_wrapped_in_the_middleware(
     assert command.finish() == 0
 
 
+def test_run_can_still_be_stopped_while_the_app_keeps_it_alive(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """After the first Ctrl-C has stopped the server, a process the app
+    keeps alive (a non-daemon thread) still ends on SIGTERM.
+    """
+    (tmp_path / "slowexit.py").write_text(
+        textwrap.dedent(
+            """
+            import threading, time
+
+            threading.Thread(target=time.sleep, args=(60,), daemon=False).start()
+
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok"]
+            """
+        )
+    )
+    command, base = start_run(cli, "slowexit:app", cwd=tmp_path)
+    assert fetch(base + "/")[0] == 200
+    command.proc.send_signal(signal.SIGINT)
+    command.wait_for("stopped", stream="err")
+    command.proc.send_signal(signal.SIGTERM)
+    assert command.proc.wait(TIMEOUT) == -signal.SIGTERM
+
+
 def test_run_says_when_it_cannot_listen(tmp_path: Path) -> None:
     """A port in use: wsgitrace's one-line message naming the address, exit 1."""
     with socket.socket() as taken:

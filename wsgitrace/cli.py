@@ -209,8 +209,18 @@ class _Interrupts:
                 raise KeyboardInterrupt
 
     def stopping(self) -> None:
-        """From now on interrupts do nothing: the command is stopping."""
+        """Until :meth:`restore`, interrupts do nothing: the command is
+        cleaning up.
+        """
         self.interrupted = True
+
+    def restore(self) -> None:
+        """Back to Python's handling: once the command is done, Ctrl-C and
+        SIGTERM must still end a process that waits for the app's threads.
+        """
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 _interrupts = _Interrupts()
@@ -218,6 +228,8 @@ _interrupts = _Interrupts()
 
 def _sigterm_as_interrupt() -> None:
     _interrupts.install()
+    with contextlib.suppress(RuntimeError):  # outside a click command
+        click.get_current_context().call_on_close(_interrupts.restore)
 
 
 def _fail(message: str) -> NoReturn:

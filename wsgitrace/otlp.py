@@ -329,8 +329,10 @@ def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
         for key, value in raw.items():
             # A user's attribute named like one of ours keeps its value too.
             own = key in _OWN_EVENT_ATTRIBUTES
-            name = f"wsgitrace.attr.{key}" if own else f"wsgitrace.{key}"
-            attrs[_text(name)] = _attribute(value)
+            name = _text(f"wsgitrace.attr.{key}" if own else f"wsgitrace.{key}")
+            while name in attrs:  # a renamed one met a user's own: keep both
+                name += "_"
+            attrs[name] = _attribute(value)
     attrs["wsgitrace.kind"] = kind
     return attrs
 
