@@ -61,38 +61,16 @@ _SUPPORTED = ("3.0", "3.1")
 
 
 class _WeakWsgiApp:
-    """Calls the app's ``wsgi_app`` method, looked up on its class at each
-    call, of an app held weakly: ``app.wsgi_app = TraceMiddleware(...)`` adds
-    no reference cycle, and a wrapper put on ``Flask.wsgi_app`` (by an APM
-    agent, before or after ``init_app``) still runs.
-    """
-
-    __slots__ = ("_app", "_name")
-
-    def __init__(self, app: Flask, name: str) -> None:
-        self._app = weakref.ref(app)
-        self._name = name
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        app = self._app()
-        if app is None:  # pragma: no cover - the app is gone but still called
-            msg = "the Flask app traced by wsgitrace no longer exists"
-            raise RuntimeError(msg)
-        method: Callable[..., Iterable[bytes]] = getattr(type(app), self._name)
-        return method(app, environ, start_response)
-
-    def __repr__(self) -> str:
-        return f"<{self._name} of {self._app()!r}>"
-
-
-class _WeakBoundMethod:
-    """Calls a function set on the app as its ``wsgi_app`` method, with the
-    app held weakly.
+    """Calls the ``wsgi_app`` of an app held weakly, so that
+    ``app.wsgi_app = TraceMiddleware(...)`` adds no reference cycle: a
+    function set on the app as its method, or else the class's method,
+    looked up at each call so that a wrapper put on ``Flask.wsgi_app`` (by an
+    APM agent, before or after ``init_app``) still runs.
     """
 
     __slots__ = ("_app", "_func")
 
-    def __init__(self, app: Flask, func: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(self, app: Flask, func: Callable[..., Iterable[bytes]] | None = None) -> None:
         self._app = weakref.ref(app)
         self._func = func
 
@@ -101,10 +79,12 @@ class _WeakBoundMethod:
         if app is None:  # pragma: no cover - the app is gone but still called
             msg = "the Flask app traced by wsgitrace no longer exists"
             raise RuntimeError(msg)
-        return self._func(app, environ, start_response)
+        func = self._func if self._func is not None else type(app).wsgi_app
+        return func(app, environ, start_response)
 
     def __repr__(self) -> str:
-        return f"<{self._func!r} of {self._app()!r}>"
+        what = "wsgi_app" if self._func is None else repr(self._func)
+        return f"<{what} of {self._app()!r}>"
 
 
 class FlaskTrace:
@@ -207,10 +187,10 @@ class FlaskTrace:
         inner: Any = original
         if getattr(original, "__self__", None) is app and "wsgi_app" not in vars(app):
             # The class's method: looked up on the class at each call.
-            inner = _WeakWsgiApp(app, "wsgi_app")
+            inner = _WeakWsgiApp(app)
         elif getattr(original, "__self__", None) is app:
             # A method bound to the app and set on it: kept, held weakly.
-            inner = _WeakBoundMethod(app, original.__func__)  # type: ignore[attr-defined]
+            inner = _WeakWsgiApp(app, original.__func__)  # type: ignore[attr-defined]
         middleware = TraceMiddleware(
             inner,
             self._buffer,
