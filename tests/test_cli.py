@@ -974,6 +974,16 @@ def test_demo_stops_cleanly_on_two_quick_interrupts(cli: Callable[..., Command])
     assert "Aborted" not in demo.stderr
 
 
+def test_demo_stops_cleanly_on_ctrl_c_right_after_its_banner(cli: Callable[..., Command]) -> None:
+    """Ctrl-C as soon as the banner shows (before any traffic) stops demo
+    with exit 0, not click's "Aborted!".
+    """
+    demo = cli("demo", "--interval", "0.5")
+    demo.wait_for("Ctrl-C to stop", stream="err")
+    assert demo.finish() == 0
+    assert "Aborted" not in demo.stderr
+
+
 def test_tail_reads_the_store_named_by_the_environment(tmp_path: Path) -> None:
     """WSGITRACE_STORE, which the app's workers write to, is where tail and
     show read when it is set (as --store says).

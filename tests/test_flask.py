@@ -1083,6 +1083,43 @@ def refcount_app() -> Flask:
     return app
 
 
+def test_app_wrapped_before_init_app_is_collected() -> None:
+    """``app.wsgi_app = ProxyFix(app.wsgi_app)`` before ``init_app`` makes a
+    cycle through the app; the extension (kept at module level in factory
+    apps) must not keep it alive.
+    """
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    ext = FlaskTrace()
+    app = refcount_app()
+    app.wsgi_app = ProxyFix(app.wsgi_app)  # type: ignore[method-assign]
+    ext.init_app(app)
+    assert fetch(app, "/ann")[2] == b"ann"
+    weak = weakref.ref(app)
+    del app
+    gc.collect()
+    assert weak() is None
+
+
+def test_wrapt_wrapper_set_on_the_app_runs() -> None:
+    """A wrapt wrapper put on the app's own wsgi_app (it has __self__, like
+    a bound method) keeps running.
+    """
+    wrapt = pytest.importorskip("wrapt")  # not in the test extra: APM agents bring it
+    calls: list[str] = []
+    app = simple_app()
+
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        calls.append("wrapper")
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(app, "wsgi_app", wrapper)
+    ext = FlaskTrace(app)
+    assert fetch(app)[0] == "200 OK"
+    assert calls == ["wrapper"]
+    assert last(ext).hooks()[:2] == ["before_request:load_user", "view:index"]
+
+
 @pytest.mark.parametrize("pattern", ["untraced", "direct", "factory"])
 def test_app_freed_on_zero_refcount(pattern: str) -> None:
     """With the collector off, an app traced and served is freed as soon as

@@ -68,14 +68,17 @@ def _function_name(func: Any) -> str:
 
 
 class _AppTracer:
-    """Per-app recording state; holds the app only weakly."""
+    """Per-app recording state; holds the app, and its middleware (which may
+    hold the app, through a wrapper made before ``init_app``), only weakly.
+    """
 
     def __init__(
         self, ext: FlaskTrace, app: Flask, middleware: TraceMiddleware, clock: Clock
     ) -> None:
         self.ext = ext
         self.app_ref = weakref.ref(app)
-        self.middleware = middleware
+        self._middleware_ref = weakref.ref(middleware)
+        self.redactor = middleware.redactor
         self.clock = clock
         self.session_values = middleware.options.session_values
         self.max_string = middleware.limits.max_string
@@ -95,6 +98,15 @@ class _AppTracer:
         self._template_starts: dict[int, tuple[Trace, list[int]]] = {}
         self.skipped: list[str] = []
         self.receivers: list[tuple[Any, Callable[..., None]]] = []
+
+    @property
+    def middleware(self) -> TraceMiddleware:
+        """The app's :class:`TraceMiddleware` (alive as long as the app is)."""
+        middleware = self._middleware_ref()
+        if middleware is None:
+            msg = "the traced app and its middleware no longer exist"
+            raise RuntimeError(msg)
+        return middleware
 
     # -- naming -------------------------------------------------------------
 
@@ -450,7 +462,7 @@ class _AppTracer:
             keys = [str(k) for k in dict.keys(session)]
             trace.session_keys = [cut(k, self.max_string) for k in keys[:64]]
             if self.session_values:
-                is_secret = self.middleware.redactor.is_secret
+                is_secret = self.redactor.is_secret
                 values = {}
                 for key in keys[:64]:
                     value = dict.__getitem__(session, key)
@@ -467,7 +479,7 @@ class _AppTracer:
             g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
             if not g_dict:
                 return
-            is_secret = self.middleware.redactor.is_secret
+            is_secret = self.redactor.is_secret
             limit = self.max_string
             flat: list[str] = []
             for key, value in list(g_dict.items())[:64]:

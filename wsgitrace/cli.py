@@ -180,12 +180,13 @@ class _Interrupts:
         self.depth = 0
         self.pending = False
         self.interrupted = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         self.interrupted = self.pending = False  # a new command (tests run several)
         with contextlib.suppress(ValueError):  # not the main thread
-            signal.signal(signal.SIGINT, self._handler)
-            signal.signal(signal.SIGTERM, self._handler)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.interrupted:
@@ -215,18 +216,23 @@ class _Interrupts:
         self.interrupted = True
 
     def restore(self) -> None:
-        """Back to Python's handling: once the command is done, Ctrl-C and
-        SIGTERM must still end a process that waits for the app's threads.
+        """The handlers :meth:`install` replaced, back: once the command has
+        cleaned up, Ctrl-C and SIGTERM must still end a process that waits
+        for the app's threads (and a host process gets its own back).
         """
-        with contextlib.suppress(ValueError):  # not the main thread
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        previous, self._previous = self._previous, {}
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 _interrupts = _Interrupts()
 
 
 def _sigterm_as_interrupt() -> None:
+    """Take SIGINT/SIGTERM until the command's clean-up calls
+    ``_interrupts.restore()`` (or, failing that, until the command returns).
+    """
     _interrupts.install()
     with contextlib.suppress(RuntimeError):  # outside a click command
         click.get_current_context().call_on_close(_interrupts.restore)
@@ -344,6 +350,8 @@ def tail(
         code = follow.run()
     except KeyboardInterrupt:
         code = 0
+    finally:
+        _interrupts.restore()
     sys.exit(code)
 
 
@@ -413,12 +421,13 @@ def run(app_spec: str, host: str, port: int) -> None:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     base = _base_url(host, server.port)
     err = _console(stderr=True)
-    _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
-    _message(err, f"trace endpoint: {base}{endpoint.prefix} (loopback clients)")
-    _message(err, f"watch it with:  wsgitrace tail {base}", "dim")
-    sys.stderr.flush()
+    # Before the banner: a Ctrl-C as soon as it shows stops the server cleanly.
     _sigterm_as_interrupt()
     try:
+        _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
+        _message(err, f"trace endpoint: {base}{endpoint.prefix} (loopback clients)")
+        _message(err, f"watch it with:  wsgitrace tail {base}", "dim")
+        sys.stderr.flush()
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -426,6 +435,8 @@ def run(app_spec: str, host: str, port: int) -> None:
         _interrupts.stopping()
         endpoint.shutdown()
         server.server_close()
+        # Before "stopped": a signal after it ends a process the app keeps alive.
+        _interrupts.restore()
     _message(err, "wsgitrace: stopped", "dim")
 
 
@@ -478,12 +489,6 @@ def demo(
     # The server is new: follow it from its first trace (cursor 0), so the
     # traffic thread cannot get ahead of the first poll.
     follow = _Follow(_Client(base), view, {}, lines=0, full=verbose, wait=2.0, cursor=0)
-    view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
-    view.message(
-        f"sending it requests; in another terminal try  wsgitrace tail -v {base}"
-        f"  or  wsgitrace show ID {base}   (Ctrl-C to stop)",
-        "dim",
-    )
     stop = follow.stop
 
     def send_traffic() -> None:
@@ -502,6 +507,12 @@ def demo(
     _sigterm_as_interrupt()
     code = 0
     try:
+        view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
+        view.message(
+            f"sending it requests; in another terminal try  wsgitrace tail -v {base}"
+            f"  or  wsgitrace show ID {base}   (Ctrl-C to stop)",
+            "dim",
+        )
         traffic_thread.start()
         code = follow.run()
     except KeyboardInterrupt:
@@ -512,4 +523,5 @@ def demo(
         endpoint.shutdown()
         server.shutdown()
         server.server_close()
+        _interrupts.restore()
     sys.exit(code)

@@ -34,6 +34,7 @@ through it.
 from __future__ import annotations
 
 import os
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -188,9 +189,11 @@ class FlaskTrace:
         if getattr(original, "__self__", None) is app and "wsgi_app" not in vars(app):
             # The class's method: looked up on the class at each call.
             inner = _WeakWsgiApp(app)
-        elif getattr(original, "__self__", None) is app:
-            # A method bound to the app and set on it: kept, held weakly.
-            inner = _WeakWsgiApp(app, original.__func__)  # type: ignore[attr-defined]
+        elif type(original) is types.MethodType and original.__self__ is app:
+            # A method bound to the app and set on it: kept, held weakly. (A
+            # wrapt wrapper set on the app also has __self__; it is kept as
+            # it is, wrapper and all.)
+            inner = _WeakWsgiApp(app, original.__func__)
         middleware = TraceMiddleware(
             inner,
             self._buffer,

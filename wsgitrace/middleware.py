@@ -36,6 +36,7 @@ from .config import Options, resolve_options
 from .context import _get_trace, _reset_trace, _set_trace
 from .redact import REDACTED, Redactor
 from .trace import (
+    HeaderFlattener,
     HeaderLayout,
     Trace,
     TraceLimits,
@@ -102,8 +103,14 @@ class TraceMiddleware:
         self._capture_headers = opts.capture_headers
         self._header_memo: dict[str, tuple[str, bool]] = {}
         self._plans: dict[tuple[str, ...], _RequestHeaderPlan] = {}
-        # One bound method for every trace to keep, not one per request.
-        self._flatten_response_headers = self.response_headers
+        # One flattener for every trace to keep (not one per request); it
+        # holds no reference to this middleware, so a kept trace never keeps
+        # the app (through a wrapper made before FlaskTrace) alive.
+        self._flatten_response_headers: HeaderFlattener = _ResponseHeaderFlattener(
+            self.redactor, self.limits
+        )
+        if type(self).response_headers is not TraceMiddleware.response_headers:
+            self._flatten_response_headers = self.response_headers  # a subclass's own
         self._prefix = opts.prefix
         self._endpoint_app: WSGIApplication | None = None
         if opts.endpoint is not False:
@@ -275,9 +282,50 @@ class TraceMiddleware:
         valid Content-Length. Called when a trace's headers are first read,
         not while serving; changes nothing, the trace applies the result.
         """
-        is_secret = self.redactor.is_secret
-        max_string = self.limits.max_string
-        room = self.limits.max_headers
+        return self._flatten_response_headers(headers)
+
+    def publish(self, trace: Trace) -> None:
+        """Put a trace into the buffer and tell the sinks and capture listeners."""
+        self.buffer.append(trace)
+        if self.sinks is not None or _capture_listeners:
+            self._announce(trace)
+
+    def _announce(self, trace: Trace) -> None:
+        sinks = self.sinks
+        if sinks is not None and not sinks.running:
+            # Here, not when the trace finishes (maybe in a finalizer): the
+            # sinks' threads start in each process, e.g. after a fork.
+            sinks.start()
+        for listener in _capture_listeners:
+            # A failing listener must not stop the others or the trace's finish.
+            try:
+                listener(trace)
+            except Exception:
+                report_internal_error("capture_listener", trace)
+
+    def __repr__(self) -> str:
+        return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
+
+
+class _ResponseHeaderFlattener:
+    """Lays out a response's header list for a trace when it is first read
+    (see :meth:`TraceMiddleware.response_headers`).
+    """
+
+    __slots__ = ("_limits", "_redactor")
+
+    def __init__(self, redactor: Redactor, limits: TraceLimits) -> None:
+        self._redactor = redactor
+        self._limits = limits
+
+    def __call__(self, headers: list[tuple[str, str]]) -> HeaderLayout:
+        """Flatten, redact and cap the response headers, and find their
+        valid Content-Length. Called when a trace's headers are first read,
+        not while serving; changes nothing, the trace applies the result.
+        """
+        is_secret = self._redactor.is_secret
+        max_string = self._limits.max_string
+        room = self._limits.max_headers
         content_length = None
         warnings: list[str] = []
         dropped = cut_count = 0
@@ -301,28 +349,6 @@ class TraceMiddleware:
             out.append(name)
             out.append(value)
         return HeaderLayout(tuple(out), content_length, tuple(warnings), dropped, cut_count)
-
-    def publish(self, trace: Trace) -> None:
-        """Put a trace into the buffer and tell the sinks and capture listeners."""
-        self.buffer.append(trace)
-        if self.sinks is not None or _capture_listeners:
-            self._announce(trace)
-
-    def _announce(self, trace: Trace) -> None:
-        sinks = self.sinks
-        if sinks is not None and not sinks.running:
-            # Here, not when the trace finishes (maybe in a finalizer): the
-            # sinks' threads start in each process, e.g. after a fork.
-            sinks.start()
-        for listener in _capture_listeners:
-            # A failing listener must not stop the others or the trace's finish.
-            try:
-                listener(trace)
-            except Exception:
-                report_internal_error("capture_listener", trace)
-
-    def __repr__(self) -> str:
-        return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
 
 
 class _SafeClock:
