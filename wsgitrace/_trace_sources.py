@@ -6,8 +6,8 @@ the process's buffer when the store fails.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._internal import logger
 from .exceptions import StoreError
@@ -38,6 +38,9 @@ class TraceView(Protocol):
     def finished(self) -> bool: ...
     def summary(self) -> dict[str, Any]: ...
     def to_dict(self) -> dict[str, Any]: ...
+
+
+_T = TypeVar("_T")
 
 
 class TraceSource(Protocol):
@@ -78,6 +81,14 @@ class _StoreSource:
     def max_traces(self) -> int:
         return max(self.store.max_traces, self.fallback.max_traces)
 
+    def _read(self, read: Callable[[TraceSource], _T]) -> _T:
+        """``read`` of the store, or of the buffer when the store fails."""
+        try:
+            return read(self.store)
+        except StoreError as exc:
+            self._failed(exc)
+            return read(self.fallback)
+
     @property
     def instance(self) -> str:
         try:
@@ -88,47 +99,23 @@ class _StoreSource:
 
     @property
     def cursor(self) -> int:
-        try:
-            return self.store.cursor
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.cursor
+        return self._read(lambda source: source.cursor)
 
     @property
     def dropped(self) -> int:
-        try:
-            return self.store.dropped
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.dropped
+        return self._read(lambda source: source.dropped)
 
     def latest(self, n: int | None = None) -> Sequence[TraceView]:
-        try:
-            return self.store.latest(n)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.latest(n)
+        return self._read(lambda source: source.latest(n))
 
     def since(self, cursor: int, limit: int | None = None) -> Sequence[TraceView]:
-        try:
-            return self.store.since(cursor, limit)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.since(cursor, limit)
+        return self._read(lambda source: source.since(cursor, limit))
 
     def get(self, trace_id: str) -> TraceView | None:
-        try:
-            return self.store.get(trace_id)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.get(trace_id)
+        return self._read(lambda source: source.get(trace_id))
 
     def wait(self, cursor: int, timeout: float | None = None) -> bool:
-        try:
-            return self.store.wait(cursor, timeout)
-        except StoreError as exc:
-            self._failed(exc)
-            return self.fallback.wait(cursor, timeout)
+        return self._read(lambda source: source.wait(cursor, timeout))
 
     def notify(self) -> None:
         self.store.notify()
