@@ -230,12 +230,10 @@ _interrupts = _Interrupts()
 
 
 def _sigterm_as_interrupt() -> None:
-    """Take SIGINT/SIGTERM until the command's clean-up calls
-    ``_interrupts.restore()`` (or, failing that, until the command returns).
+    """Take SIGINT/SIGTERM until the command's clean-up (a ``finally``)
+    calls ``_interrupts.restore()``.
     """
     _interrupts.install()
-    with contextlib.suppress(RuntimeError):  # outside a click command
-        click.get_current_context().call_on_close(_interrupts.restore)
 
 
 def _fail(message: str) -> NoReturn:
