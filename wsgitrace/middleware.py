@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from ._types import Clock
+    from .endpoint import TraceEndpoint
     from .sinks import SinkDispatcher
 
 
@@ -112,7 +113,7 @@ class TraceMiddleware:
         if type(self).response_headers is not TraceMiddleware.response_headers:
             self._flatten_response_headers = self.response_headers  # a subclass's own
         self._prefix = opts.prefix
-        self._endpoint_app: WSGIApplication | None = None
+        self._endpoint_app: TraceEndpoint | None = None
         if opts.endpoint is not False:
             # Build it now so bad endpoint options fail at set-up time.
             self._endpoint_app = self._make_endpoint()
@@ -123,11 +124,11 @@ class TraceMiddleware:
 
             self.sinks = build_sinks(opts)
         if self._endpoint_app is not None:
-            self._endpoint_app.sinks = self.sinks  # type: ignore[attr-defined]
+            self._endpoint_app.sinks = self.sinks
 
     # -- the endpoint -------------------------------------------------------
 
-    def _make_endpoint(self) -> WSGIApplication | None:
+    def _make_endpoint(self) -> TraceEndpoint | None:
         if self.options.endpoint is None and self._endpoint_auto is None:
             return None
         from .endpoint import TraceEndpoint
