@@ -202,15 +202,21 @@ class FlaskTrace:
             _endpoint_auto=endpoint_auto,
             **options,
         )
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        self._record_hooks(app, middleware)
+
+    def _record_hooks(self, app: Flask, middleware: TraceMiddleware) -> None:
+        """Record the app's hooks, signals and logs into the traces of its
+        middleware, and register the extension.
+        """
         tracer = _AppTracer(self, app, middleware, middleware.clock)
-        if resolved.enabled:
+        if middleware.enabled:
             # Disabled tracing leaves Flask's own methods in place, so the
             # only cost is the middleware's one attribute check.
             _install_phases(app, tracer)
             _connect_receivers(app, tracer)
-            if resolved.capture_logs:
-                _capture_logs(app, tracer, resolved.capture_logs)
-        app.wsgi_app = middleware  # type: ignore[method-assign]
+            if middleware.options.capture_logs:
+                _capture_logs(app, tracer, middleware.options.capture_logs)
         app.extensions["wsgitrace"] = self
         self._tracers[app] = tracer
 
@@ -233,14 +239,7 @@ class FlaskTrace:
                 " FlaskTrace cannot use another one"
             )
             raise ConfigurationError(msg)
-        tracer = _AppTracer(self, app, middleware, middleware.clock)
-        if middleware.enabled:
-            _install_phases(app, tracer)
-            _connect_receivers(app, tracer)
-            if middleware.options.capture_logs:
-                _capture_logs(app, tracer, middleware.options.capture_logs)
-        app.extensions["wsgitrace"] = self
-        self._tracers[app] = tracer
+        self._record_hooks(app, middleware)
 
     def tracer_for(self, app: Flask) -> _AppTracer:
         """The per-app recording state (for diagnostics)."""
