@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _current_trace: ContextVar[Trace | None] = ContextVar("wsgitrace.trace", default=None)
 # Bound once for the request path: CPython 3.11 makes a new bound method for
-# each ``_get_trace()`` written in a module that imported the name.
+# each ``_current_trace.get()`` written in a module that imported the name.
 _get_trace = _current_trace.get
 _set_trace = _current_trace.set
 _reset_trace = _current_trace.reset
