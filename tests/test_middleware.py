@@ -393,6 +393,21 @@ def test_close_is_called_once_after_full_iteration(exchange: Exchanger) -> None:
     assert trace.state == "finished"
 
 
+def test_a_finished_trace_keeps_its_times_packed(exchange: Exchanger) -> None:
+    """Retained memory: once closed, the trace's timestamps are int64s in
+    one array, not an int object each.
+    """
+    from array import array
+
+    middleware = TraceMiddleware(dummy_app)
+    exchange(middleware, "/closing")
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.finished
+    assert isinstance(trace._times, array)
+    assert {"request", "body", "close"} <= {e.kind for e in trace.events}
+
+
 def test_close_is_called_once_after_an_iteration_error(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     sent = exchange(middleware, "/closing-fail")

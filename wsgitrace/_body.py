@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _flatten = chain.from_iterable
+# Whether a body type has __len__, per type (bounded: a few types in practice).
+_sized_types: dict[type, bool] = {}
 
 
 class _TracedBody:
@@ -216,7 +218,15 @@ class _TracedBody:
                 self._finish(now)
                 return app_iter
             self._app_iter = app_iter
-            if hasattr(type(app_iter), "__len__"):
+            cls = type(app_iter)
+            sized = _sized_types.get(cls)
+            if sized is None:
+                # A failed lookup on a type makes an AttributeError (about
+                # 2,000 instructions), so the answer is kept per type.
+                sized = hasattr(cls, "__len__")
+                if len(_sized_types) < 256:
+                    _sized_types[cls] = sized
+            if sized:
                 self.__class__ = _SizedTracedBody
             self._returned = True
             return self
@@ -335,8 +345,8 @@ class _TracedBody:
             else:
                 # Compared when the headers are first read, not while serving.
                 trace._length_check = True
-        times = trace._times
-        times[END] = end
+        trace._times[END] = end
+        trace._pack_times()
         trace.finished = True
         middleware = self._middleware
         middleware.buffer.finished(trace)  # lock-free: safe from __del__
@@ -349,7 +359,6 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
     the app produces each one.
     """
     trace = body.trace
-    times = trace._times
     clock = trace._clock
     set_current = _set_trace
     reset_current = _reset_trace
@@ -367,6 +376,9 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
                     trace.chunks += 1
                     if size:
                         trace.bytes_sent += size
+                        # Read anew: the trace may have finished (and packed
+                        # its times) while a server held the body.
+                        times = trace._times
                         if times[FIRST_BYTE] == UNSET:
                             times[FIRST_BYTE] = clock()
                 else:
@@ -375,7 +387,7 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
                     if not body._starts:
                         trace.warn("body yielded before start_response was called")
                     if size:
-                        times[FIRST_BYTE] = now
+                        trace._times[FIRST_BYTE] = now
                         trace.bytes_sent += size
             except Exception:
                 report_internal_error("chunk", trace)

@@ -70,11 +70,14 @@ _get_ident = threading.get_ident
 END, APP_END, START_RESPONSE, FIRST_BYTE, BODY_START, BODY_END, CLOSE_START, CLOSE_END = range(8)
 _EVENTS = 8
 UNSET = -(2**63)
-# C long where it has 64 bits: the array converts Python ints to it by a
-# faster path than to long long (PyLong_AsLong vs _PyLong_AsByteArray for
-# values of two digits, as every nanosecond timestamp is).
+# While a trace records, its timestamps are a list (appending an int to a
+# list is a specialised bytecode; to an array, a method call that parses its
+# argument). When it finishes they are packed into an array of int64s, an
+# eighth of the memory. C long where it has 64 bits: the array converts
+# Python ints to it by a faster path than to long long (PyLong_AsLong vs
+# _PyLong_AsByteArray for values of two digits, as every timestamp is).
 _STAMP_TYPECODE = "l" if array("l").itemsize == 8 else "q"
-_NO_STAMPS = array(_STAMP_TYPECODE, [UNSET] * _EVENTS)
+_NO_STAMPS = [UNSET] * _EVENTS
 
 
 #: What a trace stores per event: kind, name and attributes (or ``None``).
@@ -292,9 +295,9 @@ class Trace:
         self._foreign: list[tuple[EventKey, int, int, int]] | None = None
         # Bytes of the keys made by record() (not shared between traces).
         self._own_key_bytes = 0
-        # The WSGI-level timestamps (see _STAMPS), then two per recorded event:
-        # int64s in one array, not Python ints kept alive per request.
-        self._times = _NO_STAMPS[:]
+        # The WSGI-level timestamps (see _STAMPS), then two per recorded event;
+        # packed into an array of int64s when the trace finishes.
+        self._times: list[int] | array[int] = _NO_STAMPS[:]
         self._size = 0
         self.cursor = 0
         self._id: str | None = None
@@ -697,6 +700,19 @@ class Trace:
     def approx_size(self) -> int:
         """Approximate bytes retained by the trace (counted against byte caps)."""
         return self._size or self._estimate_size()
+
+    def _pack_times(self) -> None:
+        """Pack the timestamps of a finished trace into an array of int64s.
+        A clock that returned something else (a test's floats) leaves them
+        as they are.
+        """
+        times = self._times
+        if type(times) is list:
+            try:
+                packed = array(_STAMP_TYPECODE, times)
+            except (TypeError, OverflowError):
+                return
+            self._times = packed
 
     def _estimate_size(self) -> int:
         # Calibrated against tracemalloc on the bench's /hello (see bench/):
