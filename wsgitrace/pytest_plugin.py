@@ -34,8 +34,9 @@ set up before ``wsgitrace`` are too, so request it first, or mark the test
 
 The capture and the assertions are :mod:`wsgitrace.testing`, which does not
 need pytest (use it from unittest or any runner); they are importable from
-this module too. This module adds the fixtures, the marker, the options, the
-report sections and the JSON file.
+this module too. This module adds the fixtures, the marker, the options and
+the hooks that attach the report sections and write the JSON file; the text of
+both is built in :mod:`wsgitrace._pytest_report`.
 
 Reports and files:
 
@@ -63,23 +64,21 @@ it never changes a test's outcome.
 from __future__ import annotations
 
 import dataclasses
-import json
 import operator
-import os
 from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 import pytest
 
 from . import testing
+from ._pytest_report import _error, _json_record, _JsonWriter, _report_text
 from .exceptions import HookOrderError
 from .testing import (
     TraceCapture,
     _align,
-    _describe,
     _printable,
     assert_hook_not_run,
     assert_hook_order,
@@ -87,7 +86,7 @@ from .testing import (
     assert_teardown_after_body,
     capture_traces,
 )
-from .trace import HOOK_KINDS, SCHEMA_VERSION, Trace
+from .trace import HOOK_KINDS
 
 __all__ = [
     "REPORT_MODES",
@@ -105,10 +104,6 @@ REPORT_MODES = ("failed", "always", "never")
 
 #: Title of the report section.
 SECTION = "wsgitrace"
-
-#: Timelines shown in one report; the table above them lists every trace.
-_REPORT_TIMELINES = 5
-_REPORT_TABLE_ROWS = 50
 
 
 class WsgitraceCapture(Protocol):
@@ -364,65 +359,6 @@ def _annotate(
         report.wsgitrace_json = _json_record(item, capture, outcome)  # type: ignore[attr-defined]
 
 
-def _json_record(item: pytest.Item, capture: TraceCapture, outcome: str) -> str:
-    """One line of the JSON Lines file: the test and its full traces."""
-    traces = []
-    for trace in capture.all:
-        try:
-            traces.append(trace.to_dict())
-        except Exception as exc:
-            traces.append({"id": trace.id, "error": f"to_dict() failed: {_error(exc)}"})
-    workerinput = getattr(item.config, "workerinput", None)
-    record = {
-        "schema": SCHEMA_VERSION,
-        "nodeid": item.nodeid,
-        "outcome": outcome,
-        "worker": workerinput.get("workerid") if isinstance(workerinput, dict) else None,
-        "dropped": capture.dropped,
-        "internal_errors": capture.internal_errors,
-        "traces": traces,
-    }
-    return json.dumps(record, ensure_ascii=False, default=repr)
-
-
-class _JsonWriter:
-    """Writes the records attached to test reports, one line per test. Runs
-    in the controller, so xdist workers' records end up in the one file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.written = 0
-        self.error: str | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: IO[str] | None = path.open("w", encoding="utf-8")
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # Popped once written: the terminal reporter keeps every report.
-        data = report.__dict__.pop("wsgitrace_json", None)
-        if not isinstance(data, str) or self.file is None:
-            return
-        try:
-            self.file.write(data + "\n")
-            self.file.flush()
-            self.written += 1
-        except OSError as exc:
-            self.error = _error(exc)
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        tests = "test" if self.written == 1 else "tests"
-        line = f"wsgitrace: traces of {self.written} {tests} written to {self.path}"
-        if self.error:
-            line += f" (writing failed: {self.error})"
-        terminalreporter.write_line(line)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
@@ -483,65 +419,3 @@ def _is_hook_list(value: object) -> bool:
     if not isinstance(value, list | tuple):
         return False
     return all(isinstance(v, str) and v.partition(":")[0] in HOOK_KINDS for v in value)
-
-
-# -- the report section --------------------------------------------------------
-
-
-def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | None) -> str:
-    """The report section: a table of the test's requests and the timelines
-    of the last few (the one an assertion failed on first). Plain text.
-    """
-    traces = capture.all
-    lines = [f"{len(traces)} request{'s' if len(traces) != 1 else ''} traced during this test"]
-    if capture.dropped:
-        lines.append(
-            f"{capture.dropped} earlier traces dropped (wsgitrace_max_traces={capture.max_traces})"
-        )
-    if capture.internal_errors:
-        lines.append(
-            f"wsgitrace caught {capture.internal_errors} internal errors during this test"
-            " (logged by the 'wsgitrace' logger)"
-        )
-    chosen = traces[-_REPORT_TIMELINES:]
-    if focus is not None:
-        chosen = [focus, *(t for t in chosen if t is not focus)][:_REPORT_TIMELINES]
-    if len(traces) > len(chosen):
-        lines.append(f"timelines of the last {len(chosen)} shown")
-    try:
-        from . import render
-
-        width = _width(config)
-        if len(traces) > 1:
-            rows = traces[-_REPORT_TABLE_ROWS:]
-            if len(traces) > len(rows):
-                lines.append(f"(table: last {len(rows)} of {len(traces)})")
-            table = render.build_trace_table(rows)
-            lines += ["", render.render_text(table, width=width).rstrip("\n")]
-        for trace in chosen:
-            title = "assertion failed on this trace" if trace is focus else ""
-            text = render.render_text(render.build_timeline(trace), width=width).rstrip("\n")
-            lines += ["", *([f"--- {title}"] if title else []), text]
-    except Exception as exc:
-        lines.append(f"wsgitrace: rendering failed ({_error(exc)}); hook lists:")
-        for trace in chosen:
-            try:
-                lines.append(f"  {_describe(trace)}: {trace.hooks()}")
-            except Exception as inner:
-                lines.append(f"  <trace {trace.id}: {_error(inner)}>")
-    return "\n".join(lines) + "\n"
-
-
-def _width(config: pytest.Config) -> int:
-    try:
-        width = config.get_terminal_writer().fullwidth
-    except Exception:
-        width = int(os.environ.get("COLUMNS", "100") or 100)
-    return max(80, min(width, 160))
-
-
-def _error(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return type(exc).__name__
