@@ -13,7 +13,7 @@ answers the same requests from a SQLite trace store (:mod:`wsgitrace.store`)
 with the endpoint's semantics. :class:`_Follow` long-polls either with
 ``since=<cursor>``, so it neither skips nor repeats a trace, and when the
 server restarts it waits for it and resumes; it reports through a
-:class:`_View` (the views themselves are in :mod:`wsgitrace.cli`).
+:class:`_View` (the views themselves are in :mod:`wsgitrace._output`).
 """
 
 from __future__ import annotations

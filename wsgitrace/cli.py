@@ -24,28 +24,24 @@ nowhere else.
 
 Reading traces (HTTP client, store client, following) is in
 :mod:`wsgitrace._client`, serving ``run`` and ``demo`` in :mod:`wsgitrace._serve`,
-rendering in :mod:`wsgitrace.render`. Output is coloured, with a status
-line, only when a person is watching (a terminal); ``--json`` writes only
-JSON to stdout and every message to stderr.
+rendering in :mod:`wsgitrace.render`, the output views in
+:mod:`wsgitrace._output` and Ctrl-C and SIGTERM handling in
+:mod:`wsgitrace._interrupts`. Output is coloured, with a status line, only
+when a person is watching (a terminal); ``--json`` writes only JSON to stdout
+and every message to stderr.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
 
 from . import __version__
 from ._client import (
@@ -61,179 +57,23 @@ from ._client import (
     _View,
 )
 from ._client import endpoint_url as endpoint_url
+from ._interrupts import _interrupts, _sigterm_as_interrupt
+from ._output import _console, _HumanView, _JsonView, _message
 from ._serve import DEMO_ROUND as DEMO_ROUND
 from ._serve import _base_url, _EndpointFront, _serve, _traffic
 from ._serve import load_app as load_app
 from ._serve import traced as traced
 from .endpoint import TraceEndpoint
-from .render import build_timeline, build_trace_table, safe
+from .render import build_timeline
 from .trace import Trace
 
 __all__ = ["main"]
-
-
-# -- output ---------------------------------------------------------------------
-
-
-def _console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
-
-
-def _message(console: Console, text: str, style: str = "") -> None:
-    """Print one of our own messages (never markup; request text escaped)."""
-    console.print(Text(safe(text, newlines=True), style=style), soft_wrap=True)
-
-
-class _JsonView(_View):
-    """One JSON object per line on stdout, flushed; messages on stderr."""
-
-    def __init__(self) -> None:
-        self._err = _console(stderr=True)
-
-    def traces(self, items: list[dict[str, Any]]) -> None:
-        out = sys.stdout
-        for item in items:
-            out.write(json.dumps(item, ensure_ascii=True) + "\n")
-            out.flush()
-        self.shown += len(items)
-
-    def message(self, text: str, style: str = "") -> None:
-        _message(self._err, text, style)
-
-
-class _HumanView(_View):
-    """Rows (and timelines with ``verbose``) on stdout; a status line when
-    stdout is a terminal, messages there too, else on stderr.
-    """
-
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.console = _console()
-        self._tty = self.console.is_terminal
-        self._err = self.console if self._tty else _console(stderr=True)
-        self._live: Live | None = None
-        self._header_done = False
-
-    def start(self) -> None:
-        if self._tty:
-            self._live = Live(
-                Text(""),
-                console=self.console,
-                auto_refresh=False,
-                transient=True,
-                redirect_stdout=False,
-                redirect_stderr=False,
-            )
-            self._live.start()
-
-    def stop(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-    def traces(self, items: list[dict[str, Any]]) -> None:
-        with _interrupts.deferred():
-            self._print(items)
-
-    def _print(self, items: list[dict[str, Any]]) -> None:
-        console = self.console
-        show_id = console.width >= 110
-        if not self.verbose:
-            if not self._header_done:
-                console.print(build_trace_table([], show_id=show_id))
-                self._header_done = True
-            console.print(build_trace_table(items, show_header=False, show_id=show_id))
-        else:
-            bar_width = max(8, min(24, (console.width - 60) // 2))
-            for item in items:
-                console.print(build_timeline(Trace.from_dict(item), bar_width=bar_width))
-                console.print()
-        self.shown += len(items)
-        if self._live is not None:
-            self._live.refresh()
-
-    def message(self, text: str, style: str = "") -> None:
-        with _interrupts.deferred():
-            _message(self._err, text, style)
-
-    def status(self, text: str) -> None:
-        if self._live is not None:
-            with _interrupts.deferred():
-                self._live.update(Text(safe(text), style="dim"), refresh=True)
 
 
 def _filters(
     status: str | None, method: str | None, path: str | None, slow: float | None
 ) -> dict[str, Any]:
     return {"status": status, "method": method, "path": path, "min_ms": slow}
-
-
-class _Interrupts:
-    """SIGINT and SIGTERM raise :exc:`KeyboardInterrupt`, except while output
-    is being written (rich would write a half-printed render again when the
-    live display stops): then they take effect when the write is done. Only
-    the first one counts: the command is stopping, and a second Ctrl-C must
-    not cut its clean-up short.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending = False
-        self.interrupted = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        self.interrupted = self.pending = False  # a new command (tests run several)
-        with contextlib.suppress(ValueError):  # not the main thread
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handler)
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.interrupted:
-            return
-        self.interrupted = True
-        if self.depth:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Hold interrupts back inside the block."""
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
-
-    def stopping(self) -> None:
-        """Until :meth:`restore`, interrupts do nothing: the command is
-        cleaning up.
-        """
-        self.interrupted = True
-
-    def restore(self) -> None:
-        """The handlers :meth:`install` replaced, back: once the command has
-        cleaned up, Ctrl-C and SIGTERM must still end a process that waits
-        for the app's threads (and a host process gets its own back).
-        """
-        previous, self._previous = self._previous, {}
-        with contextlib.suppress(ValueError, TypeError):  # not the main thread
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-_interrupts = _Interrupts()
-
-
-def _sigterm_as_interrupt() -> None:
-    """Take SIGINT/SIGTERM until the command's clean-up (a ``finally``)
-    calls ``_interrupts.restore()``.
-    """
-    _interrupts.install()
 
 
 def _fail(message: str) -> NoReturn:

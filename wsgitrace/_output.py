@@ -1,0 +1,117 @@
+"""Output of the ``wsgitrace`` command: its consoles, its messages and the
+views that ``tail`` and ``demo`` follow traces into.
+
+::
+
+    view = _JsonView() if as_json else _HumanView(verbose)
+    _Follow(client, view, filters, lines, full=verbose).run()
+    _message(_console(stderr=True), "wsgitrace: stopped", "dim")
+
+Output is coloured, with a status line, only when a person is watching (a
+terminal); the JSON view writes only JSON to stdout and every message to
+stderr. Messages never read markup, and their text is escaped with
+:func:`wsgitrace.render.safe`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from ._client import _View
+from ._interrupts import _interrupts
+from .render import build_timeline, build_trace_table, safe
+from .trace import Trace
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console on stdout or stderr that never highlights or reads markup."""
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+
+
+def _message(console: Console, text: str, style: str = "") -> None:
+    """Print one of our own messages (never markup; request text escaped)."""
+    console.print(Text(safe(text, newlines=True), style=style), soft_wrap=True)
+
+
+class _JsonView(_View):
+    """One JSON object per line on stdout, flushed; messages on stderr."""
+
+    def __init__(self) -> None:
+        self._err = _console(stderr=True)
+
+    def traces(self, items: list[dict[str, Any]]) -> None:
+        out = sys.stdout
+        for item in items:
+            out.write(json.dumps(item, ensure_ascii=True) + "\n")
+            out.flush()
+        self.shown += len(items)
+
+    def message(self, text: str, style: str = "") -> None:
+        _message(self._err, text, style)
+
+
+class _HumanView(_View):
+    """Rows (and timelines with ``verbose``) on stdout; a status line when
+    stdout is a terminal, messages there too, else on stderr.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.console = _console()
+        self._tty = self.console.is_terminal
+        self._err = self.console if self._tty else _console(stderr=True)
+        self._live: Live | None = None
+        self._header_done = False
+
+    def start(self) -> None:
+        if self._tty:
+            self._live = Live(
+                Text(""),
+                console=self.console,
+                auto_refresh=False,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def traces(self, items: list[dict[str, Any]]) -> None:
+        with _interrupts.deferred():
+            self._print(items)
+
+    def _print(self, items: list[dict[str, Any]]) -> None:
+        console = self.console
+        show_id = console.width >= 110
+        if not self.verbose:
+            if not self._header_done:
+                console.print(build_trace_table([], show_id=show_id))
+                self._header_done = True
+            console.print(build_trace_table(items, show_header=False, show_id=show_id))
+        else:
+            bar_width = max(8, min(24, (console.width - 60) // 2))
+            for item in items:
+                console.print(build_timeline(Trace.from_dict(item), bar_width=bar_width))
+                console.print()
+        self.shown += len(items)
+        if self._live is not None:
+            self._live.refresh()
+
+    def message(self, text: str, style: str = "") -> None:
+        with _interrupts.deferred():
+            _message(self._err, text, style)
+
+    def status(self, text: str) -> None:
+        if self._live is not None:
+            with _interrupts.deferred():
+                self._live.update(Text(safe(text), style="dim"), refresh=True)
