@@ -34,7 +34,8 @@ import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from wsgitrace import TraceMiddleware
-from wsgitrace.cli import DEMO_ROUND, endpoint_url
+from wsgitrace._client import endpoint_url
+from wsgitrace._serve import DEMO_ROUND
 from wsgitrace.demo_app import create_app
 from wsgitrace.flask import FlaskTrace
 

@@ -856,3 +856,23 @@ def _no_leftover_listeners() -> Iterator[None]:
     before = list(_capture_listeners)
     yield
     assert _capture_listeners == before
+
+
+@pytest.mark.parametrize(
+    ("columns", "width"), [("120", 120), ("40", 80), ("999", 160), ("wide", 100), ("", 100)]
+)
+def test_report_width_without_a_terminal_writer_reads_columns(
+    monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    """Without a terminal writer (e.g. ``-p no:terminal``), the report is as
+    wide as ``COLUMNS`` says, within 80 to 160; a value that is not a number
+    gives the default instead of losing the report.
+    """
+    from wsgitrace._pytest_report import _width
+
+    class NoTerminal:
+        def get_terminal_writer(self) -> Any:
+            raise AttributeError("no terminal reporter")
+
+    monkeypatch.setenv("COLUMNS", columns)
+    assert _width(NoTerminal()) == width  # type: ignore[arg-type]

@@ -24,8 +24,9 @@ import pytest
 from .testing import TraceCapture, _describe
 from .trace import SCHEMA_VERSION, Trace
 
-#: Timelines shown in one report; the table above them lists every trace.
+#: Timelines shown in one report, below a table of the test's traces.
 _REPORT_TIMELINES = 5
+#: Rows of that table (the newest traces).
 _REPORT_TABLE_ROWS = 50
 
 
@@ -83,7 +84,8 @@ def _width(config: pytest.Config) -> int:
     try:
         width = config.get_terminal_writer().fullwidth
     except Exception:
-        width = int(os.environ.get("COLUMNS", "100") or 100)
+        columns = os.environ.get("COLUMNS", "").strip()
+        width = int(columns) if columns.isdigit() else 100
     return max(80, min(width, 160))
 
 

@@ -56,13 +56,9 @@ from ._client import (
     _UnreachableError,
     _View,
 )
-from ._client import endpoint_url as endpoint_url
 from ._interrupts import _interrupts, _sigterm_as_interrupt
 from ._output import _console, _HumanView, _JsonView, _message
-from ._serve import DEMO_ROUND as DEMO_ROUND
-from ._serve import _base_url, _EndpointFront, _serve, _traffic
-from ._serve import load_app as load_app
-from ._serve import traced as traced
+from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
 from .endpoint import TraceEndpoint
 from .render import build_timeline
 from .trace import Trace
@@ -73,10 +69,12 @@ __all__ = ["main"]
 def _filters(
     status: str | None, method: str | None, path: str | None, slow: float | None
 ) -> dict[str, Any]:
+    """The listing filters of ``tail`` and ``show``, as the client takes them."""
     return {"status": status, "method": method, "path": path, "min_ms": slow}
 
 
 def _fail(message: str) -> NoReturn:
+    """Print ``message`` to stderr in red and exit with status 1."""
     _message(_console(stderr=True), f"wsgitrace: {message}", "bold red")
     sys.exit(1)
 

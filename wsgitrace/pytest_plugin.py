@@ -103,7 +103,7 @@ __all__ = [
 REPORT_MODES = ("failed", "always", "never")
 
 #: Title of the report section.
-SECTION = "wsgitrace"
+_SECTION = "wsgitrace"
 
 
 class WsgitraceCapture(Protocol):
@@ -327,7 +327,7 @@ def pytest_runtest_makereport(
         _annotate(item, call, report, state)
     except Exception as exc:
         # Never let the plugin change a test's outcome.
-        report.sections.append((SECTION, f"wsgitrace: reporting failed: {_error(exc)}"))
+        report.sections.append((_SECTION, f"wsgitrace: reporting failed: {_error(exc)}"))
     finally:
         if report.when == "teardown":
             del item.stash[_STATE]
@@ -351,7 +351,7 @@ def _annotate(
         focus = None
         if call.excinfo is not None and isinstance(call.excinfo.value, HookOrderError):
             focus = call.excinfo.value.trace
-        report.sections.append((SECTION, _report_text(item.config, capture, focus)))
+        report.sections.append((_SECTION, _report_text(item.config, capture, focus)))
         state.reported = True
     keep = state.failed or settings.keep_passed or item.stash.get(_KEEP, False)
     if report.when == "teardown" and settings.json_path is not None and len(capture) and keep:
@@ -370,7 +370,7 @@ def pytest_terminal_summary(
         shown = False
         for rep in terminalreporter.getreports("passed"):
             for name, content in rep.sections:
-                if name != SECTION:
+                if name != _SECTION:
                     continue
                 if not shown:
                     terminalreporter.write_sep("=", "wsgitrace: requests of passed tests")
