@@ -28,7 +28,15 @@ from flask.sansio.scaffold import _sentinel as _app_sentinel
 from werkzeug.exceptions import BadRequestKeyError, HTTPException, InternalServerError
 from werkzeug.routing import RoutingException
 
-from ._flask_recorder import _NO_G, _SIGNAL_KEYS, _get_app_ctx, _get_request_ctx
+from ._flask_recorder import _SIGNAL_KEYS
+from ._flask_state import (
+    _NO_G,
+    _get_app_ctx,
+    _get_request_ctx,
+    _record_url_match,
+    _snapshot_g,
+    _snapshot_session,
+)
 from ._internal import report_internal_error
 from .context import _get_trace
 
@@ -117,7 +125,7 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
         trace = _get_trace()
         if trace is None or trace._limits is not limits or cls.full_dispatch_request is not own:
             return cls.full_dispatch_request(app)
-        tracer.url_match(trace)
+        _record_url_match(tracer, trace)
         app._got_first_request = True
         try:
             send_signal(trace, app, request_started, started_key)
@@ -341,7 +349,7 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                         exc,
                     )
 
-        tracer.snapshot_session(trace)
+        _snapshot_session(tracer, trace)
         send_signal(trace, app, request_tearing_down, tearing_down_key, exc=exc)
         return None
 
@@ -382,7 +390,7 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
                 exc,
             )
 
-        tracer.snapshot_g(trace)
+        _snapshot_g(tracer, trace)
         send_signal(trace, app, appcontext_tearing_down, tearing_down_key, exc=exc)
         return None
 

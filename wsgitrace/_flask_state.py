@@ -1,0 +1,163 @@
+"""The state of a Flask request, as kept on its trace.
+
+::
+
+    _record_url_match(tracer, trace)     # endpoint, rule, view args or the routing error
+    _snapshot_session(tracer, trace)     # the session's keys, at teardown
+    _snapshot_g(tracer, trace)           # g's keys and safe reprs, at teardown
+    _g_changes(before, after)            # keys of g a hook added, changed or removed
+
+Flask's contexts are read from its context variables, not through the
+``request``/``g`` proxies; ``repr()``, which runs the app's code, is taken
+once, cut, and never fails.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flask.globals import _cv_app, _cv_request
+
+from ._internal import report_internal_error
+from .redact import REDACTED
+from .trace import EventKey, Trace, cut
+
+if TYPE_CHECKING:
+    from ._flask_recorder import _AppTracer
+
+_MISSING = object()
+# What a g without a __dict__ (a custom app_ctx_globals_class) is read as;
+# never written to.
+_NO_G: dict[str, Any] = {}
+# Bound once (see wsgitrace.context): Flask's request and app context variables.
+_get_request_ctx = _cv_request.get
+_get_app_ctx = _cv_app.get
+
+_URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
+
+
+def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
+    """Record the URL match (endpoint, rule, view args) or the routing error."""
+    try:
+        ctx = _get_request_ctx(None)
+        if ctx is None:
+            return
+        req = ctx.request
+        clock = tracer.clock
+        now = clock()
+        error = req.routing_exception
+        if error is not None:
+            attrs: dict[str, Any] = {"error": type(error).__name__}
+            code = getattr(error, "code", None)
+            if code is not None:
+                attrs["code"] = code
+            new_url = getattr(error, "new_url", None)
+            if new_url:
+                attrs["redirect"] = cut(str(new_url), tracer.max_string)
+            trace.record("url_match", "url_match", now, now, attrs)
+            return
+        rule = req.url_rule
+        if rule is not None:
+            endpoint = rule.endpoint
+            trace.endpoint = endpoint if type(endpoint) is str else str(endpoint)
+            trace.rule = rule.rule
+        if req.view_args:
+            limit = tracer.max_string
+            trace.view_args = {k: _view_arg(v, limit) for k, v in req.view_args.items()}
+        trace.record_key(_URL_MATCH_KEY, now, now)
+    except Exception:
+        report_internal_error("flask.url_match", trace)
+
+
+def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
+    """Keep the session's keys (and, when enabled, its values, redacted)
+    without marking the session accessed.
+    """
+    try:
+        ctx = _get_request_ctx(None)
+        if ctx is None:
+            return
+        # Flask 3.1 keeps it in ``_session`` behind a property that marks
+        # it accessed; Flask 3.0 in a plain ``session`` attribute.
+        session = getattr(ctx, "_session", None) or vars(ctx).get("session")
+        if not session:
+            return
+        keys = [str(k) for k in dict.keys(session)]
+        trace.session_keys = [cut(k, tracer.max_string) for k in keys[:64]]
+        if tracer.session_values:
+            is_secret = tracer.redactor.is_secret
+            values = {}
+            for key in keys[:64]:
+                value = dict.__getitem__(session, key)
+                values[key] = REDACTED if is_secret(key) else _safe_repr(value, tracer.max_string)
+            trace.record("session", "session", tracer.clock(), tracer.clock(), {"values": values})
+    except Exception:
+        report_internal_error("flask.session", trace)
+
+
+def _snapshot_g(tracer: _AppTracer, trace: Trace) -> None:
+    """Keep ``g``'s keys with safe, cut reprs of its values."""
+    try:
+        app_ctx = _get_app_ctx(None)
+        if app_ctx is None:
+            return
+        g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
+        if not g_dict:
+            return
+        is_secret = tracer.redactor.is_secret
+        limit = tracer.max_string
+        flat: list[str] = []
+        for key, value in list(g_dict.items())[:64]:
+            name = key if type(key) is str else str(key)
+            flat.append(name if len(name) <= limit else cut(name, limit))
+            flat.append(REDACTED if is_secret(name) else _safe_repr(value, limit))
+        trace._g = tuple(flat)
+    except Exception:
+        report_internal_error("flask.g", trace)
+
+
+def _view_arg(value: Any, limit: int) -> Any:
+    """A view argument as kept on the trace: numbers as they are, text cut,
+    anything else (a converter's object, which may hold the app or a
+    database session) as its cut repr, taken now, inside the request.
+    """
+    if value is None or type(value) in (int, float, bool):
+        return value
+    if type(value) is str:
+        return cut(value, limit)
+    return _safe_repr(value, limit)
+
+
+def _safe_repr(value: Any, limit: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<repr failed: {type(exc).__name__}>"
+    return cut(text, limit)
+
+
+def _g_changes(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Keys of ``g`` added, changed (by identity) or removed by a hook."""
+    if not after:
+        return {"g_removed": sorted(before)} if before else None
+    if before is None:
+        return {"g_added": list(after)}
+    if len(before) == len(after):
+        for key, value in before.items():
+            if after.get(key, _MISSING) is not value:
+                break
+        else:
+            return None
+    changes: dict[str, Any] = {}
+    added = [k for k in after if k not in before]
+    changed = [k for k in after if k in before and after[k] is not before[k]]
+    removed = [k for k in before if k not in after]
+    if added:
+        changes["g_added"] = added
+    if changed:
+        changes["g_changed"] = changed
+    if removed:
+        changes["g_removed"] = removed
+    return changes or None
