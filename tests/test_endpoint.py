@@ -962,7 +962,7 @@ class TestAccess:
             calls.append((a, b))
             return compare(a, b)
 
-        monkeypatch.setattr("wsgitrace.endpoint.hmac.compare_digest", spy)
+        monkeypatch.setattr("wsgitrace._access.hmac.compare_digest", spy)
         endpoint = TraceEndpoint(TraceBuffer(), resolve_options({"token": "tok"}, environ={}))
         environ = {"REMOTE_ADDR": "203.0.113.1", "HTTP_HOST": "localhost"}
         assert endpoint.is_allowed({**environ, "HTTP_AUTHORIZATION": "Bearer tok"})

@@ -100,8 +100,6 @@ sub-path or trace id, and no CORS header is ever sent.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import re
 import secrets
@@ -110,6 +108,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._access import _AccessPolicy
 from ._internal import report_internal_error
 from ._trace_query import _INT_RE, _BadQueryError, _parse_query, _Query
 from ._trace_sources import TraceSource, TraceView, _StoreSource, _summary, _to_dict
@@ -143,40 +142,7 @@ _NOT_FOUND_BODY = (
     b" If you entered the URL manually please check your spelling and try again.</p>\n"
 )
 _COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _host_name(host: str) -> str | None:
-    """The name part of a ``Host`` header (lowercase, port removed), or
-    ``None`` when it is malformed.
-    """
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            return None
-        name, rest = host[: end + 1], host[end + 1 :]
-    else:
-        name, sep, port = host.partition(":")
-        rest = sep + port
-    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
-        return None
-    return name or None
-
-
-def _parse_ip(text: str | None) -> IPAddress | None:
-    if not text:
-        return None
-    try:
-        ip = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class TraceEndpoint:
@@ -220,22 +186,7 @@ class TraceEndpoint:
         self.stream_seconds = stream_seconds
         self.heartbeat = heartbeat
         self.settle = settle
-        self._token = options.resolved_token()
-        self._token_bytes = None if self._token is None else self._token.encode("utf-8")
-        self._allow = tuple(options.allow)
-        hosts = set(_LOOPBACK_HOSTS)
-        for host in options.hosts:
-            if host.count(":") > 1 and not host.startswith("["):
-                host = f"[{host}]"  # a bare IPv6 address
-            name = _host_name(host)
-            if name is None:
-                from .exceptions import ConfigurationError
-
-                msg = f"hosts: {host!r} is not a host name, address or host:port"
-                raise ConfigurationError(msg)
-            hosts.add(name)
-        self._hosts = frozenset(hosts)
-        self._trust_forwarded = options.trust_forwarded
+        self._access = _AccessPolicy(options)
         self._stopping = threading.Event()
         #: The sinks of the traced app (set by its middleware), whose losses
         #: are reported as ``sink_dropped``.
@@ -261,35 +212,7 @@ class TraceEndpoint:
 
     def is_allowed(self, environ: WSGIEnvironment) -> bool:
         """Whether this request may read traces (see the module docstring)."""
-        name = _host_name(environ.get("HTTP_HOST") or "")
-        if name is None or name not in self._hosts:
-            return False
-        client = _parse_ip(self._client_addr(environ))
-        if client is not None and (
-            client.is_loopback or any(client in network for network in self._allow)
-        ):
-            return True
-        return self._token_bytes is not None and self._has_token(environ)
-
-    def _client_addr(self, environ: WSGIEnvironment) -> str | None:
-        if self._trust_forwarded:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR") or ""
-            last = forwarded.split(",")[-1].strip()
-            if last:
-                return last
-        addr = environ.get("REMOTE_ADDR")
-        return addr if isinstance(addr, str) else None
-
-    def _has_token(self, environ: WSGIEnvironment) -> bool:
-        header = environ.get("HTTP_AUTHORIZATION") or ""
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or self._token_bytes is None:
-            return False
-        try:
-            given = value.strip().encode("latin-1")
-        except UnicodeEncodeError:
-            return False
-        return hmac.compare_digest(given, self._token_bytes)
+        return self._access.allows(environ)
 
     # -- dispatch -----------------------------------------------------------
 
