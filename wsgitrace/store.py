@@ -36,13 +36,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._store_file import STORE_SCHEMA_VERSION, _connect, _store_error, _transaction
 from .exceptions import StoreError
 
 if TYPE_CHECKING:
@@ -50,29 +50,10 @@ if TYPE_CHECKING:
 
 __all__ = ["STORE_SCHEMA_VERSION", "StoredTrace", "TraceStore"]
 
-#: Version of the store's tables. A store with a higher one is refused.
-STORE_SCHEMA_VERSION = 1
-
 #: Seconds a reader polls between two looks at the store in :meth:`TraceStore.wait`.
 WAIT_POLL_SECONDS = 0.05
 #: Seconds a writer waits before it tries a store that failed again.
 RETRY_SECONDS = 1.0
-
-_SCHEMA = """
-CREATE TABLE traces (
-    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    time REAL NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status INTEGER,
-    duration_ms REAL,
-    size INTEGER NOT NULL,
-    summary TEXT NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX traces_time ON traces (time);
-"""
 
 _COLUMNS = "cursor, id, time, method, path, status, duration_ms, summary"
 
@@ -187,112 +168,6 @@ class TraceStore:
 
     # -- connections --------------------------------------------------------
 
-    def _error(self, exc: BaseException, doing: str) -> StoreError:
-        """A :class:`StoreError` that says what is wrong with the file."""
-        text = str(exc)
-        lowered = text.lower()
-        if "locked" in lowered or "busy" in lowered:
-            hint = (
-                f"it stayed locked by another process for more than {self.timeout:g} s;"
-                " tracing goes on in memory and the store is tried again"
-            )
-        elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
-            hint = (
-                "the file is corrupt or not a wsgitrace store; move it away or point"
-                " WSGITRACE_STORE at a new file (tracing goes on in memory)"
-            )
-        elif "unable to open" in lowered or "readonly" in lowered:
-            hint = "check that the file's directory exists and is writable by every worker"
-        else:
-            hint = "tracing goes on in memory"
-        msg = f"wsgitrace trace store {self.path!r}: cannot {doing} ({text}); {hint}"
-        return StoreError(msg, self.path)
-
-    def _connect(self) -> sqlite3.Connection:
-        if not self.create and not os.path.exists(self.path):
-            msg = f"no wsgitrace trace store at {self.path!r}"
-            raise StoreError(msg, self.path)
-        try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise self._error(exc, "open the file") from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            # Before the first table exists, so pruned pages can be given back.
-            # Only then: on an existing store it waits for the write lock, and
-            # a reader must never wait for a writer.
-            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                msg = f"the file cannot use WAL mode (journal_mode is {mode!r})"
-                raise sqlite3.OperationalError(msg)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA journal_size_limit = 8388608")
-            self._check_schema(conn)
-        except StoreError:
-            conn.close()
-            raise
-        except sqlite3.Error as exc:
-            conn.close()
-            raise self._error(exc, "open the store") from None
-        return conn
-
-    def _check_schema(self, conn: sqlite3.Connection) -> None:
-        """Make the tables of a new store; refuse a foreign or newer one."""
-        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        if "meta" in names and "traces" in names:
-            version = self._version(conn)
-        elif names - {"sqlite_sequence"}:
-            msg = (
-                f"wsgitrace trace store {self.path!r}: the file is an SQLite database"
-                " of something else (it has no wsgitrace tables); point WSGITRACE_STORE"
-                " at a new file"
-            )
-            raise StoreError(msg, self.path)
-        else:
-            with _transaction(conn):
-                # Another worker may have made it since we looked.
-                if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
-                    version = self._version(conn)
-                else:
-                    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [
-                            ("schema", STORE_SCHEMA_VERSION),
-                            ("instance", secrets.token_hex(8)),
-                            ("count", 0),
-                            ("bytes", 0),
-                            ("pruned", 0),
-                            ("lost", 0),
-                        ],
-                    )
-                    version = STORE_SCHEMA_VERSION
-        if version > STORE_SCHEMA_VERSION:
-            msg = (
-                f"wsgitrace trace store {self.path!r} has schema version {version}, newer"
-                f" than this wsgitrace reads ({STORE_SCHEMA_VERSION}); upgrade wsgitrace in"
-                " every process that uses it, or point WSGITRACE_STORE at a new file"
-            )
-            raise StoreError(msg, self.path)
-        # Versions below ours would be migrated here; 1 is the first.
-
-    def _version(self, conn: sqlite3.Connection) -> int:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if row is None or not isinstance(row[0], int):
-            msg = f"wsgitrace trace store {self.path!r} has no schema version; use a new file"
-            raise StoreError(msg, self.path)
-        return int(row[0])
-
     def _check_pid(self) -> None:
         """In a forked child, forget (without closing) the parent's connections."""
         if self._pid != os.getpid():
@@ -331,7 +206,7 @@ class TraceStore:
                 msg = f"wsgitrace trace store {self.path!r} failed recently; retrying shortly"
                 raise StoreError(msg, self.path)
             try:
-                self._writer = self._connect()
+                self._writer = _connect(self.path, self.timeout, create=self.create)
                 self._recount(self._writer)
             except StoreError:
                 self._lost += len(rows)
@@ -363,7 +238,7 @@ class TraceStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
             self._retry_at = now + RETRY_SECONDS
-            raise self._error(exc, "write traces") from None
+            raise _store_error(self.path, self.timeout, exc, "write traces") from None
         self.written += added
         if pruned:
             self.pruned += pruned
@@ -442,14 +317,14 @@ class TraceStore:
         self._check_pid()
         with self._read_lock:
             if self._reader is None:
-                self._reader = self._connect()
+                self._reader = _connect(self.path, self.timeout, create=self.create)
             try:
                 yield self._reader
             except sqlite3.Error as exc:
                 conn, self._reader = self._reader, None
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-                raise self._error(exc, doing) from None
+                raise _store_error(self.path, self.timeout, exc, doing) from None
 
     @property
     def cursor(self) -> int:
@@ -545,21 +420,6 @@ class TraceStore:
 
     def __repr__(self) -> str:
         return f"<TraceStore {self.path!r} max_traces={self.max_traces}>"
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
-    deadlock upgrading), then commit, or roll back on any error.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 _summary_keys: list[str] = []

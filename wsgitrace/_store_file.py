@@ -1,0 +1,164 @@
+"""The SQLite file behind a :class:`~wsgitrace.store.TraceStore`: opening
+it (WAL mode), making its tables or checking their version, and saying in a
+:class:`~wsgitrace.exceptions.StoreError` what is wrong with it::
+
+    conn = _connect(path, 5.0, create=True)
+    with _transaction(conn):
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'lost'")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+
+from .exceptions import StoreError
+
+#: Version of the store's tables. A store with a higher one is refused.
+STORE_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE traces (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    time REAL NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER,
+    duration_ms REAL,
+    size INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX traces_time ON traces (time);
+"""
+
+
+def _store_error(path: str, timeout: float, exc: BaseException, doing: str) -> StoreError:
+    """A :class:`StoreError` that says what is wrong with the file."""
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        hint = (
+            f"it stayed locked by another process for more than {timeout:g} s;"
+            " tracing goes on in memory and the store is tried again"
+        )
+    elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+        hint = (
+            "the file is corrupt or not a wsgitrace store; move it away or point"
+            " WSGITRACE_STORE at a new file (tracing goes on in memory)"
+        )
+    elif "unable to open" in lowered or "readonly" in lowered:
+        hint = "check that the file's directory exists and is writable by every worker"
+    else:
+        hint = "tracing goes on in memory"
+    msg = f"wsgitrace trace store {path!r}: cannot {doing} ({text}); {hint}"
+    return StoreError(msg, path)
+
+
+def _connect(path: str, timeout: float, *, create: bool) -> sqlite3.Connection:
+    """A connection to the store at ``path``, its tables made or checked."""
+    if not create and not os.path.exists(path):
+        msg = f"no wsgitrace trace store at {path!r}"
+        raise StoreError(msg, path)
+    try:
+        conn = sqlite3.connect(
+            path,
+            timeout=timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise _store_error(path, timeout, exc, "open the file") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        # Before the first table exists, so pruned pages can be given back.
+        # Only then: on an existing store it waits for the write lock, and
+        # a reader must never wait for a writer.
+        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            msg = f"the file cannot use WAL mode (journal_mode is {mode!r})"
+            raise sqlite3.OperationalError(msg)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA journal_size_limit = 8388608")
+        _check_schema(conn, path)
+    except StoreError:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _store_error(path, timeout, exc, "open the store") from None
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Make the tables of a new store; refuse a foreign or newer one."""
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    if "meta" in names and "traces" in names:
+        version = _version(conn, path)
+    elif names - {"sqlite_sequence"}:
+        msg = (
+            f"wsgitrace trace store {path!r}: the file is an SQLite database"
+            " of something else (it has no wsgitrace tables); point WSGITRACE_STORE"
+            " at a new file"
+        )
+        raise StoreError(msg, path)
+    else:
+        with _transaction(conn):
+            # Another worker may have made it since we looked.
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                version = _version(conn, path)
+            else:
+                conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("schema", STORE_SCHEMA_VERSION),
+                        ("instance", secrets.token_hex(8)),
+                        ("count", 0),
+                        ("bytes", 0),
+                        ("pruned", 0),
+                        ("lost", 0),
+                    ],
+                )
+                version = STORE_SCHEMA_VERSION
+    if version > STORE_SCHEMA_VERSION:
+        msg = (
+            f"wsgitrace trace store {path!r} has schema version {version}, newer"
+            f" than this wsgitrace reads ({STORE_SCHEMA_VERSION}); upgrade wsgitrace in"
+            " every process that uses it, or point WSGITRACE_STORE at a new file"
+        )
+        raise StoreError(msg, path)
+    # Versions below ours would be migrated here; 1 is the first.
+
+
+def _version(conn: sqlite3.Connection, path: str) -> int:
+    """The schema version kept in ``meta``."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None or not isinstance(row[0], int):
+        msg = f"wsgitrace trace store {path!r} has no schema version; use a new file"
+        raise StoreError(msg, path)
+    return int(row[0])
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
+    deadlock upgrading), then commit, or roll back on any error.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
