@@ -991,6 +991,7 @@ class TestAccess:
             ("127.0.0.1.nip.io", 404),
             ("localhost:80:80", 404),
             ("localhost:abc", 404),
+            ("localhost:\u00b2", 404),  # a digit, but not an ASCII one
             ("[::1", 404),
             ("", 404),
             (None, 404),

@@ -36,7 +36,7 @@ def _host_name(host: str) -> str | None:
     else:
         name, sep, port = host.partition(":")
         rest = sep + port
-    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+    if rest and not (rest.startswith(":") and rest[1:].isdigit() and rest.isascii()):
         return None
     return name or None
 
