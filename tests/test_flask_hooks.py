@@ -29,6 +29,8 @@ from flask import (
     signals,
     url_for,
 )
+from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from jinja2 import DictLoader
 
 from wsgitrace.flask import FlaskTrace
@@ -61,6 +63,23 @@ class StepClock:
             self.value += ns
 
 
+class _FixedTimeSigner(TimestampSigner):
+    def get_timestamp(self) -> int:
+        return 1_700_000_000
+
+
+class _FixedTimeSessions(SecureCookieSessionInterface):
+    """Session cookies signed with a fixed time, so the plain and the traced
+    app set the same cookie even when a second passes between their requests.
+    """
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        serializer = super().get_signing_serializer(app)
+        if serializer is not None:
+            serializer.signer = _FixedTimeSigner
+        return serializer
+
+
 class Pair:
     """One factory built twice: ``plain`` (untraced) and ``traced``."""
 
@@ -69,6 +88,9 @@ class Pair:
         self.traced_log: list[str] = []
         self.plain = factory(self.plain_log)
         self.traced = factory(self.traced_log)
+        for app in (self.plain, self.traced):
+            if type(app.session_interface) is SecureCookieSessionInterface:
+                app.session_interface = _FixedTimeSessions()
         self.ext = FlaskTrace(self.traced, clock=clock, **options)
 
     def both(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[Outcome, Trace]:
