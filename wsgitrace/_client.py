@@ -33,7 +33,7 @@ import click
 
 from . import __version__
 from ._trace_query import MAX_WAIT, _BadQueryError, _parse_query
-from .endpoint import SETTLE_SECONDS, TraceEndpoint
+from .endpoint import _SETTLE_SECONDS, TraceEndpoint
 from .exceptions import StoreError
 
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -318,7 +318,7 @@ class _Follow:
             # Full traces are ~15 times the size of summaries: smaller pages.
             wait = 0 if self._check_first else self.wait
             params.update(since=self.cursor, wait=wait, limit=200 if self.full else 1000)
-            timeout = wait + SETTLE_SECONDS + 15
+            timeout = wait + _SETTLE_SECONDS + 15
             page = self.client.get(params=params, timeout=timeout)
             _check_listing(page)
             page["traces"].reverse()

@@ -124,13 +124,13 @@ if TYPE_CHECKING:
 __all__ = ["TraceEndpoint"]
 
 #: Smallest cap on ``limit``; the cap is the larger of this and the buffer size.
-LIMIT_CAP = 1000
+_LIMIT_CAP = 1000
 #: Seconds after which a stream ends (clients resume).
-STREAM_SECONDS = 20.0
+_STREAM_SECONDS = 20.0
 #: Seconds of quiet between two stream heartbeats.
-HEARTBEAT_SECONDS = 10.0
+_HEARTBEAT_SECONDS = 10.0
 #: Seconds the long-poll and stream wait for an in-progress trace to finish.
-SETTLE_SECONDS = 1.0
+_SETTLE_SECONDS = 1.0
 
 _POLL_SECONDS = 0.004
 _WAKE_SECONDS = 0.25
@@ -166,9 +166,9 @@ class TraceEndpoint:
         buffer: TraceBuffer,
         options: Options,
         *,
-        stream_seconds: float = STREAM_SECONDS,
-        heartbeat: float = HEARTBEAT_SECONDS,
-        settle: float = SETTLE_SECONDS,
+        stream_seconds: float = _STREAM_SECONDS,
+        heartbeat: float = _HEARTBEAT_SECONDS,
+        settle: float = _SETTLE_SECONDS,
         source: TraceSource | None = None,
     ) -> None:
         self.buffer = buffer
@@ -201,7 +201,7 @@ class TraceEndpoint:
     @property
     def limit_cap(self) -> int:
         """The most traces one listing returns."""
-        return max(LIMIT_CAP, self.source.max_traces)
+        return max(_LIMIT_CAP, self.source.max_traces)
 
     def shutdown(self) -> None:
         """End every open stream and long-poll now (when the server stops)."""
