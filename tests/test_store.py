@@ -142,6 +142,25 @@ class TestTraceStore:
         store.write(traces)
         assert len(store) == 2
 
+    def test_retried_batch_counts_only_new_bytes(self, db: str, tmp_path: Path) -> None:
+        """A batch with ids already stored adds only its new traces' bytes,
+        so the bytes cap prunes at the real total, not early.
+        """
+        a, b, c, d = make_traces("/a", "/b", "/c", "/d")
+        scratch = str(tmp_path / "scratch.db")
+        TraceStore(scratch).write([a, b, c])
+        with sqlite3.connect(scratch) as conn:
+            total = conn.execute("SELECT SUM(size) FROM traces").fetchone()[0]
+        store = TraceStore(db, max_bytes=total)
+        store.write([a, b])
+        store.write([a, b, c])  # a and b again: a retry of a batch that had committed
+        assert [t.path for t in store.latest()] == ["/c", "/b", "/a"]
+        assert store.dropped == 0
+        # Over the cap now: pruned down to 90% of it (a and b), no further.
+        store.write([d])
+        assert [t.path for t in store.latest()] == ["/d", "/c"]
+        assert store.dropped == 2
+
     def test_wait_polls_for_other_writers(self, db: str) -> None:
         """wait() sees a trace another connection writes; times out otherwise."""
         store = TraceStore(db)

@@ -56,6 +56,11 @@ WAIT_POLL_SECONDS = 0.05
 RETRY_SECONDS = 1.0
 
 _COLUMNS = "cursor, id, time, method, path, status, duration_ms, summary"
+_INSERT = (
+    "INSERT OR IGNORE INTO traces"
+    " (id, time, method, path, status, duration_ms, size, summary, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 #: Connections made before a fork, kept in the child so they are never
 #: closed (or finalized) there: SQLite must not close a parent's connection.
@@ -215,15 +220,15 @@ class TraceStore:
         conn = self._writer
         try:
             with _transaction(conn):
-                added = conn.executemany(
-                    "INSERT OR IGNORE INTO traces"
-                    " (id, time, method, path, status, duration_ms, size, summary, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                ).rowcount
-                size = sum(row[6] for row in rows) if added == len(rows) else 0
-                if added != len(rows):
-                    size = self._size_of(conn, [row[0] for row in rows])
+                # Row by row: an id already stored (a retried batch) is
+                # ignored, and its bytes must not be counted again.
+                added = size = 0
+                cur = conn.cursor()
+                for row in rows:
+                    cur.execute(_INSERT, row)
+                    if cur.rowcount > 0:
+                        added += 1
+                        size += row[6]
                 lost, self._lost = self._lost, 0
                 conn.execute(
                     "UPDATE meta SET value = value + CASE key"
@@ -244,15 +249,6 @@ class TraceStore:
             self.pruned += pruned
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum").fetchall()
-
-    def _size_of(self, conn: sqlite3.Connection, ids: list[str]) -> int:
-        # Only when some ids were there already (a retried batch): rare.
-        marks = ",".join("?" * len(ids))
-        row = conn.execute(
-            f"SELECT COALESCE(SUM(size), 0) FROM traces WHERE id IN ({marks})",  # noqa: S608
-            ids,
-        ).fetchone()
-        return int(row[0])
 
     def _recount(self, conn: sqlite3.Connection) -> None:
         """Set the count and byte totals from the rows (once per process)."""
