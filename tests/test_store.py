@@ -241,6 +241,30 @@ class TestTraceStore:
         assert [t.path for t in store.latest()] == ["/after", "/before"]
         assert store.dropped == 1  # the batch lost while locked
 
+    def test_failed_write_keeps_earlier_losses(
+        self, db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A write that fails after it took the losses noted before it counts
+        them as lost again, with its own batch.
+        """
+        monkeypatch.setattr(store_module, "RETRY_SECONDS", 0.0)
+        store = TraceStore(db)
+        store.write(make_traces("/before"))
+        store.note_lost(2)  # the sink's queue dropped two traces
+        with sqlite3.connect(db, isolation_level=None) as conn:
+            # Fails the write after its inserts, when it adds to the counts.
+            conn.execute(
+                "CREATE TRIGGER fail_counts BEFORE UPDATE ON meta"
+                " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        with pytest.raises(StoreError, match="disk full"):
+            store.write(make_traces("/during1", "/during2"))
+        with sqlite3.connect(db, isolation_level=None) as conn:
+            conn.execute("DROP TRIGGER fail_counts")
+        store.write(make_traces("/after"))
+        assert [t.path for t in store.latest()] == ["/after", "/before"]
+        assert store.dropped == 4  # the two noted before, and the failed batch
+
     def test_readers_do_not_wait_for_a_writer(self, db: str) -> None:
         """A reader opening the store while another process holds the write
         lock reads at once (WAL): opening asks for no write lock.

@@ -229,7 +229,9 @@ class TraceStore:
                     if cur.rowcount > 0:
                         added += 1
                         size += row[6]
-                lost, self._lost = self._lost, 0
+                # Taken off the count only once committed: a failed write
+                # must still count every trace it did not store.
+                lost = self._lost
                 conn.execute(
                     "UPDATE meta SET value = value + CASE key"
                     " WHEN 'count' THEN ? WHEN 'bytes' THEN ? WHEN 'lost' THEN ? END"
@@ -244,6 +246,7 @@ class TraceStore:
                 conn.close()
             self._retry_at = now + RETRY_SECONDS
             raise _store_error(self.path, self.timeout, exc, "write traces") from None
+        self._lost -= lost
         self.written += added
         if pruned:
             self.pruned += pruned
