@@ -134,6 +134,57 @@ def test_not_run_and_short_circuit_errors_name_the_hooks() -> None:
     assert str(error).startswith("no before_request hook short-circuited (returned a response)")
 
 
+def test_hints_name_the_error_an_open_response_and_a_plain_trace() -> None:
+    """Hints name the request's exception, a response still open, and a
+    trace with no hooks at all (made by TraceMiddleware alone).
+    """
+    app = Flask("test_testing_error")
+
+    @app.get("/")
+    def index() -> str:
+        raise RuntimeError("no database")
+
+    FlaskTrace(app)
+    with capture_traces() as captured:
+        app.test_client().get("/")
+    error = hook_order_error(
+        lambda: assert_hook_order(captured.last, ["view:index", "after_request:log"])
+    )
+    assert str(error).splitlines()[-1] == (
+        "hint: the request raised builtins.RuntimeError (view): no database"
+    )
+
+    open_trace = Trace("GET", "/")
+    error = hook_order_error(lambda: assert_hook_order(open_trace, ["teardown_request:close"]))
+    assert str(error).splitlines()[-2:] == [
+        "hint: the response is still open; a streamed response tears down when its body"
+        " is exhausted: read response.data first",
+        "hint: no hooks were recorded; TraceMiddleware alone records WSGI events only,"
+        " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks",
+    ]
+    error = hook_order_error(lambda: assert_short_circuited(open_trace))
+    assert str(error).splitlines()[-1].startswith("hint: no hooks were recorded;")
+
+
+def test_short_circuit_with_a_view_and_unprintable_names() -> None:
+    """A view that ran after a short-circuit is named, and invisible
+    characters in hook names are escaped in the diff.
+    """
+    trace = Trace("GET", "/")
+    trace.record("before_request", "before_request:deny", 1, 2, {"short_circuit": True})
+    trace.record("view", "view:index", 3, 4)
+    error = hook_order_error(lambda: assert_short_circuited(trace))
+    assert str(error).splitlines()[0] == (
+        "'before_request:deny' short-circuited, but the view ran: 'view:index'"
+    )
+    error = hook_order_error(
+        lambda: assert_hook_order(trace, ["before_request:deny", "view:inde\u200bx"])
+    )
+    lines = str(error).splitlines()
+    assert lines[1] == "  expected: 'view:inde\\u200bx'"
+    assert "     1    .  - view:inde\\u200bx" in lines
+
+
 def run_python(code: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

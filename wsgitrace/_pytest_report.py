@@ -21,7 +21,8 @@ from typing import IO
 
 import pytest
 
-from .testing import TraceCapture, _describe
+from ._hook_assertions import _describe
+from .testing import TraceCapture
 from .trace import SCHEMA_VERSION, Trace
 
 #: Timelines shown in one report, below a table of the test's traces.

@@ -74,12 +74,11 @@ from typing import Protocol
 import pytest
 
 from . import testing
+from ._hook_assertions import _align, _printable
 from ._pytest_report import _error, _json_record, _JsonWriter, _report_text
 from .exceptions import HookOrderError
 from .testing import (
     TraceCapture,
-    _align,
-    _printable,
     assert_hook_not_run,
     assert_hook_order,
     assert_short_circuited,
