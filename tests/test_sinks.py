@@ -290,6 +290,33 @@ class TestSinkDispatcher:
         assert result.read_text() == repr(((False, 0), True, ["/t2"]))
         assert dispatcher.pending == 1  # the parent's, still waiting
 
+    def test_a_sink_drops_its_connections_on_its_thread_not_in_the_fork_handler(
+        self, dispatchers: list[SinkDispatcher]
+    ) -> None:
+        """The fork handler only marks the sink; ``after_fork()`` runs before
+        the child's first write, off the handler, where a lock another thread
+        held at the fork (an exporter's thread pool) would hang the child.
+        """
+        calls: list[str] = []
+
+        class ForkAwareSink(ListSink):
+            def after_fork(self) -> None:
+                calls.append("after_fork")
+
+            def write(self, traces: Sequence[Trace]) -> None:
+                calls.append("write")
+                super().write(traces)
+
+        dispatcher = SinkDispatcher([ForkAwareSink()])
+        dispatchers.append(dispatcher)
+        dispatcher._after_fork()  # what the child's fork handler runs
+        assert calls == []
+        dispatcher.submit(make_traces(1)[0])
+        assert dispatcher.flush(5)
+        dispatcher.submit(make_traces(1)[0])
+        assert dispatcher.flush(5)
+        assert calls == ["after_fork", "write", "write"]
+
     def test_flushed_at_exit(self, tmp_path: Path) -> None:
         """Traces still queued when the interpreter exits are delivered."""
         script = textwrap.dedent(

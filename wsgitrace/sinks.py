@@ -23,8 +23,11 @@ the request.
 
 Queues are flushed at interpreter exit (for up to :data:`EXIT_SECONDS`), and
 are made new in a forked child (``os.register_at_fork``): a pre-forked
-gunicorn worker starts its own threads, and sinks drop their connections
-(:meth:`Sink.after_fork`), the first time it serves a request.
+gunicorn worker starts its own threads the first time it serves a request,
+and each sink drops its connections (:meth:`Sink.after_fork`) on its own
+thread before it writes again, never in the fork handler itself, where a
+lock another thread held at the fork (a thread pool's, a logging handler's)
+would hang the child.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ class Sink(Protocol):
     traces, oldest first; it may block (the queue fills and drops meanwhile)
     and may raise (the batch is counted as failed). ``close`` is called once,
     after the last ``write``. A sink may also define ``after_fork()``, called
-    in a forked child before anything else, to drop connections inherited
-    from the parent without closing them.
+    in a forked child before its next ``write`` (on the sink's thread, not in
+    the fork handler), to drop connections inherited from the parent without
+    closing them.
     """
 
     def write(self, traces: Sequence[Trace]) -> None: ...
@@ -121,6 +125,8 @@ class _SinkWorker:
         self._dropped = itertools.count(1)
         self.dropped = 0
         self.reported = 0
+        # Set in a forked child; the sink's after_fork() runs before its next write.
+        self.forked = False
 
     def submit(self, trace: Trace) -> None:
         # No lock and no allocation beyond the deque's own: finalizer-safe.
@@ -151,6 +157,11 @@ class _SinkWorker:
         self.busy = True
         batch: list[Trace] = []
         try:
+            if self.forked:
+                self.forked = False
+                after_fork = getattr(self.sink, "after_fork", None)
+                if after_fork is not None:
+                    after_fork()
             while queue and len(batch) < limit:
                 batch.append(queue.popleft())
             dropped = self.dropped
@@ -196,9 +207,8 @@ class _SinkWorker:
         self.busy = False
         self.dropped = self.reported = 0
         self._dropped = itertools.count(1)
-        after_fork = getattr(self.sink, "after_fork", None)
-        if after_fork is not None:
-            after_fork()
+        # Not the sink's after_fork() here: see the module's docstring.
+        self.forked = True
 
 
 def _is_clear_error(exc: Exception) -> bool:
