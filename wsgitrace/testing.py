@@ -124,7 +124,7 @@ class TraceCapture:
                 self._traces.append(trace)
                 self._arrived.notify_all()
         except Exception:
-            report_internal_error("pytest.capture", trace)
+            report_internal_error("testing.capture", trace)
 
     # -- reading ------------------------------------------------------------
 
@@ -195,6 +195,9 @@ class TraceCapture:
         until all of them are finished (their response closed). Useful with a
         live server, which closes a response after the client has it.
 
+        :param count: Traces to wait for (dropped ones count too).
+        :param timeout: Seconds to wait in all; then the test fails.
+        :param finished: Also wait until every captured trace is finished.
         :return: :attr:`all`.
         """
         __tracebackhide__ = True
