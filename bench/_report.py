@@ -215,7 +215,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, markdown: boo
 
 
 def verdict(ok: bool | None) -> str:
-    """``pass``, ``FAIL`` or ``pending`` (not measured yet)."""
+    """``pass``, ``FAIL`` or ``pending`` (not measured: e.g. its configuration was left out)."""
     if ok is None:
         return "pending"
     return "pass" if ok else "FAIL"

@@ -72,26 +72,6 @@ _OTEL_EXPORTER_KEY = "bench.otel_exporter"
 _CONFIG_KEY = "bench.config"
 
 
-class FlaskTraceMissingError(RuntimeError):
-    """``wsgitrace.flask`` cannot be imported yet."""
-
-
-def flasktrace_available() -> bool:
-    """Whether ``wsgitrace.flask.FlaskTrace`` can be imported."""
-    try:
-        from wsgitrace.flask import FlaskTrace  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def endpoint_available() -> bool:
-    """Whether ``wsgitrace.endpoint`` exists yet."""
-    import importlib.util
-
-    return importlib.util.find_spec("wsgitrace.endpoint") is not None
-
-
 def _build_routes(app: Flask) -> None:
     """Register the hooks and routes shared by every configuration."""
 
@@ -170,8 +150,6 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
 
     :param config: One of :data:`CONFIGS`.
     :param options: wsgitrace options (``middleware`` and ``flasktrace``).
-    :raises FlaskTraceMissingError: ``flasktrace`` before ``wsgitrace.flask``
-        exists.
     """
     if config not in CONFIGS:
         msg = f"unknown bench configuration {config!r}; known: {', '.join(CONFIGS)}"
@@ -185,15 +163,8 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
 
         app.wsgi_app = TraceMiddleware(app.wsgi_app, **options)  # type: ignore[method-assign]
     elif config == "flasktrace":
-        try:
-            from wsgitrace.flask import FlaskTrace
-        except ImportError as exc:
-            msg = f"wsgitrace.flask.FlaskTrace is not available yet ({exc})"
-            raise FlaskTraceMissingError(msg) from exc
-        if not endpoint_available():
-            # Until wsgitrace/endpoint.py lands, building the (auto, off)
-            # endpoint fails; it is off for a non-debug app anyway.
-            options.setdefault("endpoint", False)
+        from wsgitrace.flask import FlaskTrace
+
         FlaskTrace(app, **options)
     elif config == "otel":
         _instrument_otel(app)

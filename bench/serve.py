@@ -388,8 +388,6 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
             markdown=markdown,
         )
     )
-    if data.get("missing"):
-        parts.append("Not measured: " + "; ".join(data["missing"]))
     return "\n\n".join(parts)
 
 
@@ -468,10 +466,6 @@ def main(argv: list[str] | None = None) -> int:
         print("serve.py needs gunicorn: pip install gunicorn", file=sys.stderr)
         return 2
     configs = [c for c in args.configs.split(",") if c]
-    missing: list[str] = []
-    if "flasktrace" in configs and not apps.flasktrace_available():
-        configs.remove("flasktrace")
-        missing.append("flasktrace (wsgitrace.flask does not exist yet)")
     if "bare" not in configs:
         configs.insert(0, "bare")
     paths = args.paths or ["/hello"]
@@ -503,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
             "retries": args.retries,
         },
         "configs": configs,
-        "missing": missing,
         "summary": summary,
         "runs": {
             path: {
