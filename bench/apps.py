@@ -20,6 +20,9 @@ Configurations:
     ``app.wsgi_app = TraceMiddleware(app.wsgi_app)`` (WSGI-level events only).
 ``flasktrace``
     ``FlaskTrace(app)``: full Flask tracing (hooks, signals, URL match, ``g``).
+``sampled``
+    ``FlaskTrace(app, sample=0.1)``: full Flask tracing of one request in
+    ten (chosen at random), the setting the README recommends for production.
 ``otel``
     OpenTelemetry's Flask instrumentation with an SDK ``TracerProvider``, a
     ``SimpleSpanProcessor`` and an in-memory exporter, so the peer does all of
@@ -27,9 +30,9 @@ Configurations:
     so a long served run does not grow.
 
 Routes (besides ``/_bench``, which reports how many requests the tracer
-recorded), all with the same three hooks (a ``before_request`` that sets
-``g.user``, an ``after_request`` that adds a header and a
-``teardown_request``):
+recorded and whether it records this one), all with the same three hooks (a
+``before_request`` that sets ``g.user``, an ``after_request`` that adds a
+header and a ``teardown_request``):
 
 ``/hello``     plain text
 ``/json``      a small JSON document
@@ -43,7 +46,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, jsonify, render_template, stream_with_context
+from flask import Flask, Response, g, jsonify, render_template, request, stream_with_context
 from jinja2 import DictLoader
 
 if TYPE_CHECKING:
@@ -57,7 +60,10 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 #: Configurations, in report order; ``bare`` is the baseline.
-CONFIGS: tuple[str, ...] = ("bare", "middleware", "flasktrace", "otel")
+CONFIGS: tuple[str, ...] = ("bare", "middleware", "flasktrace", "sampled", "otel")
+
+#: The ``sample`` rate of the ``sampled`` configuration.
+SAMPLE_RATE = 0.1
 
 #: Routes, in report order.
 ROUTES: tuple[str, ...] = ("/hello", "/json", "/stream", "/template")
@@ -70,6 +76,20 @@ _TEMPLATE = """<!doctype html>
 
 _OTEL_EXPORTER_KEY = "bench.otel_exporter"
 _CONFIG_KEY = "bench.config"
+
+
+def select_configs(names: str) -> list[str]:
+    """The configurations named in a comma-separated list, in report order
+    (:data:`CONFIGS`), with ``bare`` (the baseline) always among them.
+
+    :raises ValueError: a name is not in :data:`CONFIGS`.
+    """
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = sorted(wanted.difference(CONFIGS))
+    if unknown:
+        msg = f"unknown bench configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}"
+        raise ValueError(msg)
+    return [config for config in CONFIGS if config in wanted or config == "bare"]
 
 
 def _build_routes(app: Flask) -> None:
@@ -90,8 +110,13 @@ def _build_routes(app: Flask) -> None:
 
     @app.route("/_bench")
     def bench_stats() -> Response:
-        # How many requests the tracer under test recorded (read by serve.py).
-        return jsonify(config=app.extensions.get(_CONFIG_KEY), recorded=recorded_count(app))
+        # How many requests the tracer under test recorded before this one,
+        # and whether it records this one too (read by serve.py).
+        return jsonify(
+            config=app.extensions.get(_CONFIG_KEY),
+            recorded=recorded_count(app),
+            recording_this=recording(app, request.environ),
+        )
 
     @app.route("/hello")
     def hello() -> str:
@@ -149,7 +174,8 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
     """Build the bench app for one configuration.
 
     :param config: One of :data:`CONFIGS`.
-    :param options: wsgitrace options (``middleware`` and ``flasktrace``).
+    :param options: wsgitrace options (``middleware``, ``flasktrace`` and
+        ``sampled``).
     """
     if config not in CONFIGS:
         msg = f"unknown bench configuration {config!r}; known: {', '.join(CONFIGS)}"
@@ -162,9 +188,11 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
         from wsgitrace import TraceMiddleware
 
         app.wsgi_app = TraceMiddleware(app.wsgi_app, **options)  # type: ignore[method-assign]
-    elif config == "flasktrace":
+    elif config in ("flasktrace", "sampled"):
         from wsgitrace.flask import FlaskTrace
 
+        if config == "sampled":
+            options.setdefault("sample", SAMPLE_RATE)
         FlaskTrace(app, **options)
     elif config == "otel":
         _instrument_otel(app)
@@ -200,4 +228,15 @@ def recorded_count(app: Flask) -> int | None:
     exporter = otel_exporter(app)
     if exporter is not None:
         return int(exporter.exported_total)
+    return None
+
+
+def recording(app: Flask, environ: dict[str, Any]) -> bool | None:
+    """Whether the tracer of ``app`` records the request of ``environ`` (a
+    sampled-out one it does not), ``None`` for ``bare``.
+    """
+    if trace_buffer(app) is not None:
+        return "wsgitrace.trace" in environ
+    if otel_exporter(app) is not None:
+        return True
     return None

@@ -18,12 +18,14 @@ quiet machine; the report says how many contended rounds were kept.
 ``--profile CONFIG`` prints cProfile's top functions by tottime for one
 configuration, then wsgitrace's own functions, and exits.
 
-Four configurations, each a separately built Flask app from the same code
+Five configurations, each a separately built Flask app from the same code
 (``bench/apps.py``): ``bare`` Flask, wsgitrace's ``middleware`` only,
-``flasktrace`` (full Flask tracing) and ``otel`` (OpenTelemetry's Flask
-instrumentation, SDK provider, ``SimpleSpanProcessor`` and in-memory exporter,
-cleared before every timed block). Every app is called like a server calls it:
-a prepared environ (copied per request), the body consumed, ``close()`` called.
+``flasktrace`` (full Flask tracing), ``sampled`` (full Flask tracing of one
+request in ten, ``sample=0.1``, as recommended for production) and ``otel``
+(OpenTelemetry's Flask instrumentation, SDK provider, ``SimpleSpanProcessor``
+and in-memory exporter, cleared before every timed block). Every app is
+called like a server calls it: a prepared environ (copied per request), the
+body consumed, ``close()`` called.
 
 Each round runs every configuration once per route, the order rotated from
 round to round; the report gives µs/request, the ratio to ``bare`` of the same
@@ -31,9 +33,11 @@ round and the time added over ``bare``, as median (min–max) over the rounds.
 The garbage collector stays enabled during timed loops unless ``--gc-off``
 (the report says which).
 
-Also measured, for each wsgitrace configuration:
+Also measured: the requests each tracer recorded per ``/hello`` request
+(about 1, and about 0.1 for ``sampled``; the bench must not pass by tracing
+nothing), and, for ``middleware`` and ``flasktrace``:
 
-* events per ``/hello`` trace (the bench must not pass by tracing nothing);
+* events per ``/hello`` trace;
 * memory retained per trace (``tracemalloc``, minus the same loop on ``bare``);
 * that the buffer's byte accounting never exceeds a small ``max_bytes`` cap;
 * the cost of reading the newest 1,000 traces as the ``/_trace`` JSON list,
@@ -298,8 +302,10 @@ def check_events(config: str, route: str = "/hello") -> dict[str, Any]:
     }
 
 
-def check_recording(config: str, n: int = 100) -> float | None:
-    """Requests recorded by the tracer (traces, or OTel spans) per request."""
+def check_recording(config: str, n: int = 1000) -> float | None:
+    """Requests recorded by the tracer (traces, or OTel spans) per request
+    (``n`` large enough to show a sample rate to two decimals).
+    """
     app = apps.create_app(config)
     template = make_environ("/hello")
     for _ in range(n):
@@ -681,14 +687,27 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
         )
     recorded = data.get("recorded_per_request", {})
     if recorded:
+        sampled = (
+            f"; sampled: sample={params['sample']}"
+            if "sampled" in recorded and "sample" in params
+            else ""
+        )
         parts.append(
-            "Recorded per /hello request (wsgitrace traces / OTel spans): "
+            f"Recorded per /hello request (wsgitrace traces / OTel spans{sampled}): "
             + ", ".join(f"{c} {v:.2f}" for c, v in recorded.items() if v is not None)
         )
     flask_events = data["events"].get("flasktrace")
     if flask_events:
         parts.append("FlaskTrace /hello events: " + ", ".join(flask_events["names"]))
     return "\n\n".join(parts)
+
+
+def _config_list(text: str) -> list[str]:
+    """``--configs``: the named configurations in report order, ``bare`` included."""
+    try:
+        return apps.select_configs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -706,7 +725,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=1500, help="warm-up requests per config and route"
     )
     parser.add_argument("--routes", default=",".join(apps.ROUTES), help="comma-separated")
-    parser.add_argument("--configs", default=",".join(apps.CONFIGS), help="comma-separated")
+    parser.add_argument(
+        "--configs",
+        type=_config_list,
+        default=",".join(apps.CONFIGS),
+        help=f"comma-separated, from {','.join(apps.CONFIGS)} (default: all; bare always runs)",
+    )
     parser.add_argument("--gc-off", action="store_true", help="disable gc in timed loops")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     parser.add_argument("--memory-traces", type=int, default=2000, help="traces for tracemalloc")
@@ -737,10 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(profile(args.profile, args.profile_route, args.profile_requests))
         return 0
-    configs = [c for c in args.configs.split(",") if c]
+    configs = args.configs
     routes = [r for r in args.routes.split(",") if r]
-    if "bare" not in configs:
-        configs.insert(0, "bare")
     built = build_apps(configs)
     check_responses(built, routes)
     other_cpus: list[float | None] = []
@@ -766,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc_off": args.gc_off,
             "cpu": args.cpu,
             "retries": args.retries,
+            "sample": apps.SAMPLE_RATE,
         },
         "other_cpus": other_cpus,
         "contended_rounds": sum(

@@ -13,13 +13,16 @@ serves one at a time; the others wait in the backlog, so it never idles),
 CPU is repeated (``--retries``, default 2) after waiting for a quiet machine
 (``--quiet-timeout``); a budget measured on contended runs is "inconclusive".
 After each run the app's ``/_bench`` route reports how many requests the
-tracer recorded, so a configuration cannot pass by tracing nothing.
+tracer recorded, so a configuration cannot pass by tracing nothing: the
+"traced/req" column is about 1 for full tracing and about the sample rate
+(0.1) for ``sampled``.
 
 Each configuration of ``bench/apps.py`` (``bare``, ``middleware``,
-``flasktrace``, ``otel``) is served in turn by gunicorn (one sync worker) on a
-free port of 127.0.0.1 and loaded by ``wrk`` for ``--duration`` seconds after
-a short unrecorded warm-up; rounds repeat with the order rotated. With two or
-more CPUs the server is pinned to CPU 0 and wrk to CPU 1 (``taskset``).
+``flasktrace``, ``sampled``, ``otel``) is served in turn by gunicorn (one
+sync worker) on a free port of 127.0.0.1 and loaded by ``wrk`` for
+``--duration`` seconds after a short unrecorded warm-up; rounds repeat with
+the order rotated. With two or more CPUs the server is pinned to CPU 0 and
+wrk to CPU 1 (``taskset``).
 
 The report gives req/s and the ratio to ``bare`` of the same round, as
 median (min–max) over rounds. Budget (issue #6): ``flasktrace`` ≥ 0.92× bare.
@@ -154,12 +157,15 @@ class Server:
             pass
         return pids
 
-    def recorded(self) -> int | None:
-        """Requests the server's tracer has recorded so far (``/_bench``)."""
+    def recorded(self) -> tuple[int | None, bool]:
+        """Requests the server's tracer had recorded before this ``/_bench``
+        request, and whether it records this one too.
+        """
         url = f"http://127.0.0.1:{self.port}/_bench"
         with urllib.request.urlopen(url, timeout=5) as response:
-            value = json.load(response)["recorded"]
-        return None if value is None else int(value)
+            answer = json.load(response)
+        value = answer["recorded"]
+        return (None if value is None else int(value)), bool(answer.get("recording_this"))
 
     def stop(self) -> None:
         """Stop gunicorn (graceful, then forced) and reap it."""
@@ -260,13 +266,16 @@ def measure(
                         wait_quiet(quiet_timeout)
                         if warmup > 0:
                             run_wrk(port, path, warmup, connections, load_cpu)
-                        before = server.recorded()
+                        before, bench_recorded = server.recorded()
                         with CpuMonitor(server.pids()) as monitor:
                             result = run_wrk(port, path, duration, connections, load_cpu)
-                        after = server.recorded()
-                        # The first /_bench request is counted by the second.
+                        after, _ = server.recorded()
+                        # The second /_bench request counts the first one
+                        # (if its tracer recorded it: a sampler may not).
                         result["recorded"] = (
-                            None if after is None or before is None else after - before - 1
+                            None
+                            if after is None or before is None
+                            else after - before - int(bench_recorded)
                         )
                         result["other_cpus"] = monitor.other_cpus
                         result["contended"] = monitor.contended
@@ -316,8 +325,9 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
 
 
 def _recorded_share(results: list[dict[str, Any]]) -> float | None:
-    """Requests the tracer recorded per request wrk counted (≥ 1: wrk does
-    not count the requests still in flight when it stops).
+    """Requests the tracer recorded per request wrk counted: about 1 (a
+    little more: wrk does not count the requests still in flight when it
+    stops), or about the sample rate for ``sampled``.
     """
     if not results or results[0].get("recorded") is None:
         return None
@@ -416,6 +426,14 @@ def evaluate_budgets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return budgets
 
 
+def _config_list(text: str) -> list[str]:
+    """``--configs``: the named configurations in report order, ``bare`` included."""
+    try:
+        return apps.select_configs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/serve.py",
@@ -432,7 +450,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--path", action="append", dest="paths", help="path to load (repeatable; /hello)"
     )
-    parser.add_argument("--configs", default=",".join(apps.CONFIGS), help="comma-separated")
+    parser.add_argument(
+        "--configs",
+        type=_config_list,
+        default=",".join(apps.CONFIGS),
+        help=f"comma-separated, from {','.join(apps.CONFIGS)} (default: all; bare always runs)",
+    )
     parser.add_argument(
         "--retries", type=int, default=2, help="re-runs of a contended measurement (2)"
     )
@@ -465,9 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("gunicorn") is None:
         print("serve.py needs gunicorn: pip install gunicorn", file=sys.stderr)
         return 2
-    configs = [c for c in args.configs.split(",") if c]
-    if "bare" not in configs:
-        configs.insert(0, "bare")
+    configs = args.configs
     paths = args.paths or ["/hello"]
     server_cpu, load_cpu = _cpus()
     runs = measure(
