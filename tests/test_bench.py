@@ -1,0 +1,190 @@
+"""Smoke test of the benchmark's documented commands, run for real in a
+subprocess with tiny parameters: ``python bench/inprocess.py --json OUT``
+measures every configuration and writes the report's data, and
+``python bench/update_readme.py --inprocess OUT README`` writes its tables
+into the README block. Nothing here asserts a timing; ``bench/serve.py``
+needs wrk and is left out.
+
+``otel`` is left out too: OpenTelemetry's Flask instrumentation is in the
+``bench`` extra, not in ``test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 120
+CONFIGS = ["bare", "middleware", "flasktrace", "sampled"]
+BUDGETS = [
+    "FlaskTrace /hello time vs bare",
+    "FlaskTrace added time / OTel added time (/hello)",
+    "Events in a FlaskTrace /hello trace",
+    "Retained memory per FlaskTrace /hello trace",
+    "Buffer byte accounting ≤ max_bytes (small cap)",
+    "Read newest 1,000 traces as JSON",
+]
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python bench/<script> ARGS`` from the project root, as documented."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGITRACE_")}
+    return subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def budget_exit_status(data: dict[str, Any]) -> int:
+    """The exit status inprocess.py documents: 1 when a budget conclusively fails."""
+    return int(any(b["ok"] is False and not b.get("status") for b in data["budgets"]))
+
+
+@dataclass
+class Run:
+    """One finished ``inprocess.py`` run: its JSON file, that JSON, the process."""
+
+    out: Path
+    data: dict[str, Any]
+    done: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(name="inprocess", scope="module")
+def fixture_inprocess(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    out = tmp_path_factory.mktemp("bench") / "inprocess.json"
+    done = run_script(
+        "inprocess.py",
+        "--rounds",
+        "1",
+        "--requests",
+        "30",
+        "--warmup",
+        "10",
+        "--routes",
+        "/hello",
+        "--configs",
+        ",".join(CONFIGS),
+        "--memory-traces",
+        "50",
+        "--retries",
+        "0",
+        "--quiet-timeout",
+        "0",
+        "--json",
+        str(out),
+    )
+    assert out.exists(), f"no JSON written (exit {done.returncode}):\n{done.stderr}"
+    return Run(out, json.loads(out.read_text(encoding="utf-8")), done)
+
+
+def test_inprocess_exit_status_follows_the_budgets(inprocess: Run) -> None:
+    """The run ends normally, with 1 only when a budget conclusively fails."""
+    data, done = inprocess.data, inprocess.done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == budget_exit_status(data), done.stderr
+    assert "In-process, 1 rounds × 30 requests" in done.stdout
+
+
+def test_inprocess_times_every_configuration(inprocess: Run) -> None:
+    """Every configuration asked for, sampled included, has its /hello timings."""
+    data = inprocess.data
+    assert data["configs"] == CONFIGS
+    hello = data["latency"]["/hello"]
+    for config in CONFIGS:
+        entry = hello[config]
+        assert len(entry["rounds"]) == 1, config
+        assert entry["us_per_request"]["median"] > 0, config
+        assert entry["ratio_to_bare"]["n"] == 1, config
+        assert entry["added_us"]["n"] == 1, config
+    assert "flasktrace_vs_otel_added" not in hello
+
+
+def test_inprocess_records_every_request_or_the_sampled_share(inprocess: Run) -> None:
+    """Full tracing records each request; sampled (rate 0.1) a share of them."""
+    data = inprocess.data
+    recorded = data["recorded_per_request"]
+    assert list(recorded) == ["middleware", "flasktrace", "sampled"]
+    assert recorded["middleware"] == recorded["flasktrace"] == 1.0
+    # 1,000 requests at 0.1: outside (0, 0.5) has a chance below 1e-40.
+    assert 0 < recorded["sampled"] < 0.5
+    assert data["params"]["sample"] == 0.1
+
+
+def test_inprocess_describes_full_traces(inprocess: Run) -> None:
+    """A flasktrace /hello trace has its 17 events; memory, byte cap and read
+    cost are measured for middleware and flasktrace only.
+    """
+    data = inprocess.data
+    events = data["events"]["flasktrace"]
+    assert events["events"] == 17
+    assert events["names"][:2] == ["request", "app"]
+    assert data["events"]["middleware"]["events"] < events["events"]
+    for measurement in ("events", "memory", "byte_cap", "read"):
+        assert set(data[measurement]) == {"middleware", "flasktrace"}, measurement
+    assert all(cap["ok"] for cap in data["byte_cap"].values())
+    assert data["read"]["flasktrace"]["endpoint"]["status"] == 200
+    assert data["read"]["flasktrace"]["endpoint"]["traces"] == 1000
+
+
+def test_inprocess_evaluates_every_budget(inprocess: Run) -> None:
+    """Each budget of issue #6 is evaluated; only the one needing otel is pending."""
+    data = inprocess.data
+    budgets = {b["budget"]: b for b in data["budgets"]}
+    assert list(budgets) == BUDGETS
+    otel = budgets.pop("FlaskTrace added time / OTel added time (/hello)")
+    assert otel["ok"] is None
+    for name, budget in budgets.items():
+        assert isinstance(budget["ok"], bool), name
+        assert budget["measured"] != "–", name
+    assert budgets["Events in a FlaskTrace /hello trace"] == {
+        "budget": "Events in a FlaskTrace /hello trace",
+        "measured": "17",
+        "limit": "≥ 17",
+        "ok": True,
+        "status": None,
+    }
+
+
+def test_update_readme_writes_the_tables_between_the_markers(
+    inprocess: Run,
+    tmp_path: Path,
+) -> None:
+    """update_readme.py puts the in-process report inside the bench block only."""
+    out, data = inprocess.out, inprocess.data
+    readme = tmp_path / "README.md"
+    before = "# Project\n\nIntro.\n\n"
+    after = "\n\n## Development\n\nOutro.\n"
+    readme.write_text(before + "<!-- bench:start -->\n<!-- bench:end -->" + after, encoding="utf-8")
+    done = run_script("update_readme.py", "--inprocess", str(out), str(readme))
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(before + "<!-- bench:start -->\n")
+    assert text.endswith("<!-- bench:end -->" + after)
+    block = text[len(before) : -len(after)]
+    lines = block.splitlines()
+    assert lines[1:3] == ["<!-- bench:inprocess:start -->", "#### In-process"]
+    assert lines[-2:] == ["<!-- bench:inprocess:end -->", "<!-- bench:end -->"]
+    assert "| route | config | µs/request | × bare | added µs |" in lines
+    assert "| budget | measured | limit | result |" in lines
+    rows = [line.split(" | ")[1] for line in lines if line.startswith("| /hello | ")]
+    assert rows == CONFIGS
+    sampled = next(line for line in lines if line.startswith("| /hello | sampled | "))
+    assert sampled.count("×") == 1
+    assert not sampled.endswith("| – |")
+    recorded = next(line for line in lines if line.startswith("Recorded per /hello request"))
+    assert "; sampled: sample=0.1)" in recorded
+    share = data["recorded_per_request"]["sampled"]
+    assert recorded.endswith(f", flasktrace 1.00, sampled {share:.2f}")
