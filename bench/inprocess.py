@@ -633,7 +633,10 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
     parts.append(
         table(
             ["budget", "measured", "limit", "result"],
-            [[b["budget"], b["measured"], b["limit"], verdict(b["ok"])] for b in data["budgets"]],
+            [
+                [b["budget"], b["measured"], b["limit"], b.get("status") or verdict(b["ok"])]
+                for b in data["budgets"]
+            ],
             markdown=markdown,
         )
     )
