@@ -297,6 +297,32 @@ class TestTransparency:
             assert fetch(traced, path) == fetch(plain, path)
         assert traced_log == plain_log
 
+    @pytest.mark.parametrize("sample", [0.0, 1.0])
+    def test_an_untraced_request_gets_flasks_own_app_context(self, sample: float) -> None:
+        """A request that is not sampled runs in Flask's own ``AppContext``;
+        a traced one in a subclass that records the appcontext signals.
+        """
+        from flask.ctx import AppContext
+        from flask.globals import app_ctx
+
+        app = Flask(__name__)
+        seen: list[type] = []
+
+        @app.route("/")
+        def index() -> str:
+            seen.append(type(app_ctx._get_current_object()))
+            return "ok"
+
+        ext = FlaskTrace(app, sample=sample)
+        assert fetch(app, "/")[2] == b"ok"
+        if sample:
+            assert seen[0] is not AppContext
+            assert issubclass(seen[0], AppContext)
+            assert "signal:appcontext-pushed" in [e.name for e in last(ext).events]
+        else:
+            assert seen == [AppContext]
+            assert ext.buffer.latest() == []
+
     def test_url_map_and_g_untouched(self) -> None:
         """No rules added; ``g`` holds only what the app put there, in every
         hook and at teardown.

@@ -616,6 +616,11 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
                     report_internal_error("flask.signal", trace)
 
     def app_context() -> AppContext:
-        return TracedAppContext(app_ref())  # type: ignore[arg-type]
+        app: Flask = app_ref()  # type: ignore[assignment]
+        trace = _get_trace()
+        if trace is None or trace._limits is not limits:
+            # Not traced (not sampled, or no request): Flask's own context.
+            return type(app).app_context(app)
+        return TracedAppContext(app)
 
     return app_context
