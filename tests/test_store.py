@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 from wsgiref.util import setup_testing_defaults
 
@@ -240,6 +241,36 @@ class TestTraceStore:
         store.write(make_traces("/after"))
         assert [t.path for t in store.latest()] == ["/after", "/before"]
         assert store.dropped == 1  # the batch lost while locked
+
+    def test_locked_on_first_connect_fails_like_any_write(
+        self, db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A store locked when a process first writes to it fails that batch
+        as any failed write does (a StoreError, the batch counted, a retry
+        delay); the next write connects again and recounts the totals.
+        """
+        now = [1000.0]
+        monkeypatch.setattr(store_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+        TraceStore(db).write(make_traces("/a", "/b"))
+        with sqlite3.connect(db, isolation_level=None) as conn:
+            # Totals out of step with the rows, which a connecting writer recounts.
+            conn.execute("UPDATE meta SET value = 100 WHERE key = 'count'")
+        store = TraceStore(db, max_traces=5, timeout=0.05)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreError, match="locked by another process"):
+                store.write(make_traces("/during"))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with pytest.raises(StoreError, match="failed recently"):
+            store.write(make_traces("/too-soon"))
+        now[0] += store_module.RETRY_SECONDS
+        store.write(make_traces("/after"))
+        # Recounted: 3 traces, under the cap (101 would have pruned them all).
+        assert [t.path for t in store.latest()] == ["/after", "/b", "/a"]
+        assert store.dropped == 2  # the two batches that failed
 
     def test_failed_write_keeps_earlier_losses(
         self, db: str, monkeypatch: pytest.MonkeyPatch

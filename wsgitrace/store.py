@@ -211,8 +211,7 @@ class TraceStore:
                 msg = f"wsgitrace trace store {self.path!r} failed recently; retrying shortly"
                 raise StoreError(msg, self.path)
             try:
-                self._writer = _connect(self.path, self.timeout, create=self.create)
-                self._recount(self._writer)
+                self._writer = self._connect_writer()
             except StoreError:
                 self._lost += len(rows)
                 self._retry_at = now + RETRY_SECONDS
@@ -253,8 +252,21 @@ class TraceStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum").fetchall()
 
+    def _connect_writer(self) -> sqlite3.Connection:
+        """A new writing connection, the totals recounted; a failure in either
+        is a :class:`StoreError` and leaves no connection behind.
+        """
+        conn = _connect(self.path, self.timeout, create=self.create)
+        try:
+            self._recount(conn)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            raise _store_error(self.path, self.timeout, exc, "count the stored traces") from None
+        return conn
+
     def _recount(self, conn: sqlite3.Connection) -> None:
-        """Set the count and byte totals from the rows (once per process)."""
+        """Set the count and byte totals from the rows (on each new connection)."""
         with _transaction(conn):
             count, size = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM traces"
