@@ -23,6 +23,7 @@ import pytest
 
 from wsgitrace import StoreError, Trace, TraceMiddleware
 from wsgitrace import store as store_module
+from wsgitrace._store_file import _transaction
 from wsgitrace.store import STORE_SCHEMA_VERSION, TraceStore
 
 if TYPE_CHECKING:
@@ -418,6 +419,33 @@ class TestMiddlewareWithStore:
         # Once from the sink, once from the endpoint: never per request.
         assert len(store_messages) == 2, store_messages
         assert all(db in message for message in store_messages)
+
+
+# -- the store file --------------------------------------------------------------------
+
+
+def test_failed_commit_is_rolled_back(tmp_path: Path) -> None:
+    """A transaction whose COMMIT fails is rolled back and the error raised,
+    so the connection can begin the next one.
+    """
+    conn = sqlite3.connect(str(tmp_path / "deferred.db"), isolation_level=None)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE child (parent INTEGER REFERENCES parent (id)"
+            " DEFERRABLE INITIALLY DEFERRED)"
+        )
+        # A deferred foreign key is checked only at COMMIT, which then fails.
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), _transaction(conn):
+            conn.execute("INSERT INTO child VALUES (1)")
+        assert not conn.in_transaction
+        with _transaction(conn):
+            conn.execute("INSERT INTO parent VALUES (2)")
+        rows = [conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("parent", "child")]
+        assert rows == [[(2,)], []]
+    finally:
+        conn.close()
 
 
 # -- wsgitrace tail --store / show --store -------------------------------------------

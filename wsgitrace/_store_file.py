@@ -152,13 +152,14 @@ def _version(conn: sqlite3.Connection, path: str) -> int:
 @contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
-    deadlock upgrading), then commit, or roll back on any error.
+    deadlock upgrading), then commit, or roll back on any error, a failed
+    ``COMMIT`` included (SQLite leaves the transaction open then).
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
