@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,6 +77,21 @@ def get_json(app: WSGIApplication, path: str, query: str = "") -> Any:
     status, body = request(app, path, query)
     assert status == "200 OK", (status, body)
     return json.loads(body)
+
+
+def wait_for_child(pid: int, timeout: float = 60) -> int:
+    """The exit code of a forked child; it is killed (-9) if still running
+    after ``timeout`` seconds, so a hung child cannot hang the suite.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
 
 
 @pytest.fixture(name="db")
@@ -296,6 +314,64 @@ class TestTraceStore:
         store.write(make_traces("/after"))
         assert [t.path for t in store.latest()] == ["/after", "/before"]
         assert store.dropped == 4  # the two noted before, and the failed batch
+
+    def test_after_fork_starts_the_counts_of_this_process(self, db: str) -> None:
+        """In a forked child (after_fork, as the sink dispatcher calls it)
+        written and pruned count only the child's own work; the store-wide
+        dropped count is the file's and keeps the parent's.
+        """
+        store = TraceStore(db, max_traces=2)
+        store.write(make_traces("/p1", "/p2", "/p3"))
+        assert (store.written, store.pruned) == (3, 1)
+        store.after_fork()  # as in the child
+        store.write(make_traces("/c1"))
+        assert (store.written, store.pruned) == (1, 1)
+        assert store.dropped == 2
+        assert [t.path for t in store.latest()] == ["/c1", "/p3"]
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.parametrize("first", ["wait", "notify"])
+    def test_forked_child_waits_on_an_event_of_its_own(
+        self, db: str, tmp_path: Path, first: str
+    ) -> None:
+        """A child forked while a parent thread was inside the store's
+        wait/notify event (its lock held) can wait and notify, whichever it
+        calls first: the event is made again in the child.
+        """
+        store = TraceStore(db)
+        store.write(make_traces("/x"))
+        result = tmp_path / "child.txt"
+        # Held as by a parent thread inside Event.set() or Event.wait() at the
+        # fork: the child's copy of the lock stays held, with no thread to free it.
+        lock = store._wake._cond  # type: ignore[attr-defined]
+        lock.acquire()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through a file
+            code = 1
+            try:
+                done: list[object] = []
+
+                def use_the_store() -> None:
+                    if first == "notify":
+                        store.notify()
+                        done.append("notified")
+                    done.append(store.wait(1, timeout=0.01))  # nothing newer: False
+                    store.notify()
+                    done.append("notified")
+
+                thread = threading.Thread(target=use_the_store, daemon=True)
+                thread.start()
+                thread.join(10)  # bounds the child when the old event is still used
+                result.write_text(repr(done))
+                code = 0
+            finally:
+                os._exit(code)
+        lock.release()
+        assert wait_for_child(pid) == 0
+        expected = ["notified", False, "notified"] if first == "notify" else [False, "notified"]
+        assert result.read_text() == repr(expected)
 
     def test_readers_do_not_wait_for_a_writer(self, db: str) -> None:
         """A reader opening the store while another process holds the write

@@ -166,9 +166,10 @@ class TraceStore:
         self._retry_at = 0.0
         self._lost = 0
         self._instance: str | None = None
-        #: Traces this object wrote.
+        #: Traces this object wrote in this process.
         self.written = 0
-        #: Traces this object pruned.
+        #: Traces this object pruned in this process (every process's prunes
+        #: are in :attr:`dropped`).
         self.pruned = 0
 
     # -- connections --------------------------------------------------------
@@ -179,15 +180,23 @@ class TraceStore:
             self.after_fork()
 
     def after_fork(self) -> None:
-        """Drop the connections inherited from the parent, unclosed."""
+        """Start this process's own state: drop the connections inherited from
+        the parent, unclosed, and start the per-process counts at zero.
+        """
         self._pid = os.getpid()
         for conn in (self._writer, self._reader):
             if conn is not None:
                 _inherited.append(conn)
         self._writer = self._reader = None
+        # A parent thread may have held these at the fork; none frees them here.
         self._read_lock = threading.Lock()
+        self._wake = threading.Event()
         self._retry_at = 0.0
+        # The parent's counts stay the parent's; the store-wide totals are in
+        # the file. _instance is kept: it is the file's id, in every process.
         self._lost = 0
+        self.written = 0
+        self.pruned = 0
 
     # -- writing (the sink) -------------------------------------------------
 
@@ -411,6 +420,7 @@ class TraceStore:
         :return: ``True`` if one is there, ``False`` on timeout or :meth:`notify`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_pid()  # before taking the event: a child makes its own
         wake = self._wake
         while True:
             if self.cursor > cursor:
@@ -426,6 +436,7 @@ class TraceStore:
 
     def notify(self) -> None:
         """Wake every :meth:`wait` now (used when a server shuts down)."""
+        self._check_pid()
         wake, self._wake = self._wake, threading.Event()
         wake.set()
 
