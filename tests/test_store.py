@@ -291,6 +291,27 @@ class TestTraceStore:
         assert [t.path for t in store.latest()] == ["/after", "/b", "/a"]
         assert store.dropped == 2  # the two batches that failed
 
+    def test_retry_delay_counts_from_when_the_write_failed(
+        self, db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Waiting out a lock can take longer than the retry delay; the delay
+        still holds the next write back, counted from the failure.
+        """
+        now = [1000.0]
+        monkeypatch.setattr(store_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+        store = TraceStore(db, timeout=5.0)
+
+        def locked_for_the_whole_timeout() -> Any:
+            now[0] += 5.0  # the busy timeout ran out
+            msg = "database is locked"
+            raise StoreError(msg, db)
+
+        monkeypatch.setattr(store, "_connect_writer", locked_for_the_whole_timeout)
+        with pytest.raises(StoreError, match="locked"):
+            store.write(make_traces("/during"))
+        with pytest.raises(StoreError, match="failed recently"):
+            store.write(make_traces("/too-soon"))
+
     def test_failed_write_keeps_earlier_losses(
         self, db: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -223,7 +223,9 @@ class TraceStore:
                 self._writer = self._connect_writer()
             except StoreError:
                 self._lost += len(rows)
-                self._retry_at = now + RETRY_SECONDS
+                # From when it failed: waiting out a lock may take longer
+                # than the delay itself.
+                self._retry_at = time.monotonic() + RETRY_SECONDS
                 raise
         conn = self._writer
         try:
@@ -252,7 +254,7 @@ class TraceStore:
             self._writer = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            self._retry_at = now + RETRY_SECONDS
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             raise _store_error(self.path, self.timeout, exc, "write traces") from None
         self._lost -= lost
         self.written += added
