@@ -309,8 +309,13 @@ class TestSinkDispatcher:
 
         dispatcher = SinkDispatcher([ForkAwareSink()])
         dispatchers.append(dispatcher)
+        dispatcher.submit(make_traces(1)[0])
+        assert dispatcher.flush(5)
+        calls.clear()
+        assert dispatcher.delivered == 1
         dispatcher._after_fork()  # what the child's fork handler runs
         assert calls == []
+        assert dispatcher.delivered == 0  # the child counts its own
         dispatcher.submit(make_traces(1)[0])
         assert dispatcher.flush(5)
         dispatcher.submit(make_traces(1)[0])

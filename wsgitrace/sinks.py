@@ -205,7 +205,9 @@ class _SinkWorker:
         self.thread = None
         self.stop = threading.Event()
         self.busy = False
-        self.dropped = self.reported = 0
+        # This process's counts start at zero (the parent keeps its own).
+        self.dropped = self.reported = self.delivered = self.failed = 0
+        self.logged = False
         self._dropped = itertools.count(1)
         # Not the sink's after_fork() here: see the module's docstring.
         self.forked = True
