@@ -322,6 +322,55 @@ class TestSinkDispatcher:
         assert dispatcher.flush(5)
         assert calls == ["after_fork", "write", "write"]
 
+    def test_a_forked_child_that_never_wrote_drops_the_parents_connection_before_close(
+        self,
+    ) -> None:
+        """Closing the child's sinks (at its exit) first drops what they
+        inherited, so a sink never closes the parent's connection.
+        """
+        calls: list[str] = []
+
+        class ForkAwareSink(ListSink):
+            def after_fork(self) -> None:
+                calls.append("after_fork")
+
+            def close(self) -> None:
+                calls.append("close")
+
+        dispatcher = SinkDispatcher([ForkAwareSink()])
+        dispatcher._after_fork()
+        dispatcher.close()
+        assert calls == ["after_fork", "close"]
+
+    def test_a_sink_that_cannot_drop_its_connections_never_writes_with_them(
+        self, dispatchers: list[SinkDispatcher]
+    ) -> None:
+        """If ``after_fork()`` fails, the batch fails (counted) instead of
+        being written on the parent's connection, and the next one retries.
+        """
+        calls: list[str] = []
+
+        class FailingOnceSink(ListSink):
+            def after_fork(self) -> None:
+                calls.append("after_fork")
+                if calls.count("after_fork") == 1:
+                    msg = "cannot reconnect"
+                    raise ConnectionError(msg)
+
+            def write(self, traces: Sequence[Trace]) -> None:
+                calls.append("write")
+                super().write(traces)
+
+        dispatcher = SinkDispatcher([FailingOnceSink()])
+        dispatchers.append(dispatcher)
+        dispatcher._after_fork()
+        dispatcher.submit(make_traces(1)[0])
+        dispatcher.flush(5)
+        assert (calls, dispatcher.failed) == (["after_fork"], 1)
+        dispatcher.submit(make_traces(1)[0])
+        dispatcher.flush(5)
+        assert (calls, dispatcher.delivered) == (["after_fork", "after_fork", "write"], 1)
+
     def test_flushed_at_exit(self, tmp_path: Path) -> None:
         """Traces still queued when the interpreter exits are delivered."""
         script = textwrap.dedent(

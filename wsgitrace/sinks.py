@@ -68,7 +68,7 @@ class Sink(Protocol):
     traces, oldest first; it may block (the queue fills and drops meanwhile)
     and may raise (the batch is counted as failed). ``close`` is called once,
     after the last ``write``. A sink may also define ``after_fork()``, called
-    in a forked child before its next ``write`` (on the sink's thread, not in
+    in a forked child before its next ``write`` or ``close`` (not in
     the fork handler), to drop connections inherited from the parent without
     closing them.
     """
@@ -157,11 +157,6 @@ class _SinkWorker:
         self.busy = True
         batch: list[Trace] = []
         try:
-            if self.forked:
-                self.forked = False
-                after_fork = getattr(self.sink, "after_fork", None)
-                if after_fork is not None:
-                    after_fork()
             while queue and len(batch) < limit:
                 batch.append(queue.popleft())
             dropped = self.dropped
@@ -171,6 +166,9 @@ class _SinkWorker:
                 if note_lost is not None:
                     note_lost(dropped - self.reported)
                 self.reported = dropped
+            # Never written with the parent's connections: if dropping them
+            # fails, the batch fails, and the next one tries again.
+            self.drop_inherited()
             self.sink.write(batch)
             self.delivered += len(batch)
         except Exception as exc:
@@ -188,6 +186,16 @@ class _SinkWorker:
         finally:
             self.busy = False
         return True
+
+    def drop_inherited(self) -> None:
+        """In a forked child, have the sink drop the connections it inherited
+        (its ``after_fork()``), once, before it writes or is closed.
+        """
+        if self.forked:
+            after_fork = getattr(self.sink, "after_fork", None)
+            if after_fork is not None:
+                after_fork()
+            self.forked = False
 
     def drain(self, deadline: float) -> bool:
         """Deliver what is queued before ``deadline``; whether all was."""
@@ -318,6 +326,8 @@ class SinkDispatcher:
             worker.closed = True
             worker.stop.set()
             with errors:
+                # A child that never wrote must not close the parent's connections.
+                worker.drop_inherited()
                 worker.sink.close()
         self.running = False
         _dispatchers.discard(self)
