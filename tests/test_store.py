@@ -344,11 +344,26 @@ class TestTraceStore:
         store = TraceStore(db, max_traces=2)
         store.write(make_traces("/p1", "/p2", "/p3"))
         assert (store.written, store.pruned) == (3, 1)
-        store.after_fork()  # as in the child
+        store._pid = -1  # as in a child: the pid differs
+        store.after_fork()
         store.write(make_traces("/c1"))
         assert (store.written, store.pruned) == (1, 1)
         assert store.dropped == 2
         assert [t.path for t in store.latest()] == ["/c1", "/p3"]
+
+    def test_after_fork_keeps_what_the_child_already_opened(self, db: str) -> None:
+        """A store that already started its own state in the child (on its
+        first use there) keeps its new connections when the sink dispatcher
+        calls after_fork later.
+        """
+        TraceStore(db).write(make_traces("/a"))
+        store = TraceStore(db)
+        store._pid = -1  # as in a child: the pid differs
+        assert [t.path for t in store.latest()] == ["/a"]  # resets, opens a reader
+        reader = store._reader
+        assert reader is not None
+        store.after_fork()  # the sink's deferred call
+        assert store._reader is reader
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     @pytest.mark.parametrize("first", ["wait", "notify"])

@@ -181,8 +181,12 @@ class TraceStore:
 
     def after_fork(self) -> None:
         """Start this process's own state: drop the connections inherited from
-        the parent, unclosed, and start the per-process counts at zero.
+        the parent, unclosed, and start the per-process counts at zero. Once
+        per process: the store may have done it already, on its first use in
+        the child, and then has connections of its own to keep.
         """
+        if self._pid == os.getpid():
+            return
         self._pid = os.getpid()
         for conn in (self._writer, self._reader):
             if conn is not None:
