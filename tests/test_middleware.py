@@ -489,6 +489,52 @@ def test_single_element_list_keeps_len(make_environ: MakeEnviron) -> None:
     body.close()  # type: ignore[attr-defined]
 
 
+def test_any_body_class_keeps_its_len_and_is_not_kept_alive(make_environ: MakeEnviron) -> None:
+    """``__len__`` inherited from a base class is kept, a class whose
+    metaclass makes it unhashable is traced like any other, and nothing keeps
+    a body class (which may close over an app) alive.
+    """
+    import weakref
+
+    class Unhashable(type):
+        def __eq__(cls, other: object) -> bool:
+            return cls is other
+
+        __hash__ = None  # type: ignore[assignment]
+
+    class Sized:
+        def __len__(self) -> int:
+            return 1
+
+    def make_body_class() -> type:
+        class Body(Sized, metaclass=Unhashable):
+            def __iter__(self) -> Iterator[bytes]:
+                return iter([b"body"])
+
+        return Body
+
+    classes = [make_body_class()]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", TEXT)
+        return classes[0]()  # type: ignore[no-any-return]
+
+    middleware = TraceMiddleware(app)
+    body = middleware(make_environ("/"), ignore_start_response)
+    assert len(body) == 1  # type: ignore[arg-type]
+    assert list(body) == [b"body"]
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert (trace.chunks, trace.bytes_sent, trace.state) == (1, 4, "finished")
+    assert not trace.find("tracer_error")
+    gone = weakref.ref(classes.pop())
+    del body
+    gc.collect()
+    assert gone() is None
+    assert middleware.buffer.last is trace  # the trace is still kept
+
+
 def test_body_without_len_gets_no_len(make_environ: MakeEnviron) -> None:
     middleware = TraceMiddleware(dummy_app)
     body = middleware(make_environ("/lazy"), ignore_start_response)

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _flatten = chain.from_iterable
-# Whether a body type has __len__, per type (bounded: a few types in practice).
-_sized_types: dict[type, bool] = {}
 
 
 class _TracedBody:
@@ -218,16 +216,13 @@ class _TracedBody:
                 self._finish(now)
                 return app_iter
             self._app_iter = app_iter
-            cls = type(app_iter)
-            sized = _sized_types.get(cls)
-            if sized is None:
-                # A failed lookup on a type makes an AttributeError (about
-                # 2,000 instructions), so the answer is kept per type.
-                sized = hasattr(cls, "__len__")
-                if len(_sized_types) < 256:
-                    _sized_types[cls] = sized
-            if sized:
-                self.__class__ = _SizedTracedBody
+            # len() looks __len__ up on the class's MRO; so does this, without
+            # hasattr(), whose failed lookup on a type builds an AttributeError
+            # (about 2,000 instructions a request).
+            for klass in type(app_iter).__mro__:
+                if "__len__" in klass.__dict__:
+                    self.__class__ = _SizedTracedBody
+                    break
             self._returned = True
             return self
         except Exception:
