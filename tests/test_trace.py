@@ -548,3 +548,20 @@ def test_times_that_do_not_fit_int64_are_kept_as_recorded() -> None:
     assert isinstance(trace._times, list)
     [event] = trace.find(kind="span")
     assert (event.start_ns, event.duration_ns) == (5, 4)
+
+
+def test_an_event_that_does_not_fit_a_finished_trace_leaves_it_consistent() -> None:
+    """Times too large for a packed trace fail that one record, whole: the
+    events before and after it keep their own times.
+    """
+    trace = Trace("GET", "/")
+    start = trace.start_ns
+    trace.record("span", "span:before", start + 1, start + 2)
+    trace._pack_times()
+
+    with pytest.raises(OverflowError):
+        trace.record("span", "span:huge", start + 3, 2**70)
+    trace.record("span", "span:after", start + 4, start + 6)
+
+    spans = [(e.name, e.start_ns, e.duration_ns) for e in trace.find(kind="span")]
+    assert spans == [("span:before", 1, 1), ("span:after", 4, 2)]

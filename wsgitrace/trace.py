@@ -392,7 +392,12 @@ class Trace:
         if len(keys) + (0 if foreign is None else len(foreign)) < self._limits.event_room:
             times = self._times
             times.append(start_ns)
-            times.append(end_ns)
+            try:
+                times.append(end_ns)
+            except BaseException:
+                # Packed (finished) times take int64s only: keep them paired.
+                times.pop()
+                raise
             keys.append(key)
             return True
         # Past the cap (rare): counted under the lock other threads count
@@ -715,16 +720,23 @@ class Trace:
             self._times = packed
 
     def _estimate_size(self) -> int:
-        # Calibrated against tracemalloc on the bench's /hello (see bench/):
-        # the object, its arrays and the strings it alone keeps alive. The
+        # An upper bound of what tracemalloc sees a finished trace keep, on
+        # the bench's /hello and on a bare app with no request headers and up
+        # to 50 hooks (tests/test_flask.py): the object, its arrays and the
+        # strings it alone keeps alive. The
         # environ's and the app's header strings are latin-1 (PEP 3333), one
         # byte a character plus a 49-byte header; values cut on capture (the
         # marker makes them two bytes a character) are counted in
         # _own_key_bytes then, as are keys made by record(). Strings laid out
         # or made later are measured with getsizeof. Hook keys are shared
         # between traces and not counted.
-        size = 420 + 24 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
+        # The base: the object, its key list, the array with the eight
+        # WSGI-level stamps, its own ints; per event, two int64s and a list
+        # slot with the list's spare room.
+        size = 560 + 28 * len(self._keys) + getsizeof(self.path) + getsizeof(self.query)
         size += self._own_key_bytes
+        if self.status is not None:
+            size += getsizeof(self.status)
         if self._foreign:
             # A list slot and a tuple of the key, two ints and the thread.
             size += 180 * len(self._foreign)
