@@ -731,10 +731,17 @@ class TestWrappedMethods:
             seen.append("process_response")
             return process_response(self, response)
 
+        app_context = Flask.app_context
+
+        def patched_app_context(self: Flask) -> Any:
+            seen.append("app_context")
+            return app_context(self)
+
         monkeypatch.setattr(Flask, "handle_user_exception", patched_handle)
         monkeypatch.setattr(Flask, "process_response", patched_process)
+        monkeypatch.setattr(Flask, "app_context", patched_app_context)
         assert fetch(app, "/fail")[0] == "500 INTERNAL SERVER ERROR"
-        assert seen == ["RuntimeError", "process_response"]
+        assert seen == ["app_context", "RuntimeError", "process_response"]
         assert "view:fail" in last(ext).hooks()
 
     def test_wsgi_app_method_set_on_the_app_runs(self) -> None:
@@ -1178,6 +1185,59 @@ def test_app_freed_on_zero_refcount(pattern: str) -> None:
             "teardown_request:teardown",
             "teardown_appcontext:teardown_app",
         ]
+
+
+@pytest.mark.parametrize("hooks", [0, 10, 50])
+def test_byte_accounting_covers_what_a_trace_keeps(hooks: int) -> None:
+    """The size a finished trace is counted at (its share of ``max_bytes``)
+    is at least what it keeps allocated, for a bare app with no request
+    headers and any number of hooks: the byte cap is never exceeded.
+    """
+    import tracemalloc
+
+    app = Flask(__name__)
+    for i in range(hooks):
+
+        def hook() -> None:
+            return None
+
+        hook.__name__ = f"hook{i}"
+        app.before_request(hook)
+    app.add_url_rule("/x", "x", lambda: "ok")
+    ext = FlaskTrace(app, max_traces=5000, max_bytes=1 << 40)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/x",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "HTTP_HOST": "localhost",
+    }
+
+    def serve() -> None:
+        body = app(dict(environ), lambda status, headers, exc_info=None: None)
+        for _ in body:
+            pass
+        body.close()  # type: ignore[attr-defined]
+
+    for _ in range(50):  # warm-up: shared keys and caches made
+        serve()
+    ext.buffer.clear()
+    count = 300
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            serve()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        ext.buffer.append(Trace())  # accounts the last finished trace
+        counted = ext.buffer.bytes
+    finally:
+        tracemalloc.stop()
+    assert len(ext.buffer) == count + 1
+    assert counted >= held, (counted, held)
 
 
 def test_hook_functions_are_not_kept_alive() -> None:

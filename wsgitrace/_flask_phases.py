@@ -585,6 +585,8 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
     popped_key = _SIGNAL_KEYS["signal:appcontext-popped"]
     push = AppContext.push
     pop = AppContext.pop
+    cls = type(app)
+    own = cls.app_context
 
     class TracedAppContext(AppContext):
         """Records ``appcontext_pushed`` / ``appcontext_popped`` where Flask
@@ -618,9 +620,10 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
     def app_context() -> AppContext:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
-        if trace is None or trace._limits is not limits:
-            # Not traced (not sampled, or no request): Flask's own context.
-            return type(app).app_context(app)
+        if trace is None or trace._limits is not limits or cls.app_context is not own:
+            # Not traced (not sampled, or no request), or the class's method
+            # was replaced since: what the app's class makes.
+            return cls.app_context(app)
         return TracedAppContext(app)
 
     return app_context
