@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _flatten = chain.from_iterable
+# id(body class) -> (a weak reference to it, whether it has __len__). Asked
+# per request: hasattr() on a type that lacks the name builds an
+# AttributeError each time. By id and weakly, so a class made in an app
+# factory is not kept alive and an unhashable class is no problem.
+_sized_types: dict[int, tuple[weakref.ref[type], bool]] = {}
 
 
 class _TracedBody:
@@ -216,13 +221,17 @@ class _TracedBody:
                 self._finish(now)
                 return app_iter
             self._app_iter = app_iter
-            # len() looks __len__ up on the class's MRO; so does this, without
-            # hasattr(), whose failed lookup on a type builds an AttributeError
-            # (about 2,000 instructions a request).
-            for klass in type(app_iter).__mro__:
-                if "__len__" in klass.__dict__:
-                    self.__class__ = _SizedTracedBody
-                    break
+            cls = type(app_iter)
+            entry = _sized_types.get(id(cls))
+            if entry is not None and entry[0]() is cls:
+                sized = entry[1]
+            else:
+                sized = hasattr(cls, "__len__")
+                if len(_sized_types) >= 256:
+                    _sized_types.clear()
+                _sized_types[id(cls)] = (weakref.ref(cls), sized)
+            if sized:
+                self.__class__ = _SizedTracedBody
             self._returned = True
             return self
         except Exception:
