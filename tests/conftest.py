@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,3 +373,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
 @pytest.fixture(name="wait_for")
 def fixture_wait_for() -> Callable[..., Any]:
     return wait_for
+
+
+def _fork() -> int:
+    """``os.fork()`` without the DeprecationWarning Python gives when other
+    threads run: these tests fork with threads on purpose.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+@pytest.fixture(name="fork")
+def fixture_fork() -> Callable[[], int]:
+    return _fork

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,7 +249,7 @@ class TestSinkDispatcher:
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     def test_fork_gives_the_child_its_own_queue_and_thread(
-        self, dispatchers: list[SinkDispatcher], tmp_path: Path
+        self, dispatchers: list[SinkDispatcher], tmp_path: Path, fork: Callable[[], int]
     ) -> None:
         """After fork the child starts empty, starts its own thread, and
         delivers its own traces; the parent's queue is untouched.
@@ -264,9 +263,7 @@ class TestSinkDispatcher:
         assert sink.entered.wait(5)
         dispatcher.submit(traces[1])
         result = tmp_path / "child.txt"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-            pid = os.fork()
+        pid = fork()
         if pid == 0:  # pragma: no cover - the child reports through a file
             code = 1
             try:

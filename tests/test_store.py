@@ -5,6 +5,7 @@ reading it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,8 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -97,6 +97,20 @@ def wait_for_child(pid: int, timeout: float = 60) -> int:
 @pytest.fixture(name="db")
 def fixture_db(tmp_path: Path) -> str:
     return str(tmp_path / "traces.db")
+
+
+@contextlib.contextmanager
+def _locked(db: str, how: str = "IMMEDIATE") -> Iterator[None]:
+    """Hold the store's write lock (``BEGIN IMMEDIATE``/``EXCLUSIVE``) from
+    another connection, as another process writing would.
+    """
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute(f"BEGIN {how}")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 class TestTraceStore:
@@ -249,14 +263,8 @@ class TestTraceStore:
         monkeypatch.setattr(store_module, "RETRY_SECONDS", 0.0)
         store = TraceStore(db, timeout=0.1)
         store.write(make_traces("/before"))
-        holder = sqlite3.connect(db, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            with pytest.raises(StoreError, match="locked by another process"):
-                store.write(make_traces("/during"))
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+        with _locked(db), pytest.raises(StoreError, match="locked by another process"):
+            store.write(make_traces("/during"))
         store.write(make_traces("/after"))
         assert [t.path for t in store.latest()] == ["/after", "/before"]
         assert store.dropped == 1  # the batch lost while locked
@@ -275,14 +283,8 @@ class TestTraceStore:
             # Totals out of step with the rows, which a connecting writer recounts.
             conn.execute("UPDATE meta SET value = 100 WHERE key = 'count'")
         store = TraceStore(db, max_traces=5, timeout=0.05)
-        holder = sqlite3.connect(db, isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
-        try:
-            with pytest.raises(StoreError, match="locked by another process"):
-                store.write(make_traces("/during"))
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+        with _locked(db, "EXCLUSIVE"), pytest.raises(StoreError, match="locked by another process"):
+            store.write(make_traces("/during"))
         with pytest.raises(StoreError, match="failed recently"):
             store.write(make_traces("/too-soon"))
         now[0] += store_module.RETRY_SECONDS
@@ -368,7 +370,7 @@ class TestTraceStore:
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     @pytest.mark.parametrize("first", ["wait", "notify"])
     def test_forked_child_waits_on_an_event_of_its_own(
-        self, db: str, tmp_path: Path, first: str
+        self, db: str, tmp_path: Path, first: str, fork: Callable[[], int]
     ) -> None:
         """A child forked while a parent thread was inside the store's
         wait/notify event (its lock held) can wait and notify, whichever it
@@ -381,9 +383,7 @@ class TestTraceStore:
         # fork: the child's copy of the lock stays held, with no thread to free it.
         lock = store._wake._cond  # type: ignore[attr-defined]
         lock.acquire()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-            pid = os.fork()
+        pid = fork()
         if pid == 0:  # pragma: no cover - the child reports through a file
             code = 1
             try:
@@ -414,15 +414,10 @@ class TestTraceStore:
         lock reads at once (WAL): opening asks for no write lock.
         """
         TraceStore(db).write(make_traces("/a", "/b"))
-        holder = sqlite3.connect(db, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with _locked(db):
             reader = TraceStore(db, create=False, timeout=0.01)
             assert [t.path for t in reader.latest()] == ["/b", "/a"]
             assert reader.cursor == 2
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
 
     def test_missing_file_is_not_created_by_readers(self, db: str) -> None:
         """create=False (tail --store) refuses a missing file, making nothing."""
