@@ -1,9 +1,10 @@
 """The trace model: what happened to one request.
 
-On the request path a :class:`Trace` only appends compact records (event kind
-and name references plus two ``int64`` timestamps in an :class:`array.array`).
-:class:`Event` objects, offsets, JSON and everything else are built when
-something reads the trace::
+On the request path a :class:`Trace` only appends compact records (a shared
+``(kind, name, attrs)`` key and two timestamps per event, packed into an
+:class:`array.array` of ``int64`` when the trace finishes). :class:`Event`
+objects, offsets, JSON (:mod:`wsgitrace._trace_json`) and everything else are
+built when something reads the trace::
 
     trace = wsgitrace.current_trace()
     for event in trace.events:
@@ -26,6 +27,7 @@ from itertools import chain
 from sys import getsizeof
 from typing import Any, NamedTuple, Protocol, TypeAlias, overload
 
+from . import _trace_json
 from ._internal import report_internal_error
 from ._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
 from ._limits import TRUNCATION_MARKER as TRUNCATION_MARKER
@@ -33,10 +35,8 @@ from ._limits import TraceLimits as TraceLimits
 from ._limits import cut as cut
 from ._limits import format_error as format_error
 from ._limits import jsonable as jsonable
+from ._trace_json import SCHEMA_VERSION as SCHEMA_VERSION
 from ._types import Clock
-
-#: Version of the JSON form produced by :meth:`Trace.to_dict`.
-SCHEMA_VERSION = 1
 
 #: Event kinds listed by :meth:`Trace.hooks`.
 HOOK_KINDS = frozenset(
@@ -762,49 +762,17 @@ class Trace:
             size += sum(getsizeof(w) + 8 for w in self._warnings)
         return size
 
+    def _hook_count(self) -> int:
+        """How many hook and view events the trace holds (cheaply)."""
+        return sum(1 for key in self.event_keys() if key[0] in HOOK_KINDS)
+
     def summary(self) -> dict[str, Any]:
         """The short JSON form listed by ``/_trace``."""
-        return {
-            "id": self.id,
-            "cursor": self.cursor,
-            "state": self.state,
-            "time": self.wall_time,
-            "method": self.method,
-            "path": self.path,
-            "query": self.query,
-            "status": self.status_code,
-            "duration_ms": _round(self.duration_ms),
-            "ttfb_ms": _round(self.ttfb_ms),
-            "bytes": self.bytes_sent,
-            "endpoint": self.endpoint,
-            "hooks": sum(1 for key in self.event_keys() if key[0] in HOOK_KINDS),
-            "error": self.error["type"] if self.error else None,
-            "warnings": list(self.warnings or ()),
-        }
+        return _trace_json.summary(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The full JSON-safe form, with its ``schema`` version."""
-        data = self.summary()
-        data.update(
-            {
-                "schema": SCHEMA_VERSION,
-                "status_line": self.status,
-                "remote_addr": self.remote_addr,
-                "chunks": self.chunks,
-                "content_length": self.content_length,
-                "rule": self.rule,
-                "view_args": jsonable(self.view_args),
-                "request_headers": _pairs(self.request_headers),
-                "response_headers": _pairs(self.response_headers),
-                "error": self.error,
-                "g": self.g,
-                "session_keys": self.session_keys,
-                "truncated": dict(self.truncated or {}),
-                "dropped_events": self.dropped_events,
-                "events": [e.to_dict() for e in self.events],
-            }
-        )
-        return data
+        return _trace_json.to_dict(self)
 
     def to_json(self) -> str:
         """:meth:`to_dict` as a JSON string."""
@@ -815,73 +783,10 @@ class Trace:
         """Rebuild a read-only trace from :meth:`to_dict`'s output (for
         viewers that read ``/_trace``).
         """
-        trace = cls(
-            str(data.get("method", "")),
-            str(data.get("path", "")),
-            query=str(data.get("query") or ""),
-            remote_addr=data.get("remote_addr"),
-            start_ns=0,
-            limits=TraceLimits(max_events=max(1, len(data.get("events") or ()) + 1)),
-        )
-        trace._live = False
-        trace._id = str(data.get("id", ""))
-        trace.cursor = int(data.get("cursor") or 0)
-        trace.wall_time = float(data.get("time") or 0.0)
-        trace.status = data.get("status_line") or (
-            str(data["status"]) if data.get("status") is not None else None
-        )
-        duration = data.get("duration_ms")
-        trace.end_ns = None if duration is None else round(duration * 1e6)
-        ttfb = data.get("ttfb_ms")
-        trace.first_byte_ns = None if ttfb is None else round(ttfb * 1e6)
-        trace.bytes_sent = int(data.get("bytes") or 0)
-        trace.chunks = int(data.get("chunks") or 0)
-        trace.content_length = data.get("content_length")
-        trace.endpoint = data.get("endpoint")
-        trace.rule = data.get("rule")
-        trace.view_args = data.get("view_args")
-        error = data.get("error")
-        trace.error = error if isinstance(error, dict) else None
-        trace.g = data.get("g")
-        trace.session_keys = data.get("session_keys")
-        trace.warnings = list(data.get("warnings") or ()) or None
-        trace.truncated = dict(data.get("truncated") or {}) or None
-        trace.dropped_events = int(data.get("dropped_events") or 0)
-        trace.request_headers = _flat(data.get("request_headers"))
-        trace.response_headers = _flat(data.get("response_headers"))
-        trace.finished = data.get("state", "finished") != "in_progress"
-        trace.thread = 0
-        # Every event with its own thread, as other threads' events are kept.
-        trace._foreign = foreign = []
-        for event in data.get("events") or ():
-            start = round(float(event.get("start_ms", 0)) * 1e6)
-            end = start + round(float(event.get("duration_ms", 0)) * 1e6)
-            key = (
-                str(event.get("kind", "")),
-                str(event.get("name", "")),
-                event.get("attrs") or None,
-            )
-            foreign.append((key, start, end, int(event.get("thread") or 0)))
-        return trace
+        return _trace_json.from_dict(cls, data)
 
     def __repr__(self) -> str:
         return (
             f"<Trace {self.id} {self.method} {self.path!r} {self.status or '-'}"
             f" {self.state} events={len(self.events)}>"
         )
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def _pairs(flat: tuple[str, ...]) -> list[list[str]]:
-    return [[flat[i], flat[i + 1]] for i in range(0, len(flat) - 1, 2)]
-
-
-def _flat(pairs: Any) -> tuple[str, ...]:
-    out: list[str] = []
-    for pair in pairs or ():
-        if isinstance(pair, list | tuple) and len(pair) == 2:
-            out.extend((str(pair[0]), str(pair[1])))
-    return tuple(out)
