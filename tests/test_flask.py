@@ -960,17 +960,38 @@ class TestTwoApps:
         assert inner.g == {"app": "'two'"}
 
     def test_one_extension_two_apps(self) -> None:
-        """One FlaskTrace may trace two apps into its one buffer, each with its
-        own middleware.
+        """One FlaskTrace (the factory pattern) gives each app its own
+        middleware and its own buffer, sized by the app's own config; its
+        ``buffer`` is the last app's.
         """
         ext = FlaskTrace()
         one, two = named_app("one"), named_app("two")
+        one.config["WSGITRACE_MAX_TRACES"] = 5
+        two.config["WSGITRACE_MAX_TRACES"] = 50
         ext.init_app(one)
         ext.init_app(two)
         assert one.wsgi_app is not two.wsgi_app
         fetch(one, "/a")
         fetch(two, "/b")
-        assert [t.g for t in ext.buffer.latest()] == [{"app": "'two'"}, {"app": "'one'"}]
+        buffers = [app.wsgi_app.buffer for app in (one, two)]  # type: ignore[attr-defined]
+        assert [b.max_traces for b in buffers] == [5, 50]
+        assert [[t.g for t in b.latest()] for b in buffers] == [
+            [{"app": "'one'"}],
+            [{"app": "'two'"}],
+        ]
+        assert ext.buffer is buffers[1]
+
+    def test_one_extension_two_apps_with_a_shared_buffer(self) -> None:
+        """Given ``buffer=``, one FlaskTrace traces its apps into that buffer."""
+        shared = TraceBuffer()
+        ext = FlaskTrace(buffer=shared)
+        one, two = named_app("one"), named_app("two")
+        ext.init_app(one)
+        ext.init_app(two)
+        fetch(one, "/a")
+        fetch(two, "/b")
+        assert ext.buffer is shared
+        assert [t.g for t in shared.latest()] == [{"app": "'two'"}, {"app": "'one'"}]
 
 
 # -- fault isolation ---------------------------------------------------------------

@@ -98,7 +98,9 @@ class FlaskTrace:
     ``endpoint`` says otherwise.
 
     :param app: The app, or ``None`` to call :meth:`init_app` later.
-    :param buffer: Share a buffer; one is made from the options otherwise.
+    :param buffer: One buffer for every app this extension traces. Without
+        it, each app gets its own, sized by its own options (so a factory
+        with a module-level ``FlaskTrace()`` keeps its apps apart).
     :param clock: Nanosecond clock for every timestamp.
         Events are ordered by their readings, so a test clock should advance
         on every reading: with one that repeats (a frozen clock), events that
@@ -119,6 +121,8 @@ class FlaskTrace:
         resolve_options(options, {}, {})  # fail early on unknown or bad keywords
         self._options = options
         self._buffer = buffer
+        # The last app's buffer, kept when that app is gone (it holds no app).
+        self._last_buffer: TraceBuffer | None = None
         self._clock = clock
         self._tracers: weakref.WeakKeyDictionary[Flask, _AppTracer] = weakref.WeakKeyDictionary()
         if app is not None:
@@ -126,11 +130,14 @@ class FlaskTrace:
 
     @property
     def buffer(self) -> TraceBuffer:
-        """The :class:`TraceBuffer` shared by every app this extension traces."""
-        if self._buffer is None:
+        """The :class:`TraceBuffer` given, or else the one of the (single or
+        last) app initialised.
+        """
+        buffer = self._last_buffer if self._buffer is None else self._buffer
+        if buffer is None:
             msg = "FlaskTrace.buffer is made by init_app(app); call it first"
             raise RuntimeError(msg)
-        return self._buffer
+        return buffer
 
     @property
     def middleware(self) -> TraceMiddleware:
@@ -176,8 +183,9 @@ class FlaskTrace:
                 default_exclude.insert(0, static + "/")
             options.setdefault("exclude", default_exclude)
         resolved = resolve_options(options, app.config)
-        if self._buffer is None:
-            self._buffer = TraceBuffer(resolved.max_traces, resolved.max_bytes)
+        buffer = self._buffer
+        if buffer is None:
+            buffer = TraceBuffer(resolved.max_traces, resolved.max_bytes)
         app_ref = weakref.ref(app)
 
         def endpoint_auto() -> bool:
@@ -196,7 +204,7 @@ class FlaskTrace:
             inner = _WeakWsgiApp(app, original.__func__)
         middleware = TraceMiddleware(
             inner,
-            self._buffer,
+            buffer,
             clock=self._clock,
             _config=app.config,
             _endpoint_auto=endpoint_auto,
@@ -219,6 +227,7 @@ class FlaskTrace:
                 _capture_logs(app, tracer, middleware.options.capture_logs)
         app.extensions["wsgitrace"] = self
         self._tracers[app] = tracer
+        self._last_buffer = middleware.buffer
 
     def _adopt(self, app: Flask, middleware: TraceMiddleware) -> None:
         """Record hooks into the traces of the :class:`TraceMiddleware` the
@@ -231,9 +240,7 @@ class FlaskTrace:
                 f" ({', '.join(sorted(self._options))}) to it, not to FlaskTrace"
             )
             raise ConfigurationError(msg)
-        if self._buffer is None:
-            self._buffer = middleware.buffer
-        elif self._buffer is not middleware.buffer:
+        if self._buffer is not None and self._buffer is not middleware.buffer:
             msg = (
                 "app.wsgi_app is already a TraceMiddleware with a buffer of its own;"
                 " FlaskTrace cannot use another one"
