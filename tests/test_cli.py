@@ -943,6 +943,54 @@ def test_run_answers_a_malformed_request_line(cli: Callable[..., Command], tmp_p
     assert "Traceback" not in command.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "message"),
+    [
+        ("run", "WSGITRACE_MAX_TRACES", "lots", "WSGITRACE_MAX_TRACES"),
+        ("demo", "WSGITRACE_MAX_BYTES", "1k", "WSGITRACE_MAX_BYTES"),
+    ],
+)
+def test_a_bad_setting_is_a_message_not_a_traceback(
+    command: str, variable: str, value: str, message: str
+) -> None:
+    """A WSGITRACE_* value wsgitrace cannot use stops the command with one
+    line naming it and its value, exit 1, and no traceback.
+    """
+    args = ["run", "wsgitrace.demo_app:create_app"] if command == "run" else ["demo", "--once"]
+    result = run_command(*args, "--port", "0", env=command_env(**{variable: value}))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("wsgitrace: ")
+    assert message in line
+    assert repr(value) in line
+
+
+def test_run_names_a_custom_prefix_in_its_tail_command(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """With another prefix (and a token), the banner says so, and the tail
+    command it suggests finds the endpoint.
+    """
+    command = cli(
+        "run",
+        "wsgitrace.demo_app:create_app",
+        "--port",
+        "0",
+        cwd=str(tmp_path),
+        env=command_env(WSGITRACE_PREFIX="/_dbg", WSGITRACE_TOKEN="s3cret"),
+    )
+    banner = command.wait_for("watch it with", stream="err")
+    found = re.search(r"watch it with:\s+wsgitrace tail (\S+)", banner)
+    assert found is not None, banner
+    assert found.group(1).endswith("/_dbg")
+    assert "(loopback clients, or with the token)" in banner
+    status, body = fetch(found.group(1))
+    assert status == 200
+    assert "traces" in json.loads(body)
+    assert command.finish() == 0
+
+
 def test_run_reports_a_bad_module(tmp_path: Path) -> None:
     """An import that fails names the module."""
     result = run_command("run", "no_such_module_here:app", cwd=str(tmp_path))

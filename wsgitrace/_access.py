@@ -80,6 +80,11 @@ class _AccessPolicy:
         self._hosts = frozenset(hosts)
         self._trust_forwarded = options.trust_forwarded
 
+    @property
+    def has_token(self) -> bool:
+        """Whether a token opens the endpoint to other clients."""
+        return self._token_bytes is not None
+
     def allows(self, environ: WSGIEnvironment) -> bool:
         """Whether this request may read traces."""
         name = _host_name(environ.get("HTTP_HOST") or "")

@@ -45,6 +45,7 @@ import click
 
 from . import __version__
 from ._client import (
+    DEFAULT_PREFIX,
     DEFAULT_URL,
     _BadAnswerError,
     _check_trace,
@@ -60,6 +61,7 @@ from ._interrupts import _interrupts, _sigterm_as_interrupt
 from ._output import _console, _HumanView, _JsonView, _message
 from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
 from .endpoint import TraceEndpoint
+from .exceptions import ConfigurationError
 from .render import build_timeline
 from .trace import Trace
 
@@ -104,7 +106,19 @@ def _with_token(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: a setting wsgitrace cannot use (an option, a
+    ``WSGITRACE_*`` variable) is reported as a message, not a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsgitrace")
 def main() -> None:
     """See what every request to a WSGI or Flask app did, in order."""
@@ -261,8 +275,11 @@ def run(app_spec: str, host: str, port: int) -> None:
     _sigterm_as_interrupt()
     try:
         _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
-        _message(err, f"trace endpoint: {base}{endpoint.prefix} (loopback clients)")
-        _message(err, f"watch it with:  wsgitrace tail {base}", "dim")
+        who = "loopback clients, or with the token" if endpoint.has_token else "loopback clients"
+        _message(err, f"trace endpoint: {base}{endpoint.prefix} ({who})")
+        # The base URL finds the default prefix; another one must be given.
+        url = base if endpoint.prefix == DEFAULT_PREFIX else base + endpoint.prefix
+        _message(err, f"watch it with:  wsgitrace tail {url}", "dim")
         sys.stderr.flush()
         server.serve_forever()
     except KeyboardInterrupt:

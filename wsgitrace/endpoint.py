@@ -210,6 +210,11 @@ class TraceEndpoint:
 
     # -- access control -----------------------------------------------------
 
+    @property
+    def has_token(self) -> bool:
+        """Whether a token is configured (it opens the endpoint to other clients)."""
+        return self._access.has_token
+
     def is_allowed(self, environ: WSGIEnvironment) -> bool:
         """Whether this request may read traces (see the module docstring)."""
         return self._access.allows(environ)
