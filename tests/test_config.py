@@ -41,6 +41,29 @@ class TestResolveOptions:
         """Each option maps to a WSGITRACE_* name."""
         assert env_name("max_traces") == "WSGITRACE_MAX_TRACES"
 
+    def test_a_misspelt_config_key_is_refused_with_a_suggestion(self) -> None:
+        """A WSGITRACE_* key in the app's config that is no setting fails
+        ``init_app`` naming it and the setting it probably meant."""
+        with pytest.raises(ConfigurationError) as caught:
+            resolve_options({}, {"WSGITRACE_MAXTRACES": 5, "SECRET_KEY": "x"}, {})
+        assert "WSGITRACE_MAXTRACES (did you mean WSGITRACE_MAX_TRACES?)" in str(caught.value)
+
+    def test_a_misspelt_environment_variable_is_logged_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An unknown WSGITRACE_* variable is logged (once), not fatal: it may
+        belong to another version."""
+        environ = {"WSGITRACE_MAX_STRNG": "5", "WSGITRACE_MAX_STRING": "7"}
+        with caplog.at_level("WARNING", logger="wsgitrace"):
+            options = resolve_options({}, None, environ)
+            resolve_options({}, None, environ)
+        assert options.max_string == 7
+        messages = [r.getMessage() for r in caplog.records if "MAX_STRNG" in r.getMessage()]
+        assert messages == [
+            "wsgitrace: environment variable WSGITRACE_MAX_STRNG"
+            " (did you mean WSGITRACE_MAX_STRING?) is not a setting"
+        ]
+
     def test_keyword_beats_config_beats_environment(self) -> None:
         """The first source that sets an option wins: keyword, config, environ."""
         environ = {

@@ -13,7 +13,9 @@ option, its source and the value's ``repr``.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -212,6 +214,23 @@ class Options:
         return token
 
 
+logger = logging.getLogger("wsgitrace")
+_reported_environ: set[str] = set()
+
+
+def _unknown_names(source: Mapping[str, Any]) -> list[str]:
+    """``WSGITRACE_*`` names in ``source`` that are no option's, each with
+    the setting it probably meant.
+    """
+    known = [env_name(name) for name in OPTION_SPECS]
+    out = []
+    for key in source:
+        if isinstance(key, str) and key.startswith("WSGITRACE_") and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            out.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return sorted(out)
+
+
 def env_name(option: str) -> str:
     """Environment variable / Flask config key of an option."""
     return f"WSGITRACE_{option.upper()}"
@@ -232,6 +251,16 @@ def resolve_options(
         msg = f"unknown wsgitrace option(s): {names}; known: {', '.join(OPTION_SPECS)}"
         raise ConfigurationError(msg)
     environ = os.environ if environ is None else environ
+    if config is not None:
+        misspelt = _unknown_names(config)
+        if misspelt:
+            msg = f"unknown wsgitrace setting(s) in the app's config: {'; '.join(misspelt)}"
+            raise ConfigurationError(msg)
+    for described in _unknown_names(environ):
+        # Not an error: another version's variable should not stop the app.
+        if described not in _reported_environ:
+            _reported_environ.add(described)
+            logger.warning("wsgitrace: environment variable %s is not a setting", described)
     values: dict[str, Any] = {}
     for name, spec in OPTION_SPECS.items():
         key = env_name(name)
