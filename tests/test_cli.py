@@ -502,6 +502,10 @@ def test_token_is_sent_as_utf8_and_never_echoed(
     assert result.returncode == 2
     assert "line break or control character" in result.stderr
     assert "line-secret" not in result.stderr
+    missing = tmp_path / "no-such-token"
+    result = run_command("tail", "--token-file", str(missing), served.url)
+    assert result.returncode == 2
+    assert f"cannot read the token file {str(missing)!r}" in result.stderr
 
 
 def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> None:

@@ -329,13 +329,20 @@ class TestListing:
         ],
     )
     def test_bad_values_are_400(self, serve: Callable[..., Served], query: str, param: str) -> None:
-        """A bad query value gets a 400 whose JSON says which parameter is wrong."""
+        """A bad query value gets a 400 whose JSON says which parameter is
+        wrong and what it was given.
+        """
+        from urllib.parse import parse_qs
+
         served = serve()
         reply = served.get(f"/_trace?{query}")
         assert reply.status == 400
         error = reply.json()
         assert error["param"] == param
         assert param in error["error"]
+        [*given] = parse_qs(query)[param]
+        if len(given) == 1:
+            assert error["error"].endswith(f", got {given[0]!r}")
 
     def test_token_in_query_string_is_not_accepted(self, serve: Callable[..., Served]) -> None:
         """A token in the query string is refused with a hint, and not echoed."""

@@ -204,7 +204,7 @@ def _read_token(token: str | None, token_file: str | None) -> str | None:
             with open(token_file, encoding="utf-8") as f:
                 value = f.read().strip()
         except OSError as exc:
-            msg = f"cannot read the token file: {exc.strerror}"
+            msg = f"cannot read the token file {token_file!r}: {exc.strerror}"
             raise click.BadParameter(msg, param_hint="--token-file") from None
         if not value:
             raise click.BadParameter("the token file is empty", param_hint="--token-file")

@@ -94,14 +94,16 @@ def _parse_query(query_string: str, cap: int) -> _Query:
     text = one("limit")
     if text is not None:
         if not _INT_RE.match(text):
-            raise _BadQueryError("limit", "'limit' must be a non-negative integer")
+            raise _BadQueryError("limit", f"'limit' must be a non-negative integer{_got(text)}")
         limit = min(int(text), cap)
 
     since: int | None = None
     text = one("since")
     if text is not None:
         if not _INT_RE.match(text):
-            raise _BadQueryError("since", "'since' must be a cursor (a non-negative integer)")
+            raise _BadQueryError(
+                "since", f"'since' must be a cursor (a non-negative integer){_got(text)}"
+            )
         since = min(int(text), _MAX_CURSOR)
 
     wait = 0.0
@@ -115,7 +117,8 @@ def _parse_query(query_string: str, cap: int) -> _Query:
     if text:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts or not all(_METHOD_RE.match(p) for p in parts):
-            raise _BadQueryError("method", "'method' must be HTTP methods such as GET or GET,POST")
+            msg = f"'method' must be HTTP methods such as GET or GET,POST{_got(text)}"
+            raise _BadQueryError("method", msg)
         methods = frozenset(p.upper() for p in parts)
 
     statuses: tuple[tuple[int, int], ...] | None = None
@@ -125,7 +128,9 @@ def _parse_query(query_string: str, cap: int) -> _Query:
         for part in (p.strip() for p in text.split(",")):
             found = _STATUS_RE.match(part)
             if found is None:
-                msg = "'status' must be status codes or classes such as 404, 5xx or 4xx,5xx"
+                msg = "'status' must be status codes or classes such as 404, 5xx or 4xx,5xx" + _got(
+                    text
+                )
                 raise _BadQueryError("status", msg)
             if found.group(2).lower() == "xx":
                 low = int(found.group(1)) * 100
@@ -138,7 +143,8 @@ def _parse_query(query_string: str, cap: int) -> _Query:
     text = one("path")
     if text:
         if not text.startswith("/"):
-            raise _BadQueryError("path", "'path' must be a path prefix starting with '/'")
+            msg = f"'path' must be a path prefix starting with '/'{_got(text)}"
+            raise _BadQueryError("path", msg)
         # Compare like for like: PATH_INFO holds the request's bytes as latin-1.
         path = text.encode("utf-8").decode("latin-1")
 
@@ -151,7 +157,7 @@ def _parse_query(query_string: str, cap: int) -> _Query:
     text = one("full")
     if text is not None:
         if text.lower() not in ("", "0", "1", "true", "false"):
-            raise _BadQueryError("full", "'full' must be 1 or 0")
+            raise _BadQueryError("full", f"'full' must be 1 or 0{_got(text)}")
         full = text.lower() in ("", "1", "true")
 
     return _Query(limit, since, wait, methods, statuses, path, min_ms, full)
@@ -161,7 +167,12 @@ def _non_negative_float(name: str, text: str, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise _BadQueryError(name, f"'{name}' must be a number of {unit}") from None
+        raise _BadQueryError(name, f"'{name}' must be a number of {unit}{_got(text)}") from None
     if not math.isfinite(value) or value < 0:
-        raise _BadQueryError(name, f"'{name}' must be a non-negative number of {unit}")
+        raise _BadQueryError(name, f"'{name}' must be a non-negative number of {unit}{_got(text)}")
     return value
+
+
+def _got(text: str) -> str:
+    """What the query said, for an error message (cut, quoted)."""
+    return f", got {text[:64]!r}"
