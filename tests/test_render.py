@@ -285,6 +285,16 @@ class TestTimeline:
             assert part in text
         assert "Authorization  [redacted]" in text
 
+    @pytest.mark.parametrize(
+        ("chunks", "sent", "shown"),
+        [(1, 1, "1 chunk, 1 byte"), (2, 2048, "2 chunks, 2048 bytes"), (0, 0, "0 chunks, 0 bytes")],
+    )
+    def test_body_counts_read_as_words(self, chunks: int, sent: int, shown: str) -> None:
+        """The body line says "1 chunk", not "1 chunks"."""
+        trace = make_trace()
+        trace.chunks, trace.bytes_sent = chunks, sent
+        assert shown in render_text(build_timeline(trace, full=True), width=120)
+
     def test_error_with_traceback(self) -> None:
         """An error shows its type and message; full adds the traceback, newlines kept."""
         trace = make_trace(status="500 INTERNAL SERVER ERROR")

@@ -298,9 +298,9 @@ class _Follow:
                     else ""
                 )
                 view.message(
-                    f"{view.shown} traces shown, {self.missed} missed (evicted before tail read"
-                    f" them); the server's buffer has dropped {self.dropped or 0} traces in all"
-                    + sinks,
+                    f"{view.shown} trace{'' if view.shown == 1 else 's'} shown,"
+                    f" {self.missed} missed (evicted before tail read them); the server's"
+                    f" buffer has dropped {self.dropped or 0} in all" + sinks,
                     "dim",
                 )
         return 0

@@ -363,7 +363,7 @@ def demo(
         view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
         view.message(
             f"sending it requests; in another terminal try  wsgitrace tail -v {base}"
-            f"  or  wsgitrace show ID {base}   (Ctrl-C to stop)",
+            f"  (it shows trace IDs) or  wsgitrace show ID {base}   (Ctrl-C to stop)",
             "dim",
         )
         traffic_thread.start()

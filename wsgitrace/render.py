@@ -482,7 +482,9 @@ def _state(trace: Trace, full: bool) -> list[RenderableType]:
             info.append(("rule", trace.rule))
         if trace.view_args:
             info.append(("view args", repr(trace.view_args)))
-        info.append(("body", f"{trace.chunks} chunks, {trace.bytes_sent} bytes"))
+        chunks, sent = trace.chunks, trace.bytes_sent
+        body = f"{chunks} chunk{'' if chunks == 1 else 's'}, {sent} byte{'' if sent == 1 else 's'}"
+        info.append(("body", body))
         if trace.content_length is not None:
             info.append(("content-length", str(trace.content_length)))
         if trace.session_keys:

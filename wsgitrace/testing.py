@@ -273,7 +273,9 @@ class TraceCapture:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "stopped"
-        return f"<TraceCapture {len(self)} traces, dropped={self.dropped}, {state}>"
+        count = len(self)
+        traces = f"{count} trace{'' if count == 1 else 's'}"
+        return f"<TraceCapture {traces}, dropped={self.dropped}, {state}>"
 
 
 _NOTHING_TRACED = (
