@@ -222,11 +222,10 @@ def _unknown_names(source: Mapping[str, Any]) -> list[str]:
     """``WSGITRACE_*`` names in ``source`` that are no option's, each with
     the setting it probably meant.
     """
-    known = [env_name(name) for name in OPTION_SPECS]
     out = []
     for key in source:
-        if isinstance(key, str) and key.startswith("WSGITRACE_") and key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if isinstance(key, str) and key.startswith("WSGITRACE_") and key not in _SETTING_NAMES:
+            close = difflib.get_close_matches(key, _SETTING_NAMES, n=1)
             out.append(f"{key} (did you mean {close[0]}?)" if close else key)
     return sorted(out)
 
@@ -234,6 +233,10 @@ def _unknown_names(source: Mapping[str, Any]) -> list[str]:
 def env_name(option: str) -> str:
     """Environment variable / Flask config key of an option."""
     return f"WSGITRACE_{option.upper()}"
+
+
+# Every option's WSGITRACE_* name, to tell a misspelt one.
+_SETTING_NAMES = [env_name(name) for name in OPTION_SPECS]
 
 
 def resolve_options(
