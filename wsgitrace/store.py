@@ -176,8 +176,7 @@ class TraceStore:
 
     def _check_pid(self) -> None:
         """In a forked child, forget (without closing) the parent's connections."""
-        if self._pid != os.getpid():
-            self.after_fork()
+        self.after_fork()  # a no-op in the process that already did it
 
     def after_fork(self) -> None:
         """Start this process's own state: drop the connections inherited from
