@@ -95,7 +95,7 @@ class _AccessPolicy:
             client.is_loopback or any(client in network for network in self._allow)
         ):
             return True
-        return self._token_bytes is not None and self._has_token(environ)
+        return self._bearer_matches(environ)
 
     def _client_addr(self, environ: WSGIEnvironment) -> str | None:
         """``REMOTE_ADDR``, or the last ``X-Forwarded-For`` entry when trusted."""
@@ -107,8 +107,10 @@ class _AccessPolicy:
         addr = environ.get("REMOTE_ADDR")
         return addr if isinstance(addr, str) else None
 
-    def _has_token(self, environ: WSGIEnvironment) -> bool:
-        """Whether ``Authorization: Bearer`` holds the token (constant time)."""
+    def _bearer_matches(self, environ: WSGIEnvironment) -> bool:
+        """Whether a token is configured and ``Authorization: Bearer`` holds it
+        (compared in constant time).
+        """
         header = environ.get("HTTP_AUTHORIZATION") or ""
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer" or self._token_bytes is None:
