@@ -406,8 +406,6 @@ class _AppTracer:
         except Exception:
             report_internal_error("flask.errorhandler", trace)
 
-    # -- state --------------------------------------------------------------
-
 
 def _handler_blueprint(
     app: Flask, handler: Any, error: Exception, blueprints: list[str]
