@@ -188,3 +188,39 @@ def test_update_readme_writes_the_tables_between_the_markers(
     assert "; sampled: sample=0.1)" in recorded
     share = data["recorded_per_request"]["sampled"]
     assert recorded.endswith(f", flasktrace 1.00, sampled {share:.2f}")
+
+
+def test_isolation_reports_each_app_plain_and_traced(tmp_path: Path) -> None:
+    out = tmp_path / "isolation.json"
+    done = run_script(
+        "isolation.py",
+        "--rounds",
+        "2",
+        "--requests",
+        "20",
+        "--warmup",
+        "5",
+        "--sweep-bytes",
+        "4096",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert list(data["results"]) == ["trivial", "after-sweep", "after-flask"]
+    for name, stats in data["results"].items():
+        for column in ("plain_us", "traced_us", "added_us"):
+            assert stats[column]["n"] == 2, (name, column)
+        assert stats["traced_us"]["median"] > 0
+    # after-flask serves a whole Flask request first: the apps really differ.
+    results = data["results"]
+    assert results["after-flask"]["plain_us"]["min"] > results["trivial"]["plain_us"]["max"]
+    assert data["params"]["sweep_bytes"] == 4096
+    for name in data["results"]:
+        assert name in done.stdout
+
+
+def test_isolation_rejects_a_zero_round_count() -> None:
+    done = run_script("isolation.py", "--rounds", "0")
+    assert done.returncode == 2
+    assert "--rounds must be at least 1" in done.stderr
