@@ -388,6 +388,22 @@ class TestUrlMatch:
             "code": 405,
         }
 
+    def test_redirect_keeps_no_secret_of_the_query(self) -> None:
+        """A slash redirect's URL, which carries the query on, is redacted
+        like the trace's own query.
+        """
+        app = routing_app()
+        app.add_url_rule("/folder/", "folder", lambda: "folder")
+        ext = FlaskTrace(app)
+        fetch(app, "/folder?access_token=s3cr3t&page=2")
+        trace = last(ext)
+        [match] = trace.find(kind="url_match")
+        assert match.attrs == {
+            "error": "RequestRedirect",
+            "code": 308,
+            "redirect": f"http://localhost/folder/?access_token={REDACTED}&page=2",
+        }
+
 
 class Product:
     """A model object a URL converter loads; counts calls of its repr."""

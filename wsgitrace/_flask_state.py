@@ -53,7 +53,11 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                 attrs["code"] = code
             new_url = getattr(error, "new_url", None)
             if new_url:
-                attrs["redirect"] = cut(str(new_url), tracer.max_string)
+                # Werkzeug's redirect carries the request's query string on.
+                url, sep, query = str(new_url).partition("?")
+                if sep:
+                    url = f"{url}?{tracer.redactor.query(query)}"
+                attrs["redirect"] = cut(url, tracer.max_string)
             trace.record("url_match", "url_match", now, now, attrs)
             return
         rule = req.url_rule
