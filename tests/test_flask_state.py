@@ -403,6 +403,7 @@ class TestUrlMatch:
             "code": 308,
             "redirect": f"http://localhost/folder/?access_token={REDACTED}&page=2",
         }
+        assert "s3cr3t" not in trace.to_json()  # nor in the Location header
 
 
 class Product:

@@ -74,6 +74,36 @@ def test_secret_headers_and_query_keys_never_appear(exchange: Exchanger) -> None
     )
 
 
+def redirecting_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response(
+        "302 Found",
+        [
+            ("Location", f"https://cdn.example/f.pdf?X-Amz-Signature={SECRET}&v=1"),
+            ("content-location", f"/cb#access_token={SECRET}&state=ok"),
+        ],
+    )
+    return [b""]
+
+
+def test_urls_in_headers_keep_no_secret_query_values(exchange: Exchanger) -> None:
+    """A redirect's Location and a Referer keep their URL, with the values
+    of secret-looking query (and fragment) keys redacted.
+    """
+    middleware = TraceMiddleware(redirecting_app)
+    referer = f"https://shop.example/reset?token={SECRET}&step=2"
+    text = _trace_json(exchange, middleware, headers={"Referer": referer})
+    assert SECRET not in text
+    trace = middleware.buffer.last
+    assert trace is not None
+    request = dict(zip(trace.request_headers[::2], trace.request_headers[1::2], strict=True))
+    assert request["Referer"] == f"https://shop.example/reset?token={REDACTED}&step=2"
+    response = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
+    assert response == {
+        "Location": f"https://cdn.example/f.pdf?X-Amz-Signature={REDACTED}&v=1",
+        "content-location": f"/cb#access_token={REDACTED}&state=ok",
+    }
+
+
 def test_percent_encoded_secret_query_keys_are_redacted(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     text = _trace_json(exchange, middleware, query=f"a=1&tok%65n={SECRET}&p%61ssword={SECRET}")
@@ -152,6 +182,13 @@ class TestRedactor:
         assert redactor.query("") == ""
         assert redactor.query("a=1&b=2") == "a=1&b=2"
         assert redactor.query("a=1&token=x&flag&key") == f"a=1&token={REDACTED}&flag&key"
+
+    def test_url_redacts_query_and_fragment(self) -> None:
+        """Only the query and fragment of a URL are redacted."""
+        r = Redactor()
+        assert r.url("/token/x?a=1&token=t#k") == f"/token/x?a=1&token={REDACTED}#k"
+        assert r.url("/cb#id_token=t") == f"/cb#id_token={REDACTED}"
+        assert r.url("/auth/login") == "/auth/login"
 
     def test_percent_encoded_keys_are_decoded(self) -> None:
         """A percent-encoded secret key is still recognised."""

@@ -34,7 +34,7 @@ from ._internal import report_internal_error
 from .buffer import TraceBuffer
 from .config import Options, resolve_options
 from .context import _get_trace, _reset_trace, _set_trace
-from .redact import REDACTED, Redactor
+from .redact import REDACTED, URL_HEADERS, Redactor
 from .trace import (
     HeaderFlattener,
     HeaderLayout,
@@ -332,7 +332,8 @@ class _ResponseHeaderFlattener:
         dropped = cut_count = 0
         out: list[str] = []
         for name, value in headers:
-            if name.lower() == "content-length":
+            lowered = name.lower()
+            if lowered == "content-length":
                 length = _parse_content_length(value)
                 if length is None:
                     warnings.append(f"invalid Content-Length header: {value!r}")
@@ -344,9 +345,12 @@ class _ResponseHeaderFlattener:
             room -= 1
             if is_secret(name):
                 value = REDACTED
-            elif len(value) > max_string:
-                cut_count += 1
-                value = cut(value, max_string)
+            else:
+                if lowered in URL_HEADERS:
+                    value = self._redactor.url(value)
+                if len(value) > max_string:
+                    cut_count += 1
+                    value = cut(value, max_string)
             out.append(name)
             out.append(value)
         return HeaderLayout(tuple(out), content_length, tuple(warnings), dropped, cut_count)
@@ -378,9 +382,10 @@ class _RequestHeaderPlan:
     which are secret (their values are never copied).
     """
 
-    __slots__ = ("dropped", "fetch", "layout", "max_string", "single")
+    __slots__ = ("dropped", "fetch", "layout", "max_string", "redactor", "single")
 
     def __init__(self, keys: tuple[str, ...], middleware: TraceMiddleware) -> None:
+        self.redactor = middleware.redactor
         room = middleware.limits.max_headers
         self.max_string = middleware.limits.max_string
         layout: list[tuple[str, bool]] = []
@@ -427,5 +432,6 @@ class _RequestHeaderPlan:
             if secret:
                 out.append(REDACTED)
                 continue
-            out.append(next(fetched))
+            value = next(fetched)
+            out.append(self.redactor.url(value) if name.lower() in URL_HEADERS else value)
         return tuple(out)

@@ -7,6 +7,7 @@ secret, token, key, auth, csrf, ...) is redacted too::
     redactor = Redactor(extra_headers=["X-Internal-Signature"])
     redactor.is_secret("X-Api-Key")        # True
     redactor.query("user=1&token=abc")    # "user=1&token=[redacted]"
+    redactor.url("/next?token=abc")       # "/next?token=[redacted]"
 
 Decisions per header name are memoized, so the request path pays a dict
 lookup per header.
@@ -36,6 +37,10 @@ DEFAULT_HEADERS = frozenset(
         "x-xsrf-token",
     }
 )
+
+#: Headers whose value is a URL: secret-looking keys of its query (and
+#: fragment, where OAuth puts an ``access_token``) are redacted.
+URL_HEADERS = frozenset({"location", "content-location", "referer"})
 
 #: Key fragments that mark a header, query, form or session key as secret.
 DEFAULT_PATTERNS = (
@@ -131,6 +136,17 @@ class Redactor:
             else:
                 parts.append(part)
         return "&".join(parts)
+
+    def url(self, url: str) -> str:
+        """Redact the values of secret-looking keys in a URL's query and
+        fragment.
+        """
+        base, sep, rest = url.partition("?")
+        if sep:
+            query, hash_, fragment = rest.partition("#")
+            return f"{base}?{self.query(query)}{hash_}{self.query(fragment)}"
+        base, hash_, fragment = url.partition("#")
+        return f"{base}{hash_}{self.query(fragment)}" if hash_ else url
 
 
 def _normal(name: str) -> str:
