@@ -183,6 +183,10 @@ class TestRedactor:
         assert redactor.query("a=1&b=2") == "a=1&b=2"
         assert redactor.query("a=1&token=x&flag&key") == f"a=1&token={REDACTED}&flag&key"
 
+    def test_query_with_semicolon_separators(self) -> None:
+        """A secret after a ";" separator is redacted; the separators stay."""
+        assert Redactor().query("a=1;token=t&b=2;c") == f"a=1;token={REDACTED}&b=2;c"
+
     def test_url_redacts_query_and_fragment(self) -> None:
         """Only the query and fragment of a URL are redacted."""
         r = Redactor()

@@ -58,6 +58,10 @@ DEFAULT_PATTERNS = (
     "credential",
 )
 
+# Werkzeug splits a query on "&" only, but ";" is the older separator that
+# other servers and proxies still honour: a secret after one is redacted too.
+_SEPARATORS = re.compile("([&;])")
+
 _MEMO_LIMIT = 4096
 # Longer names (a client's invention) are decided each time, not kept.
 _MEMO_NAME_CHARS = 256
@@ -128,14 +132,13 @@ class Redactor:
         if self._pattern.search(query) is None and "%" not in query:
             # No key can be secret (a percent-encoded one is decoded below).
             return query
-        parts = []
-        for part in query.split("&"):
-            key, sep, _value = part.partition("=")
+        # Pairs at even indexes, their separators between them.
+        parts = _SEPARATORS.split(query)
+        for i in range(0, len(parts), 2):
+            key, sep, _value = parts[i].partition("=")
             if sep and self.is_secret(_unquote_key(key)):
-                parts.append(f"{key}={REDACTED}")
-            else:
-                parts.append(part)
-        return "&".join(parts)
+                parts[i] = f"{key}={REDACTED}"
+        return "".join(parts)
 
     def url(self, url: str) -> str:
         """Redact the values of secret-looking keys in a URL's query and
