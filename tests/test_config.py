@@ -138,6 +138,9 @@ class TestResolveOptions:
             ("sample", True),
             ("exclude", 5),
             ("exclude", ["/a", 1]),
+            ("exclude", "health"),  # a prefix of no path: nothing would be excluded
+            ("exclude", ["/static/", "favicon.ico"]),
+            ("exclude", [""]),  # a prefix of every path: nothing would be traced
             ("prefix", "_trace"),
             ("prefix", "/"),
             ("prefix", "/é"),  # PATH_INFO is latin-1: could never match

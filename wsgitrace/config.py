@@ -89,6 +89,16 @@ def _str_list(value: Any) -> tuple[str, ...]:
     raise ValueError("expected a list of strings or a comma-separated string")
 
 
+def _paths(value: Any) -> tuple[str, ...]:
+    paths = _str_list(value)
+    for path in paths:
+        if not path.startswith("/"):
+            # It could never match: every request's path starts with "/".
+            msg = f"expected path prefixes starting with '/', got {path!r}"
+            raise ValueError(msg)
+    return paths
+
+
 def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in _str_list(value))
 
@@ -137,7 +147,7 @@ OPTION_SPECS: dict[str, _Spec] = {
     "max_string": _Spec(_positive_int, 1024, "Length of any captured string."),
     "max_headers": _Spec(_positive_int, 64, "Request/response headers kept per trace."),
     "sample": _Spec(_sample, 1.0, "Rate in [0, 1] or callable(environ) -> bool."),
-    "exclude": _Spec(_str_list, ("/favicon.ico",), "Path prefixes never traced."),
+    "exclude": _Spec(_paths, ("/favicon.ico",), "Path prefixes never traced."),
     "capture_headers": _Spec(_bool, True, "Keep request and response headers (redacted)."),
     "redact": _Spec(_str_list, (), "Extra header names / key fragments to redact."),
     "redact_defaults": _Spec(_bool, True, "Keep the default redaction list (false: replace it)."),
