@@ -274,6 +274,22 @@ def test_error_and_incoming_traceparent(receiver: Receiver, wait_for: Callable[.
     assert attributes(exception)["exception.message"] == "it broke"
 
 
+def test_non_ascii_path_and_query_are_exported_as_sent(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """url.path and url.query hold the UTF-8 text the client sent, not the
+    latin-1 form of its bytes that WSGI gives the trace.
+    """
+    app = TraceMiddleware(app_with_error, otlp=True)
+    with pytest.raises(RuntimeError):
+        # A client that sends the query's UTF-8 bytes unescaped.
+        Client(app).get("/caf%C3%A9/%E2%82%AC", environ_overrides={"QUERY_STRING": "q=\xc3\xa9"})
+    wait_for(lambda: app.sinks is not None and app.sinks.delivered == 1, timeout=10)
+    [root] = receiver.spans()
+    attrs = attributes(root)
+    assert (attrs["url.path"], attrs["url.query"]) == ("/café/€", "q=é")
+
+
 def test_traceparent_is_followed_without_captured_headers(
     receiver: Receiver, wait_for: Callable[..., Any]
 ) -> None:

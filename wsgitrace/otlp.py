@@ -291,9 +291,9 @@ def _request_attributes(data: Mapping[str, Any]) -> dict[str, Any]:
     else:
         attrs["http.request.method"] = "_OTHER"
         attrs["http.request.method_original"] = method
-    attrs["url.path"] = str(data.get("path") or "/")
+    attrs["url.path"] = _wsgi_text(str(data.get("path") or "/"))
     if data.get("query"):
-        attrs["url.query"] = str(data["query"])
+        attrs["url.query"] = _wsgi_text(str(data["query"]))
     if data.get("rule"):
         attrs["http.route"] = str(data["rule"])
     status = data.get("status")
@@ -338,6 +338,16 @@ def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _OWN_EVENT_ATTRIBUTES = frozenset({"kind"})
+
+
+def _wsgi_text(value: str) -> str:
+    """A WSGI (latin-1) string as the UTF-8 text the client sent, when it
+    is: a trace keeps the path as PEP 3333 gives it, ``/cafÃ©`` for ``/café``.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 def _text(value: str) -> str:
