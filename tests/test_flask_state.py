@@ -299,6 +299,21 @@ class TestSession:
         }
         assert "tok-abc123" not in last(ext).to_json()
 
+    def test_values_under_keys_that_are_not_strings(self) -> None:
+        """A key that is not a string (the cookie stores it as one) keeps its value."""
+        app = session_app()
+
+        @app.route("/numbered")
+        def numbered() -> str:
+            session[7] = "seven"
+            return "ok"
+
+        ext = FlaskTrace(app, session_values=True)
+        fetch(app, "/numbered")
+        assert last(ext).session_keys == ["7"]
+        [event] = last(ext).find(kind="session")
+        assert event.attrs["values"] == {"7": "'seven'"}
+
     @pytest.mark.parametrize("session_values", [False, True])
     def test_reading_session_does_not_mark_it_accessed(self, session_values: bool) -> None:
         """A request that does not touch the session gets no ``Vary: Cookie``,

@@ -91,8 +91,9 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
         if tracer.session_values:
             is_secret = tracer.redactor.is_secret
             values = {}
-            for key in keys[:64]:
-                value = dict.__getitem__(session, key)
+            # By position: a key that is not a string (session[7] = ...) is
+            # not found under its str().
+            for key, value in zip(keys[:64], dict.values(session), strict=False):
                 values[key] = REDACTED if is_secret(key) else _safe_repr(value, tracer.max_string)
             trace.record("session", "session", tracer.clock(), tracer.clock(), {"values": values})
     except Exception:
