@@ -140,7 +140,6 @@ class TestResolveOptions:
             ("exclude", ["/a", 1]),
             ("exclude", "health"),  # a prefix of no path: nothing would be excluded
             ("exclude", ["/static/", "favicon.ico"]),
-            ("exclude", [""]),  # a prefix of every path: nothing would be traced
             ("prefix", "_trace"),
             ("prefix", "/"),
             ("prefix", "/é"),  # PATH_INFO is latin-1: could never match
@@ -174,6 +173,19 @@ class TestResolveOptions:
         """
         assert resolve_options({}, None, {"WSGITRACE_TOKEN": " s3cret\n"}).token == "s3cret"
         assert resolve_options({"token": " \n"}, None, {}).token is None
+
+    def test_list_entries_are_stripped_like_comma_separated_ones(self) -> None:
+        """A list entry with stray spaces still matches, and a blank one is
+        dropped (a blank redaction fragment would match every key).
+        """
+        options = resolve_options({"redact": [" X-Tenant ", "", "  "]}, None, {})
+        assert options.redact == ("X-Tenant",)
+        assert resolve_options({"exclude": [" /health"]}, None, {}).exclude == ("/health",)
+        # Not a prefix of every path (which would trace nothing): no prefix.
+        assert resolve_options({"exclude": [""]}, None, {}).exclude == ()
+        middleware = TraceMiddleware(dummy_app, redact=[" X-Tenant ", ""])
+        assert middleware.redactor.is_secret("X-Tenant")
+        assert not middleware.redactor.is_secret("X-Request-Id")
 
     def test_unparsable_host_fails_at_set_up(self) -> None:
         """A hosts entry that could never match a Host header is an error."""

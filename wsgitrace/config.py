@@ -85,7 +85,8 @@ def _str_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple | set | frozenset):
         if not all(isinstance(v, str) for v in value):
             raise ValueError("expected a list of strings")
-        return tuple(value)
+        # As in the comma-separated form: " X-Tenant" would never match.
+        return tuple(v.strip() for v in value if v.strip())
     raise ValueError("expected a list of strings or a comma-separated string")
 
 
