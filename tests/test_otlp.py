@@ -304,6 +304,40 @@ def test_traceparent_is_followed_without_captured_headers(
     assert root.parent_span_id.hex() == "b7ad6b7169203331"
 
 
+@pytest.mark.parametrize(
+    ("traceparent", "continued"),
+    [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        # A later version may append fields; version 00 may not.
+        ("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-the-future", True),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra", False),
+        ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", False),
+        ("00-00000000000000000000000000000000-b7ad6b7169203331-01", False),
+        ("00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", False),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331", False),
+    ],
+)
+def test_traceparent_versions(traceparent: str, continued: bool) -> None:
+    """A traceparent of a later version is continued (its first four fields
+    are version 00's); version ff, all-zero ids and a version-00 header with
+    extra fields are not.
+    """
+    from opentelemetry import trace as trace_api
+
+    from wsgitrace.otlp import _parent_context
+
+    context = _parent_context({"traceparent": traceparent})
+    if not continued:
+        assert context is None
+        return
+    parent = trace_api.get_current_span(context).get_span_context()
+    assert format(parent.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert format(parent.span_id, "016x") == "b7ad6b7169203331"
+    assert parent.is_remote
+    assert parent.trace_flags.sampled
+
+
 def test_hostile_span_names_and_attributes_never_lose_a_batch(
     receiver: Receiver, wait_for: Callable[..., Any]
 ) -> None:

@@ -53,7 +53,9 @@ EVENT_KINDS = ("start_response", "first_byte", "close")
 _METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
 )
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+# W3C Trace Context: a later version may append "-..." fields, which are
+# ignored; version 00 has none, and ff is invalid.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
 
 
 def _require_sdk() -> None:
@@ -270,13 +272,19 @@ def _parent_context(data: Mapping[str, Any]) -> Any:
         if str(name).lower() != "traceparent":
             continue
         found = _TRACEPARENT.match(str(value).strip().lower())
-        if found is None or found.group(1) == "0" * 32 or found.group(2) == "0" * 16:
+        if (
+            found is None
+            or found.group(1) == "ff"
+            or (found.group(1) == "00" and found.group(5) is not None)
+            or found.group(2) == "0" * 32
+            or found.group(3) == "0" * 16
+        ):
             return None
         context = trace_api.SpanContext(
-            int(found.group(1), 16),
             int(found.group(2), 16),
+            int(found.group(3), 16),
             is_remote=True,
-            trace_flags=trace_api.TraceFlags(int(found.group(3), 16) & 1),
+            trace_flags=trace_api.TraceFlags(int(found.group(4), 16) & 1),
         )
         return trace_api.set_span_in_context(trace_api.NonRecordingSpan(context))
     return None
