@@ -6,6 +6,7 @@ process, and real pytest runs of small suites in subprocesses (through
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import urllib.request
@@ -18,6 +19,7 @@ from flask import Flask, Response, g, stream_with_context
 from werkzeug.serving import make_server
 from werkzeug.test import Client
 
+import wsgitrace
 from wsgitrace import HookOrderError, Trace, TraceMiddleware
 from wsgitrace.demo_app import create_app
 from wsgitrace.flask import FlaskTrace
@@ -502,6 +504,18 @@ def test_entry_point_is_installed() -> None:
 
 
 # -- real pytest runs -------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_import_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester's subprocesses run in a temporary directory, where
+    ``import wsgitrace`` would find the installed copy (an editable install
+    may point at another checkout): put this one first on their path.
+    """
+    root = os.path.dirname(os.path.dirname(wsgitrace.__file__))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+
 
 CONFTEST = """
 import threading
