@@ -154,7 +154,7 @@ class TestAssertHookOrder:
     ) -> None:
         """Input that could make an assertion pass or fail for the wrong
         reason is refused: unordered collections, non-strings, signals and
-        unknown kinds, a capture instead of a trace.
+        unknown kinds, a kind without a name, a capture instead of a trace.
         """
         trace = admin_trace(app, wsgitrace)
         with pytest.raises(TypeError, match="ordered sequence"):
@@ -167,6 +167,10 @@ class TestAssertHookOrder:
             wsgitrace.assert_hook_not_run(trace, "signal:request-started")
         with pytest.raises(ValueError, match=r"names no hook: .* kind one of"):
             wsgitrace.assert_hook_not_run(trace, "teardown:close_db")
+        for bare in ("view", "before_request:"):
+            # No hook is named without a function: this would always pass.
+            with pytest.raises(ValueError, match=r"names no hook: .* write '\w+:\*'"):
+                wsgitrace.assert_hook_not_run(trace, bare)
         with pytest.raises(TypeError, match=r"takes a Trace \(the capture's .last"):
             assert_hook_order(wsgitrace, ["view:index"])  # type: ignore[arg-type]
         wsgitrace.assert_hook_not_run(trace, "*:no_such_hook")  # a kind pattern is fine

@@ -190,7 +190,15 @@ def _check_hook_name(name: object) -> None:
     if not isinstance(name, str):
         msg = f"a hook name is a string such as 'before_request:load_user', got {name!r}"
         raise TypeError(msg)
-    kind = name.partition(":")[0]
+    kind, _, function = name.partition(":")
+    if kind in HOOK_KINDS and not function:
+        # Every hook event has a name after the colon: "view" alone matches
+        # nothing, so assert_hook_not_run(trace, "view") would always pass.
+        msg = (
+            f"{name!r} names no hook: hook names are <kind>:<name>;"
+            f" for any {kind} hook write '{kind}:*'"
+        )
+        raise ValueError(msg)
     if kind in HOOK_KINDS or "*" in kind or "?" in kind:
         return
     if kind == "signal":
