@@ -876,6 +876,24 @@ def _no_leftover_listeners() -> Iterator[None]:
     assert _capture_listeners == before
 
 
+def test_report_shows_the_failed_trace_and_the_newest_others(
+    app: Flask, pytestconfig: pytest.Config
+) -> None:
+    """When the assertion failed on an early trace, the report's timelines
+    are that trace and the newest others: the last request is never left out.
+    """
+    from wsgitrace._pytest_report import _report_text
+
+    with capture_traces() as captured:
+        focus = admin_trace(app, captured)
+        for n in range(6):
+            app.test_client().get(f"/p{n}")
+    text = _report_text(pytestconfig, captured, focus)
+    timelines = re.findall(r"^GET (\S+) →", text, re.M)
+    assert timelines == ["/admin/", "/p2", "/p3", "/p4", "/p5"]
+    assert "timelines of the one the assertion failed on and the last 4 shown" in text
+
+
 @pytest.mark.parametrize(
     ("columns", "width"), [("120", 120), ("40", 80), ("999", 160), ("wide", 100), ("", 100)]
 )

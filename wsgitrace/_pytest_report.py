@@ -50,10 +50,16 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
             " (logged by the 'wsgitrace' logger)"
         )
     chosen = traces[-_REPORT_TIMELINES:]
+    shown = f"the last {len(chosen)}"
     if focus is not None:
-        chosen = [focus, *(t for t in chosen if t is not focus)][:_REPORT_TIMELINES]
+        # The failed assertion's trace first, then the newest of the others.
+        older = all(t is not focus for t in chosen)
+        others = [t for t in traces if t is not focus][-(_REPORT_TIMELINES - 1) :]
+        chosen = [focus, *others]
+        if older:
+            shown = f"the one the assertion failed on and the last {len(others)}"
     if len(traces) > len(chosen):
-        lines.append(f"timelines of the last {len(chosen)} shown")
+        lines.append(f"timelines of {shown} shown")
     try:
         from . import render
 
