@@ -762,6 +762,42 @@ def test_xdist_workers_report_to_one_file(pytester: pytest.Pytester) -> None:
     assert records["test_two_passes"]["outcome"] == "passed"
 
 
+def test_json_file_takes_text_that_is_not_utf8(pytester: pytest.Pytester) -> None:
+    """A trace holding a lone surrogate (an error message with a file name
+    decoded with surrogateescape) is written to the JSON file, with or
+    without xdist, instead of crashing the run with an INTERNALERROR.
+    """
+    pytester.makepyfile(
+        """
+        import pytest
+        from flask import Flask
+
+        from wsgitrace.flask import FlaskTrace
+
+
+        def test_bad_file_name(wsgitrace):
+            app = Flask(__name__)
+            app.testing = True
+            FlaskTrace(app)
+
+            @app.route("/")
+            def index():
+                name = b"report-\\xff.txt".decode("utf-8", "surrogateescape")
+                raise FileNotFoundError("no file " + name)
+
+            with pytest.raises(FileNotFoundError):
+                app.test_client().get("/")
+            assert False
+        """
+    )
+    for args in (["-p", "no:xdist"], ["-n", "2"]):
+        result = pytester.runpytest_subprocess("--wsgitrace-json=t.jsonl", *args)
+        result.assert_outcomes(failed=1)
+        assert "INTERNALERROR" not in result.stdout.str()
+        (record,) = read_jsonl(pytester.path / "t.jsonl").values()
+        assert record["traces"][0]["error"]["message"] == "no file report-\udcff.txt"
+
+
 def test_loading_costs_no_flask_or_rich_and_can_be_disabled(pytester: pytest.Pytester) -> None:
     """The plugin is loaded from its entry point without importing Flask or
     rich, even when a plain WSGI test uses the fixture; ``-p no:wsgitrace``

@@ -125,7 +125,15 @@ def _json_record(item: pytest.Item, capture: TraceCapture, outcome: str) -> str:
         "internal_errors": capture.internal_errors,
         "traces": traces,
     }
-    return json.dumps(record, ensure_ascii=False, default=repr)
+    line = json.dumps(record, ensure_ascii=False, default=repr)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (an error message with a file name decoded with
+        # surrogateescape, say) can be neither written as UTF-8 nor sent by
+        # xdist: escaped as \udcxx, it still reads back as the same string.
+        line = json.dumps(record, default=repr)
+    return line
 
 
 class _JsonWriter:
