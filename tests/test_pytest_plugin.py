@@ -887,7 +887,7 @@ wsgitrace.render.build_timeline = broken
             "*= wsgitrace: requests of passed tests =*",
             "*_ test_*.py::test_passes _*",
             "2 requests traced during this test",
-            "1 earlier traces dropped (wsgitrace_max_traces=2)",
+            "1 earlier trace dropped (wsgitrace_max_traces=2)",
             "wsgitrace: rendering failed (RuntimeError: renderer is broken); hook lists:",
             "  GET /admin/ -> 403 FORBIDDEN: *",
             "  GET /api/v1/items/tea -> 200 OK: *",
@@ -910,6 +910,35 @@ def _no_leftover_listeners() -> Iterator[None]:
     before = list(_capture_listeners)
     yield
     assert _capture_listeners == before
+
+
+def test_report_counts_one_of_a_kind_in_the_singular(
+    app: Flask, pytestconfig: pytest.Config
+) -> None:
+    """One dropped trace, one internal error, one hook: no stray plurals."""
+    from wsgitrace._hook_assertions import _trace_line
+    from wsgitrace._internal import report_internal_error
+    from wsgitrace._pytest_report import _report_text
+
+    with capture_traces(max_traces=1) as captured:
+        app.test_client().get("/p0")
+        app.test_client().get("/p1")
+        try:
+            raise RuntimeError("a bug in wsgitrace")
+        except RuntimeError:
+            report_internal_error("test_report_counts")
+        with pytest.raises(pytest.fail.Exception, match=r"1 trace captured after 0\.01s"):
+            captured.wait(3, timeout=0.01)
+    text = _report_text(pytestconfig, captured, None)
+    assert "1 earlier trace dropped (wsgitrace_max_traces=1)" in text
+    assert "wsgitrace caught 1 internal error during this test" in text
+    one_hook = Flask(__name__)
+    FlaskTrace(one_hook)
+    one_hook.before_request(lambda: None)
+    with capture_traces() as captured:
+        one_hook.test_client().get("/missing")  # a 404: no view ran
+    assert captured.last.hooks() == ["before_request:<lambda>"]
+    assert "(1 hook ran, id " in "\n".join(_trace_line(captured.last))
 
 
 def test_report_shows_the_failed_trace_and_the_newest_others(

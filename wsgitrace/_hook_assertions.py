@@ -390,10 +390,11 @@ def _describe(trace: Trace) -> str:
 
 def _trace_line(trace: Trace) -> list[str]:
     ran = len(trace.hooks())
-    dropped = f", {trace.dropped_events} events dropped" if trace.dropped_events else ""
-    return [
-        f"  trace:    {_describe(trace)} ({ran} hooks ran{dropped}, id {trace.id}, {trace.state})"
-    ]
+    hooks = f"{ran} hook{'s' if ran != 1 else ''} ran"
+    dropped = trace.dropped_events
+    if dropped:
+        hooks += f", {dropped} event{'s' if dropped != 1 else ''} dropped"
+    return [f"  trace:    {_describe(trace)} ({hooks}, id {trace.id}, {trace.state})"]
 
 
 def _numbered(names: list[str], marked: set[int]) -> list[str]:

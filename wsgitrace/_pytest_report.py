@@ -42,12 +42,14 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
     lines = [f"{len(traces)} request{'s' if len(traces) != 1 else ''} traced during this test"]
     if capture.dropped:
         lines.append(
-            f"{capture.dropped} earlier traces dropped (wsgitrace_max_traces={capture.max_traces})"
+            f"{capture.dropped} earlier trace{'s' if capture.dropped != 1 else ''} dropped"
+            f" (wsgitrace_max_traces={capture.max_traces})"
         )
     if capture.internal_errors:
+        errors = capture.internal_errors
         lines.append(
-            f"wsgitrace caught {capture.internal_errors} internal errors during this test"
-            " (logged by the 'wsgitrace' logger)"
+            f"wsgitrace caught {errors} internal error{'s' if errors != 1 else ''} during"
+            " this test (logged by the 'wsgitrace' logger)"
         )
     chosen = traces[-_REPORT_TIMELINES:]
     shown = f"the last {len(chosen)}"

@@ -206,9 +206,10 @@ class TraceCapture:
             while len(self._traces) + self.dropped < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    got = len(self._traces)
                     _fail(
-                        f"wsgitrace: {len(self._traces)} traces captured after {timeout}s,"
-                        f" waited for {count}"
+                        f"wsgitrace: {got} trace{'s' if got != 1 else ''} captured"
+                        f" after {timeout}s, waited for {count}"
                     )
                 self._arrived.wait(remaining)
         while finished and not all(t.finished for t in self.all):
