@@ -902,6 +902,46 @@ wsgitrace.render.build_timeline = broken
     bad.stderr.fnmatch_lines(["*wsgitrace_report must be one of failed, always, never*"])
 
 
+def test_max_traces_from_native_toml_and_bad_values(pytester: pytest.Pytester) -> None:
+    """``wsgitrace_max_traces`` takes native TOML's integer as well as an ini
+    file's string; a value that is not a positive integer stops the run
+    with a one-line usage error naming the option.
+    """
+    pytester.makepyfile(
+        """
+        def test_three_requests(wsgitrace):
+            from wsgitrace import TraceMiddleware
+            from werkzeug.test import Client
+
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok"]
+
+            client = Client(TraceMiddleware(app))
+            for path in ("/a", "/b", "/c"):
+                client.get(path).close()
+            assert [t.path for t in wsgitrace.all] == ["/b", "/c"]
+            assert wsgitrace.dropped == 1
+        """
+    )
+    pytester.path.joinpath("pytest.toml").write_text("[pytest]\nwsgitrace_max_traces = 2\n")
+    pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(passed=1)
+    for value in ("0", "2.5", "true", '"lots"'):
+        pytester.path.joinpath("pytest.toml").write_text(
+            f"[pytest]\nwsgitrace_max_traces = {value}\n"
+        )
+        bad = pytester.runpytest_subprocess("-p", "no:xdist")
+        # wsgitrace's message, or pytest's own for a TOML value of another type.
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR, value
+        bad.stderr.fnmatch_lines(["ERROR: *wsgitrace_max_traces*"])
+        assert "Traceback" not in bad.stderr.str()
+    pytester.path.joinpath("pytest.toml").unlink()
+    pytester.makeini("[pytest]\nwsgitrace_max_traces = lots\n")
+    bad = pytester.runpytest_subprocess("-p", "no:xdist")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*wsgitrace_max_traces must be a positive integer*lots*"])
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_listeners() -> Iterator[None]:
     """Every capture removes its listener."""

@@ -69,7 +69,7 @@ from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import pytest
 
@@ -178,8 +178,37 @@ _SETTINGS = pytest.StashKey[_Settings]()
 _STATE = pytest.StashKey[_ItemState]()
 _KEEP = pytest.StashKey[bool]()
 
+# pytest 9's native TOML gives an integer, which a "string" ini option
+# refuses; "int" (pytest 8.4+) takes it as well as an ini file's string.
+_MAX_TRACES_INI_TYPE: Literal["int", "string"] = (
+    "int" if pytest.version_tuple >= (8, 4) else "string"
+)
+
 #: Items being run, innermost last (a test may run pytest in process).
 _running: list[pytest.Item] = []
+
+
+def _max_traces(config: pytest.Config) -> int:
+    """The ``wsgitrace_max_traces`` ini value: an integer from native TOML,
+    a string from an ini file (or older pytest), 1000 when unset.
+    """
+    try:
+        raw: object = config.getini("wsgitrace_max_traces")
+    except (TypeError, ValueError, pytest.UsageError) as exc:  # pytest's "int" conversion
+        msg = f"wsgitrace_max_traces must be a positive integer: {exc}"
+        raise pytest.UsageError(msg) from None
+    if raw is None or raw == "":
+        return 1000
+    try:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        max_traces = int(str(raw))  # not int(raw): that would take 2.5 as 2
+        if max_traces < 1:
+            raise ValueError(raw)
+    except (TypeError, ValueError):
+        msg = f"wsgitrace_max_traces must be a positive integer, got {raw!r}"
+        raise pytest.UsageError(msg) from None
+    return max_traces
 
 
 def _settings(config: pytest.Config) -> _Settings:
@@ -222,7 +251,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "wsgitrace_keep_passed", "write traces of passing tests too", "bool", default=False
     )
     parser.addini(
-        "wsgitrace_max_traces", "traces kept per test, older ones dropped (1000)", "string"
+        "wsgitrace_max_traces",
+        "traces kept per test, older ones dropped (1000)",
+        _MAX_TRACES_INI_TYPE,
+        default=None,
     )
 
 
@@ -238,14 +270,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if report not in REPORT_MODES:
         msg = f"wsgitrace_report must be one of {', '.join(REPORT_MODES)}, got {report!r}"
         raise pytest.UsageError(msg)
-    raw_max = config.getini("wsgitrace_max_traces") or "1000"
-    try:
-        max_traces = int(raw_max)
-        if max_traces < 1:
-            raise ValueError(raw_max)
-    except ValueError:
-        msg = f"wsgitrace_max_traces must be a positive integer, got {raw_max!r}"
-        raise pytest.UsageError(msg) from None
+    max_traces = _max_traces(config)
     keep_passed = config.getoption("wsgitrace_keep_passed")
     if keep_passed is None:
         keep_passed = bool(config.getini("wsgitrace_keep_passed"))
