@@ -166,6 +166,35 @@ def test_hints_name_the_error_an_open_response_and_a_plain_trace() -> None:
     assert str(error).splitlines()[-1].startswith("hint: no hooks were recorded;")
 
 
+def test_short_circuit_by_abort_is_named_in_the_error() -> None:
+    """A before_request hook that calls abort() raises instead of returning
+    a response: the error says so rather than only "no hook short-circuited".
+    """
+    from flask import abort
+
+    app = Flask("test_testing_abort")
+
+    @app.before_request
+    def require_token() -> None:
+        abort(401)
+
+    @app.get("/")
+    def index() -> str:
+        return "hello"
+
+    FlaskTrace(app)
+    with capture_traces() as captured:
+        assert app.test_client().get("/").status_code == 401
+    error = hook_order_error(lambda: assert_short_circuited(captured.last))
+    assert str(error).splitlines()[0] == (
+        "no before_request hook short-circuited (returned a response);"
+        " 'before_request:require_token' raised Unauthorized instead"
+        " (abort() raises: assert on the status, or use assert_hook_order)"
+    )
+    error = hook_order_error(lambda: assert_short_circuited(captured.last, "before_request:other"))
+    assert "raised" not in str(error).splitlines()[0]
+
+
 def test_short_circuit_with_a_view_and_unprintable_names() -> None:
     """A view that ran after a short-circuit is named, and invisible
     characters in hook names are escaped in the diff.

@@ -103,6 +103,15 @@ def assert_short_circuited(trace: Trace, hook: str | None = None) -> None:
     problem = None
     if not stopped:
         problem = "no before_request hook short-circuited (returned a response)"
+        raised = next(
+            (e for e in trace.events if e.kind == "before_request" and "error" in e.attrs), None
+        )
+        if raised is not None and (hook is None or _match(raised.name, hook)):
+            # abort(401) in a hook stops the request by raising, not returning.
+            problem += (
+                f"; {raised.name!r} raised {raised.attrs['error']} instead"
+                " (abort() raises: assert on the status, or use assert_hook_order)"
+            )
     elif hook is not None and not any(_match(name, hook) for name in stopped):
         problem = f"{stopped[0]!r} short-circuited, not {hook!r}"
     elif views:
