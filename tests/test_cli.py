@@ -471,6 +471,28 @@ def test_json_that_is_not_the_endpoints_is_refused(body: bytes) -> None:
     assert "Traceback" not in tail.stderr + show.stderr
 
 
+def test_a_newer_schema_is_refused() -> None:
+    """A server speaking a newer JSON schema: tail and show say to upgrade
+    (tail used to follow it, polling it without pause).
+    """
+    listing = {"schema": 2, "cursor": 1, "dropped": 0, "traces": [], "id": "x", "events": []}
+    handler = type("Handler", (JsonServer,), {"body": json.dumps(listing).encode()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        tail = run_command("tail", url)
+        show = run_command("show", "x", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert tail.returncode == 2
+    assert show.returncode == 1
+    for result in (tail, show):
+        assert "schema version 2; this wsgitrace reads version 1" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_show_refuses_an_empty_id_and_the_stream(serve: Callable[..., Served]) -> None:
     served = serve()
     result = run_command("show", "", served.url)

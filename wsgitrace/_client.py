@@ -32,6 +32,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import click
 
 from . import __version__
+from ._trace_json import SCHEMA_VERSION
 from ._trace_query import MAX_WAIT, _BadQueryError, _parse_query
 from .endpoint import _SETTLE_SECONDS, TraceEndpoint
 from .exceptions import StoreError
@@ -377,12 +378,27 @@ def _check_listing(page: object) -> None:
         and all(type(page.get(k, 0)) is int for k in ("dropped", "missed", "sink_dropped"))
     ):
         raise _BadAnswerError(_NOT_ENDPOINT.format("listing"))
+    _check_schema(page)
 
 
 def _check_trace(data: object) -> None:
     """Refuse JSON that is not one of the endpoint's traces."""
     if not (isinstance(data, dict) and isinstance(data.get("id"), str) and "events" in data):
         raise _BadAnswerError(_NOT_ENDPOINT.format("trace"))
+    _check_schema(data)
+
+
+def _check_schema(data: dict[str, Any]) -> None:
+    """Refuse JSON of a schema version newer than this wsgitrace reads: its
+    fields may not mean what the viewers take them to mean.
+    """
+    schema = data.get("schema", SCHEMA_VERSION)
+    if type(schema) is not int or schema > SCHEMA_VERSION:
+        msg = (
+            f"the server's answer has schema version {schema!r}; this wsgitrace reads"
+            f" version {SCHEMA_VERSION}: upgrade it (pip install -U wsgitrace)"
+        )
+        raise _BadAnswerError(msg)
 
 
 def _not_found_message(url: str) -> str:
