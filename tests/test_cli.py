@@ -493,6 +493,44 @@ def test_a_newer_schema_is_refused() -> None:
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"duration_ms": "5 ms"},
+        {"bytes": [1]},
+        {"duration_ms": float("nan")},
+        {"time": "now"},
+        {"g": ["user"]},
+        {"warnings": [1]},
+        {"error": {"type": None}},
+        {"events": [{"kind": "view", "name": "view:x", "start_ms": "x"}]},
+        {"events": [{"kind": "view", "name": "view:x", "attrs": ["x"]}]},
+        {"events": "abc"},
+    ],
+)
+def test_traces_of_the_wrong_shape_are_refused(item: dict[str, Any]) -> None:
+    """Fields the viewers compute with but of the wrong type: tail -v and
+    show say the answer is not a wsgitrace endpoint's, without a traceback.
+    """
+    trace = {"id": "x", "cursor": 1, "method": "GET", "path": "/", "events": [], **item}
+    page = {"schema": 1, "cursor": 1, "dropped": 0, "traces": [trace], **trace}
+    handler = type("Handler", (JsonServer,), {"body": json.dumps(page).encode()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        results = [run_command("tail", "-v", url), run_command("show", "x", url)]
+        if "duration_ms" in item or "bytes" in item:  # in the summary table too
+            results.append(run_command("tail", url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    for result in results:
+        assert result.returncode in (1, 2), result.stderr
+        assert "is not a wsgitrace" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_show_refuses_an_empty_id_and_the_stream(serve: Callable[..., Served]) -> None:
     served = serve()
     result = run_command("show", "", served.url)
