@@ -577,6 +577,52 @@ def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> No
     assert "is the app running?" in tail.stderr
 
 
+class GatewayServer(http.server.BaseHTTPRequestHandler):
+    """A proxy whose app is restarting: 503 twice, then the endpoint's
+    listing with one trace, then (long-polls) nothing new.
+    """
+
+    answered = 0
+
+    def do_GET(self) -> None:
+        type(self).answered += 1
+        if self.answered <= 2:
+            code, body = 503, b"<html>Service Unavailable</html>"
+        else:
+            if self.answered > 3:
+                time.sleep(0.2)
+            trace = {"id": "x-1", "cursor": 1, "method": "GET", "path": "/after-restart"}
+            traces = [trace] if self.answered == 3 else []
+            page = {"schema": 1, "cursor": 1, "dropped": 0, "traces": traces}
+            code, body = 200, json.dumps(page).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_tail_waits_through_a_proxys_503(cli: Callable[..., Command]) -> None:
+    """A 502/503/504 (a proxy whose app is down) is waited out like a
+    refused connection, not the end of tail.
+    """
+    handler = type("Handler", (GatewayServer,), {"answered": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        tail = cli("tail", f"http://127.0.0.1:{server.server_port}")
+        tail.wait_for("/after-restart")
+        assert tail.finish() == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "cannot reach" in tail.stderr
+    assert "HTTP 503" in tail.stderr
+    assert "reconnected" in tail.stderr
+
+
 def test_tail_explains_a_404(serve: Callable[..., Served]) -> None:
     """Endpoint off (or refused): tail exits 1 with an explanation."""
     served = serve(endpoint=None)  # the example app is not in debug mode

@@ -40,13 +40,17 @@ from .exceptions import StoreError
 DEFAULT_URL = "http://127.0.0.1:5000"
 DEFAULT_PREFIX = "/_trace"
 _RETRY_SECONDS = 1.0
+#: Bad Gateway, Service Unavailable, Gateway Timeout.
+_GATEWAY_CODES = frozenset({502, 503, 504})
 
 
 # -- talking to /_trace ---------------------------------------------------------
 
 
 class _UnreachableError(Exception):
-    """The server did not answer (refused, reset, timed out)."""
+    """The server did not answer (refused, reset, timed out), or a proxy in
+    front of it said it could not (502, 503, 504).
+    """
 
 
 class _NotFoundError(Exception):
@@ -141,6 +145,10 @@ class _Client:
                 detail = exc.read(4096)
             if exc.code == 404:
                 raise _NotFoundError from None
+            if exc.code in _GATEWAY_CODES:
+                # A proxy in front whose app is down or restarting: as if
+                # the app could not be reached, so tail waits for it.
+                raise _UnreachableError(_error_detail(exc.code, detail)) from None
             raise _BadAnswerError(_error_detail(exc.code, detail)) from None
         except (urllib.error.URLError, OSError, HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
