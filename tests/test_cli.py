@@ -623,6 +623,26 @@ def test_tail_waits_through_a_proxys_503(cli: Callable[..., Command]) -> None:
     assert "reconnected" in tail.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--status", "abc"], "Invalid value for --status"),
+        (["--method", "G@T"], "Invalid value for --method"),
+        (["--path", "api"], "Invalid value for --path"),
+        (["--slow", "nan"], "Invalid value for --slow"),
+    ],
+)
+def test_bad_filters_are_usage_errors(args: list[str], message: str) -> None:
+    """A filter the endpoint would refuse is a usage error naming the option,
+    even while the server is down (tail used to wait for it, then exit with
+    its 400, which named 'min_ms' for --slow).
+    """
+    result = run_command("tail", *args, f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "min_ms" not in result.stderr
+
+
 def test_tail_explains_a_404(serve: Callable[..., Served]) -> None:
     """Endpoint off (or refused): tail exits 1 with an explanation."""
     served = serve(endpoint=None)  # the example app is not in debug mode

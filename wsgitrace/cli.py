@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
+from urllib.parse import urlencode
 
 import click
 
@@ -60,6 +61,7 @@ from ._client import (
 from ._interrupts import _interrupts, _sigterm_as_interrupt
 from ._output import _console, _HumanView, _JsonView, _message
 from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
+from ._trace_query import _BadQueryError, _parse_query
 from .endpoint import TraceEndpoint
 from .exceptions import ConfigurationError
 from .render import build_timeline
@@ -71,8 +73,18 @@ __all__ = ["main"]
 def _filters(
     status: str | None, method: str | None, path: str | None, slow: float | None
 ) -> dict[str, Any]:
-    """The listing filters of ``tail`` and ``show``, as the client takes them."""
-    return {"status": status, "method": method, "path": path, "min_ms": slow}
+    """The listing filters of ``tail``, as the client takes them. A bad one
+    is a usage error at once, not the server's 400 once it answers (never,
+    while it is down).
+    """
+    filters = {"status": status, "method": method, "path": path, "min_ms": slow}
+    try:
+        _parse_query(urlencode({k: v for k, v in filters.items() if v is not None}), 1)
+    except _BadQueryError as exc:
+        message = exc.message.removeprefix(f"'{exc.param}' ")
+        option = "--slow" if exc.param == "min_ms" else f"--{exc.param}"
+        raise click.BadParameter(message, param_hint=option) from None
+    return filters
 
 
 def _fail(message: str) -> NoReturn:
