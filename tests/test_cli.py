@@ -679,6 +679,20 @@ def test_token_from_environment_or_file(
     for output in (refused.stdout, refused.stderr, from_env.stdout, from_env.stderr, shown.stdout):
         assert token not in output
 
+    # An option typed on the command line beats one set in the environment.
+    stale = tmp_path / "stale-token"
+    stale.write_text("an-old-token\n")
+    typed = run_command(
+        "show",
+        trace_id,
+        served.url,
+        "--token",
+        token,
+        env=command_env(WSGITRACE_TOKEN_FILE=str(stale)),
+    )
+    assert typed.returncode == 0, typed.stderr
+    assert "GET / → 200 OK" in typed.stdout
+
 
 # -- show -----------------------------------------------------------------------
 

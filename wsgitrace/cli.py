@@ -18,7 +18,8 @@ path is empty or ``/`` gets ``/_trace`` appended). ``tail`` long-polls it
 with ``since=<cursor>``, so it neither skips nor repeats a trace, and when the
 server restarts it waits for it and resumes. A token comes from
 ``--token-file``, ``WSGITRACE_TOKEN_FILE`` or ``WSGITRACE_TOKEN`` (``--token``
-works too, but argv is visible to other users). The HTTP client never uses a
+works too, but argv is visible to other users); an option typed on the
+command line beats one set in the environment. The HTTP client never uses a
 proxy for loopback addresses and never follows redirects, so the token goes
 nowhere else.
 
@@ -118,6 +119,21 @@ def _with_token(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _token(token: str | None, token_file: str | None) -> str | None:
+    """The token to send: ``--token-file`` before ``--token``, but an option
+    given on the command line before one set in the environment.
+    """
+    ctx = click.get_current_context()
+    typed = click.core.ParameterSource.COMMANDLINE
+    if (
+        token
+        and ctx.get_parameter_source("token") is typed
+        and ctx.get_parameter_source("token_file") is not typed
+    ):
+        token_file = None
+    return _read_token(token, token_file)
+
+
 class _Commands(click.Group):
     """The command group: a setting wsgitrace cannot use (an option, a
     ``WSGITRACE_*`` variable) is reported as a message, not a traceback.
@@ -204,7 +220,7 @@ def tail(
     reconnects and resumes when the server restarts. With --store, reads
     the trace store every worker process writes to instead.
     """
-    client = _make_client(url, _store_unless_url(store), _read_token(token, token_file))
+    client = _make_client(url, _store_unless_url(store), _token(token, token_file))
     view: _View = _JsonView() if as_json else _HumanView(verbose)
     follow = _Follow(client, view, _filters(status, method, path, slow), lines, full=verbose)
     _sigterm_as_interrupt()
@@ -234,7 +250,7 @@ def show(
     """Show one trace's full timeline and state."""
     if not trace_id.strip():
         raise click.BadParameter("a trace id is not empty", param_hint="ID")
-    client = _make_client(url, _store_unless_url(store), _read_token(token, token_file))
+    client = _make_client(url, _store_unless_url(store), _token(token, token_file))
     try:
         data = client.get(trace_id)
         _check_trace(data)
