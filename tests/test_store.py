@@ -249,10 +249,17 @@ class TestTraceStore:
     def test_corrupt_file_is_a_clear_error(self, db: str) -> None:
         """A file that is not a database gives an error saying so."""
         Path(db).write_bytes(b"this is not a database, just some bytes" * 100)
-        with pytest.raises(StoreError, match="corrupt or not a wsgitrace store"):
+        with pytest.raises(StoreError, match="corrupt or not a wsgitrace store") as written:
             TraceStore(db).write(make_traces("/x"))
         with pytest.raises(StoreError, match="corrupt"):
             TraceStore(db).latest()
+        # What becomes of the traces is said to a tracing process, not to a
+        # reader such as tail --store (create=False).
+        assert "tracing goes on in memory" in str(written.value)
+        with pytest.raises(StoreError, match="corrupt or not a wsgitrace store") as read:
+            TraceStore(db, create=False).latest()
+        assert "tracing" not in str(read.value)
+        assert "WSGITRACE_STORE" not in str(read.value)
 
     def test_locked_file_is_a_clear_error_then_recovers(
         self, db: str, monkeypatch: pytest.MonkeyPatch

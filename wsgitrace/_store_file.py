@@ -37,25 +37,29 @@ CREATE INDEX traces_time ON traces (time);
 """
 
 
-def _store_error(path: str, timeout: float, exc: BaseException, doing: str) -> StoreError:
-    """A :class:`StoreError` that says what is wrong with the file."""
+def _store_error(
+    path: str, timeout: float, exc: BaseException, doing: str, *, tracing: bool = True
+) -> StoreError:
+    """A :class:`StoreError` that says what is wrong with the file, and, in
+    a ``tracing`` process (not ``tail --store``), what becomes of its traces.
+    """
     text = str(exc)
     lowered = text.lower()
     if "locked" in lowered or "busy" in lowered:
-        hint = (
-            f"it stayed locked by another process for more than {timeout:g} s;"
-            " tracing goes on in memory and the store is tried again"
-        )
+        hint = f"it stayed locked by another process for more than {timeout:g} s"
+        if tracing:
+            hint += "; tracing goes on in memory and the store is tried again"
     elif "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
-        hint = (
-            "the file is corrupt or not a wsgitrace store; move it away or point"
-            " WSGITRACE_STORE at a new file (tracing goes on in memory)"
-        )
+        hint = "the file is corrupt or not a wsgitrace store"
+        if tracing:
+            hint += (
+                "; move it away or point WSGITRACE_STORE at a new file (tracing goes on in memory)"
+            )
     elif "unable to open" in lowered or "readonly" in lowered:
         hint = "check that the file's directory exists and is writable by every worker"
     else:
-        hint = "tracing goes on in memory"
-    msg = f"wsgitrace trace store {path!r}: cannot {doing} ({text}); {hint}"
+        hint = "tracing goes on in memory" if tracing else ""
+    msg = f"wsgitrace trace store {path!r}: cannot {doing} ({text})" + (f"; {hint}" if hint else "")
     return StoreError(msg, path)
 
 
@@ -72,7 +76,7 @@ def _connect(path: str, timeout: float, *, create: bool) -> sqlite3.Connection:
             check_same_thread=False,
         )
     except sqlite3.Error as exc:
-        raise _store_error(path, timeout, exc, "open the file") from None
+        raise _store_error(path, timeout, exc, "open the file", tracing=create) from None
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         # Before the first table exists, so pruned pages can be given back.
@@ -92,7 +96,7 @@ def _connect(path: str, timeout: float, *, create: bool) -> sqlite3.Connection:
         raise
     except sqlite3.Error as exc:
         conn.close()
-        raise _store_error(path, timeout, exc, "open the store") from None
+        raise _store_error(path, timeout, exc, "open the store", tracing=create) from None
     return conn
 
 

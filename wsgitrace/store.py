@@ -276,7 +276,9 @@ class TraceStore:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            raise _store_error(self.path, self.timeout, exc, "count the stored traces") from None
+            raise _store_error(
+                self.path, self.timeout, exc, "count the stored traces", tracing=self.create
+            ) from None
         return conn
 
     def _recount(self, conn: sqlite3.Connection) -> None:
@@ -349,7 +351,9 @@ class TraceStore:
                 conn, self._reader = self._reader, None
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-                raise _store_error(self.path, self.timeout, exc, doing) from None
+                raise _store_error(
+                    self.path, self.timeout, exc, doing, tracing=self.create
+                ) from None
 
     @property
     def cursor(self) -> int:
