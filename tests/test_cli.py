@@ -623,6 +623,38 @@ def test_tail_waits_through_a_proxys_503(cli: Callable[..., Command]) -> None:
     assert "reconnected" in tail.stderr
 
 
+class AuthGatewayServer(http.server.BaseHTTPRequestHandler):
+    """An auth gateway in front of the app: 401 for everyone."""
+
+    def do_GET(self) -> None:
+        body = b"<html>Log in first</html>"
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_proxys_401_is_not_blamed_on_wsgitrace() -> None:
+    """The endpoint refuses with a 404; a 401 comes from something in front
+    of the app, and the message says so.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthGatewayServer)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        tail = run_command("tail", url)
+        shown = run_command("show", "x-1", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for result in (tail, shown):
+        assert result.returncode != 0
+        assert "HTTP 401: refused by something in front of the app" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -204,6 +204,10 @@ def _error_detail(code: int, body: bytes) -> str:
         message = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):
         message = ""
+    if not message and code in (401, 403, 407):
+        # The endpoint refuses with a 404, never these: something in front
+        # of the app (a proxy, an auth gateway) wants its own credentials.
+        message = "refused by something in front of the app (a proxy?), not by wsgitrace"
     return f"HTTP {code}" + (f": {message}" if message else "")
 
 
