@@ -441,6 +441,22 @@ class JsonServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def run_against(
+    handler: type[http.server.BaseHTTPRequestHandler], *commands: list[str]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run each command, the URL of a server of ``handler`` on 127.0.0.1
+    appended, and stop the server.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        return [run_command(*args, url) for args in commands]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -455,15 +471,7 @@ class JsonServer(http.server.BaseHTTPRequestHandler):
 def test_json_that_is_not_the_endpoints_is_refused(body: bytes) -> None:
     """tail and show say the answer is not a wsgitrace endpoint's, and fail."""
     handler = type("Handler", (JsonServer,), {"body": body})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
-        tail = run_command("tail", url)
-        show = run_command("show", "some-id", url)
-    finally:
-        server.shutdown()
-        server.server_close()
+    tail, show = run_against(handler, ["tail"], ["show", "some-id"])
     assert tail.returncode == 2
     assert "not a wsgitrace listing" in tail.stderr
     assert show.returncode == 1
@@ -477,15 +485,7 @@ def test_a_newer_schema_is_refused() -> None:
     """
     listing = {"schema": 2, "cursor": 1, "dropped": 0, "traces": [], "id": "x", "events": []}
     handler = type("Handler", (JsonServer,), {"body": json.dumps(listing).encode()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
-        tail = run_command("tail", url)
-        show = run_command("show", "x", url)
-    finally:
-        server.shutdown()
-        server.server_close()
+    tail, show = run_against(handler, ["tail"], ["show", "x"])
     assert tail.returncode == 2
     assert show.returncode == 1
     for result in (tail, show):
@@ -641,16 +641,7 @@ def test_a_proxys_401_is_not_blamed_on_wsgitrace() -> None:
     """The endpoint refuses with a 404; a 401 comes from something in front
     of the app, and the message says so.
     """
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthGatewayServer)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        tail = run_command("tail", url)
-        shown = run_command("show", "x-1", url)
-    finally:
-        server.shutdown()
-        server.server_close()
-    for result in (tail, shown):
+    for result in run_against(AuthGatewayServer, ["tail"], ["show", "x-1"]):
         assert result.returncode != 0
         assert "HTTP 401: refused by something in front of the app" in result.stderr
 
