@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import click
 
 from . import __version__
-from ._trace_json import SCHEMA_VERSION
+from ._answers import _BadAnswerError, _check_listing
 from ._trace_query import MAX_WAIT, _BadQueryError, _parse_query
 from .endpoint import _SETTLE_SECONDS, TraceEndpoint
 from .exceptions import StoreError
@@ -55,10 +55,6 @@ class _UnreachableError(Exception):
 
 class _NotFoundError(Exception):
     """The server answered 404: endpoint off, refused, or no such trace."""
-
-
-class _BadAnswerError(Exception):
-    """The server answered something else than the endpoint's JSON."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -375,95 +371,6 @@ class _Follow:
             f"following {self.client.url} · {view.shown} shown · {dropped} dropped{sinks}"
             f" · {self.missed} missed · Ctrl-C to stop"
         )
-
-
-_NOT_ENDPOINT = "the server's answer is not a wsgitrace {} (is this a wsgitrace endpoint?)"
-
-
-def _check_listing(page: object, *, full: bool = False) -> None:
-    """Refuse JSON that is not the endpoint's listing (of full traces with
-    ``full``).
-    """
-    if not (
-        isinstance(page, dict)
-        and isinstance(page.get("traces"), list)
-        and all(isinstance(t, dict) for t in page["traces"])
-        and type(page.get("cursor")) is int
-        and all(type(page.get(k, 0)) is int for k in ("dropped", "missed", "sink_dropped"))
-        and all(_summary_fields_ok(t) and (not full or _trace_fields_ok(t)) for t in page["traces"])
-    ):
-        raise _BadAnswerError(_NOT_ENDPOINT.format("listing"))
-    _check_schema(page)
-
-
-def _check_trace(data: object) -> None:
-    """Refuse JSON that is not one of the endpoint's traces."""
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("id"), str)
-        and "events" in data
-        and _summary_fields_ok(data)
-        and _trace_fields_ok(data)
-    ):
-        raise _BadAnswerError(_NOT_ENDPOINT.format("trace"))
-    _check_schema(data)
-
-
-def _number(value: object) -> bool:
-    """Absent, or a JSON number the viewers can compute with (not NaN, not
-    infinite, not so large that it overflows a float).
-    """
-    return value is None or (isinstance(value, int | float) and -1e300 < value < 1e300)
-
-
-def _summary_fields_ok(item: dict[str, Any]) -> bool:
-    """Whether the fields the trace table computes with have their types."""
-    return all(_number(item.get(key)) for key in ("duration_ms", "ttfb_ms", "bytes"))
-
-
-def _trace_fields_ok(data: dict[str, Any]) -> bool:
-    """Whether the fields :meth:`Trace.from_dict` and the timeline convert
-    or iterate have their types.
-    """
-    numbers = ("cursor", "time", "chunks", "dropped_events")
-    objects = ("error", "g", "truncated")
-    lists = ("events", "warnings", "session_keys", "request_headers", "response_headers")
-    if not (
-        all(_number(data.get(key)) for key in numbers)
-        and all(isinstance(data.get(key), dict | None) for key in objects)
-        and all(isinstance(data.get(key), list | None) for key in lists)
-        and all(
-            isinstance(text, str)
-            for key in ("warnings", "session_keys")
-            for text in data.get(key) or ()
-        )
-    ):
-        return False
-    error = data.get("error") or {}
-    if not (
-        isinstance(error.get("type", ""), str) and isinstance(error.get("traceback"), str | None)
-    ):
-        return False
-    return all(
-        isinstance(event, dict)
-        and all(event.get(key, 0) is not None for key in ("start_ms", "duration_ms"))
-        and all(_number(event.get(key)) for key in ("start_ms", "duration_ms", "thread"))
-        and isinstance(event.get("attrs"), dict | None)
-        for event in data.get("events") or ()
-    )
-
-
-def _check_schema(data: dict[str, Any]) -> None:
-    """Refuse JSON of a schema version newer than this wsgitrace reads: its
-    fields may not mean what the viewers take them to mean.
-    """
-    schema = data.get("schema", SCHEMA_VERSION)
-    if type(schema) is not int or schema > SCHEMA_VERSION:
-        msg = (
-            f"the server's answer has schema version {schema!r}; this wsgitrace reads"
-            f" version {SCHEMA_VERSION}: upgrade it (pip install -U wsgitrace)"
-        )
-        raise _BadAnswerError(msg)
 
 
 def _not_found_message(url: str) -> str:

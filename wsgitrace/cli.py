@@ -24,7 +24,8 @@ proxy for loopback addresses and never follows redirects, so the token goes
 nowhere else.
 
 Reading traces (HTTP client, store client, following) is in
-:mod:`wsgitrace._client`, serving ``run`` and ``demo`` in :mod:`wsgitrace._serve`,
+:mod:`wsgitrace._client` (what it accepts as the endpoint's JSON in
+:mod:`wsgitrace._answers`), serving ``run`` and ``demo`` in :mod:`wsgitrace._serve`,
 rendering in :mod:`wsgitrace.render`, the output views in
 :mod:`wsgitrace._output` and Ctrl-C and SIGTERM handling in
 :mod:`wsgitrace._interrupts`. Output is coloured, with a status line, only
@@ -46,11 +47,10 @@ from urllib.parse import urlencode
 import click
 
 from . import __version__
+from ._answers import _BadAnswerError, _check_trace
 from ._client import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
-    _BadAnswerError,
-    _check_trace,
     _Client,
     _Follow,
     _make_client,
