@@ -6,6 +6,7 @@ independence of two apps, fault isolation and not keeping an app alive.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import traceback
 import weakref
@@ -350,6 +351,45 @@ class TestTransparency:
         assert fetch(traced, "/g")[2] == b"user"
         assert seen[0] == seen[1] == ["user"]
         assert sorted(str(r) for r in traced.url_map.iter_rules()) == rules
+
+    def test_app_logger_is_made_on_first_use_as_without_tracing(self) -> None:
+        """Flask makes ``app.logger`` on first use, from the state then: the
+        DEBUG level if ``app.debug`` was set after the app was made, and no
+        default handler if logging was configured meanwhile. Tracing leaves
+        the logger alone until then, and adds no handler to it.
+        """
+
+        def logger_state(name: str, trace: bool) -> tuple[int, list[Any], list[str]]:
+            app = Flask(name)
+            if trace:
+                FlaskTrace(app)
+            app.debug = True
+            messages: list[str] = []
+
+            class Collect(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    messages.append(record.getMessage())
+
+            handler = Collect()
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+
+            @app.route("/")
+            def index() -> str:
+                app.logger.debug("debug from the view")
+                return "ok"
+
+            try:
+                app.test_client().get("/").close()
+                handlers = [h is handler or h for h in app.logger.handlers]
+                return app.logger.level, handlers, messages
+            finally:
+                logger.handlers.clear()
+                logger.setLevel(logging.NOTSET)
+
+        plain = logger_state("wsgitrace_first_use_plain", trace=False)
+        assert plain == (logging.DEBUG, [True], ["debug from the view"])
+        assert logger_state("wsgitrace_first_use_traced", trace=True) == plain
 
     def test_hooks_get_the_same_arguments_and_their_return_values_are_used(self) -> None:
         """url_value_preprocessor, url_defaults, after_request, teardown and

@@ -535,14 +535,14 @@ class TestLogCapture:
         assert trace.truncated == {"logs": 6}
 
     def test_zero_turns_log_capture_off(self) -> None:
-        """capture_logs=0 adds no handler and records nothing."""
+        """capture_logs=0 adds no filter and records nothing."""
         app = logging_app()
-        handlers = list(app.logger.handlers)
+        filters = list(app.logger.filters)
         ext = FlaskTrace(app, capture_logs=0)
         fetch(app)
         # Apps made by earlier tests share the logger (by name) and detach
-        # their handlers when collected: compare what this one added.
-        assert [h for h in app.logger.handlers if h not in handlers] == []
+        # their filters when collected: compare what this one added.
+        assert [f for f in app.logger.filters if f not in filters] == []
         assert last(ext).find(kind="log") == []
 
     def test_logging_output_is_unchanged(self, caplog: pytest.LogCaptureFixture) -> None:
@@ -570,17 +570,17 @@ class TestLogCapture:
         assert [e.attrs["message"] for e in last(other_ext).find(kind="log")] == [
             "looked up 3 items"
         ]
-        assert len(ext.buffer) == 1  # the first app's handler recorded nothing
+        assert len(ext.buffer) == 1  # the first app's filter recorded nothing
 
-    def test_the_handler_leaves_with_the_app(self) -> None:
-        """When the app is freed, its capture handler leaves the (shared) logger."""
+    def test_the_filter_leaves_with_the_app(self) -> None:
+        """When the app is freed, its capture filter leaves the (shared) logger."""
         import gc
         import logging
 
         app = Flask("wsgitrace_log_capture_lifetime")
         FlaskTrace(app)
         logger = logging.getLogger("wsgitrace_log_capture_lifetime")
-        assert any(type(h).__name__ == "_LogCapture" for h in logger.handlers)
+        assert any(type(f).__name__ == "_LogCapture" for f in logger.filters)
         del app
         gc.collect()
-        assert not any(type(h).__name__ == "_LogCapture" for h in logger.handlers)
+        assert not any(type(f).__name__ == "_LogCapture" for f in logger.filters)

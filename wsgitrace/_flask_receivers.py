@@ -1,4 +1,4 @@
-"""The blinker receivers and the log handler of a traced app.
+"""The blinker receivers and the log filter of a traced app.
 
 ::
 
@@ -110,10 +110,15 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     tracer.receivers = pairs
 
 
-class _LogCapture(logging.Handler):
-    """Adds the records that reach ``app.logger`` during a traced request of
+class _LogCapture(logging.Filter):
+    """Adds the records logged on ``app.logger`` during a traced request of
     this app to its trace, as ``log:<level>`` events (at most ``limit`` per
-    trace). It formats nothing but the record's message, and emits nothing.
+    trace). It formats nothing but the record's message, and lets every
+    record through.
+
+    A filter, not a handler: Flask looks at the logger's handlers when it
+    makes ``app.logger`` (to decide whether to add its default handler), and
+    so does Python's logging (to fall back on its last-resort handler).
     """
 
     def __init__(self, tracer: _AppTracer, limit: int) -> None:
@@ -123,14 +128,14 @@ class _LogCapture(logging.Handler):
         self._limit = limit
         self._max_string = tracer.max_string
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         trace = _get_trace()
         if trace is None or trace._limits is not self._limits:
-            return
+            return True
         try:
             if sum(1 for key in trace.event_keys() if key[0] == "log") >= self._limit:
                 trace.note_truncated("logs")
-                return
+                return True
             now = self._clock()
             attrs = {
                 "level": record.levelname,
@@ -142,13 +147,15 @@ class _LogCapture(logging.Handler):
             trace.record("log", f"log:{record.levelname.lower()}", now, now, attrs)
         except Exception:
             report_internal_error("flask.log", trace)
+        return True
 
 
 def _capture_logs(app: Flask, tracer: _AppTracer, limit: int) -> None:
-    # Reading app.logger first lets Flask add its default handler exactly as
-    # it would without us (it checks for existing handlers when it makes it).
-    logger = app.logger
-    handler = _LogCapture(tracer, limit)
-    logger.addHandler(handler)
+    # The logger app.logger is, without making app.logger: Flask makes it on
+    # first use, setting its level from app.debug and adding its default
+    # handler from the state at that time, which may be after init_app.
+    logger = logging.getLogger(app.name)
+    capture = _LogCapture(tracer, limit)
+    logger.addFilter(capture)
     # The logger outlives the app (logging keeps it): detach with the app.
-    weakref.finalize(app, logger.removeHandler, handler)
+    weakref.finalize(app, logger.removeFilter, capture)
