@@ -298,6 +298,43 @@ class TestTransparency:
             assert fetch(traced, path) == fetch(plain, path)
         assert traced_log == plain_log
 
+    @pytest.mark.parametrize("where", ["instance", "class"])
+    def test_a_patched_signal_send_is_still_called(
+        self, where: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A send to no receivers is skipped only while it is blinker's own:
+        one patched on the signal (``mock.patch.object``) or on ``Signal``
+        after ``init_app`` is called with Flask's arguments, as without the
+        extension.
+        """
+        import blinker
+        from flask import signals
+
+        def run(traced: bool) -> list[tuple[str, object, tuple[str, ...]]]:
+            app = simple_app([])
+            if traced:
+                FlaskTrace(app)
+            calls: list[tuple[str, object, tuple[str, ...]]] = []
+            own = blinker.Signal.send
+
+            def send(signal: blinker.Signal, *args: object, **kwargs: object) -> object:
+                calls.append((getattr(signal, "name", "?"), args[0], tuple(sorted(kwargs))))
+                return own(signal, *args, **kwargs)
+
+            with monkeypatch.context() as patched:
+                if where == "instance":
+                    for signal in (signals.request_started, signals.request_finished):
+                        patched.setattr(signal, "send", send.__get__(signal))
+                else:
+                    patched.setattr(blinker.Signal, "send", send)
+                assert fetch(app, "/?user=admin")[0] == "200 OK"
+            return [(name, sender is app, kwargs) for name, sender, kwargs in calls]
+
+        plain, traced = run(False), run(True)
+        assert traced == plain
+        assert ("request-started", True, ("_async_wrapper",)) in traced
+        assert ("request-finished", True, ("_async_wrapper", "response")) in traced
+
     @pytest.mark.parametrize("sample", [0.0, 1.0])
     def test_an_untraced_request_gets_flasks_own_app_context(self, sample: float) -> None:
         """A request that is not sampled runs in Flask's own ``AppContext``;

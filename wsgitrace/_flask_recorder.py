@@ -20,9 +20,14 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from blinker import Signal
+
 from ._flask_state import _MISSING, _g_changes
 from ._internal import report_internal_error
 from .trace import EventKey, Trace
+
+# Looked up once: send_signal skips a send that blinker's own would make a no-op.
+_SEND = Signal.send
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -340,14 +345,19 @@ class _AppTracer:
         an instant (one clock reading) when it has none at all.
         """
         clock = self.clock
-        start = clock() if signal.receivers else 0
-        # Keywords spelt out: a call with **kwargs costs more than the send.
-        if response is not _MISSING:
-            signal.send(app, _async_wrapper=app.ensure_sync, response=response)
-        elif exc is not _MISSING:
-            signal.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+        if signal.receivers or "send" in signal.__dict__ or type(signal).send is not _SEND:
+            start = clock() if signal.receivers else 0
+            # Keywords spelt out: a call with **kwargs costs more than the send.
+            if response is not _MISSING:
+                signal.send(app, _async_wrapper=app.ensure_sync, response=response)
+            elif exc is not _MISSING:
+                signal.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+            else:
+                signal.send(app, _async_wrapper=app.ensure_sync)
         else:
-            signal.send(app, _async_wrapper=app.ensure_sync)
+            # No receiver at all, and blinker's own send: Flask's call would
+            # find nothing to run, so it is not made (a patched send is).
+            start = 0
         try:
             end = clock()
             keys = trace._keys
