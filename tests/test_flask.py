@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
+import subprocess
+import sys
 import threading
 import traceback
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -297,6 +301,29 @@ class TestTransparency:
         for path in ("/", "/?user=admin", "/admin/", "/admin/?user=admin", "/missing"):
             assert fetch(traced, path) == fetch(plain, path)
         assert traced_log == plain_log
+
+    def test_flasks_own_test_suite_passes_the_same_traced(self) -> None:
+        """Flask's own tests (of the installed version, from its source
+        distribution) give the same outcome, test by test, with every app
+        they make traced: ``tests/flask_suite/run.py``.
+        """
+        root = Path(__file__).resolve().parent.parent
+        done = subprocess.run(
+            [sys.executable, "tests/flask_suite/run.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        assert "no test differs" in done.stdout
+        traced = re.search(r"wsgitrace: (\d+) apps traced, (\d+) traces", done.stdout)
+        assert traced is not None, done.stdout[-2000:]
+        # The plugin really traced the suite's apps and requests.
+        assert int(traced[1]) > 300
+        assert int(traced[2]) > 300
+        assert re.search(r"plain: +\{'passed': [1-9]\d\d", done.stdout)
 
     @pytest.mark.parametrize("where", ["instance", "class"])
     def test_a_patched_signal_send_is_still_called(
