@@ -870,6 +870,27 @@ def test_body_before_start_response_is_a_warning(make_environ: MakeEnviron) -> N
     assert trace.warnings == ["body yielded before start_response was called"]
 
 
+@pytest.mark.parametrize(("chunks", "kind"), [([None, b"x"], "NoneType"), ([b"x", 1], "int")])
+def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
+    exchange: Exchanger, chunks: list[Any], kind: str
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[Any]:
+        start_response("200 OK", TEXT)
+        return iter(chunks)
+
+    errors = internal_error_count()
+    middleware = TraceMiddleware(app)
+    traced = exchange(middleware)
+    assert traced.response.outcome() == exchange(app).response.outcome()
+    # A protocol problem on the trace, not an error of wsgitrace's own.
+    assert internal_error_count() == errors
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.find("tracer_error") == []
+    assert trace.warnings == [f"body yielded a {kind}, not bytes"]
+    assert trace.state == "finished"
+
+
 def test_compliant_requests_have_no_warnings(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     for method, path in COMPLIANT:

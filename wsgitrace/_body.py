@@ -375,7 +375,13 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
             reset_current(token)
             producing = False
             try:
-                size = len(chunk)
+                try:
+                    size = len(chunk)
+                except TypeError:
+                    # Not bytes: the app's mistake (the server refuses the
+                    # chunk), a protocol problem rather than an error of ours.
+                    size = 0
+                    trace.warn(f"body yielded a {type(chunk).__name__}, not bytes")
                 if trace.chunks:
                     trace.chunks += 1
                     if size:
