@@ -891,6 +891,35 @@ def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
     assert trace.state == "finished"
 
 
+@pytest.mark.parametrize("body", ["hello", b"hello"])
+def test_a_str_or_bytes_body_reaches_a_linter_outside_as_it_is(
+    exchange: Exchanger, body: str | bytes
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", TEXT)
+        return body
+
+    errors = internal_error_count()
+    middleware = TraceMiddleware(app)
+    outcomes = []
+    messages = []
+    for wrapped in (app, middleware):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcomes.append(exchange(LintMiddleware(wrapped)).response.outcome())
+            gc.collect()
+        messages.append([str(w.message) for w in caught])
+    assert outcomes[1] == outcomes[0]
+    # For a str, "The application returned a string. ..." (checked by type).
+    assert messages[1] == messages[0]
+    assert internal_error_count() == errors
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.state == "finished"
+    kind = type(body).__name__
+    assert trace.warnings == [f"the app returned a {kind} as its body, not an iterable of bytes"]
+
+
 def test_compliant_requests_have_no_warnings(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     for method, path in COMPLIANT:

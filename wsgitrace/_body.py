@@ -34,11 +34,14 @@ if TYPE_CHECKING:
     from .middleware import TraceMiddleware
 
 _flatten = chain.from_iterable
-# id(body class) -> (a weak reference to it, whether it has __len__). Asked
-# per request: hasattr() on a type that lacks the name builds an
-# AttributeError each time. By id and weakly, so a class made in an app
-# factory is not kept alive and an unhashable class is no problem.
-_sized_types: dict[int, tuple[weakref.ref[type], bool]] = {}
+# How a body of a class is handed on: wrapped, wrapped with __len__, or as
+# it is (a str or bytes, see _body_kind).
+_ITERABLE, _SIZED, _TEXT = 0, 1, 2
+# id(body class) -> (a weak reference to it, its _body_kind). Asked per
+# request: hasattr() on a type that lacks the name builds an AttributeError
+# each time. By id and weakly, so a class made in an app factory is not kept
+# alive and an unhashable class is no problem.
+_body_kinds: dict[int, tuple[weakref.ref[type], int]] = {}
 
 
 class _TracedBody:
@@ -220,17 +223,23 @@ class _TracedBody:
                 trace.record("file_wrapper", "file_wrapper", now, now)
                 self._finish(now)
                 return app_iter
-            self._app_iter = app_iter
             cls = type(app_iter)
-            entry = _sized_types.get(id(cls))
+            entry = _body_kinds.get(id(cls))
             if entry is not None and entry[0]() is cls:
-                sized = entry[1]
+                kind = entry[1]
             else:
-                sized = hasattr(cls, "__len__")
-                if len(_sized_types) >= 256:
-                    _sized_types.clear()
-                _sized_types[id(cls)] = (weakref.ref(cls), sized)
-            if sized:
+                kind = _body_kind(cls)
+                if len(_body_kinds) >= 256:
+                    _body_kinds.clear()
+                _body_kinds[id(cls)] = (weakref.ref(cls), kind)
+            if kind == _TEXT:
+                trace.warn(
+                    f"the app returned a {cls.__name__} as its body, not an iterable of bytes"
+                )
+                self._finish(now)
+                return app_iter
+            self._app_iter = app_iter
+            if kind == _SIZED:
                 self.__class__ = _SizedTracedBody
             self._returned = True
             return self
@@ -429,6 +438,18 @@ class _SizedTracedBody(_TracedBody):
 
     def __len__(self) -> int:
         return len(self._app_iter)  # type: ignore[arg-type]
+
+
+def _body_kind(cls: type) -> int:
+    """How :meth:`_TracedBody.app_returned` hands on a body of class ``cls``.
+
+    A ``str`` or ``bytes`` body (an app's mistake: servers send it one item
+    at a time) goes on as it is, so a checker outside, such as werkzeug's
+    ``LintMiddleware``, still recognises it by its type.
+    """
+    if issubclass(cls, (str, bytes)):
+        return _TEXT
+    return _SIZED if hasattr(cls, "__len__") else _ITERABLE
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:
