@@ -383,6 +383,29 @@ def test_write_callable_is_recorded(exchange: Exchanger, clock: FakeClock) -> No
     ]
 
 
+def test_a_write_after_close_leaves_the_finished_trace_alone(exchange: Exchanger) -> None:
+    """A write() made after the response was closed (by a thread the app
+    left running) still reaches the server, but does not change the trace,
+    which was already published, counted and handed to the sinks.
+    """
+    kept: list[Callable[[bytes], object]] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        kept.append(start_response("200 OK", [("Content-Length", "2")]))
+        return [b"ok"]
+
+    middleware = TraceMiddleware(app)
+    sent = exchange(middleware)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.finished
+    before = trace.to_dict()
+    kept[0](b"late")
+    assert sent.response.chunks == [b"ok", b"late"]
+    assert trace.to_dict() == before
+    assert not trace.find("write")
+
+
 def test_close_is_called_once_after_full_iteration(exchange: Exchanger) -> None:
     middleware = TraceMiddleware(dummy_app)
     sent = exchange(middleware, "/closing")

@@ -176,6 +176,11 @@ class _TracedBody:
         result = write(data)
         try:
             trace = self.trace
+            if trace.finished:
+                # A write after close() (a thread the app left behind): the
+                # server decides what it means; the published trace, already
+                # counted and sent to the sinks, is left as it was.
+                return result
             end = trace.now()
             size = len(data)
             if size and trace.first_byte_ns is None:
