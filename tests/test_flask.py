@@ -350,7 +350,12 @@ class TestTransparency:
 
             with monkeypatch.context() as patched:
                 if where == "instance":
-                    for signal in (signals.request_started, signals.request_finished):
+                    for signal in (
+                        signals.request_started,
+                        signals.request_finished,
+                        signals.appcontext_pushed,
+                        signals.appcontext_popped,
+                    ):
                         patched.setattr(signal, "send", send.__get__(signal))
                 else:
                     patched.setattr(blinker.Signal, "send", send)
@@ -359,8 +364,67 @@ class TestTransparency:
 
         plain, traced = run(False), run(True)
         assert traced == plain
+        assert ("appcontext-pushed", True, ("_async_wrapper",)) in traced
+        assert ("appcontext-popped", True, ("_async_wrapper",)) in traced
         assert ("request-started", True, ("_async_wrapper",)) in traced
         assert ("request-finished", True, ("_async_wrapper", "response")) in traced
+
+    def test_app_context_push_and_pop_patched_after_init_app_still_run(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``AppContext.push``/``pop`` replaced after ``init_app`` (an agent)
+        are what a traced request's app context calls, as without tracing.
+        """
+        from flask.ctx import AppContext
+
+        def run(traced: bool) -> list[str]:
+            app = simple_app([])
+            if traced:
+                FlaskTrace(app)
+            calls: list[str] = []
+            own_push, own_pop = AppContext.push, AppContext.pop
+
+            def push(self: AppContext) -> None:
+                calls.append("push")
+                own_push(self)
+
+            def pop(self: AppContext, *args: Any) -> None:
+                calls.append("pop")
+                own_pop(self, *args)
+
+            with monkeypatch.context() as patched:
+                patched.setattr(AppContext, "push", push)
+                patched.setattr(AppContext, "pop", pop)
+                assert fetch(app, "/")[0] == "200 OK"
+            return calls
+
+        assert run(True) == run(False) == ["push", "pop"]
+
+    def test_popping_the_wrong_app_context_fails_as_in_flask(self) -> None:
+        """Popping an app context that is not the current one raises
+        Flask's AssertionError, with or without tracing.
+        """
+
+        def run(traced: bool) -> str:
+            app = Flask(__name__)
+            app.testing = True  # the error propagates to the client call
+            if traced:
+                FlaskTrace(app)
+
+            @app.route("/")
+            def index() -> str:
+                outer, inner = app.app_context(), app.app_context()
+                outer.push()
+                inner.push()
+                outer.pop()
+                return "no error"
+
+            try:
+                return str(fetch(app, "/")[0])
+            except AssertionError as exc:
+                return "AssertionError: " + str(exc).split(" (")[0]
+
+        assert run(True) == run(False) == "AssertionError: Popped wrong app context."
 
     @pytest.mark.parametrize("sample", [0.0, 1.0])
     def test_an_untraced_request_gets_flasks_own_app_context(self, sample: float) -> None:

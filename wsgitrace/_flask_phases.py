@@ -23,12 +23,13 @@ import flask
 from flask import Flask, signals
 from flask.ctx import AppContext
 from flask.ctx import _sentinel as _ctx_sentinel
+from flask.globals import _cv_app
 from flask.helpers import _split_blueprint_path
 from flask.sansio.scaffold import _sentinel as _app_sentinel
 from werkzeug.exceptions import BadRequestKeyError, HTTPException, InternalServerError
 from werkzeug.routing import RoutingException
 
-from ._flask_recorder import _SIGNAL_KEYS
+from ._flask_recorder import _SEND, _SIGNAL_KEYS
 from ._flask_state import (
     _NO_G,
     _get_app_ctx,
@@ -585,20 +586,34 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
     popped_key = _SIGNAL_KEYS["signal:appcontext-popped"]
     push = AppContext.push
     pop = AppContext.pop
+    pushed = signals.appcontext_pushed
+    popped = signals.appcontext_popped
     cls = type(app)
     own = cls.app_context
 
     class TracedAppContext(AppContext):
         """Records ``appcontext_pushed`` / ``appcontext_popped`` where Flask
         sends them (at the end of :meth:`push` and :meth:`pop`).
+
+        While Flask's own methods are in place and a signal has no receiver
+        at all, they run as Flask 3.0/3.1 writes them, minus that send,
+        which would call nothing (as in :meth:`_AppTracer.send_signal`).
         """
 
         def push(self) -> None:
             trace = _get_trace()
             if trace is None or trace._limits is not limits:
-                return push(self)
+                return AppContext.push(self)
             start = clock()
-            push(self)
+            if (
+                pushed.receivers
+                or AppContext.push is not push
+                or "send" in pushed.__dict__
+                or type(pushed).send is not _SEND
+            ):
+                AppContext.push(self)
+            else:
+                self._cv_tokens.append(_cv_app.set(self))
             try:
                 trace.record_key(pushed_key, start, clock())
             except Exception:
@@ -609,13 +624,31 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
             trace = _get_trace()
             if exc is _ctx_sentinel:
                 exc = sys.exc_info()[1]
-            pop(self, exc)
-            if trace is not None and trace._limits is limits:
-                now = clock()
+            if trace is None or trace._limits is not limits:
+                return AppContext.pop(self, exc)
+            if (
+                popped.receivers
+                or AppContext.pop is not pop
+                or "send" in popped.__dict__
+                or type(popped).send is not _SEND
+            ):
+                AppContext.pop(self, exc)
+            else:
                 try:
-                    trace.record_key(popped_key, now, now)
-                except Exception:
-                    report_internal_error("flask.signal", trace)
+                    if len(self._cv_tokens) == 1:
+                        self.app.do_teardown_appcontext(exc)
+                finally:
+                    current = _cv_app.get()
+                    _cv_app.reset(self._cv_tokens.pop())
+                if current is not self:
+                    msg = f"Popped wrong app context. ({current!r} instead of {self!r})"
+                    raise AssertionError(msg)
+            now = clock()
+            try:
+                trace.record_key(popped_key, now, now)
+            except Exception:
+                report_internal_error("flask.signal", trace)
+            return None
 
     def app_context() -> AppContext:
         app: Flask = app_ref()  # type: ignore[assignment]
