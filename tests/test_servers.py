@@ -190,3 +190,74 @@ def test_werkzeug_client_disconnect_mid_stream(
     assert trace.warnings is None
     assert trace.error is None
     assert internal_error_count() == errors
+
+
+def test_werkzeug_thread_left_running_by_the_app_leaves_finished_traces_alone(
+    werkzeug_server: ServeInThread, wait_for: Callable[..., Any]
+) -> None:
+    """Concurrent requests whose app starts a thread (in a copy of the
+    request's contextvars) that records spans while the request is served
+    and after it finished: each trace holds its own request's spans only;
+    once finished (counted against the byte cap, handed to the sinks) it
+    no longer grows, the later spans are counted as dropped, and the
+    buffer's bytes are exactly what its traces hold.
+    """
+    import contextvars
+    import threading
+
+    from wsgitrace import span
+
+    requests = 24
+    finished = threading.Barrier(requests + 1, timeout=TIMEOUT)
+    recorded: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        tag = environ["PATH_INFO"]
+
+        def work() -> None:
+            with span(f"during {tag}"):
+                pass
+            finished.wait()  # every response has been closed
+            for _ in range(10):
+                with span(f"after {tag}"):
+                    pass
+            recorded.append(1)
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,))
+        thread.start()
+        wait_for(lambda: current_spans() >= 1)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [tag.encode()]
+
+    def current_spans() -> int:
+        from wsgitrace import current_trace
+
+        trace = current_trace()
+        return 0 if trace is None else len(trace.find(kind="span"))
+
+    errors = internal_error_count()
+    middleware = TraceMiddleware(app, max_traces=requests)
+    port = werkzeug_server(middleware)
+    clients = [
+        threading.Thread(target=request, args=(port, "GET", f"/{n}")) for n in range(requests)
+    ]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(TIMEOUT)
+    buffer = middleware.buffer
+    traces = wait_for(
+        lambda: len(buffer) == requests and all(t.finished for t in buffer) and buffer.latest()
+    )
+    before = {t.id: [e.to_dict() for e in t.events] for t in traces}
+    size = buffer.bytes
+    assert size == sum(t._estimate_size() for t in traces)
+    finished.wait()
+    wait_for(lambda: len(recorded) == requests)
+
+    for trace in traces:
+        assert [e.name for e in trace.find(kind="span")] == [f"during {trace.path}"]
+        assert [e.to_dict() for e in trace.events] == before[trace.id]
+        assert trace.dropped_events == 10
+    assert buffer.bytes == size == sum(t._estimate_size() for t in traces)
+    assert internal_error_count() == errors

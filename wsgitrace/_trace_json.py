@@ -113,7 +113,9 @@ def from_dict(cls: type[Trace], data: Mapping[str, Any]) -> Trace:
     trace.finished = data.get("state", "finished") != "in_progress"
     trace.thread = 0
     # Every event with its own thread, as other threads' events are kept.
-    trace._foreign = foreign = []
+    from .trace import _ForeignEvents  # trace.py imports this module
+
+    trace._foreign = foreign = _ForeignEvents()
     for event in data.get("events") or ():
         start = round(float(event.get("start_ms", 0)) * 1e6)
         end = start + round(float(event.get("duration_ms", 0)) * 1e6)

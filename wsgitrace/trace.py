@@ -84,6 +84,26 @@ _NO_STAMPS = [UNSET] * _EVENTS
 EventKey: TypeAlias = "tuple[str, str, Mapping[str, Any] | None]"
 
 
+class _ForeignEvents(list[tuple[EventKey, int, int, int]]):
+    """Events recorded by threads other than the request's, as
+    ``(key, start, end, thread)``, and the bytes of the keys among them
+    made by :meth:`Trace.record`. Changed only under ``_FOREIGN_LOCK``.
+    """
+
+    key_bytes = 0
+
+
+def _key_bytes(name: str, attrs: Mapping[str, Any] | None) -> int:
+    """Bytes of a key made by :meth:`Trace.record` with its name and attributes."""
+    try:
+        size = 64 + getsizeof(name)
+        if attrs:
+            size += getsizeof(attrs) + sum(map(getsizeof, attrs.values()))
+    except Exception:  # a value whose __sizeof__ fails: a rough guess
+        size = 512
+    return size
+
+
 class HeaderLayout(NamedTuple):
     """Response headers laid out for a trace, and what laying them out found.
     Applied to the trace only if its headers were not replaced meanwhile.
@@ -292,8 +312,9 @@ class Trace:
         # keys, so an event costs a list slot and two int64 timestamps.
         self._keys: list[EventKey] = []
         # Events recorded by other threads: (key, start, end, thread).
-        self._foreign: list[tuple[EventKey, int, int, int]] | None = None
-        # Bytes of the keys made by record() (not shared between traces).
+        self._foreign: _ForeignEvents | None = None
+        # Bytes of the keys made by record() on the request's thread (not
+        # shared between traces; other threads' are in _foreign).
         self._own_key_bytes = 0
         # The WSGI-level timestamps (see _STAMPS), then two per recorded event;
         # packed into an array of int64s when the trace finishes.
@@ -316,7 +337,8 @@ class Trace:
         self.session_keys: list[str] | None = None
         # The Content-Length check waits for the headers to be read.
         self._length_check = False
-        #: Events not kept because the trace held ``max_events``.
+        #: Events not kept because the trace held ``max_events``, or
+        #: recorded by another thread after the trace finished.
         self.dropped_events = 0
         #: The request's ``traceparent`` header (W3C trace context), kept
         #: whether or not headers are captured, for OpenTelemetry export.
@@ -367,15 +389,11 @@ class Trace:
         """
         # A key of its own (unlike the shared keys of hooks): counted in the
         # trace's size with its name and attributes.
-        if not self.record_key((kind, name, attrs or None), start_ns, end_ns):
-            return
-        try:
-            size = 64 + getsizeof(name)
-            if attrs:
-                size += getsizeof(attrs) + sum(map(getsizeof, attrs.values()))
-        except Exception:  # a value whose __sizeof__ fails: a rough guess
-            size = 512
-        self._own_key_bytes += size
+        key = (kind, name, attrs or None)
+        if _get_ident() != self.thread:
+            self._record_foreign(key, start_ns, end_ns, _key_bytes(name, attrs))
+        elif self.record_key(key, start_ns, end_ns):
+            self._own_key_bytes += _key_bytes(name, attrs)
 
     def record_key(self, key: EventKey, start_ns: int, end_ns: int) -> bool:
         """Append one event described by a (usually shared) ``(kind, name,
@@ -383,7 +401,8 @@ class Trace:
         and timestamp array (the timestamps first, so a reader never sees an
         event without its times); other threads add whole tuples to a list
         of their own, so concurrent writers never interleave. Returns
-        whether the event was kept (``False`` past the cap).
+        whether the event was kept (``False`` past the cap, or from another
+        thread once the trace finished).
         """
         keys = self._keys
         foreign = self._foreign
@@ -406,13 +425,21 @@ class Trace:
             self.dropped_events += 1
         return False
 
-    def _record_foreign(self, key: EventKey, start_ns: int, end_ns: int) -> bool:
+    def _record_foreign(
+        self, key: EventKey, start_ns: int, end_ns: int, key_bytes: int = 0
+    ) -> bool:
         with _FOREIGN_LOCK:
             foreign = self._foreign
             if foreign is None:
-                foreign = self._foreign = []
-            if len(self._keys) + len(foreign) < self._limits.event_room:
+                # Made before ``finished`` is read: a size estimate that
+                # finds no list yet ran before this check sees the trace
+                # finished (see _estimate_size).
+                foreign = self._foreign = _ForeignEvents()
+            # A finished trace was counted against the byte cap and handed
+            # to the sinks: a thread the app left running no longer adds to it.
+            if not self.finished and len(self._keys) + len(foreign) < self._limits.event_room:
                 foreign.append((key, start_ns, end_ns, _get_ident()))
+                foreign.key_bytes += key_bytes
                 return True
             self.dropped_events += 1
             return False
@@ -737,9 +764,14 @@ class Trace:
         size += self._own_key_bytes
         if self.status is not None:
             size += getsizeof(self.status)
-        if self._foreign:
-            # A list slot and a tuple of the key, two ints and the thread.
-            size += 180 * len(self._foreign)
+        foreign = self._foreign
+        if foreign is not None:
+            # A list slot and a tuple of the key, two ints and the thread,
+            # and the keys made by record(). Read under the lock other
+            # threads record under: an event is counted here, or recorded
+            # after the trace finished and dropped.
+            with _FOREIGN_LOCK:
+                size += 180 * len(foreign) + foreign.key_bytes
         values = self._request_values
         if values:
             # Names are shared by every trace of the same header layout. A
