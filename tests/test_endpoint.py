@@ -673,6 +673,19 @@ class TestLongPoll:
         assert page["traces"][0]["state"] == "in_progress"
         assert 0.9 < elapsed < 2.5
 
+    def test_in_progress_traces_settle_together(self, serve: Callable[..., Served]) -> None:
+        """Several traces in progress at once hold a reader back one settle
+        time in all, not one each (tail would fall a second behind per slow
+        response).
+        """
+        served = serve()
+        for i in range(4):
+            add(served.buffer, f"/running/{i}", finished=False)
+        add(served.buffer, "/after")
+        page, elapsed = timed(lambda: served.listing("since=0&wait=10"))
+        assert (cursors(page), page["cursor"]) == ([5, 4, 3, 2, 1], 5)
+        assert elapsed < 1.8
+
     def test_in_progress_trace_holds_back_newer_ones(self, serve: Callable[..., Served]) -> None:
         """Cursor order is kept: traces after an unfinished one wait for it."""
         served = serve()

@@ -381,11 +381,17 @@ class TraceEndpoint:
             found: list[TraceView] = []
             blocked = False
             moved = bool(gap)
-            for trace in candidates:
+            for index, trace in enumerate(candidates):
                 if not trace.finished:
                     seen = first_seen.setdefault(trace.cursor, now)
                     if now - seen < self.settle:
                         blocked = True
+                        # Start the settle time of the later ones too, so
+                        # that traces in progress together settle together
+                        # instead of holding readers back one second each.
+                        for later in candidates[index + 1 :]:
+                            if not later.finished:
+                                first_seen.setdefault(later.cursor, now)
                         break
                 first_seen.pop(trace.cursor, None)
                 position = trace.cursor
