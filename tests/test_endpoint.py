@@ -201,8 +201,10 @@ def add(
     ms: float = 1.0,
     finished: bool = True,
 ) -> Trace:
-    """Append a synthetic trace with an exact duration."""
-    trace = Trace(method, path, start_ns=0)
+    """Append a synthetic trace with an exact duration (an unfinished one
+    starts now).
+    """
+    trace = Trace(method, path, start_ns=0 if finished else None)
     trace.status = status
     if finished:
         trace.end_ns = round(ms * 1_000_000)
@@ -529,7 +531,7 @@ class TestCursor:
                     batch, pending[:] = list(pending), []
                 time.sleep(0.002)
                 for trace in batch:
-                    trace.end_ns = 1_000_000
+                    trace.end_ns = trace.start_ns + 1_000_000
                     trace.finished = True
 
         writers = [threading.Thread(target=write, args=(n,)) for n in range(3)]
@@ -657,7 +659,7 @@ class TestLongPoll:
 
         def finish() -> None:
             time.sleep(0.3)
-            trace.end_ns = 5_000_000
+            trace.end_ns = trace.start_ns + 5_000_000
             trace.finished = True
 
         threading.Thread(target=finish).start()
@@ -685,6 +687,39 @@ class TestLongPoll:
         page, elapsed = timed(lambda: served.listing("since=0&wait=10"))
         assert (cursors(page), page["cursor"]) == ([5, 4, 3, 2, 1], 5)
         assert elapsed < 1.8
+
+    @pytest.mark.parametrize("min_ms", [500, 1300])
+    def test_slow_trace_in_progress_matches_min_ms(
+        self, serve: Callable[..., Served], min_ms: int
+    ) -> None:
+        """A response still streaming after min_ms is handed out, not passed
+        over for having no duration yet (tail --slow would never show it).
+        """
+        served = serve()
+        thread = threading.Thread(target=served.get, args=("/drip?ms=4000",))
+        thread.start()
+        try:
+            page, elapsed = timed(lambda: served.listing(f"since=0&wait=10&min_ms={min_ms}"))
+            assert [(t["path"], t["state"]) for t in page["traces"]] == [("/drip", "in_progress")]
+            assert min_ms / 1000 <= elapsed < 3
+            assert served.listing(f"min_ms={min_ms}")["traces"][0]["path"] == "/drip"
+        finally:
+            thread.join(TIMEOUT)
+
+    def test_in_progress_trace_ending_under_min_ms_is_passed_over(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """One held for min_ms that finishes sooner does not match, and the
+        cursor moves past it.
+        """
+        served = serve()
+        thread = threading.Thread(target=served.get, args=("/drip?ms=1200",))
+        thread.start()
+        try:
+            page = served.listing("since=0&wait=2.5&min_ms=2000")
+            assert (cursors(page), page["cursor"]) == ([], 1)
+        finally:
+            thread.join(TIMEOUT)
 
     def test_in_progress_trace_holds_back_newer_ones(self, serve: Callable[..., Served]) -> None:
         """Cursor order is kept: traces after an unfinished one wait for it."""

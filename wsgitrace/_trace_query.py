@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from .trace import Trace
+
 if TYPE_CHECKING:
     from ._trace_sources import TraceView
 
@@ -54,19 +56,42 @@ class _Query:
 
     def match(self, trace: TraceView) -> bool:
         """Whether ``trace`` passes every filter."""
+        if not self._match_but_min_ms(trace):
+            return False
+        if self.min_ms is not None:
+            duration = _ms_so_far(trace)
+            if duration is None or duration < self.min_ms:
+                return False
+        return True
+
+    def pending(self, trace: TraceView) -> bool:
+        """Whether ``trace`` is in progress and fails only ``min_ms``, which
+        it has not run for yet but still may: a reader that hands each trace
+        out once must wait before deciding.
+        """
+        if self.min_ms is None or trace.finished:
+            return False
+        duration = _ms_so_far(trace)
+        return duration is not None and duration < self.min_ms and self._match_but_min_ms(trace)
+
+    def _match_but_min_ms(self, trace: TraceView) -> bool:
         if self.methods is not None and trace.method.upper() not in self.methods:
             return False
         if self.statuses is not None:
             code = trace.status_code
             if code is None or not any(low <= code <= high for low, high in self.statuses):
                 return False
-        if self.path is not None and not trace.path.startswith(self.path):
-            return False
-        if self.min_ms is not None:
-            duration = trace.duration_ms
-            if duration is None or duration < self.min_ms:
-                return False
-        return True
+        return self.path is None or trace.path.startswith(self.path)
+
+
+def _ms_so_far(trace: TraceView) -> float | None:
+    """The duration of ``trace``, or how long it has run when it is still in
+    progress (its duration will be at least that).
+    """
+    if isinstance(trace, Trace) and not trace.finished:
+        duration = trace.duration_ms  # read after finished: its end is set first
+        return (trace.now() - trace.start_ns) / 1e6 if duration is None else duration
+    return trace.duration_ms
 
 
 def _parse_query(query_string: str, cap: int) -> _Query:

@@ -32,7 +32,8 @@ list and is always newest first. Query parameters:
     above the buffer's cursor (the server restarted) counts from 0.
 ``method``, ``status``, ``path``, ``min_ms``
     Filters: methods (``GET,POST``), status codes or classes (``404``,
-    ``5xx``, ``4xx,5xx``), a path prefix, a minimum duration in ms.
+    ``5xx``, ``4xx,5xx``), a path prefix, a minimum duration in ms (a
+    trace in progress has the duration it has run for so far).
 ``wait``
     Long-poll: when nothing matches yet, wait up to this many seconds
     (capped at 20) for a matching trace, and answer as soon as one is there.
@@ -64,7 +65,9 @@ order and, when the next one is still in progress, wait for it to finish for
 up to a second (polling every few milliseconds) before handing it out as it
 is. A slow streaming response therefore shows up once, in progress, after a
 second, instead of holding back every trace behind it; fetch
-``/_trace/<id>`` for its final state.
+``/_trace/<id>`` for its final state. With ``min_ms``, one that passes the
+other filters is held until it has run that long or finished, since only
+then is it known whether it matches.
 
 Stream
 ------
@@ -384,7 +387,7 @@ class TraceEndpoint:
             for index, trace in enumerate(candidates):
                 if not trace.finished:
                     seen = first_seen.setdefault(trace.cursor, now)
-                    if now - seen < self.settle:
+                    if now - seen < self.settle or query.pending(trace):
                         blocked = True
                         # Start the settle time of the later ones too, so
                         # that traces in progress together settle together
