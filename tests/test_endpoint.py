@@ -827,6 +827,25 @@ class TestStream:
         served.get("/f")
         assert reader.next_trace()["id"] == "6"
 
+    def test_resumes_exactly_after_a_stream_with_no_trace(
+        self, serve: Callable[..., Served], sse: Any
+    ) -> None:
+        """A client that got no trace event before the stream ended still
+        resumes where it ended (an EventSource sends the last id it saw),
+        so a trace arriving while it reconnects is not lost.
+        """
+        served = serve(stream={"heartbeat": 0.1, "stream_seconds": 0.6})
+        reader = sse(served, "/_trace/stream?status=5xx")
+        served.get("/fine")
+        last_id = None
+        while (event := reader.next()) is not None:
+            assert event["event"] != "trace"
+            last_id = event.get("id", last_id)
+        served.get("/boom")
+        assert last_id is not None
+        resumed = sse(served, "/_trace/stream?status=5xx", **{"Last-Event-ID": last_id})
+        assert json.loads(resumed.next_trace()["data"])["path"] == "/boom"
+
     def test_since_and_filters(self, serve: Callable[..., Served], sse: Any) -> None:
         """since works like Last-Event-ID, and the listing filters apply."""
         served = serve()

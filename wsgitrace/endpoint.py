@@ -75,9 +75,11 @@ Stream
 ``GET /_trace/stream`` sends ``event: trace`` messages whose ``id:`` is the
 trace's cursor and whose ``data:`` is its summary (the same filters apply).
 It resumes after ``Last-Event-ID`` (or ``since``), otherwise starts with the
-next trace. It sends a ``: heartbeat`` comment every 10 seconds of quiet
-(which is also how a departed client is noticed), an ``event: info`` when
-the buffer evicted traces the client had not seen, and ends with an
+next trace; the opening ``info`` and the closing ``end`` carry the stream's
+position as their ``id:``, so a client that got no trace resumes exactly
+too. It sends a ``: heartbeat`` comment every 10 seconds of quiet (which is
+also how a departed client is noticed), an ``event: info`` when the buffer
+evicted traces the client had not seen, and ends with an
 ``event: end`` after 20 seconds (clients reconnect and resume; gunicorn
 kills a sync worker's request at 30) or at once when :meth:`TraceEndpoint.
 shutdown` is called.
@@ -430,7 +432,10 @@ class TraceEndpoint:
         settle, heartbeats, and an ``end`` event.
         """
         dump: Callable[[TraceView], dict[str, Any]] = _to_dict if query.full else _summary
-        yield b"retry: 1000\n" + _sse("info", self._info(position, 0))
+        # The opening and closing events carry the position as their id too,
+        # so a client that got no trace resumes where it left off, not at
+        # whatever is newest when it reconnects.
+        yield b"retry: 1000\n" + _sse("info", self._info(position, 0), position)
         deadline = time.monotonic() + self.stream_seconds
         last_write = time.monotonic()
         for batch, moved_to, gap in self._follow(position, query, deadline, None):
@@ -447,7 +452,7 @@ class TraceEndpoint:
                 yield b": heartbeat\n\n"
                 last_write = now
         reason = "shutdown" if self._stopping.is_set() else "timeout"
-        yield _sse("end", {"reason": reason, "cursor": position})
+        yield _sse("end", {"reason": reason, "cursor": position}, position)
 
     def _info(self, position: int, missed: int) -> dict[str, Any]:
         return {
