@@ -1084,6 +1084,16 @@ class TestAccess:
         if status == 404:
             assert reply.body == _NOT_FOUND_BODY
 
+    def test_configured_unicode_host_matches_what_clients_send(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """A host configured in Unicode is answered under its IDNA (ASCII)
+        form, the only one a client puts in Host.
+        """
+        served = serve(hosts=["bücher.example"])
+        assert served.get("/_trace", host="xn--bcher-kva.example:8000").status == 200
+        assert served.get("/_trace", host="xn--bcher-kva.example.evil").status == 404
+
     def test_bad_host_refused_even_with_token(self, serve: Callable[..., Served]) -> None:
         """A right token does not make an unknown Host acceptable."""
         served = serve(token="s3cret-token")

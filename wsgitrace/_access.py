@@ -71,6 +71,12 @@ class _AccessPolicy:
             if host.count(":") > 1 and not host.startswith("["):
                 host = f"[{host}]"  # a bare IPv6 address
             name = _host_name(host)
+            if name is not None and not name.isascii():
+                # Clients send a name's IDNA form ("xn--..."), never Unicode.
+                try:
+                    name = name.encode("idna").decode("ascii")
+                except UnicodeError:
+                    name = None
             if name is None:
                 from .exceptions import ConfigurationError
 
