@@ -383,6 +383,29 @@ def test_write_callable_is_recorded(exchange: Exchanger, clock: FakeClock) -> No
     ]
 
 
+def test_first_byte_is_the_write_when_it_comes_before_the_body(
+    exchange: Exchanger, clock: FakeClock
+) -> None:
+    """A ``write()`` sent the first bytes: the body's first chunk, later,
+    does not move ``first_byte`` (nor the time to first byte) onto itself.
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        clock.advance(1 * MS)
+        start_response("200 OK", TEXT)(b"written-")
+        clock.advance(4 * MS)
+        return [b"returned"]
+
+    middleware = TraceMiddleware(app, clock=clock)
+    exchange(middleware)
+    trace = middleware.buffer.last
+    assert trace is not None
+    [write] = trace.find("write")
+    [first_byte] = trace.find("first_byte")
+    assert first_byte.start_ns == write.start_ns
+    assert trace.ttfb_ms == 1.0
+
+
 def test_a_write_after_close_leaves_the_finished_trace_alone(exchange: Exchanger) -> None:
     """A write() made after the response was closed (by a thread the app
     left running) still reaches the server, but does not change the trace,

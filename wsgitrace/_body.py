@@ -411,7 +411,9 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
                     if not body._starts:
                         trace.warn("body yielded before start_response was called")
                     if size:
-                        trace._times[FIRST_BYTE] = now
+                        times = trace._times
+                        if times[FIRST_BYTE] == UNSET:  # else a write() came first
+                            times[FIRST_BYTE] = now
                         trace.bytes_sent += size
             except Exception:
                 report_internal_error("chunk", trace)
