@@ -1158,6 +1158,25 @@ def test_run_names_a_custom_prefix_in_its_tail_command(
     assert command.finish() == 0
 
 
+def test_run_names_the_allowed_networks_in_its_banner(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """With ``allow``, the banner does not claim the endpoint is for loopback
+    clients only.
+    """
+    command = cli(
+        "run",
+        "wsgitrace.demo_app:create_app",
+        "--port",
+        "0",
+        cwd=str(tmp_path),
+        env=command_env(WSGITRACE_ALLOW="192.0.2.0/24,10.0.0.0/8"),
+    )
+    banner = command.wait_for("watch it with", stream="err")
+    assert "(loopback clients, clients in 192.0.2.0/24, 10.0.0.0/8)" in banner
+    assert command.finish() == 0
+
+
 def test_run_reports_a_bad_module(tmp_path: Path) -> None:
     """An import that fails names the module."""
     result = run_command("run", "no_such_module_here:app", cwd=str(tmp_path))

@@ -303,7 +303,11 @@ def run(app_spec: str, host: str, port: int) -> None:
     _sigterm_as_interrupt()
     try:
         _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
-        who = "loopback clients, or with the token" if endpoint.has_token else "loopback clients"
+        who = "loopback clients"
+        if middleware.options.allow:
+            who += ", clients in " + ", ".join(str(net) for net in middleware.options.allow)
+        if endpoint.has_token:
+            who += ", or with the token"
         _message(err, f"trace endpoint: {base}{endpoint.prefix} ({who})")
         # The base URL finds the default prefix; another one must be given.
         url = base if endpoint.prefix == DEFAULT_PREFIX else base + endpoint.prefix
