@@ -886,6 +886,9 @@ def test_template_from_string_and_after_a_failed_render(
     pair = Pair(template_app, step_clock)
     _, trace = pair.both("/string")
     assert [e.name for e in trace.find(kind="template")] == ["template:<string>"]
+    # Both template signals name a template made from a string the same way.
+    names = [e.attrs["template"] for e in trace.find(kind="signal") if "template" in e.name]
+    assert names == ["<string>", "<string>"]
     for _ in range(5):
         (_, _, body), trace = pair.both("/broken")
         assert body == b"inner 3"

@@ -60,9 +60,8 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             return
         try:
             now = clock()
-            trace.record(
-                "signal", "signal:before-render-template", now, now, {"template": template.name}
-            )
+            name = template.name or "<string>"  # as template_rendered names it
+            trace.record("signal", "signal:before-render-template", now, now, {"template": name})
             entry = starts.get(id(trace))
             if entry is None or entry[0] is not trace:
                 if len(starts) >= _MAX_PENDING_TEMPLATES:
