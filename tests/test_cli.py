@@ -1133,11 +1133,27 @@ def test_a_bad_setting_is_a_message_not_a_traceback(
     assert repr(value) in line
 
 
-def test_run_names_a_custom_prefix_in_its_tail_command(
-    cli: Callable[..., Command], tmp_path: Path
+@pytest.mark.parametrize(
+    ("env", "who", "prefix"),
+    [
+        (
+            {"WSGITRACE_PREFIX": "/_dbg", "WSGITRACE_TOKEN": "s3cret"},
+            "(loopback clients, or with the token)",
+            "/_dbg",
+        ),
+        (
+            {"WSGITRACE_ALLOW": "192.0.2.0/24,10.0.0.0/8"},
+            "(loopback clients, clients in 192.0.2.0/24, 10.0.0.0/8)",
+            "",
+        ),
+    ],
+)
+def test_run_banner_says_who_may_read_and_how(
+    cli: Callable[..., Command], tmp_path: Path, env: dict[str, str], who: str, prefix: str
 ) -> None:
-    """With another prefix (and a token), the banner says so, and the tail
-    command it suggests finds the endpoint.
+    """The banner names who the endpoint answers (a token, allowed
+    networks), and the tail command it suggests finds the endpoint, under
+    another prefix too.
     """
     command = cli(
         "run",
@@ -1145,35 +1161,18 @@ def test_run_names_a_custom_prefix_in_its_tail_command(
         "--port",
         "0",
         cwd=str(tmp_path),
-        env=command_env(WSGITRACE_PREFIX="/_dbg", WSGITRACE_TOKEN="s3cret"),
+        env=command_env(**env),
     )
     banner = command.wait_for("watch it with", stream="err")
     found = re.search(r"watch it with:\s+wsgitrace tail (\S+)", banner)
     assert found is not None, banner
-    assert found.group(1).endswith("/_dbg")
-    assert "(loopback clients, or with the token)" in banner
-    status, body = fetch(found.group(1))
+    assert who in banner
+    url = found.group(1)
+    if prefix:
+        assert url.endswith(prefix)
+    status, body = fetch(url if prefix else url + "/_trace")
     assert status == 200
     assert "traces" in json.loads(body)
-    assert command.finish() == 0
-
-
-def test_run_names_the_allowed_networks_in_its_banner(
-    cli: Callable[..., Command], tmp_path: Path
-) -> None:
-    """With ``allow``, the banner does not claim the endpoint is for loopback
-    clients only.
-    """
-    command = cli(
-        "run",
-        "wsgitrace.demo_app:create_app",
-        "--port",
-        "0",
-        cwd=str(tmp_path),
-        env=command_env(WSGITRACE_ALLOW="192.0.2.0/24,10.0.0.0/8"),
-    )
-    banner = command.wait_for("watch it with", stream="err")
-    assert "(loopback clients, clients in 192.0.2.0/24, 10.0.0.0/8)" in banner
     assert command.finish() == 0
 
 
