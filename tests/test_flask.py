@@ -426,6 +426,101 @@ class TestTransparency:
 
         assert run(True) == run(False) == "AssertionError: Popped wrong app context."
 
+    def test_a_receiver_connected_by_a_teardown_appcontext_gets_appcontext_popped(
+        self,
+    ) -> None:
+        """Flask sends ``appcontext_popped`` after the teardown_appcontext
+        functions ran, so a receiver one of them connects (an extension set
+        up lazily) is called for that very pop, traced or not.
+        """
+        from flask import signals
+
+        def run(traced: bool) -> list[str]:
+            app = Flask(__name__)
+            log: list[str] = []
+
+            def popped(sender: Flask, **kwargs: Any) -> None:
+                log.append("popped")
+
+            @app.teardown_appcontext
+            def connect_late(exc: BaseException | None) -> None:
+                log.append("teardown")
+                signals.appcontext_popped.connect(popped, app)
+
+            @app.route("/")
+            def index() -> str:
+                with app.app_context():
+                    log.append("inner")
+                return "ok"
+
+            if traced:
+                FlaskTrace(app)
+            try:
+                assert fetch(app, "/")[0] == "200 OK"
+            finally:
+                signals.appcontext_popped.disconnect(popped)
+            return log
+
+        plain = run(False)
+        assert plain == ["inner", "teardown", "popped", "teardown", "popped"]
+        assert run(True) == plain
+
+    def test_nested_app_contexts_tear_down_as_in_flask(self) -> None:
+        """App contexts a view pushes (nested, pushed twice, in a thread)
+        tear down as Flask does: the ``exc`` it passes, an exception of a
+        teardown_appcontext function propagating from the ``with``, ``g``
+        per context.
+        """
+
+        def run(traced: bool) -> list[object]:
+            app = Flask(__name__)
+            log: list[object] = []
+
+            @app.teardown_appcontext
+            def teardown(exc: BaseException | None) -> None:
+                log.append(("teardown", repr(exc)))
+                if isinstance(exc, KeyError):
+                    raise LookupError("from teardown")
+
+            @app.route("/")
+            def index() -> str:
+                g.outer = 1
+                with app.app_context():
+                    log.append(("inner g", sorted(g)))
+                try:
+                    with app.app_context():
+                        raise KeyError("in the with")
+                except LookupError as exc:
+                    log.append(("raised", repr(exc), repr(exc.__context__)))
+                twice = app.app_context()
+                twice.push()
+                twice.push()
+                twice.pop()  # not the last: no teardown
+                log.append("popped once")
+                try:
+                    raise ValueError("being handled")
+                except ValueError:
+                    twice.pop()  # the exception being handled is exc
+
+                def in_thread() -> None:
+                    with app.app_context():
+                        log.append("thread")
+
+                thread = threading.Thread(target=in_thread)
+                thread.start()
+                thread.join()
+                return "ok"
+
+            if traced:
+                FlaskTrace(app)
+            assert fetch(app, "/")[0] == "200 OK"
+            return log
+
+        plain = run(False)
+        assert ("teardown", "ValueError('being handled')") in plain
+        assert ("raised", "LookupError('from teardown')", "KeyError('in the with')") in plain
+        assert run(True) == plain
+
     @pytest.mark.parametrize("sample", [0.0, 1.0])
     def test_an_untraced_request_gets_flasks_own_app_context(self, sample: float) -> None:
         """A request that is not sampled runs in Flask's own ``AppContext``;

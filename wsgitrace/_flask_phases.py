@@ -598,6 +598,7 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
         While Flask's own methods are in place and a signal has no receiver
         at all, they run as Flask 3.0/3.1 writes them, minus that send,
         which would call nothing (as in :meth:`_AppTracer.send_signal`).
+        :meth:`pop` asks after the teardown, just before Flask's send.
         """
 
         def push(self) -> None:
@@ -626,12 +627,7 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
                 exc = sys.exc_info()[1]
             if trace is None or trace._limits is not limits:
                 return AppContext.pop(self, exc)
-            if (
-                popped.receivers
-                or AppContext.pop is not pop
-                or "send" in popped.__dict__
-                or type(popped).send is not _SEND
-            ):
+            if AppContext.pop is not pop:
                 AppContext.pop(self, exc)
             else:
                 try:
@@ -643,6 +639,10 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
                 if current is not self:
                     msg = f"Popped wrong app context. ({current!r} instead of {self!r})"
                     raise AssertionError(msg)
+                # Asked after the teardown, as Flask's send is made: a
+                # teardown_appcontext function may connect a receiver.
+                if popped.receivers or "send" in popped.__dict__ or type(popped).send is not _SEND:
+                    popped.send(self.app, _async_wrapper=self.app.ensure_sync)
             now = clock()
             try:
                 trace.record_key(popped_key, now, now)
