@@ -706,6 +706,31 @@ class TestLongPoll:
         finally:
             thread.join(TIMEOUT)
 
+    def test_since_without_wait_does_not_skip_a_trace_pending_on_min_ms(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """A ``since`` listing that answers at once (tail's first poll after
+        reconnecting asks ``wait=0``) stops before a trace in progress that
+        has not yet run min_ms: the next poll from its cursor gets it once
+        it is slow enough, instead of having moved past it for good.
+        """
+        served = serve()
+        thread = threading.Thread(target=served.get, args=("/drip?ms=1500",))
+        thread.start()
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while len(served.buffer) < 1:
+                assert time.monotonic() < deadline, "the trace did not arrive"
+                time.sleep(0.005)
+            page = served.listing("since=0&min_ms=800")
+            assert (cursors(page), page["cursor"]) == ([], 0)
+        finally:
+            thread.join(TIMEOUT)
+        served.wait_for_traces(1)
+        page = served.listing(f"since={page['cursor']}&min_ms=800")
+        assert (cursors(page), page["cursor"]) == ([1], 1)
+        assert page["traces"][0]["path"] == "/drip"
+
     def test_in_progress_trace_ending_under_min_ms_is_passed_over(
         self, serve: Callable[..., Served]
     ) -> None:

@@ -67,7 +67,8 @@ is. A slow streaming response therefore shows up once, in progress, after a
 second, instead of holding back every trace behind it; fetch
 ``/_trace/<id>`` for its final state. With ``min_ms``, one that passes the
 other filters is held until it has run that long or finished, since only
-then is it known whether it matches.
+then is it known whether it matches; a ``since`` listing without ``wait``
+answers with the cursor just before it.
 
 Stream
 ------
@@ -326,7 +327,9 @@ class TraceEndpoint:
         position = since
         limited = False
         for trace in candidates:
-            if len(found) >= query.limit:
+            # One that may still match min_ms is not passed over: the cursor
+            # stops before it, as the long-poll's does (see _follow).
+            if len(found) >= query.limit or query.pending(trace):
                 limited = True
                 break
             position = trace.cursor
