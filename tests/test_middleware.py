@@ -916,7 +916,10 @@ def test_body_before_start_response_is_a_warning(make_environ: MakeEnviron) -> N
     assert trace.warnings == ["body yielded before start_response was called"]
 
 
-@pytest.mark.parametrize(("chunks", "kind"), [([None, b"x"], "NoneType"), ([b"x", 1], "int")])
+@pytest.mark.parametrize(
+    ("chunks", "kind"),
+    [([None, b"x"], "NoneType"), ([b"x", 1], "int"), (["text", b"x"], "str"), ([b"x", "t"], "str")],
+)
 def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
     exchange: Exchanger, chunks: list[Any], kind: str
 ) -> None:
@@ -935,6 +938,9 @@ def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
     assert trace.find("tracer_error") == []
     assert trace.warnings == [f"body yielded a {kind}, not bytes"]
     assert trace.state == "finished"
+    # A str has a length too, but no server sends it: not counted as sent
+    # (the server stops at the chunk it refuses).
+    assert trace.bytes_sent == (1 if chunks[0] == b"x" else 0)
 
 
 @pytest.mark.parametrize("body", ["hello", b"hello"])

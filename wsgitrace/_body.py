@@ -389,13 +389,8 @@ def _iterate(body: _TracedBody, iterator: Iterator[bytes]) -> Iterator[bytes]:
             reset_current(token)
             producing = False
             try:
-                try:
-                    size = len(chunk)
-                except TypeError:
-                    # Not bytes: the app's mistake (the server refuses the
-                    # chunk), a protocol problem rather than an error of ours.
-                    size = 0
-                    trace.warn(f"body yielded a {type(chunk).__name__}, not bytes")
+                # A str has a length too: only bytes are what servers send.
+                size = len(chunk) if type(chunk) is bytes else _other_chunk_size(trace, chunk)
                 if trace.chunks:
                     trace.chunks += 1
                     if size:
@@ -445,6 +440,17 @@ class _SizedTracedBody(_TracedBody):
 
     def __len__(self) -> int:
         return len(self._app_iter)  # type: ignore[arg-type]
+
+
+def _other_chunk_size(trace: Trace, chunk: object) -> int:
+    """The size of a chunk that is not exactly ``bytes``: its length if it
+    is a bytes subclass; otherwise (a ``str``, ``None``...) the app's
+    mistake, which servers refuse to send: a protocol warning, no bytes.
+    """
+    if isinstance(chunk, bytes):
+        return len(chunk)
+    trace.warn(f"body yielded a {type(chunk).__name__}, not bytes")
+    return 0
 
 
 def _body_kind(cls: type) -> int:
