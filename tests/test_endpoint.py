@@ -746,6 +746,32 @@ class TestLongPoll:
         finally:
             thread.join(TIMEOUT)
 
+    def test_a_status_filter_waits_for_a_lazy_start_response(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """A trace in progress whose app has not called ``start_response``
+        yet (a lazy body) has no status: a status filter holds it until it
+        has one, instead of passing it over for good after the settle time.
+        """
+        served = serve()
+        trace = add(served.buffer, "/lazy", finished=False)
+        trace.status = None
+
+        def respond() -> None:
+            time.sleep(1.5)  # past the settle time
+            trace.status = "500 INTERNAL SERVER ERROR"
+
+        responder = threading.Thread(target=respond)
+        responder.start()
+        try:
+            page = served.listing("since=0&status=5xx")  # answers at once
+            assert (cursors(page), page["cursor"]) == ([], 0)
+            page, elapsed = timed(lambda: served.listing("since=0&wait=5&status=5xx"))
+            assert [(t["path"], t["status"]) for t in page["traces"]] == [("/lazy", 500)]
+            assert 1.2 < elapsed < 3
+        finally:
+            responder.join(TIMEOUT)
+
     def test_in_progress_trace_holds_back_newer_ones(self, serve: Callable[..., Served]) -> None:
         """Cursor order is kept: traces after an unfinished one wait for it."""
         served = serve()

@@ -65,14 +65,28 @@ class _Query:
         return True
 
     def pending(self, trace: TraceView) -> bool:
-        """Whether ``trace`` is in progress and fails only ``min_ms``, which
-        it has not run for yet but still may: a reader that hands each trace
-        out once must wait before deciding.
+        """Whether ``trace`` is in progress and fails only a filter it may
+        still pass: ``min_ms``, which it has not run for yet, or ``status``
+        before the app has started its response (a lazy body calls
+        ``start_response`` when first iterated). A reader that hands each
+        trace out once must wait before deciding.
         """
-        if self.min_ms is None or trace.finished:
+        if trace.finished or (self.min_ms is None and self.statuses is None):
+            return False
+        if self.methods is not None and trace.method.upper() not in self.methods:
+            return False
+        if self.path is not None and not trace.path.startswith(self.path):
+            return False
+        if self.statuses is not None:
+            code = trace.status_code
+            if code is None:
+                return True
+            if not any(low <= code <= high for low, high in self.statuses):
+                return False
+        if self.min_ms is None:
             return False
         duration = _ms_so_far(trace)
-        return duration is not None and duration < self.min_ms and self._match_but_min_ms(trace)
+        return duration is not None and duration < self.min_ms
 
     def _match_but_min_ms(self, trace: TraceView) -> bool:
         if self.methods is not None and trace.method.upper() not in self.methods:

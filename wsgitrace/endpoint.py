@@ -66,9 +66,10 @@ up to a second (polling every few milliseconds) before handing it out as it
 is. A slow streaming response therefore shows up once, in progress, after a
 second, instead of holding back every trace behind it; fetch
 ``/_trace/<id>`` for its final state. With ``min_ms``, one that passes the
-other filters is held until it has run that long or finished, since only
-then is it known whether it matches; a ``since`` listing without ``wait``
-answers with the cursor just before it.
+other filters is held until it has run that long or finished, and with
+``status`` one whose app has not started its response yet until it has a
+status, since only then is it known whether it matches; a ``since``
+listing without ``wait`` answers with the cursor just before it.
 
 Stream
 ------
