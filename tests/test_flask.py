@@ -400,6 +400,36 @@ class TestTransparency:
 
         assert run(True) == run(False) == ["push", "pop"]
 
+    def test_app_context_push_and_pop_patched_before_init_app_still_run(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``AppContext.push``/``pop`` replaced before ``init_app`` (an agent
+        started first) are called too, even with no signal receivers: only
+        Flask's own methods are mirrored.
+        """
+        from flask.ctx import AppContext
+
+        calls: list[str] = []
+        own_push, own_pop = AppContext.push, AppContext.pop
+
+        def push(self: AppContext) -> None:
+            calls.append("push")
+            own_push(self)
+
+        def pop(self: AppContext, *args: Any) -> None:
+            calls.append("pop")
+            own_pop(self, *args)
+
+        monkeypatch.setattr(AppContext, "push", push)
+        monkeypatch.setattr(AppContext, "pop", pop)
+        app = simple_app([])
+        trace = FlaskTrace(app)
+        assert fetch(app, "/")[0] == "200 OK"
+        assert calls == ["push", "pop"]
+        names = [e.name for e in trace.buffer.latest(1)[0].events]
+        assert "signal:appcontext-pushed" in names
+        assert "signal:appcontext-popped" in names
+
     def test_popping_the_wrong_app_context_fails_as_in_flask(self) -> None:
         """Popping an app context that is not the current one raises
         Flask's AssertionError, with or without tracing.

@@ -99,11 +99,18 @@ def _is_flasks_own(func: object, phase: str) -> bool:
     replacement or a wrapper: wrapt's proxies are not plain functions, and
     a ``functools.wraps`` wrapper has Flask's names but not its code.
     """
+    return _is_flask_function(func, f"Flask.{phase}", f"App.{phase}")
+
+
+def _is_flask_function(func: object, *qualnames: str) -> bool:
+    """Whether ``func`` is a plain function of Flask's own source named one
+    of ``qualnames`` (see :func:`_is_flasks_own`).
+    """
     return (
         type(func) is FunctionType
         and not hasattr(func, "__wrapped__")
         and os.path.dirname(func.__code__.co_filename) in _FLASK_DIRS
-        and func.__qualname__ in (f"Flask.{phase}", f"App.{phase}")
+        and func.__qualname__ in qualnames
     )
 
 
@@ -584,8 +591,11 @@ def _make_app_context(app: Flask, tracer: _AppTracer) -> Callable[[], AppContext
     clock = tracer.clock
     pushed_key = _SIGNAL_KEYS["signal:appcontext-pushed"]
     popped_key = _SIGNAL_KEYS["signal:appcontext-popped"]
-    push = AppContext.push
-    pop = AppContext.pop
+    # Flask's own push and pop, which the traced ones mirror while they are
+    # in place. One that an agent put in their place, before this app was
+    # traced or since, is always called (None is never AppContext's method).
+    push = AppContext.push if _is_flask_function(AppContext.push, "AppContext.push") else None
+    pop = AppContext.pop if _is_flask_function(AppContext.pop, "AppContext.pop") else None
     pushed = signals.appcontext_pushed
     popped = signals.appcontext_popped
     cls = type(app)
