@@ -369,6 +369,48 @@ class TestTransparency:
         assert ("request-started", True, ("_async_wrapper",)) in traced
         assert ("request-finished", True, ("_async_wrapper", "response")) in traced
 
+    def test_signal_send_patched_before_wsgitrace_is_imported_is_still_called(self) -> None:
+        """A ``Signal.send`` replaced before wsgitrace was imported is called
+        for signals with no receivers too, as Flask calls it.
+        """
+        code = """
+import blinker
+own = blinker.Signal.send
+sent = []
+def send(signal, *args, **kwargs):
+    sent.append(signal.name)
+    return own(signal, *args, **kwargs)
+blinker.Signal.send = send
+from flask import Flask
+from wsgitrace.flask import FlaskTrace
+app = Flask("patched_send")
+app.route("/")(lambda: "ok")
+FlaskTrace(app)
+app.test_client().get("/").close()
+print(sorted(set(sent)))
+"""
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parent.parent,  # imports this checkout
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n")[0] == str(
+            sorted(
+                {
+                    "appcontext-popped",
+                    "appcontext-pushed",
+                    "appcontext-tearing-down",
+                    "request-finished",
+                    "request-started",
+                    "request-tearing-down",
+                }
+            )
+        )
+
     def test_app_context_push_and_pop_patched_after_init_app_still_run(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

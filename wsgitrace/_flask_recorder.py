@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from blinker import Signal
@@ -26,8 +27,24 @@ from ._flask_state import _MISSING, _g_changes
 from ._internal import report_internal_error
 from .trace import EventKey, Trace
 
+
+def _blinkers_send() -> object:
+    """``Signal.send`` if it is blinker's own, else an object no method is
+    (one replaced before this module was imported is then always called).
+    """
+    send = Signal.send
+    if (
+        type(send) is FunctionType
+        and not hasattr(send, "__wrapped__")
+        and send.__module__ == Signal.__module__
+        and send.__qualname__ == "Signal.send"
+    ):
+        return send
+    return object()
+
+
 # Looked up once: send_signal skips a send that blinker's own would make a no-op.
-_SEND = Signal.send
+_SEND = _blinkers_send()
 
 if TYPE_CHECKING:
     from flask import Flask
