@@ -53,10 +53,9 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                 attrs["code"] = code
             new_url = getattr(error, "new_url", None)
             if new_url:
-                # Werkzeug's redirect carries the request's query string on.
-                url, sep, query = str(new_url).partition("?")
-                if sep:
-                    url = f"{url}?{tracer.redactor.query(query)}"
+                # Werkzeug's redirect carries the request's query string on:
+                # redacted as the Location header that repeats it is.
+                url = tracer.redactor.url(str(new_url))
                 attrs["redirect"] = cut(url, tracer.max_string)
             trace.record("url_match", "url_match", now, now, attrs)
             return
