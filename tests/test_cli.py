@@ -479,11 +479,19 @@ def test_json_that_is_not_the_endpoints_is_refused(body: bytes) -> None:
     assert "Traceback" not in tail.stderr + show.stderr
 
 
-def test_a_newer_schema_is_refused() -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"cursor": 1, "dropped": 0, "traces": [], "id": "x", "events": []},
+        # A newer schema may change the fields' shapes: still "upgrade".
+        {"cursor": "c1", "traces": {"x": {}}, "id": 7, "events": {}},
+    ],
+)
+def test_a_newer_schema_is_refused(fields: dict[str, Any]) -> None:
     """A server speaking a newer JSON schema: tail and show say to upgrade
     (tail used to follow it, polling it without pause).
     """
-    listing = {"schema": 2, "cursor": 1, "dropped": 0, "traces": [], "id": "x", "events": []}
+    listing = {"schema": 2, **fields}
     handler = type("Handler", (JsonServer,), {"body": json.dumps(listing).encode()})
     tail, show = run_against(handler, ["tail"], ["show", "x"])
     assert tail.returncode == 2

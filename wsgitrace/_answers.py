@@ -26,6 +26,7 @@ def _check_listing(page: object, *, full: bool = False) -> None:
     """Refuse JSON that is not the endpoint's listing (of full traces with
     ``full``).
     """
+    _check_schema(page)
     if not (
         isinstance(page, dict)
         and isinstance(page.get("traces"), list)
@@ -35,11 +36,11 @@ def _check_listing(page: object, *, full: bool = False) -> None:
         and all(_summary_fields_ok(t) and (not full or _trace_fields_ok(t)) for t in page["traces"])
     ):
         raise _BadAnswerError(_NOT_ENDPOINT.format("listing"))
-    _check_schema(page)
 
 
 def _check_trace(data: object) -> None:
     """Refuse JSON that is not one of the endpoint's traces."""
+    _check_schema(data)
     if not (
         isinstance(data, dict)
         and isinstance(data.get("id"), str)
@@ -48,7 +49,6 @@ def _check_trace(data: object) -> None:
         and _trace_fields_ok(data)
     ):
         raise _BadAnswerError(_NOT_ENDPOINT.format("trace"))
-    _check_schema(data)
 
 
 def _number(value: object) -> bool:
@@ -95,10 +95,14 @@ def _trace_fields_ok(data: dict[str, Any]) -> bool:
     )
 
 
-def _check_schema(data: dict[str, Any]) -> None:
+def _check_schema(data: object) -> None:
     """Refuse JSON of a schema version newer than this wsgitrace reads: its
-    fields may not mean what the viewers take them to mean.
+    fields may not mean what the viewers take them to mean, or have other
+    types, so this is checked before them (the fix is an upgrade, not
+    another URL).
     """
+    if not isinstance(data, dict):
+        return
     schema = data.get("schema", SCHEMA_VERSION)
     if type(schema) is not int or schema > SCHEMA_VERSION:
         msg = (
