@@ -523,17 +523,10 @@ def test_traces_of_the_wrong_shape_are_refused(item: dict[str, Any]) -> None:
     trace = {"id": "x", "cursor": 1, "method": "GET", "path": "/", "events": [], **item}
     page = {"schema": 1, "cursor": 1, "dropped": 0, "traces": [trace], **trace}
     handler = type("Handler", (JsonServer,), {"body": json.dumps(page).encode()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
-        results = [run_command("tail", "-v", url), run_command("show", "x", url)]
-        if "duration_ms" in item or "bytes" in item:  # in the summary table too
-            results.append(run_command("tail", url))
-    finally:
-        server.shutdown()
-        server.server_close()
-    for result in results:
+    commands = [["tail", "-v"], ["show", "x"]]
+    if "duration_ms" in item or "bytes" in item:  # in the summary table too
+        commands.append(["tail"])
+    for result in run_against(handler, *commands):
         assert result.returncode in (1, 2), result.stderr
         assert "is not a wsgitrace" in result.stderr
         assert "Traceback" not in result.stderr
