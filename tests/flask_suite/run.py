@@ -10,8 +10,9 @@ It downloads the source distribution of the installed Flask version (from
 the package index pip is configured with), runs its ``tests/`` with
 ``-p trace_all_apps`` (see ``trace_all_apps.py``) and without, and compares
 the JUnit XML reports test by test. Exit status 1 when a test passed plain
-but not traced, 0 otherwise. Not part of ``.ci/run``: it needs the index
-and takes about two minutes.
+but not traced, 0 otherwise. The test suite runs it
+(``tests/test_flask.py``), so it needs the index; the two runs take a few
+seconds.
 """
 
 from __future__ import annotations
