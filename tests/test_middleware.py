@@ -923,6 +923,10 @@ def test_body_before_start_response_is_a_warning(make_environ: MakeEnviron) -> N
 def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
     exchange: Exchanger, chunks: list[Any], kind: str
 ) -> None:
+    """A chunk without a length is a protocol warning on the trace, and the
+    server sees what it would see without tracing.
+    """
+
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[Any]:
         start_response("200 OK", TEXT)
         return iter(chunks)
@@ -947,6 +951,11 @@ def test_a_chunk_that_is_not_bytes_is_the_apps_mistake(
 def test_a_str_or_bytes_body_reaches_a_linter_outside_as_it_is(
     exchange: Exchanger, body: str | bytes
 ) -> None:
+    """A str or bytes body is handed on unwrapped, so werkzeug's
+    LintMiddleware outside says what it says without tracing; the trace
+    notes it as a protocol warning.
+    """
+
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
         start_response("200 OK", TEXT)
         return body
