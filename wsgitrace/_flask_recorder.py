@@ -359,7 +359,9 @@ class _AppTracer:
         """Send a Flask signal exactly as Flask does (its errors propagate, as
         in Flask), with Flask's ``response`` or ``exc`` argument when given,
         and record it under ``key``: with the time its receivers took, or as
-        an instant (one clock reading) when it has none at all.
+        an instant (one clock reading) when it has none at all. A send that
+        could call nothing (no receivers, blinker's own ``send``) is not
+        made, as its result would be the same.
         """
         clock = self.clock
         if signal.receivers or "send" in signal.__dict__ or type(signal).send is not _SEND:
