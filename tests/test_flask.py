@@ -325,6 +325,31 @@ class TestTransparency:
         assert int(traced[2]) > 300
         assert re.search(r"plain: +\{'passed': [1-9]\d\d", done.stdout)
 
+    def test_another_flask_version_leaves_flasks_methods_alone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On a Flask version whose request methods the shadows do not mirror,
+        init_app warns and shadows nothing, so the app runs Flask's own code:
+        requests are still traced, hooks are not.
+        """
+        from wsgitrace.exceptions import WsgitraceWarning
+
+        monkeypatch.setattr(wsgitrace_flask, "flask_version", lambda: "3.2.0")
+        plain_log: list[str] = []
+        traced_log: list[str] = []
+        plain, traced = simple_app(plain_log), simple_app(traced_log)
+        with pytest.warns(WsgitraceWarning, match=r"Flask 3\.2\.0, so hooks are not traced"):
+            ext = FlaskTrace(traced)
+        assert not set(wsgitrace_flask._PHASES) & set(vars(traced))
+        assert sorted(ext.skipped) == sorted(wsgitrace_flask._PHASES)
+        for path in ("/", "/admin/?user=admin", "/missing"):
+            assert fetch(traced, path) == fetch(plain, path)
+        assert traced_log == plain_log
+        trace = last(ext)
+        assert trace.path == "/missing"
+        assert trace.hooks() == []
+        assert trace.status_code == 404
+
     @pytest.mark.parametrize("where", ["instance", "class"])
     def test_a_patched_signal_send_is_still_called(
         self, where: str, monkeypatch: pytest.MonkeyPatch

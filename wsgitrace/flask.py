@@ -150,7 +150,9 @@ class FlaskTrace:
 
     @property
     def skipped(self) -> list[str]:
-        """Phases left untraced because the app's class overrides them."""
+        """Phases left untraced because the app's class overrides them (or,
+        on a Flask version other than 3.0 and 3.1, all of them).
+        """
         return [p for t in self._tracers.values() for p in t.skipped]
 
     def init_app(self, app: Flask) -> None:
@@ -163,11 +165,12 @@ class FlaskTrace:
         if existing is not None and existing is not self:
             msg = "this app already has a FlaskTrace (app.extensions['wsgitrace'])"
             raise RuntimeError(msg)
-        version = ".".join(flask_version().split(".")[:2])
-        if version not in _SUPPORTED:
+        if not _phases_supported():
             warnings.warn(
-                f"wsgitrace's hook tracing was written for Flask {', '.join(_SUPPORTED)};"
-                f" this is Flask {flask_version()}: check the traces",
+                f"wsgitrace traces Flask's hooks by mirroring the request methods of"
+                f" Flask {', '.join(_SUPPORTED)}; this is Flask {flask_version()}, so"
+                " hooks are not traced (requests, signals with receivers, templates and"
+                " logs still are)",
                 WsgitraceWarning,
                 stacklevel=2,
             )
@@ -221,7 +224,12 @@ class FlaskTrace:
         if middleware.enabled:
             # Disabled tracing leaves Flask's own methods in place, so the
             # only cost is the middleware's one attribute check.
-            _install_phases(app, tracer)
+            if _phases_supported():
+                _install_phases(app, tracer)
+            else:
+                # Mirroring another version's methods could change what the
+                # app does: they are left to Flask (see init_app's warning).
+                tracer.skipped.extend(_PHASES)
             _connect_receivers(app, tracer)
             if middleware.options.capture_logs:
                 _capture_logs(app, tracer, middleware.options.capture_logs)
@@ -251,6 +259,13 @@ class FlaskTrace:
     def tracer_for(self, app: Flask) -> _AppTracer:
         """The per-app recording state (for diagnostics)."""
         return self._tracers[app]
+
+
+def _phases_supported() -> bool:
+    """Whether this Flask's request methods are those the shadowing phases
+    mirror (Flask 3.0 and 3.1).
+    """
+    return ".".join(flask_version().split(".")[:2]) in _SUPPORTED
 
 
 def flask_version() -> str:
