@@ -90,7 +90,11 @@ class _ForeignEvents(list[tuple[EventKey, int, int, int]]):
     made by :meth:`Trace.record`. Changed only under ``_FOREIGN_LOCK``.
     """
 
-    key_bytes = 0
+    __slots__ = ("key_bytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_bytes = 0
 
 
 def _key_bytes(name: str, attrs: Mapping[str, Any] | None) -> int:
