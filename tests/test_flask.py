@@ -436,43 +436,14 @@ print(sorted(set(sent)))
             )
         )
 
-    def test_app_context_push_and_pop_patched_after_init_app_still_run(
-        self, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("before_init_app", [True, False])
+    def test_app_context_push_and_pop_replaced_by_an_agent_still_run(
+        self, monkeypatch: pytest.MonkeyPatch, before_init_app: bool
     ) -> None:
-        """``AppContext.push``/``pop`` replaced after ``init_app`` (an agent)
-        are what a traced request's app context calls, as without tracing.
-        """
-        from flask.ctx import AppContext
-
-        def run(traced: bool) -> list[str]:
-            app = simple_app([])
-            if traced:
-                FlaskTrace(app)
-            calls: list[str] = []
-            own_push, own_pop = AppContext.push, AppContext.pop
-
-            def push(self: AppContext) -> None:
-                calls.append("push")
-                own_push(self)
-
-            def pop(self: AppContext, *args: Any) -> None:
-                calls.append("pop")
-                own_pop(self, *args)
-
-            with monkeypatch.context() as patched:
-                patched.setattr(AppContext, "push", push)
-                patched.setattr(AppContext, "pop", pop)
-                assert fetch(app, "/")[0] == "200 OK"
-            return calls
-
-        assert run(True) == run(False) == ["push", "pop"]
-
-    def test_app_context_push_and_pop_patched_before_init_app_still_run(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """``AppContext.push``/``pop`` replaced before ``init_app`` (an agent
-        started first) are called too, even with no signal receivers: only
-        Flask's own methods are mirrored.
+        """``AppContext.push``/``pop`` replaced by an agent, before or after
+        ``init_app``, are what a traced request's app context calls, as
+        without tracing (only Flask's own are mirrored), and the appcontext
+        signals are still recorded.
         """
         from flask.ctx import AppContext
 
@@ -487,13 +458,21 @@ print(sorted(set(sent)))
             calls.append("pop")
             own_pop(self, *args)
 
-        monkeypatch.setattr(AppContext, "push", push)
-        monkeypatch.setattr(AppContext, "pop", pop)
-        app = simple_app([])
-        trace = FlaskTrace(app)
-        assert fetch(app, "/")[0] == "200 OK"
+        def replace() -> None:
+            monkeypatch.setattr(AppContext, "push", push)
+            monkeypatch.setattr(AppContext, "pop", pop)
+
+        plain, traced = simple_app([]), simple_app([])
+        if before_init_app:
+            replace()
+        ext = FlaskTrace(traced)
+        if not before_init_app:
+            replace()
+        assert fetch(plain, "/")[0] == "200 OK"
         assert calls == ["push", "pop"]
-        names = [e.name for e in trace.buffer.latest(1)[0].events]
+        assert fetch(traced, "/")[0] == "200 OK"
+        assert calls == ["push", "pop"] * 2
+        names = [e.name for e in last(ext).events]
         assert "signal:appcontext-pushed" in names
         assert "signal:appcontext-popped" in names
 
