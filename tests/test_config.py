@@ -37,6 +37,12 @@ class TestResolveOptions:
             assert spec.default == fields[name], name
             assert spec.help
 
+    def test_the_token_is_not_in_the_repr(self) -> None:
+        """``repr(options)`` never shows the endpoint's token."""
+        options = resolve_options({"token": "s3cr3t-token"}, None, {})
+        assert options.token == "s3cr3t-token"
+        assert "s3cr3t" not in repr(options)
+
     def test_env_names(self) -> None:
         """Each option maps to a WSGITRACE_* name."""
         assert env_name("max_traces") == "WSGITRACE_MAX_TRACES"

@@ -196,7 +196,8 @@ class Options:
     capture_logs: int = 50
     endpoint: bool | None = None
     prefix: str = "/_trace"
-    token: str | None = None
+    #: Left out of the ``repr``: a secret is never logged or echoed.
+    token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     allow: tuple[Any, ...] = field(default=())
     hosts: tuple[str, ...] = ()
@@ -257,7 +258,7 @@ def resolve_options(
 ) -> Options:
     """Merge keywords, Flask config and environment into :class:`Options`.
 
-    :raises ConfigurationError: unknown keyword or bad value.
+    :raise ConfigurationError: An unknown keyword or setting, or a bad value.
     """
     unknown = set(keywords) - set(OPTION_SPECS)
     if unknown:
