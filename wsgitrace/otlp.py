@@ -92,7 +92,7 @@ class OtlpSink:
     :param resource_attributes: Added to the resource, which the SDK builds
         from ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``.
 
-    :raises ConfigurationError: the ``otlp`` extra is not installed.
+    :raise ConfigurationError: the ``otlp`` extra is not installed.
 
     .. versionadded:: 0.1
     """
@@ -140,7 +140,7 @@ class OtlpSink:
     def write(self, traces: Sequence[Trace]) -> None:
         """Turn the traces into spans and export them in one request.
 
-        :raises WsgitraceError: the exporter reported a failure.
+        :raise WsgitraceError: the exporter reported a failure.
         """
         from opentelemetry.sdk.trace.export import SpanExportResult
 

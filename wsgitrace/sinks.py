@@ -373,7 +373,7 @@ def build_sinks(options: Options) -> SinkDispatcher | None:
     """The dispatcher for the sinks ``options`` ask for (``store``,
     ``otlp``), or ``None`` when there are none.
 
-    :raises ConfigurationError: a sink cannot be set up (e.g. the ``otlp``
+    :raise ConfigurationError: a sink cannot be set up (e.g. the ``otlp``
         extra is not installed).
     """
     sinks: list[Sink] = []

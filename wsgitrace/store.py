@@ -212,7 +212,7 @@ class TraceStore:
     def write(self, traces: Sequence[Trace]) -> None:
         """Insert finished traces (one transaction), then prune to the caps.
 
-        :raises StoreError: the file cannot be used now; the batch is lost.
+        :raise StoreError: the file cannot be used now; the batch is lost.
         """
         rows = [_row(trace) for trace in traces]
         self._check_pid()

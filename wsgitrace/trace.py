@@ -205,14 +205,17 @@ class Event:
 
     @property
     def start_ms(self) -> float:
+        """Start, in milliseconds from the start of the request."""
         return self.start_ns / 1e6
 
     @property
     def duration_ms(self) -> float:
+        """Duration in milliseconds (0 for instants)."""
         return self.duration_ns / 1e6
 
     @property
     def end_ns(self) -> int:
+        """End, in nanoseconds from the start of the request."""
         return self.start_ns + self.duration_ns
 
     def to_dict(self) -> dict[str, Any]:
@@ -508,6 +511,7 @@ class Trace:
 
     @property
     def limits(self) -> TraceLimits:
+        """The caps this trace was recorded under."""
         return self._limits
 
     def set_raw_response_headers(
@@ -701,6 +705,9 @@ class Trace:
 
     @property
     def status_code(self) -> int | None:
+        """The status as a number (``404``), or ``None`` before
+        ``start_response`` or when the status line does not start with one.
+        """
         if not self.status:
             return None
         try:
@@ -710,15 +717,22 @@ class Trace:
 
     @property
     def duration_ns(self) -> int | None:
+        """From the request's start until its response was closed, or
+        ``None`` while it is in progress.
+        """
         return None if self.end_ns is None else self.end_ns - self.start_ns
 
     @property
     def duration_ms(self) -> float | None:
+        """:attr:`duration_ns` in milliseconds, or ``None``."""
         d = self.duration_ns
         return None if d is None else d / 1e6
 
     @property
     def ttfb_ms(self) -> float | None:
+        """Milliseconds from the request's start to its first non-empty body
+        chunk, or ``None`` when none was sent yet.
+        """
         if self.first_byte_ns is None:
             return None
         return (self.first_byte_ns - self.start_ns) / 1e6
