@@ -100,6 +100,11 @@ def _run(exchange: Exchanger, clock: FakeClock, path: str) -> tuple[Trace, list[
     return trace, sent.log
 
 
+def test_span_repr_shows_its_name_and_attributes() -> None:
+    """repr(span) reads like the call that made it."""
+    assert repr(span("db", table="users")) == "span('db', table='users')"
+
+
 def test_current_trace_is_none_outside_a_request() -> None:
     assert current_trace() is None
 

@@ -151,6 +151,14 @@ class TestSetUp:
         assert fetch(app)[2] == b"hi guest"
         assert last(ext).hooks() == SIMPLE_HOOKS
 
+    def test_repr_names_the_apps(self) -> None:
+        """repr() lists the names of the apps the extension traces."""
+        ext = FlaskTrace()
+        assert repr(ext) == "<FlaskTrace no app>"
+        app = simple_app()
+        ext.init_app(app)
+        assert repr(ext) == f"<FlaskTrace {app.name!r}>"
+
     def test_factory_pattern(self) -> None:
         """ext = FlaskTrace(); ext.init_app(app) inside a factory works the same."""
         ext = FlaskTrace(max_events=100)

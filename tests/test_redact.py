@@ -147,6 +147,11 @@ def test_redaction_off_entirely_keeps_values(exchange: Exchanger) -> None:
 
 
 class TestRedactor:
+    def test_repr_shows_the_lists(self) -> None:
+        """repr() shows the header names and key fragments in use."""
+        redactor = Redactor(headers=["X-Secret"], patterns=["pin"])
+        assert repr(redactor) == "<Redactor headers=['x-secret'] patterns=['pin']>"
+
     @pytest.mark.parametrize(
         "name",
         [

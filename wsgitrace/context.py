@@ -100,6 +100,10 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
 
             report_internal_error("span", trace)
 
+    def __repr__(self) -> str:
+        attrs = "".join(f", {k}={v!r}" for k, v in self.attrs.items())
+        return f"span({self.name!r}{attrs})"
+
     def __call__(self, func: F) -> F:
         if inspect.iscoroutinefunction(func):
 

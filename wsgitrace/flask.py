@@ -256,6 +256,10 @@ class FlaskTrace:
             raise ConfigurationError(msg)
         self._record_hooks(app, middleware)
 
+    def __repr__(self) -> str:
+        apps = [app.name for app in list(self._tracers)]
+        return f"<FlaskTrace {', '.join(map(repr, apps)) or 'no app'}>"
+
     def tracer_for(self, app: Flask) -> _AppTracer:
         """The per-app recording state (for diagnostics)."""
         return self._tracers[app]

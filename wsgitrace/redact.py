@@ -113,6 +113,9 @@ class Redactor:
         )
         self._memo: dict[str, bool] = {}
 
+    def __repr__(self) -> str:
+        return f"<Redactor headers={sorted(self.headers)!r} patterns={list(self.patterns)!r}>"
+
     def is_secret(self, name: str) -> bool:
         """Whether a header, query, form or session key's value is redacted."""
         decision = self._memo.get(name)
