@@ -196,11 +196,12 @@ class TestSetUp:
         assert last(ext).hooks() == SIMPLE_HOOKS
 
     def test_second_extension_for_one_app_is_refused(self) -> None:
-        """Only one FlaskTrace per app."""
+        """Only one FlaskTrace per app; the error names the app."""
         app = simple_app()
         FlaskTrace(app)
-        with pytest.raises(RuntimeError, match="already has a FlaskTrace"):
+        with pytest.raises(RuntimeError, match="already has a FlaskTrace") as caught:
             FlaskTrace(app)
+        assert str(caught.value).startswith(repr(app))
 
     def test_config_keys_and_keywords_win(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Options come from WSGITRACE_* config keys, keywords beat config,

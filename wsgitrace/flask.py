@@ -158,12 +158,18 @@ class FlaskTrace:
     def init_app(self, app: Flask) -> None:
         """Install tracing on ``app``. Calling it again for the same app does
         nothing.
+
+        :param app: The Flask app; its ``WSGITRACE_*`` config is read now.
+        :raise RuntimeError: Another ``FlaskTrace`` already traces ``app``.
+        :raise ConfigurationError: A bad option or ``WSGITRACE_*`` setting, or
+            options given here for an app whose ``wsgi_app`` is already a
+            :class:`~wsgitrace.TraceMiddleware`.
         """
         existing = app.extensions.get("wsgitrace")
         if existing is self and app in self._tracers:
             return
         if existing is not None and existing is not self:
-            msg = "this app already has a FlaskTrace (app.extensions['wsgitrace'])"
+            msg = f"{app!r} already has a FlaskTrace (app.extensions['wsgitrace'])"
             raise RuntimeError(msg)
         if not _phases_supported():
             warnings.warn(

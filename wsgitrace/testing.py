@@ -90,11 +90,12 @@ class TraceCapture:
     A trace is here as soon as the app call returns, still in progress until
     its response is closed (test clients never close one), so :attr:`last`
     sees it at once. :attr:`last` and :meth:`wait` fail through
-    ``pytest.fail`` when pytest is loaded, and raise :exc:`AssertionError`
-    otherwise.
+    ``pytest.fail`` in a pytest run with the wsgitrace plugin, and raise
+    :exc:`AssertionError` otherwise (pytest merely imported does not count).
 
     :param max_traces: Traces kept; older ones are dropped and counted in
         :attr:`dropped`.
+    :raise ValueError: ``max_traces`` is not a positive integer.
     """
 
     def __init__(self, *, max_traces: int = 1000) -> None:
@@ -230,6 +231,12 @@ class TraceCapture:
         :class:`~wsgitrace.flask.FlaskTrace` with ``options`` unless it has
         one, and return the extension. Apps traced some other way are captured
         too; this is for apps the test did not set up itself.
+
+        :param app: The Flask app.
+        :param options: Options for a new :class:`~wsgitrace.flask.FlaskTrace`
+            (unused when the app has one).
+        :return: The app's ``FlaskTrace``.
+        :raise TypeError: ``app`` is not a Flask app.
         """
         from flask import Flask
 
@@ -317,6 +324,7 @@ def capture_traces(*, max_traces: int = 1000) -> Iterator[TraceCapture]:
     request still running from an earlier test is not mixed in.
 
     :param max_traces: See :class:`TraceCapture`.
+    :raise ValueError: ``max_traces`` is not a positive integer.
     """
     capture = TraceCapture(max_traces=max_traces)
     listener = capture._on_trace
