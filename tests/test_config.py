@@ -43,6 +43,26 @@ class TestResolveOptions:
         assert options.token == "s3cr3t-token"
         assert "s3cr3t" not in repr(options)
 
+    def test_the_readme_table_lists_every_option(self) -> None:
+        """The README's Configuration table has one row per option, with its
+        WSGITRACE_* name and its default."""
+        readme = Path(__file__).parent.parent / "README.md"
+        rows = {
+            m[1]: (m[2], m[3])
+            for m in re.finditer(
+                r"^\| `(\w+)` \| `(WSGITRACE_\w+)` \| (.*?) \|", readme.read_text(), re.M
+            )
+        }
+        assert set(rows) == set(OPTION_SPECS)
+        for name, spec in OPTION_SPECS.items():
+            setting, default = rows[name]
+            assert setting == env_name(name)
+            if spec.default in (None, ()):
+                assert default in ("(none)", "auto"), name
+            else:
+                shown = spec.default[0] if isinstance(spec.default, tuple) else spec.default
+                assert default.startswith(f"`{shown}`"), name
+
     def test_env_names(self) -> None:
         """Each option maps to a WSGITRACE_* name."""
         assert env_name("max_traces") == "WSGITRACE_MAX_TRACES"

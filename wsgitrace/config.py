@@ -138,8 +138,9 @@ class _Spec:
     help: str
 
 
-#: Every option: parser, default and one line of help. The README's table is
-#: made from this.
+#: Every option: parser, default and one line of help. The README's
+#: Configuration table lists each one, with its ``WSGITRACE_*`` name and
+#: default (``tests/test_config.py`` checks they agree).
 OPTION_SPECS: dict[str, _Spec] = {
     "enabled": _Spec(_bool, True, "Trace at all; off costs one attribute check per request."),
     "max_traces": _Spec(_positive_int, 1000, "Traces kept in the ring buffer."),
