@@ -432,6 +432,25 @@ class TestTraceStore:
             TraceStore(db, create=False).latest()
         assert not Path(db).exists()
 
+    @pytest.mark.parametrize("how", ["deleted", "replaced"])
+    def test_a_deleted_or_replaced_file_is_written_and_read_anew(self, db: str, how: str) -> None:
+        """``rm`` (to clear it) or a new file at the path while a worker has
+        the store open: the next writes go to the file at the path, where
+        ``tail --store`` and the other workers find them, not to the old one.
+        """
+        writer = TraceStore(db)
+        reader = TraceStore(db, create=False)
+        writer.write(make_traces("/old"))
+        assert [t.path for t in reader.latest()] == ["/old"]
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
+        if how == "replaced":
+            TraceStore(db).write(make_traces("/other"))
+        writer.write(make_traces("/new"))
+        expected = ["/new"] if how == "deleted" else ["/new", "/other"]
+        assert [t.path for t in TraceStore(db, create=False).latest()] == expected
+        assert [t.path for t in reader.latest()] == expected
+
     def test_several_processes_write_one_file(self, db: str) -> None:
         """Processes writing at once: every trace once, cursors 1..N in order."""
         script = textwrap.dedent(

@@ -161,6 +161,9 @@ class TraceStore:
         self._pid = os.getpid()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # (device, inode) of the file each connection opened.
+        self._writer_file: tuple[int, int] | None = None
+        self._reader_file: tuple[int, int] | None = None
         self._read_lock = threading.Lock()
         self._wake = threading.Event()
         self._retry_at = 0.0
@@ -216,6 +219,12 @@ class TraceStore:
         """
         rows = [_row(trace) for trace in traces]
         self._check_pid()
+        if self._writer is not None and _file_id(self.path) != self._writer_file:
+            # Deleted (to clear it) or replaced: what is written to the old
+            # file is lost to every reader, so write to the new one.
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+            self._writer = None
         now = time.monotonic()
         if self._writer is None:
             if now < self._retry_at:
@@ -224,6 +233,7 @@ class TraceStore:
                 raise StoreError(msg, self.path)
             try:
                 self._writer = self._connect_writer()
+                self._writer_file = _file_id(self.path)
             except StoreError:
                 self._lost += len(rows)
                 # From when it failed: waiting out a lock may take longer
@@ -343,8 +353,14 @@ class TraceStore:
     def _read(self, doing: str = "read traces") -> Iterator[sqlite3.Connection]:
         self._check_pid()
         with self._read_lock:
+            if self._reader is not None and _file_id(self.path) != self._reader_file:
+                # Deleted or replaced: read the file the writers now use.
+                with contextlib.suppress(sqlite3.Error):
+                    self._reader.close()
+                self._reader = None
             if self._reader is None:
                 self._reader = _connect(self.path, self.timeout, create=self.create)
+                self._reader_file = _file_id(self.path)
             try:
                 yield self._reader
             except sqlite3.Error as exc:
@@ -451,6 +467,15 @@ class TraceStore:
 
     def __repr__(self) -> str:
         return f"<TraceStore {self.path!r} max_traces={self.max_traces}>"
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``, ``None`` when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _summary_keys: list[str] = []
