@@ -217,6 +217,28 @@ class TestSinkDispatcher:
                 dispatcher.close()
         assert all(sink.closed for sink in sinks)
 
+    def test_close_is_bounded_and_never_runs_during_a_write(
+        self, wait_for: Callable[..., Any]
+    ) -> None:
+        """close() returns within its timeout while a write hangs (a store
+        waiting out a lock at exit); the sink is closed by its thread once the
+        write returns, never under it.
+        """
+        sink = HangingSink()
+        closed_during_write: list[bool] = []
+        sink.close = lambda: closed_during_write.append(not sink.release.is_set())  # type: ignore[method-assign]
+        dispatcher = SinkDispatcher([sink])
+        dispatcher.start()
+        dispatcher.submit(make_traces(1)[0])
+        assert sink.entered.wait(5)
+        started = time.monotonic()
+        dispatcher.close(timeout=0.2)
+        assert time.monotonic() - started < 2
+        assert closed_during_write == []
+        sink.release.set()
+        wait_for(lambda: closed_during_write == [False], timeout=5)
+        assert len(sink.traces) == 1
+
     def test_submit_from_a_finalizer(self, dispatchers: list[SinkDispatcher]) -> None:
         """submit() works inside __del__ during a garbage collection."""
         sink = ListSink()

@@ -117,6 +117,11 @@ class _SinkWorker:
         self.queue: deque[Trace] = deque()
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
+        # The stop event of the thread that ended last, and whether that
+        # thread is to close the sink (close() timed out waiting for it).
+        self.ended: threading.Event | None = None
+        self.close_at_end = False
+        self.end_lock = threading.Lock()
         self.busy = False
         self.closed = False
         self.delivered = 0
@@ -208,10 +213,29 @@ class _SinkWorker:
             self.deliver()
         return not self.queue
 
+    def close_sink(self, deadline: float) -> None:
+        """Close the sink once its thread has ended, waiting for it until
+        ``deadline``; past that (a write still running), the thread closes it
+        when its write returns, so ``close`` never runs during a ``write``.
+        """
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            with self.end_lock:
+                if thread.is_alive() and self.ended is not self.stop:
+                    self.close_at_end = True
+                    return
+        # A child that never wrote must not close the parent's connections.
+        self.drop_inherited()
+        self.sink.close()
+
     def after_fork(self) -> None:
         self.queue = deque()
         self.thread = None
         self.stop = threading.Event()
+        self.end_lock = threading.Lock()
+        self.ended = None
+        self.close_at_end = False
         self.busy = False
         # This process's counts start at zero (the parent keeps its own).
         self.dropped = self.reported = self.delivered = self.failed = 0
@@ -245,6 +269,14 @@ def _run_worker(ref: weakref.ref[_SinkWorker], stop: threading.Event, poll: floa
             if worker is not None:
                 while worker.deliver():
                     pass
+                with worker.end_lock:
+                    worker.ended = stop
+                    if worker.close_at_end:
+                        try:
+                            worker.drop_inherited()
+                            worker.sink.close()
+                        except Exception:
+                            logger.exception("wsgitrace: closing sink %s failed", worker.name)
             return
 
 
@@ -318,17 +350,18 @@ class SinkDispatcher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush, stop the threads, and close every sink, even when one of
-        them fails; then raise what failed.
+        them fails; then raise what failed. Returns within ``timeout``: a
+        sink still writing then is closed by its thread once the write returns.
         """
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         errors = _CollectErrors()
         for worker in self._workers:
             worker.closed = True
             worker.stop.set()
+        for worker in self._workers:
             with errors:
-                # A child that never wrote must not close the parent's connections.
-                worker.drop_inherited()
-                worker.sink.close()
+                worker.close_sink(deadline)
         self.running = False
         _dispatchers.discard(self)
         errors.raise_any("closing wsgitrace sinks failed")
