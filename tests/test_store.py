@@ -451,6 +451,20 @@ class TestTraceStore:
         assert [t.path for t in TraceStore(db, create=False).latest()] == expected
         assert [t.path for t in reader.latest()] == expected
 
+    def test_a_replaced_file_has_a_new_instance_for_readers(self, db: str) -> None:
+        """A reader that knew the old file's instance sees the new file's,
+        so that ``tail --store`` knows the cursors restarted and skips none.
+        """
+        TraceStore(db).write(make_traces("/old"))
+        reader = TraceStore(db, create=False)
+        old = reader.instance
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
+        new = TraceStore(db)
+        new.write(make_traces("/new"))
+        assert reader.instance == new.instance != old
+        assert reader.cursor == 1
+
     def test_several_processes_write_one_file(self, db: str) -> None:
         """Processes writing at once: every trace once, cursors 1..N in order."""
         script = textwrap.dedent(

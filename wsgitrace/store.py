@@ -354,10 +354,12 @@ class TraceStore:
         self._check_pid()
         with self._read_lock:
             if self._reader is not None and _file_id(self.path) != self._reader_file:
-                # Deleted or replaced: read the file the writers now use.
+                # Deleted or replaced: read the file the writers now use, and
+                # its id, so that readers see its cursors restarted.
                 with contextlib.suppress(sqlite3.Error):
                     self._reader.close()
                 self._reader = None
+                self._instance = None
             if self._reader is None:
                 self._reader = _connect(self.path, self.timeout, create=self.create)
                 self._reader_file = _file_id(self.path)
@@ -381,11 +383,12 @@ class TraceStore:
     @property
     def instance(self) -> str:
         """A random id of the store, the same in every process that reads it."""
-        if self._instance is None:
-            with self._read() as conn:
+        # Through _read() even when known: it forgets the id of a replaced file.
+        with self._read() as conn:
+            if self._instance is None:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
-            self._instance = str(row[0]) if row else ""
-        return self._instance
+                self._instance = str(row[0]) if row else ""
+            return self._instance
 
     @property
     def dropped(self) -> int:
