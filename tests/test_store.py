@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 
-from wsgitrace import StoreError, Trace, TraceMiddleware
+from wsgitrace import ConfigurationError, StoreError, Trace, TraceMiddleware
 from wsgitrace import store as store_module
 from wsgitrace._store_file import _transaction
 from wsgitrace.store import STORE_SCHEMA_VERSION, TraceStore
@@ -114,6 +115,24 @@ def _locked(db: str, how: str = "IMMEDIATE") -> Iterator[None]:
 
 
 class TestTraceStore:
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"max_traces": 0}, "max_traces must be a positive integer, got 0"),
+            ({"max_bytes": -5}, "max_bytes must be a positive integer, got -5"),
+            ({"max_traces": True}, "max_traces must be a positive integer, got True"),
+            ({"timeout": 0}, "timeout must be a positive number of seconds, got 0"),
+            ({"timeout": float("nan")}, "timeout must be a positive number of seconds, got nan"),
+        ],
+    )
+    def test_bad_limits_are_refused(self, db: str, options: dict[str, Any], message: str) -> None:
+        """Limits that could never hold are a configuration error, as they
+        are for the buffer and for the options that reach the store.
+        """
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            TraceStore(db, **options)
+        assert not Path(db).exists()
+
     def test_round_trip_keeps_ids_and_data(self, db: str) -> None:
         """A stored trace reads back as it was, ids kept, store cursors."""
         traces = make_traces("/a", "/b", "/c")

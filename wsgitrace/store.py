@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._store_file import STORE_SCHEMA_VERSION, _connect, _store_error, _transaction
-from .exceptions import StoreError
+from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -138,6 +138,8 @@ class TraceStore:
     :param create: Make the file and its tables when missing (readers such
         as ``wsgitrace tail --store`` pass false).
     :param timeout: Seconds to wait for a lock held by another process.
+    :raise ConfigurationError: A limit that is not a positive integer, or a
+        timeout that is not a positive number.
 
     .. versionadded:: 0.1
     """
@@ -153,6 +155,13 @@ class TraceStore:
         create: bool = True,
         timeout: float = 5.0,
     ) -> None:
+        for name, value in (("max_traces", max_traces), ("max_bytes", max_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ConfigurationError(msg)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            msg = f"timeout must be a positive number of seconds, got {timeout!r}"
+            raise ConfigurationError(msg)
         self.path = os.fspath(path)
         self.max_traces = max_traces
         self.max_bytes = max_bytes
