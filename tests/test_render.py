@@ -327,6 +327,17 @@ class TestTimeline:
             build_timeline(trace, full=True), width=100
         )
 
+    def test_narrow_width_wraps_event_names_without_losing_text(self) -> None:
+        """On a terminal narrower than the fixed columns plus 16, a long
+        event name wraps in the room there is; none of it is cut off.
+        """
+        trace = make_trace()
+        text = render_text(build_timeline(trace, bar_width=8), width=40)
+        assert all(len(line) <= 40 for line in text.splitlines())
+        rows = text.split("EVENT\n", 1)[1]
+        joined = "".join(line[27:] for line in rows.splitlines())
+        assert "before_request:admin.require_admin" in joined
+
     def test_render_text_has_no_escape_codes(self) -> None:
         """Plain rendering has no colour codes and no trailing spaces."""
         text = render_text(build_timeline(make_trace(), full=True), width=80)

@@ -391,7 +391,8 @@ class _Waterfall:
         self.lead = 8 + 1 + 8 + 1 + bar_width + 1
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        room = max(16, options.max_width - self.lead)
+        # Never more room than the line has: ``out`` crops, it would cut text.
+        room = max(1, options.max_width - self.lead)
         indent = " " * self.lead
         out = Text(no_wrap=True, overflow="crop", end="")
         out.append(f"{'START':>8} {'DUR':>8} {'':<{self.bar_width}} EVENT\n", style="bold")
