@@ -184,6 +184,26 @@ class TestTraceTable:
         assert all(len(line) <= 80 for line in text.splitlines())
         assert "…" in text
 
+    @pytest.mark.parametrize(
+        ("width", "columns"),
+        [
+            (71, ["TIME", "METHOD", "PATH", "ST", "DUR", "TTFB", "BYTES", "HOOKS"]),
+            (64, ["TIME", "METHOD", "PATH", "ST", "DUR", "TTFB", "BYTES"]),
+            (60, ["TIME", "METHOD", "PATH", "ST", "DUR", "TTFB"]),
+            (40, ["METHOD", "PATH", "ST", "DUR"]),
+        ],
+    )
+    def test_narrow_width_leaves_columns_out(self, width: int, columns: list[str]) -> None:
+        """On a narrow terminal the least useful columns go, so the status
+        and the duration stay whole (rich would squeeze them to nothing).
+        """
+        trace = make_trace(status="503 SERVICE UNAVAILABLE")
+        table = build_trace_table([trace], width=width)
+        header, row = render_text(table, width=width).splitlines()[:2]
+        assert header.split() == columns
+        assert "503" in row.split()
+        assert "12.0ms" in row.split()
+
     def test_id_column_on_request(self) -> None:
         """show_id adds the trace id, for `wsgitrace show`."""
         trace = make_trace()

@@ -95,9 +95,11 @@ class _HumanView(_View):
         show_id = console.width >= 110
         if not self.verbose:
             if not self._header_done:
-                console.print(build_trace_table([], show_id=show_id))
+                console.print(build_trace_table([], show_id=show_id, width=console.width))
                 self._header_done = True
-            console.print(build_trace_table(items, show_header=False, show_id=show_id))
+            console.print(
+                build_trace_table(items, show_header=False, show_id=show_id, width=console.width)
+            )
         else:
             bar_width = max(8, min(24, (console.width - 60) // 2))
             for item in items:

@@ -24,7 +24,7 @@ import io
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
@@ -210,6 +210,7 @@ def build_trace_table(
     *,
     show_header: bool = True,
     show_id: bool = False,
+    width: int | None = None,
 ) -> Table:
     """One row per trace: time, method, path, status, duration, time to
     first byte, bytes, hook count (and id).
@@ -220,6 +221,10 @@ def build_trace_table(
     :param traces: Traces, or summaries as listed by ``/_trace``.
     :param show_header: Print the column names.
     :param show_id: Add the trace id (wants about 110 columns).
+    :param width: The width the table will be printed at. Columns that do
+        not fit are left out, HOOKS first, then BYTES, TTFB and TIME, so
+        that on a narrow terminal the status and duration stay readable
+        (rich would squeeze every column, the status to nothing).
     """
     table = Table(
         box=None,
@@ -229,32 +234,64 @@ def build_trace_table(
         expand=True,
         padding=(0, 1),
     )
-    table.add_column("TIME", width=8, no_wrap=True, style="dim")
-    table.add_column("METHOD", width=7, no_wrap=True, overflow="ellipsis")
-    table.add_column("PATH", ratio=1, min_width=12, no_wrap=True, overflow="ellipsis")
-    table.add_column("ST", width=3, no_wrap=True)
-    table.add_column("DUR", width=8, justify="right", no_wrap=True)
-    table.add_column("TTFB", width=8, justify="right", no_wrap=True)
-    table.add_column("BYTES", width=6, justify="right", no_wrap=True)
-    table.add_column("HOOKS", width=5, justify="right", no_wrap=True)
-    if show_id:
-        table.add_column("ID", width=20, no_wrap=True, overflow="ellipsis", style="dim")
+    shown = set(_TABLE_COLUMNS)
+    if not show_id:
+        shown.discard("ID")
+    if width is not None:
+        for name in _TABLE_OPTIONAL:
+            if _table_width(shown) <= width:
+                break
+            shown.discard(name)
+    for name, (column_width, justify) in _TABLE_COLUMNS.items():
+        if name not in shown:
+            continue
+        if name == "PATH":
+            table.add_column(name, ratio=1, min_width=12, no_wrap=True, overflow="ellipsis")
+        else:
+            table.add_column(
+                name,
+                width=column_width,
+                justify=justify,
+                no_wrap=True,
+                overflow="ellipsis",
+                style="dim" if name in ("TIME", "ID") else "",
+            )
     for item in traces:
         summary = summary_of(item)
-        row = [
-            Text(_clock(summary.get("time"))),
-            _text(summary.get("method") or "-", "bold"),
-            _path_text(summary),
-            _status_text(summary),
-            Text(format_ms(summary.get("duration_ms"))),
-            Text(format_ms(summary.get("ttfb_ms")), style="dim"),
-            Text(format_bytes(summary.get("bytes"))),
-            Text(str(summary.get("hooks") or 0)),
-        ]
-        if show_id:
-            row.append(_text(summary.get("id") or ""))
-        table.add_row(*row)
+        cells = {
+            "TIME": Text(_clock(summary.get("time"))),
+            "METHOD": _text(summary.get("method") or "-", "bold"),
+            "PATH": _path_text(summary),
+            "ST": _status_text(summary),
+            "DUR": Text(format_ms(summary.get("duration_ms"))),
+            "TTFB": Text(format_ms(summary.get("ttfb_ms")), style="dim"),
+            "BYTES": Text(format_bytes(summary.get("bytes"))),
+            "HOOKS": Text(str(summary.get("hooks") or 0)),
+            "ID": _text(summary.get("id") or ""),
+        }
+        table.add_row(*(cell for name, cell in cells.items() if name in shown))
     return table
+
+
+#: The trace table's columns: width (the path's least) and justification.
+_TABLE_COLUMNS: dict[str, tuple[int, Literal["left", "right"]]] = {
+    "TIME": (8, "left"),
+    "METHOD": (7, "left"),
+    "PATH": (12, "left"),
+    "ST": (3, "left"),
+    "DUR": (8, "right"),
+    "TTFB": (8, "right"),
+    "BYTES": (6, "right"),
+    "HOOKS": (5, "right"),
+    "ID": (20, "left"),
+}
+#: The columns a narrow table leaves out, first to last.
+_TABLE_OPTIONAL = ("ID", "HOOKS", "BYTES", "TTFB", "TIME")
+
+
+def _table_width(shown: set[str]) -> int:
+    """The least width of a table with these columns (two spaces between)."""
+    return sum(_TABLE_COLUMNS[name][0] + 2 for name in shown) - 2
 
 
 # -- the timeline -------------------------------------------------------------
