@@ -129,6 +129,12 @@ class TestFormatting:
             (123.44, "123.4ms"),
             (2500, "2.50s"),
             (250_000, "250s"),
+            (0.0005, "<1µs"),
+            (0.001, "1µs"),
+            (0.9996, "1.00ms"),
+            (9.996, "10.0ms"),
+            (999.96, "1.00s"),
+            (99_999.9, "100s"),
         ],
     )
     def test_format_ms(self, value: float | None, expected: str) -> None:

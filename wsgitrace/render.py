@@ -132,15 +132,17 @@ def format_ms(value: float | None) -> str:
     """
     if value is None:
         return "…"
-    if value < 0.0005:
+    # Each unit is chosen by the value as it will be shown, rounded: 500ns
+    # is not "0µs", nor 999.96ms "1000.0ms".
+    if value < 0.001:
         return "<1µs"
-    if value < 1:
+    if round(value * 1000) < 1000:
         return f"{value * 1000:.0f}µs"
-    if value < 10:
+    if round(value, 2) < 10:
         return f"{value:.2f}ms"
-    if value < 1000:
+    if round(value, 1) < 1000:
         return f"{value:.1f}ms"
-    if value < 100_000:
+    if round(value / 1000, 2) < 100:
         return f"{value / 1000:.2f}s"
     return f"{value / 1000:.0f}s"
 
