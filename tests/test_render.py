@@ -364,6 +364,23 @@ class TestTimeline:
         joined = "".join(line[27:] for line in rows.splitlines())
         assert "before_request:admin.require_admin" in joined
 
+    def test_late_start_offsets_keep_the_columns_aligned(self) -> None:
+        """An event 10 seconds or more into a long request (a stream) keeps
+        its start in the 8 columns, with fewer decimals, so the duration
+        and bar columns stay aligned.
+        """
+        trace = make_trace(duration_ms=200_000)
+        start = trace.start_ns
+        trace.record("span", "span:late", start + 12_345_678_901, start + 12_345_679_901)
+        trace.record("span", "span:later", start + 150_000 * MS, start + 151_000 * MS)
+        lines = render_text(build_timeline(trace), width=100).splitlines()
+        late = next(line for line in lines if line.endswith("span:late"))
+        later = next(line for line in lines if line.endswith("span:later"))
+        first = next(line for line in lines if line.endswith("request"))
+        assert late[:18] == "12345.68      1µs "
+        assert later[:18] == "150000.0    1.00s "
+        assert late.index("span:late") == later.index("span:later") == first.index("request") + 2
+
     def test_render_text_has_no_escape_codes(self) -> None:
         """Plain rendering has no colour codes and no trailing spaces."""
         text = render_text(build_timeline(make_trace(), full=True), width=80)

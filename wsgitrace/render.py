@@ -451,13 +451,25 @@ class _Waterfall:
         yield out
 
 
+def _start(value: float) -> str:
+    """An event's start offset in milliseconds, in the 8 columns it has:
+    fewer decimals once it is 10 seconds or later.
+    """
+    text = ""
+    for decimals in (3, 2, 1, 0):
+        text = f"{value:.{decimals}f}"
+        if len(text) <= 8:
+            break
+    return text
+
+
 def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
     events = trace.events
     total = trace.duration_ns or max((e.end_ns for e in events), default=0)
     rows = []
     for event, depth in zip(events, _depths(events), strict=True):
         style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "")
-        prefix = Text(f"{event.start_ms:>8.3f} ", style="dim")
+        prefix = Text(f"{_start(event.start_ms):>8} ", style="dim")
         duration = format_ms(event.duration_ms) if event.duration_ns else ""
         prefix.append(f"{duration:>8} ", style="dim")
         bar = _bar(event, total, bar_width)
