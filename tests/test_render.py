@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 from flask import Blueprint, Flask, g
@@ -380,6 +381,28 @@ class TestTimeline:
         assert late[:18] == "12345.68      1µs "
         assert later[:18] == "150000.0    1.00s "
         assert late.index("span:late") == later.index("span:later") == first.index("request") + 2
+
+    def test_other_threads_events_are_marked_not_nested(self) -> None:
+        """An event another thread recorded during the view is labelled
+        with its thread and not indented under the view, as if the view
+        had called it; read back from JSON it renders the same.
+        """
+        trace = Trace("GET", "/x", clock=StepClock())
+        start = trace.start_ns
+        trace.record("view", "view:index", start + 1 * MS, start + 4 * MS)
+        worker = threading.Thread(
+            target=trace.record, args=("span", "span:job", start + 2 * MS, start + 3 * MS)
+        )
+        worker.start()
+        worker.join()
+        trace.status, trace.end_ns, trace.finished = "200 OK", start + 5 * MS, True
+        for shown in (trace, Trace.from_dict(trace.to_dict())):
+            lines = render_text(build_timeline(shown), width=100).splitlines()
+            view = next(line for line in lines if "view:index" in line)
+            job = next(line for line in lines if "span:job" in line)
+            assert job.index("span:job") == view.index("view:index")
+            assert job.endswith("span:job  [thread 2]")
+            assert "[thread" not in view
 
     def test_render_text_has_no_escape_codes(self) -> None:
         """Plain rendering has no colour codes and no trailing spaces."""

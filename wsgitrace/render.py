@@ -340,19 +340,30 @@ def _short_type(name: str) -> str:
     return name.removeprefix("builtins.")
 
 
-def _depths(events: list[Event]) -> list[int]:
-    """Nesting depth of each event (an event inside an earlier, longer one)."""
-    stack: list[Event] = []
+def _depths(events: list[Event], thread: int) -> list[int]:
+    """Nesting depth of each event (an event inside an earlier, longer one
+    of the same thread). Another thread's events did not run inside the
+    request thread's: they nest under the request only, at depth 1.
+    """
+    stacks: dict[int, list[Event]] = {}
     depths = []
     for event in events:
+        stack = stacks.setdefault(event.thread, [])
         while stack and not (
             event.start_ns >= stack[-1].start_ns and event.end_ns <= stack[-1].end_ns
         ):
             stack.pop()
-        depths.append(min(len(stack), 8))
+        depths.append(min(len(stack) + (event.thread != thread), 8))
         if event.duration_ns > 0:
             stack.append(event)
     return depths
+
+
+def _request_thread(trace: Trace, events: list[Event]) -> int:
+    """The thread that served the request: its ``request`` event's (a trace
+    read from JSON keeps only the events' threads).
+    """
+    return next((e.thread for e in events if e.kind == "request"), trace.thread)
 
 
 def _bar(event: Event, total: int, width: int) -> Text:
@@ -467,7 +478,9 @@ def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
     events = trace.events
     total = trace.duration_ns or max((e.end_ns for e in events), default=0)
     rows = []
-    for event, depth in zip(events, _depths(events), strict=True):
+    thread = _request_thread(trace, events)
+    others: dict[int, int] = {}  # another thread's id -> its number, from 2
+    for event, depth in zip(events, _depths(events, thread), strict=True):
         style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "")
         prefix = Text(f"{_start(event.start_ms):>8} ", style="dim")
         duration = format_ms(event.duration_ms) if event.duration_ns else ""
@@ -479,6 +492,10 @@ def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
         name = Text("  " * depth)
         name.append_text(_text(event.name, style))
         details = _details(event, trace, full)
+        if event.thread != thread:
+            number = others.setdefault(event.thread, len(others) + 2)
+            label = Text(f"[thread {number}]", style="italic")
+            details = label.append("  ").append_text(details) if details else label
         if details:
             name.append("  ")
             name.append_text(details)
