@@ -913,6 +913,22 @@ def test_tail_on_a_terminal(serve: Callable[..., Served]) -> None:
     assert_no_injected_sequences(output)
 
 
+def test_tail_on_a_narrow_terminal_keeps_the_status(serve: Callable[..., Served]) -> None:
+    """On a 40-column terminal tail leaves columns out rather than squeeze
+    the status code and the duration to nothing.
+    """
+    served = serve()
+    served.get("/boom")
+    output, code = run_on_pty(["tail", "-n", "1", served.url], until="Ctrl-C to stop", columns=40)
+    assert code == 0
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    header = next(line for line in plain.splitlines() if "METHOD" in line)
+    row = next(line for line in plain.splitlines() if "/boom" in line)
+    assert header.split() == ["METHOD", "PATH", "ST", "DUR"]
+    assert "500" in row.split()
+    assert re.search(r"\d(ms|µs|s)$", row.rstrip())
+
+
 # -- run ------------------------------------------------------------------------
 
 
