@@ -828,6 +828,26 @@ def run_command_until_polled(served: Served, *args: str) -> str:
     return command.stdout
 
 
+def test_force_color_colours_a_pipe_without_the_status_line(serve: Callable[..., Served]) -> None:
+    """FORCE_COLOR colours tail's piped output, but the status line and the
+    closing message (for a person at a terminal) stay out of it.
+    """
+    served = serve()
+    served.get("/boom")
+    command = Command(["tail", "-n", "1", served.url], env=command_env(FORCE_COLOR="1"))
+    try:
+        served.wait_for_poll(served.front.polls)
+        assert command.finish() == 0
+    finally:
+        command.close()
+    assert re.search(r"\x1b\[[0-9;]*m", command.stdout)  # coloured, as asked
+    assert "/boom" in command.stdout
+    assert "following" not in command.stdout
+    assert "shown" not in command.stdout
+    assert "\x1b[?25l" not in command.stdout  # no cursor hiding either
+    assert "1 trace shown" in command.stderr
+
+
 # -- on a terminal --------------------------------------------------------------
 
 

@@ -34,6 +34,18 @@ def _console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
 
 
+def _watched(console: Console) -> bool:
+    """Whether a person watches ``console``: it writes to an interactive
+    terminal. ``FORCE_COLOR`` makes rich colour a pipe or a file too, but
+    a status line (cursor movements) and messages must not end up there.
+    """
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return console.is_interactive and isatty is not None and bool(isatty())
+    except ValueError:  # closed
+        return False
+
+
 def _message(console: Console, text: str, style: str = "") -> None:
     """Print one of our own messages (never markup; request text escaped)."""
     console.print(Text(safe(text, newlines=True), style=style), soft_wrap=True)
@@ -64,7 +76,7 @@ class _HumanView(_View):
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
         self.console = _console()
-        self._tty = self.console.is_terminal
+        self._tty = _watched(self.console)
         self._err = self.console if self._tty else _console(stderr=True)
         self._live: Live | None = None
         self._header_done = False
