@@ -748,6 +748,19 @@ def test_show_prints_the_full_timeline(serve: Callable[..., Served]) -> None:
     assert "\x1b" not in out
 
 
+def test_show_on_a_narrow_terminal_keeps_room_for_event_names(
+    serve: Callable[..., Served],
+) -> None:
+    """On 40 columns show narrows the waterfall bars, as tail -v does, so
+    event names are not wrapped a few characters a line.
+    """
+    served = serve()
+    served.get("/")
+    result = run_command("show", served.last_id(), served.url, env=command_env(COLUMNS="40"))
+    assert result.returncode == 0
+    assert any(line.endswith(" request") for line in result.stdout.splitlines())
+
+
 def test_show_an_error_with_its_traceback(serve: Callable[..., Served]) -> None:
     """An error's type, message and traceback are shown."""
     served = serve()

@@ -46,6 +46,13 @@ def _watched(console: Console) -> bool:
         return False
 
 
+def _bar_width(width: int) -> int:
+    """The waterfall bars' width in a timeline ``width`` columns wide: what
+    is left for the event names is never less than on an 80-column line.
+    """
+    return max(8, min(24, (width - 60) // 2))
+
+
 def _message(console: Console, text: str, style: str = "") -> None:
     """Print one of our own messages (never markup; request text escaped)."""
     console.print(Text(safe(text, newlines=True), style=style), soft_wrap=True)
@@ -113,7 +120,7 @@ class _HumanView(_View):
                 build_trace_table(items, show_header=False, show_id=show_id, width=console.width)
             )
         else:
-            bar_width = max(8, min(24, (console.width - 60) // 2))
+            bar_width = _bar_width(console.width)
             for item in items:
                 console.print(build_timeline(Trace.from_dict(item), bar_width=bar_width))
                 console.print()

@@ -60,7 +60,7 @@ from ._client import (
     _View,
 )
 from ._interrupts import _interrupts, _sigterm_as_interrupt
-from ._output import _console, _HumanView, _JsonView, _message
+from ._output import _bar_width, _console, _HumanView, _JsonView, _message
 from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
 from ._trace_query import _BadQueryError, _parse_query
 from .endpoint import TraceEndpoint
@@ -266,7 +266,9 @@ def show(
     if as_json:
         sys.stdout.write(json.dumps(data, ensure_ascii=True, indent=2) + "\n")
         return
-    _console().print(build_timeline(Trace.from_dict(data), full=True))
+    console = _console()
+    bar_width = _bar_width(console.width)
+    console.print(build_timeline(Trace.from_dict(data), full=True, bar_width=bar_width))
 
 
 @main.command()
