@@ -328,3 +328,23 @@ def test_plain_responses_through_a_real_server(
     status, _, _ = get(server, "/boom")
     assert status == 500
     assert wait_finished(ext, "/boom").status == "500 INTERNAL SERVER ERROR"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/slow?ms=abc", {"slept_ms": 120}),
+        ("/slow?ms=nan", {"slept_ms": 120}),
+        ("/slow?ms=-5", {"slept_ms": 0}),
+        ("/slow?ms=3", {"slept_ms": 3}),
+        ("/stream?n=x", "".join(f"chunk {i} for guest\n" for i in range(5))),
+        ("/stream?n=-2", ""),
+    ],
+)
+def test_query_values_that_are_not_usable_are_not_errors(path: str, body: object) -> None:
+    """A query value the demo cannot use (not a number, negative) falls back
+    to the default or the bound: /boom is the demo's one error route.
+    """
+    status, _, data = fetch(create_app(), path)
+    assert status == "200 OK"
+    assert (json.loads(data) if isinstance(body, dict) else data.decode()) == body

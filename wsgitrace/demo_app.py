@@ -26,6 +26,7 @@ runs it with ``flask run``.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -95,13 +96,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.route("/slow")
     def slow() -> Response:
-        delay = min(float(request.args.get("ms", "120")), 2000.0) / 1000
-        time.sleep(delay)
-        return jsonify(slept_ms=round(delay * 1000))
+        # Not a number sleeps the default; the rest, 0 to 2000ms.
+        ms = request.args.get("ms", 120.0, type=float)
+        delay = 120.0 if math.isnan(ms) else min(max(ms, 0.0), 2000.0)
+        time.sleep(delay / 1000)
+        return jsonify(slept_ms=round(delay))
 
     @app.route("/stream")
     def stream() -> Response:
-        count = min(int(request.args.get("n", "5")), 1000)
+        count = max(0, min(request.args.get("n", 5, type=int), 1000))
 
         def generate() -> Iterator[str]:
             for i in range(count):
