@@ -1244,6 +1244,8 @@ def test_demo_shows_traffic_and_exits_0_on_ctrl_c(cli: Callable[..., Command]) -
     for path in ("/api/v1/items/tea", "/slow?ms=150", "/admin/", "/missing"):
         assert path in output
     assert "wsgitrace demo" in demo.stderr
+    # The closing count speaks of what was read, not of a tail demo never ran.
+    assert re.search(r"\d+ traces shown, \d+ missed \(evicted before they were read\)", demo.stderr)
 
 
 def test_demo_stops_cleanly_on_two_quick_interrupts(cli: Callable[..., Command]) -> None:

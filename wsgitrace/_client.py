@@ -308,7 +308,7 @@ class _Follow:
                 )
                 view.message(
                     f"{view.shown} trace{'' if view.shown == 1 else 's'} shown,"
-                    f" {self.missed} missed (evicted before tail read them); the server's"
+                    f" {self.missed} missed (evicted before they were read); the server's"
                     f" buffer has dropped {self.dropped or 0} in all" + sinks,
                     "dim",
                 )
