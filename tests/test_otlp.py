@@ -304,6 +304,26 @@ def test_traceparent_is_followed_without_captured_headers(
     assert root.parent_span_id.hex() == "b7ad6b7169203331"
 
 
+@pytest.mark.parametrize("capture_headers", [True, False])
+def test_tracestate_is_carried_on(
+    receiver: Receiver, wait_for: Callable[..., Any], capture_headers: bool
+) -> None:
+    """The caller's tracestate (W3C trace context: vendor data that goes
+    with the trace) is the exported span's, as OpenTelemetry's instrumentation
+    keeps it; an invalid one is dropped.
+    """
+    app = TraceMiddleware(app_with_error, otlp=True, capture_headers=capture_headers)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for tracestate in ("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", "not a tracestate"):
+        with pytest.raises(RuntimeError):
+            Client(app).get("/x", headers={"traceparent": traceparent, "tracestate": tracestate})
+    wait_for(lambda: app.sinks is not None and app.sinks.delivered == 2, timeout=10)
+    assert [span.trace_state for span in receiver.spans()] == [
+        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+        "",
+    ]
+
+
 @pytest.mark.parametrize(
     ("traceparent", "continued"),
     [

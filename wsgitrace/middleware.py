@@ -219,6 +219,9 @@ class TraceMiddleware:
         traceparent = environ.get("HTTP_TRACEPARENT")
         if traceparent is not None and type(traceparent) is str:
             trace.traceparent = traceparent[:256]
+            tracestate = environ.get("HTTP_TRACESTATE")
+            if tracestate is not None and type(tracestate) is str:
+                trace.tracestate = tracestate[:1024]
         environ["wsgitrace.trace"] = trace
         return trace
 

@@ -149,6 +149,8 @@ class OtlpSink:
             data = trace.to_dict()
             if trace.traceparent is not None:
                 data["traceparent"] = trace.traceparent
+                if trace.tracestate is not None:
+                    data["tracestate"] = trace.tracestate
             spans.extend(trace_spans(self._tracer, self._collector, data))
         if not spans:
             return
@@ -260,14 +262,19 @@ def _span_name(data: Mapping[str, Any]) -> str:
 
 
 def _parent_context(data: Mapping[str, Any]) -> Any:
-    """The caller's span context from the request's ``traceparent`` header
-    (kept by the middleware when exporting, or among the captured headers).
+    """The caller's span context from the request's ``traceparent`` and
+    ``tracestate`` headers (kept by the middleware when exporting, or among
+    the captured headers).
     """
     from opentelemetry import trace as trace_api
 
     headers = list(data.get("request_headers") or ())
     if isinstance(data.get("traceparent"), str):
-        headers.insert(0, ("traceparent", data["traceparent"]))
+        headers = [("traceparent", data["traceparent"])]
+        if isinstance(data.get("tracestate"), str):
+            headers.append(("tracestate", data["tracestate"]))
+    # Several tracestate headers are one list (RFC 9110), in order.
+    states = [str(value) for name, value in headers if str(name).lower() == "tracestate"]
     for name, value in headers:
         if str(name).lower() != "traceparent":
             continue
@@ -285,6 +292,8 @@ def _parent_context(data: Mapping[str, Any]) -> Any:
             int(found.group(3), 16),
             is_remote=True,
             trace_flags=trace_api.TraceFlags(int(found.group(4), 16) & 1),
+            # Invalid or absent: empty, as OpenTelemetry's own propagator does.
+            trace_state=trace_api.TraceState.from_header(states),
         )
         return trace_api.set_span_in_context(trace_api.NonRecordingSpan(context))
     return None

@@ -287,6 +287,7 @@ class Trace:
         "status",
         "thread",
         "traceparent",
+        "tracestate",
         "truncated",
         "view_args",
         "wall_time",
@@ -350,6 +351,9 @@ class Trace:
         #: The request's ``traceparent`` header (W3C trace context), kept
         #: whether or not headers are captured, for OpenTelemetry export.
         self.traceparent: str | None = None
+        #: Its ``tracestate`` header (vendor data the caller's trace carries
+        #: on), kept along with ``traceparent``.
+        self.tracestate: str | None = None
         self.method = method
         max_string = limits.max_string
         self.path = path if len(path) <= max_string else self._cut("path", path)
