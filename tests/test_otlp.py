@@ -6,6 +6,7 @@ semantic-convention attributes, and no secret ever leaving the process.
 from __future__ import annotations
 
 import http.server
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -447,6 +448,60 @@ def test_collector_down_never_slows_requests(
     # failed with its batch; none is lost uncounted.
     wait_for(lambda: app.sinks is not None and app.sinks.failed + app.sinks.dropped == 201)
     assert receiver.bodies == []
+
+
+def test_a_failing_collector_is_logged_once(
+    receiver: Receiver, wait_for: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector refusing every export is logged once, with the
+    exporter's reason, not once per batch for as long as it refuses.
+    """
+    receiver.status = 400  # a failure the exporter does not retry
+
+    def ok(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(ok, otlp=True)
+    client = Client(app)
+    with caplog.at_level(logging.WARNING):
+        for i in range(1, 4):
+            client.get("/x").close()
+            wait_for(lambda i=i: app.sinks is not None and app.sinks.failed == i, timeout=10)
+    exporter = [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    assert len(exporter) == 1
+    assert "400" in exporter[0].getMessage()
+    assert len([r for r in caplog.records if r.name == "wsgitrace"]) == 1
+
+
+def test_a_forked_worker_logs_its_own_first_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """After a fork, the exporter's reason for the child's first failure is
+    logged, even on a thread whose ident the parent's failing one had.
+    """
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from wsgitrace.exceptions import WsgitraceError
+    from wsgitrace.otlp import OtlpSink
+
+    class Refused(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter").error(
+                "Failed to export span batch code: 400"
+            )
+            return SpanExportResult.FAILURE
+
+    sink = OtlpSink(exporter=Refused())
+    trace = Trace("GET", "/")
+    trace.finished = True
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            with pytest.raises(WsgitraceError):
+                sink.write([trace])
+        sink.after_fork()  # as in the child, whose thread may get the same ident
+        with pytest.raises(WsgitraceError):
+            sink.write([trace])
+    sink.close()
+    assert [r.getMessage() for r in caplog.records] == ["Failed to export span batch code: 400"] * 2
 
 
 def test_trace_from_dict_exports_the_same(receiver: Receiver) -> None:

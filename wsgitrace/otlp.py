@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,29 @@ _METHODS = frozenset(
 # W3C Trace Context: a later version may append "-..." fields, which are
 # ignored; version 00 has none, and ff is invalid.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+
+
+#: The logger the OTLP/HTTP span exporter reports each failed export on.
+_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
+class _QuietThreads(logging.Filter):
+    """Drops the exporter's records logged by the threads in :attr:`threads`:
+    those of sinks exporting after a failure of theirs was logged. The first
+    failure's reason gets through and the sink logs its failure once, where
+    the exporter would log every batch (a warning with a traceback and an
+    error, for as long as a collector is down).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self.threads
+
+
+_quiet = _QuietThreads()
 
 
 def _require_sdk() -> None:
@@ -115,6 +140,9 @@ class OtlpSink:
         self._instance_id: str | None = None
         self._collector = _make_collector()
         self._tracer: Tracer = self._make_tracer()
+        # Set once an export failed (and the exporter logged why).
+        self._failed = False
+        logging.getLogger(_EXPORTER_LOGGER).addFilter(_quiet)  # added once, however often called
         #: Spans exported.
         self.exported = 0
 
@@ -156,8 +184,16 @@ class OtlpSink:
             return
         if self._exporter is None:
             self._exporter = self._make_exporter()
-        result = self._exporter.export(spans)
+        thread = threading.get_ident() if self._failed else None
+        if thread is not None:
+            _quiet.threads.add(thread)
+        try:
+            result = self._exporter.export(spans)
+        finally:
+            if thread is not None:
+                _quiet.threads.discard(thread)
         if result is not SpanExportResult.SUCCESS:
+            self._failed = True
             msg = f"OTLP export of {len(spans)} span(s) failed (see the opentelemetry log)"
             raise WsgitraceError(msg)
         self.exported += len(spans)
@@ -168,6 +204,8 @@ class OtlpSink:
         """
         if self._own_exporter:
             self._exporter = None
+        # The child's first failure is its own to log.
+        self._failed = False
         if "service.instance.id" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
             self._instance_id = str(uuid.uuid4())
         self._tracer = self._make_tracer()
