@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -36,6 +37,27 @@ async def fetch_prices(clock: FakeClock) -> int:
     clock.advance(3 * MS)
     await asyncio.sleep(0)
     return 42
+
+
+@span("rows", table="cart")
+def rows(clock: FakeClock, count: int) -> Iterator[int]:
+    for i in range(count):
+        clock.advance(1 * MS)
+        yield i
+    if count == 1:
+        raise ViewError("one row")
+
+
+@span("async_rows")
+async def async_rows(clock: FakeClock, count: int) -> AsyncIterator[int]:
+    for i in range(count):
+        clock.advance(1 * MS)
+        await asyncio.sleep(0)
+        yield i
+
+
+async def collect_async_rows(clock: FakeClock) -> list[int]:
+    return [row async for row in async_rows(clock, 3)]
 
 
 def streamed_body(seen: list[Any], clock: FakeClock) -> Iterator[bytes]:
@@ -74,6 +96,14 @@ def dummy_app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
     if path == "/decorated":
         seen.append(load_cart(clock, 3))
         seen.append(asyncio.run(fetch_prices(clock)))
+        return [b"ok"]
+    if path == "/generators":
+        seen.append(list(rows(clock, 2)))
+        seen.append(asyncio.run(collect_async_rows(clock)))
+        try:
+            list(rows(clock, 1))
+        except ViewError as exc:
+            seen.append(exc)
         return [b"ok"]
     if path == "/error":
         try:
@@ -135,6 +165,27 @@ def test_span_decorator_sync_and_async(exchange: Exchanger, clock: FakeClock) ->
     assert load_cart.__name__ == "load_cart"
     assert load_cart.__doc__ == "Load the cart."
     assert asyncio.iscoroutinefunction(fetch_prices)
+
+
+def test_span_decorator_on_generators_covers_their_iteration(
+    exchange: Exchanger, clock: FakeClock
+) -> None:
+    """A decorated generator (sync or async) is timed from its first value
+    until it is exhausted, not for the instant its call returns; an error
+    raised while it is iterated is recorded and propagates.
+    """
+    trace, seen = _run(exchange, clock, "/generators")
+    assert seen[1:3] == [[0, 1], [0, 1, 2]]
+    assert isinstance(seen[3], ViewError)
+    spans = [(e.name, e.start_ns, e.duration_ns, dict(e.attrs)) for e in trace.find("span")]
+    assert spans == [
+        ("rows", 0, 2 * MS, {"table": "cart"}),
+        ("async_rows", 2 * MS, 3 * MS, {}),
+        ("rows", 5 * MS, 1 * MS, {"table": "cart", "error": "ViewError"}),
+    ]
+    assert rows.__name__ == "rows"
+    assert inspect.isgeneratorfunction(rows)
+    assert inspect.isasyncgenfunction(async_rows)
 
 
 def test_span_records_an_error_and_reraises_it(exchange: Exchanger, clock: FakeClock) -> None:

@@ -47,7 +47,8 @@ def current_trace() -> Trace | None:
 
 class span:  # noqa: N801 - used like a function, as contextlib's helpers are
     """Record a user event named ``name`` on the current trace, as a context
-    manager or a decorator (sync or async functions). Outside a traced request
+    manager or a decorator (sync or async functions, or generators, timed
+    while they are iterated). Outside a traced request
     it does nothing. An exception raised inside is recorded in the event's
     ``error`` attribute and propagates unchanged.
 
@@ -105,6 +106,45 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
         return f"span({self.name!r}{attrs})"
 
     def __call__(self, func: F) -> F:
+        # A generator function returns at once: the span covers its
+        # iteration, from the first next() until it is exhausted or closed.
+        if inspect.isgeneratorfunction(func):
+
+            @functools.wraps(func)
+            def generator_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with span(self.name, **self.attrs):
+                    return (yield from func(*args, **kwargs))
+
+            return generator_wrapper  # type: ignore[return-value]
+
+        if inspect.isasyncgenfunction(func):
+
+            @functools.wraps(func)
+            async def async_generator_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with span(self.name, **self.attrs):
+                    agen = func(*args, **kwargs)
+                    try:
+                        # As ``yield from`` would: values sent and exceptions
+                        # thrown in go to the wrapped generator.
+                        step = agen.asend(None)
+                        while True:
+                            try:
+                                value = await step
+                            except StopAsyncIteration:
+                                return
+                            try:
+                                sent = yield value
+                            except GeneratorExit:
+                                raise
+                            except BaseException as exc:
+                                step = agen.athrow(exc)
+                            else:
+                                step = agen.asend(sent)
+                    finally:
+                        await agen.aclose()
+
+            return async_generator_wrapper  # type: ignore[return-value]
+
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
