@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import math
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -256,6 +258,33 @@ def test_span_never_breaks_user_code(
     _, seen = _run(exchange, clock, "/span")
     assert internal_error_count() > before
     assert isinstance(seen[1], span)
+
+
+def test_span_attributes_of_odd_types_stay_json(make_environ: MakeEnviron) -> None:
+    """Attributes JSON cannot hold as they are (NaN, infinities, sets,
+    bytes, objects) are kept as text, so the trace stays strict JSON.
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        with span("odd", ratio=math.nan, limit=-math.inf, tags={"a"}, raw=b"\xff", n=None):
+            pass
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = TraceMiddleware(app)
+    body = middleware(make_environ("/"), lambda *args: len)
+    body.close()  # type: ignore[attr-defined]
+    trace = middleware.buffer.last
+    assert trace is not None
+    [odd] = [event for event in trace.to_dict()["events"] if event["kind"] == "span"]
+    assert odd["attrs"] == {
+        "ratio": "nan",
+        "limit": "-inf",
+        "tags": "{'a'}",
+        "raw": "b'\\xff'",
+        "n": None,
+    }
+    json.dumps(trace.to_dict(), allow_nan=False)
 
 
 SHARED = span("shared")

@@ -7,6 +7,7 @@ strings, JSON-safe values and exception descriptions::
 
 from __future__ import annotations
 
+import math
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,12 @@ def cut(text: str, limit: int) -> str:
 
 def jsonable(value: Any, limit: int = 1024) -> Any:
     """Return ``value`` if JSON can hold it as is, else a cut ``repr``."""
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int):
         return value
+    if isinstance(value, float):
+        # NaN and infinities are not JSON: json.dumps writes them as bare
+        # NaN/Infinity, which JSON.parse (a browser, jq) refuses, whole trace.
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
         return cut(value, limit)
     if isinstance(value, list | tuple):
