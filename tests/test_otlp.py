@@ -223,6 +223,39 @@ def test_flask_request_becomes_a_span_tree(
     assert resource["service.name"] == "shop"
 
 
+def test_a_user_span_that_raised_is_an_error(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """A wsgitrace.span() left by an exception is marked ERROR (the view
+    handled it: the request's span is not); one that did not raise is not.
+    """
+    import wsgitrace
+
+    app = Flask(__name__)
+
+    @app.route("/charge")
+    def charge() -> str:
+        with wsgitrace.span("lookup"):
+            pass
+        try:
+            with wsgitrace.span("card"):
+                raise ValueError("declined")
+        except ValueError:
+            return "retry later"
+        return "ok"
+
+    ext = FlaskTrace(app, otlp=True)
+    app.test_client().get("/charge").close()
+    assert ext.middleware.sinks is not None
+    wait_for(lambda: ext.middleware.sinks.delivered == 1, timeout=10)
+    spans = by_name(receiver.spans())
+    card = spans["card"]
+    assert card.status.code == card.status.STATUS_CODE_ERROR
+    assert card.status.message == "ValueError"
+    assert spans["lookup"].status.code == card.status.STATUS_CODE_UNSET
+    assert spans["GET /charge"].status.code == card.status.STATUS_CODE_UNSET
+
+
 def test_redacted_values_never_leave_the_process(
     receiver: Receiver, wait_for: Callable[..., Any]
 ) -> None:

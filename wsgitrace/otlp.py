@@ -267,6 +267,9 @@ def trace_spans(tracer: Tracer, collector: Any, data: Mapping[str, Any]) -> list
             attributes=_clean(_event_attributes(kind, event)),
             start_time=at,
         )
+        if kind == "span" and isinstance(event.get("attrs"), dict) and event["attrs"].get("error"):
+            # An exception left the user's ``with span(...)``: the operation failed.
+            span.set_status(Status(StatusCode.ERROR, str(event["attrs"]["error"])))
         stack.append((until, span, at))
         children.append((until, span))
     if error is not None:
