@@ -1145,6 +1145,33 @@ def test_run_says_when_it_cannot_listen(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("host", "base"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:5000"),
+        ("", "http://127.0.0.1:5000"),
+        ("::", "http://[::1]:5000"),
+        ("::1", "http://[::1]:5000"),
+        ("localhost", "http://localhost:5000"),
+    ],
+)
+def test_run_shows_a_url_the_endpoint_answers(host: str, base: str) -> None:
+    """The banner's URLs (and the tail command it suggests) name an address
+    to connect to, not a wildcard one: the endpoint refuses a Host of
+    ``[::]`` (DNS rebinding), so ``--host ::`` shows ``[::1]``.
+    """
+    from werkzeug.test import Client
+
+    from wsgitrace._serve import _base_url
+
+    assert _base_url(host, 5000) == base
+    app = TraceMiddleware(lambda environ, start_response: [], endpoint=True)
+    response = Client(app).get(
+        "/_trace", base_url=base, environ_overrides={"REMOTE_ADDR": "127.0.0.1"}
+    )
+    assert response.status_code == 200
+
+
 def test_run_answers_a_malformed_request_line(cli: Callable[..., Command], tmp_path: Path) -> None:
     """A request line the server cannot parse gets werkzeug's 400 and one
     log line, not a traceback from the request logger.

@@ -178,7 +178,9 @@ def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: s
 
 
 def _base_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # noqa: S104 - display only
+    # A wildcard address is no address to connect to (and the endpoint
+    # refuses it as a Host): show the loopback address of its family.
+    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
     if ":" in shown:
         shown = f"[{shown}]"
     return f"http://{shown}:{port}"
