@@ -1047,6 +1047,39 @@ def test_run_calls_an_app_factory(cli: Callable[..., Command], tmp_path: Path) -
     assert "factoryapp:create_app()" in command.stderr
 
 
+def test_run_calls_what_an_explicit_call_names(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """``module:factory()`` calls the factory even when it is not a plain
+    function (a class, a partial), and names one that cannot be called
+    without arguments instead of serving it as the app (a 500 per request).
+    """
+    (tmp_path / "partialapp.py").write_text(
+        textwrap.dedent(
+            """
+            import functools
+
+            def _make(greeting):
+                def app(environ, start_response):
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [greeting.encode()]
+                return app
+
+            create_app = functools.partial(_make, "from the partial")
+
+            def needs_config(config):
+                return _make(config)
+            """
+        )
+    )
+    command, base = start_run(cli, "partialapp:create_app()", cwd=tmp_path)
+    assert fetch(base + "/") == (200, b"from the partial")
+    assert command.finish() == 0
+    assert "partialapp:create_app()" in command.stderr
+    result = run_command("run", "partialapp:needs_config()", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "partialapp:needs_config is not an app factory callable without" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("spec", "target", "expected"),
     [

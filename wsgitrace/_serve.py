@@ -67,14 +67,19 @@ def _is_flask_app(obj: object) -> bool:
     return isinstance(flask_class, type) and isinstance(obj, flask_class)
 
 
-def _is_factory(obj: Any) -> bool:
-    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
-        return False
+def _binds(obj: Any, *args: object) -> bool:
+    """Whether ``obj``'s signature accepts ``args`` (or it has none to check)."""
     try:
-        inspect.signature(obj).bind()
-    except (TypeError, ValueError):
+        inspect.signature(obj).bind(*args)
+    except TypeError:
         return False
+    except ValueError:
+        return True
     return True
+
+
+def _is_factory(obj: Any) -> bool:
+    return (inspect.isfunction(obj) or inspect.ismethod(obj)) and _binds(obj)
 
 
 def load_app(spec: str) -> tuple[Any, str]:
@@ -112,7 +117,12 @@ def load_app(spec: str) -> tuple[Any, str]:
         msg = f"module {module_name!r} has no {' or '.join(repr(n) for n in names)}"
         raise click.BadParameter(msg, param_hint="MODULE:APP")
     label = f"{module_name}:{name}"
-    if _is_factory(obj):
+    # ``module:factory()`` calls whatever it names (a class, a partial):
+    # without the parentheses, only a function that takes no arguments.
+    if attribute.endswith("()") or _is_factory(obj):
+        if not (callable(obj) and _binds(obj)):
+            msg = f"{label} is not an app factory callable without arguments: {obj!r}"
+            raise click.BadParameter(msg, param_hint="MODULE:APP")
         obj = obj()
         label += "()"
     if not (callable(obj) or _is_flask_app(obj)):
