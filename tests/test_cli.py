@@ -1080,6 +1080,29 @@ def test_run_calls_what_an_explicit_call_names(cli: Callable[..., Command], tmp_
     assert "Traceback" not in result.stderr
 
 
+def test_run_refuses_a_function_that_is_neither_app_nor_factory(tmp_path: Path) -> None:
+    """A factory that needs an argument is no app factory run can call, and
+    no WSGI app either: a usage error naming it, not a server answering 500.
+    """
+    (tmp_path / "configapp.py").write_text(
+        textwrap.dedent(
+            """
+            def create_app(config):
+                def app(environ, start_response):
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [config.encode()]
+                return app
+            """
+        )
+    )
+    result = run_command("run", "configapp:create_app", "--port", "0", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "configapp:create_app is not a WSGI app, a Flask app or an app factory" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("spec", "target", "expected"),
     [

@@ -125,7 +125,10 @@ def load_app(spec: str) -> tuple[Any, str]:
             raise click.BadParameter(msg, param_hint="MODULE:APP")
         obj = obj()
         label += "()"
-    if not (callable(obj) or _is_flask_app(obj)):
+    # A function that takes neither no arguments nor (environ,
+    # start_response), such as ``create_app(config)``, would fail every request.
+    function = inspect.isfunction(obj) or inspect.ismethod(obj)
+    if not (callable(obj) or _is_flask_app(obj)) or (function and not _binds(obj, {}, None)):
         msg = f"{label} is not a WSGI app, a Flask app or an app factory: {obj!r}"
         raise click.BadParameter(msg, param_hint="MODULE:APP")
     return obj, label
