@@ -1013,6 +1013,30 @@ def test_run_serves_a_plain_wsgi_app_traced(cli: Callable[..., Command], tmp_pat
     assert "stopped" in command.stderr
 
 
+def test_run_logs_the_apps_requests_but_not_the_endpoints(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """The request log leaves out the endpoint's own requests (tail's
+    polls), and only those: a path of the app's that merely starts with the
+    prefix is the app's, and is logged like any other.
+    """
+    (tmp_path / "prefixapp.py").write_text(
+        textwrap.dedent(
+            """
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"app " + environ["PATH_INFO"].encode("latin-1")]
+            """
+        )
+    )
+    command, base = start_run(cli, "prefixapp:app", cwd=tmp_path)
+    assert fetch(base + "/_traces") == (200, b"app /_traces")
+    assert fetch(base + "/_trace")[0] == 200
+    assert command.finish() == 0
+    assert '"GET /_traces HTTP/1.1" 200' in command.stderr
+    assert '"GET /_trace HTTP/1.1"' not in command.stderr
+
+
 def test_run_calls_an_app_factory(cli: Callable[..., Command], tmp_path: Path) -> None:
     """Without an attribute, run finds create_app, calls it, and traces the Flask app."""
     (tmp_path / "factoryapp.py").write_text(

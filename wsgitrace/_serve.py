@@ -49,13 +49,14 @@ class _EndpointFront:
         self.prefix = endpoint.prefix
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path: str = environ.get("PATH_INFO") or "/"
-        if path.startswith(self.prefix) and path[len(self.prefix) : len(self.prefix) + 1] in (
-            "",
-            "/",
-        ):
+        if _under(environ.get("PATH_INFO") or "/", self.prefix):
             return self.endpoint(environ, start_response)
         return self.app(environ, start_response)
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is the endpoint's: ``prefix`` itself or below it."""
+    return path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("", "/")
 
 
 def _is_flask_app(obj: object) -> bool:
@@ -175,7 +176,7 @@ def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: s
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             # No path when the request line could not be parsed (a 400).
             path = getattr(self, "path", "")
-            if quiet or urlsplit(path).path.startswith(prefix):
+            if quiet or _under(urlsplit(path).path, prefix):
                 return
             super().log_request(code, size)
 
