@@ -1150,6 +1150,29 @@ def test_run_the_examples_by_path(
     assert command.finish() == 0
 
 
+def test_run_a_file_inside_a_package(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """A path to a module of a package imports it as part of the package
+    (as ``flask --app`` does), so its relative imports work.
+    """
+    package = tmp_path / "myproj"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "views.py").write_text(
+        textwrap.dedent(
+            """
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"from the package"]
+            """
+        )
+    )
+    (package / "wsgi.py").write_text("from .views import app\n")
+    command, base = start_run(cli, "myproj/wsgi.py:app", cwd=tmp_path)
+    assert fetch(base + "/") == (200, b"from the package")
+    assert command.finish() == 0
+    assert "serving myproj.wsgi:app" in command.stderr
+
+
 def test_run_a_flask_app_already_wrapped_in_the_middleware(
     cli: Callable[..., Command], tmp_path: Path
 ) -> None:

@@ -83,6 +83,25 @@ def _is_factory(obj: Any) -> bool:
     return (inspect.isfunction(obj) or inspect.ismethod(obj)) and _binds(obj)
 
 
+def _import_path(path: str) -> str:
+    """Put the directory a ``.py`` file is imported from on ``sys.path`` and
+    return the file's module name. A file inside a package (directories with
+    an ``__init__.py``) is imported as part of it, as ``flask --app`` does,
+    so its relative and package imports work.
+    """
+    path = os.path.abspath(path).removesuffix(".py")
+    if os.path.basename(path) == "__init__":
+        path = os.path.dirname(path)
+    names: list[str] = []
+    while True:
+        path, name = os.path.split(path)
+        names.append(name)
+        if not os.path.exists(os.path.join(path, "__init__.py")):
+            break
+    sys.path.insert(0, path)
+    return ".".join(reversed(names))
+
+
 def load_app(spec: str) -> tuple[Any, str]:
     """Import ``module:attribute`` (or ``path/to/file.py:attribute``) and return
     the object it names (an app factory is called) and a label.
@@ -92,10 +111,7 @@ def load_app(spec: str) -> tuple[Any, str]:
     """
     module_name, _, attribute = spec.partition(":")
     if module_name.endswith(".py") or os.sep in module_name:
-        path = os.path.abspath(module_name)
-        directory, filename = os.path.split(path)
-        sys.path.insert(0, directory)
-        module_name = filename.removesuffix(".py")
+        module_name = _import_path(module_name)
     elif os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
