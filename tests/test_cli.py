@@ -1363,6 +1363,19 @@ def test_run_reports_a_bad_module(tmp_path: Path) -> None:
     assert "cannot import 'no_such_module_here'" in result.stderr
 
 
+def test_run_shows_where_a_module_fails_to_import_its_dependency(tmp_path: Path) -> None:
+    """A module that exists but imports a missing one (whose name happens
+    to begin its own) is not reported as the spec's module missing: the
+    traceback shows the import that failed.
+    """
+    (tmp_path / "myapp_wsgi.py").write_text("import myapp\n\napp = myapp.app\n")
+    result = run_command("run", "myapp_wsgi:app", "--port", "0", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot import 'myapp_wsgi'" not in result.stderr
+    assert "ModuleNotFoundError: No module named 'myapp'" in result.stderr
+    assert "import myapp" in result.stderr
+
+
 # -- demo -----------------------------------------------------------------------
 
 

@@ -117,7 +117,8 @@ def load_app(spec: str) -> tuple[Any, str]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        # The module named (or a package above it) is missing, not one it imports.
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
             msg = f"cannot import {module_name!r}: {exc}"
             raise click.BadParameter(msg, param_hint="MODULE:APP") from None
         raise
