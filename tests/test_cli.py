@@ -984,18 +984,25 @@ def fetch(url: str, *, timeout: float = TIMEOUT) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_run_serves_a_plain_wsgi_app_traced(cli: Callable[..., Command], tmp_path: Path) -> None:
-    """run MODULE:APP serves the unmodified app threaded, with the endpoint on."""
-    (tmp_path / "plainapp.py").write_text(
+def write_echo_app(directory: Path, module: str, word: str) -> str:
+    """Write ``module.py``, a plain WSGI app answering ``<word> <path>``;
+    return its ``run`` spec.
+    """
+    (directory / f"{module}.py").write_text(
         textwrap.dedent(
-            """
+            f"""
             def app(environ, start_response):
                 start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"plain " + environ["PATH_INFO"].encode("latin-1")]
+                return [b"{word} " + environ["PATH_INFO"].encode("latin-1")]
             """
         )
     )
-    command, base = start_run(cli, "plainapp:app", cwd=tmp_path)
+    return f"{module}:app"
+
+
+def test_run_serves_a_plain_wsgi_app_traced(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """run MODULE:APP serves the unmodified app threaded, with the endpoint on."""
+    command, base = start_run(cli, write_echo_app(tmp_path, "plainapp", "plain"), cwd=tmp_path)
     assert fetch(base + "/hello") == (200, b"plain /hello")
     # A long-poll holds a thread, never the app: a poll for a trace that
     # never comes stays open while requests are served around it (a
@@ -1020,16 +1027,7 @@ def test_run_logs_the_apps_requests_but_not_the_endpoints(
     polls), and only those: a path of the app's that merely starts with the
     prefix is the app's, and is logged like any other.
     """
-    (tmp_path / "prefixapp.py").write_text(
-        textwrap.dedent(
-            """
-            def app(environ, start_response):
-                start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"app " + environ["PATH_INFO"].encode("latin-1")]
-            """
-        )
-    )
-    command, base = start_run(cli, "prefixapp:app", cwd=tmp_path)
+    command, base = start_run(cli, write_echo_app(tmp_path, "prefixapp", "app"), cwd=tmp_path)
     assert fetch(base + "/_traces") == (200, b"app /_traces")
     assert fetch(base + "/_trace")[0] == 200
     assert command.finish() == 0
