@@ -56,7 +56,9 @@ class _Query:
 
     def match(self, trace: TraceView) -> bool:
         """Whether ``trace`` passes every filter."""
-        if not self._match_but_min_ms(trace):
+        if not self._method_and_path_match(trace):
+            return False
+        if self.statuses is not None and not self._status_matches(trace.status_code):
             return False
         if self.min_ms is not None:
             duration = _ms_so_far(trace)
@@ -73,29 +75,27 @@ class _Query:
         """
         if trace.finished or (self.min_ms is None and self.statuses is None):
             return False
-        if self.methods is not None and trace.method.upper() not in self.methods:
-            return False
-        if self.path is not None and not trace.path.startswith(self.path):
+        if not self._method_and_path_match(trace):
             return False
         if self.statuses is not None:
             code = trace.status_code
             if code is None:
                 return True
-            if not any(low <= code <= high for low, high in self.statuses):
+            if not self._status_matches(code):
                 return False
         if self.min_ms is None:
             return False
         duration = _ms_so_far(trace)
         return duration is not None and duration < self.min_ms
 
-    def _match_but_min_ms(self, trace: TraceView) -> bool:
+    def _method_and_path_match(self, trace: TraceView) -> bool:
         if self.methods is not None and trace.method.upper() not in self.methods:
             return False
-        if self.statuses is not None:
-            code = trace.status_code
-            if code is None or not any(low <= code <= high for low, high in self.statuses):
-                return False
         return self.path is None or trace.path.startswith(self.path)
+
+    def _status_matches(self, code: int | None) -> bool:
+        statuses = self.statuses or ()
+        return code is not None and any(low <= code <= high for low, high in statuses)
 
 
 def _ms_so_far(trace: TraceView) -> float | None:
