@@ -228,7 +228,11 @@ def test_every_worker_sees_every_request_once(tmp_path: Path, preload: bool) -> 
 
         wait_for(complete)
         pids_answering: set[int] = set()
-        for _ in range(30):
+        # Sequential connections may all be accepted by one worker for a
+        # while: read until two have answered, within a bound.
+        for attempt in range(300):
+            if attempt >= 30 and len(pids_answering) >= 2:
+                break
             page = listing(server.port, pids_answering)
             ids = [t["id"] for t in page["traces"]]
             assert len(ids) == len(set(ids)) == count + 1
