@@ -23,6 +23,10 @@ Configurations:
 ``sampled``
     ``FlaskTrace(app, sample=0.1)``: full Flask tracing of one request in
     ten (chosen at random), the setting the README recommends for production.
+``naive``
+    The naive recorder issue #6 calibrates its budget with (``bench/naive.py``):
+    one ``(name, time)`` tuple appended to a deque per request step, 20 on
+    ``/hello``; full Flask tracing is meant to cost less.
 ``otel``
     OpenTelemetry's Flask instrumentation with an SDK ``TracerProvider``, a
     ``SimpleSpanProcessor`` and an in-memory exporter, so the peer does all of
@@ -60,7 +64,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 #: Configurations, in report order; ``bare`` is the baseline.
-CONFIGS: tuple[str, ...] = ("bare", "middleware", "flasktrace", "sampled", "otel")
+CONFIGS: tuple[str, ...] = ("bare", "middleware", "flasktrace", "sampled", "naive", "otel")
 
 #: The ``sample`` rate of the ``sampled`` configuration.
 SAMPLE_RATE = 0.1
@@ -75,6 +79,7 @@ _TEMPLATE = """<!doctype html>
 """
 
 _OTEL_EXPORTER_KEY = "bench.otel_exporter"
+_NAIVE_KEY = "bench.naive_recorder"
 _CONFIG_KEY = "bench.config"
 
 
@@ -194,6 +199,10 @@ def create_app(config: str = "bare", **options: Any) -> Flask:
         if config == "sampled":
             options.setdefault("sample", SAMPLE_RATE)
         FlaskTrace(app, **options)
+    elif config == "naive":
+        from naive import NaiveRecorder
+
+        app.extensions[_NAIVE_KEY] = NaiveRecorder(app)
     elif config == "otel":
         _instrument_otel(app)
     return app
@@ -213,6 +222,11 @@ def trace_buffer(app: Flask) -> TraceBuffer | None:
     return buffer
 
 
+def naive_recorder(app: Flask) -> Any:
+    """The :class:`naive.NaiveRecorder` of a ``naive`` app, or ``None``."""
+    return app.extensions.get(_NAIVE_KEY)
+
+
 def otel_exporter(app: Flask) -> Any:
     """The OpenTelemetry in-memory exporter of an ``otel`` app, or ``None``."""
     return app.extensions.get(_OTEL_EXPORTER_KEY)
@@ -220,11 +234,15 @@ def otel_exporter(app: Flask) -> Any:
 
 def recorded_count(app: Flask) -> int | None:
     """Requests the tracer of ``app`` has recorded: traces appended to the
-    wsgitrace buffer, spans exported by OpenTelemetry, ``None`` for ``bare``.
+    wsgitrace buffer, requests the naive recorder saw, spans exported by
+    OpenTelemetry, ``None`` for ``bare``.
     """
     buffer = trace_buffer(app)
     if buffer is not None:
         return buffer.cursor
+    naive = naive_recorder(app)
+    if naive is not None:
+        return int(naive.requests)
     exporter = otel_exporter(app)
     if exporter is not None:
         return int(exporter.exported_total)
@@ -237,6 +255,6 @@ def recording(app: Flask, environ: dict[str, Any]) -> bool | None:
     """
     if trace_buffer(app) is not None:
         return "wsgitrace.trace" in environ
-    if otel_exporter(app) is not None:
+    if otel_exporter(app) is not None or _NAIVE_KEY in app.extensions:
         return True
     return None

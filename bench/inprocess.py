@@ -18,10 +18,12 @@ quiet machine; the report says how many contended rounds were kept.
 ``--profile CONFIG`` prints cProfile's top functions by tottime for one
 configuration, then wsgitrace's own functions, and exits.
 
-Five configurations, each a separately built Flask app from the same code
+Six configurations, each a separately built Flask app from the same code
 (``bench/apps.py``): ``bare`` Flask, wsgitrace's ``middleware`` only,
 ``flasktrace`` (full Flask tracing), ``sampled`` (full Flask tracing of one
-request in ten, ``sample=0.1``, as recommended for production) and ``otel``
+request in ten, ``sample=0.1``, as recommended for production), ``naive``
+(the naive recorder of issue #6, ``bench/naive.py``: 20 tuples appended to a
+deque per ``/hello``) and ``otel``
 (OpenTelemetry's Flask instrumentation, SDK provider, ``SimpleSpanProcessor``
 and in-memory exporter, cleared before every timed block). Every app is
 called like a server calls it: a prepared environ (copied per request), the
@@ -44,7 +46,8 @@ nothing), and, for ``middleware`` and ``flasktrace``:
   built directly and through the real endpoint.
 
 Budgets (``flasktrace``, issue #6): ≤ 1.25× bare on ``/hello``; added time ≤
-1/5 of OpenTelemetry's added time on ``/hello``; ≥ 17 events per ``/hello``
+1/5 of OpenTelemetry's added time on ``/hello``; less time than the naive
+recorder (``naive``) on ``/hello``; ≥ 17 events per ``/hello``
 trace; ≤ 1.5 KB retained per trace; byte accounting ≤ ``max_bytes``; reading
 1,000 traces as JSON ≤ 50 ms. Exit status 1 when a measured budget fails; a
 budget whose configuration was left out of ``--configs`` is "pending".
@@ -273,6 +276,10 @@ def summarize_latency(results: dict[str, dict[str, list[float]]]) -> dict[str, A
                 if o - b > 0
             ]
             route_out["flasktrace_vs_otel_added"] = spread(fractions)
+        if "flasktrace" in per_config and "naive" in per_config:
+            route_out["flasktrace_vs_naive"] = spread(
+                [f / n for f, n in zip(per_config["flasktrace"], per_config["naive"], strict=True)]
+            )
         out[route] = route_out
     return out
 
@@ -541,6 +548,17 @@ def evaluate_budgets(data: dict[str, Any]) -> list[dict[str, Any]]:
         )
     else:
         add("FlaskTrace added time / OTel added time (/hello)", "–", "≤ 0.2", None)
+    if ft_there and "flasktrace_vs_naive" in hello:
+        versus = hello["flasktrace_vs_naive"]
+        add(
+            "FlaskTrace /hello time vs the naive recorder",
+            fmt_spread(versus, 3, "×"),
+            "< 1×",
+            versus["median"] < 1,
+            timed=True,
+        )
+    else:
+        add("FlaskTrace /hello time vs the naive recorder", "–", "< 1×", None)
     events = data["events"].get("flasktrace")
     add(
         "Events in a FlaskTrace /hello trace",
@@ -615,6 +633,16 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
                     fmt_spread(entry["us_per_request"], 1),
                     fmt_spread(entry["ratio_to_bare"], 3, "×"),
                     "–" if config == "bare" else fmt_spread(entry["added_us"], 1),
+                ]
+            )
+        if "flasktrace_vs_naive" in per_config:
+            rows.append(
+                [
+                    route,
+                    "flasktrace ÷ naive",
+                    "",
+                    fmt_spread(per_config["flasktrace_vs_naive"], 3, "×"),
+                    "",
                 ]
             )
         if "flasktrace_vs_otel_added" in per_config:
@@ -696,7 +724,8 @@ def render(data: dict[str, Any], *, markdown: bool) -> str:
             else ""
         )
         parts.append(
-            f"Recorded per /hello request (wsgitrace traces / OTel spans{sampled}): "
+            "Recorded per /hello request (wsgitrace traces / naive requests / OTel"
+            f" spans{sampled}): "
             + ", ".join(f"{c} {v:.2f}" for c, v in recorded.items() if v is not None)
         )
     flask_events = data["events"].get("flasktrace")

@@ -23,10 +23,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
-CONFIGS = ["bare", "middleware", "flasktrace", "sampled"]
+CONFIGS = ["bare", "middleware", "flasktrace", "sampled", "naive"]
 BUDGETS = [
     "FlaskTrace /hello time vs bare",
     "FlaskTrace added time / OTel added time (/hello)",
+    "FlaskTrace /hello time vs the naive recorder",
     "Events in a FlaskTrace /hello trace",
     "Retained memory per FlaskTrace /hello trace",
     "Buffer byte accounting ≤ max_bytes (small cap)",
@@ -110,14 +111,18 @@ def test_inprocess_times_every_configuration(inprocess: Run) -> None:
         assert entry["ratio_to_bare"]["n"] == 1, config
         assert entry["added_us"]["n"] == 1, config
     assert "flasktrace_vs_otel_added" not in hello
+    versus = hello["flasktrace_vs_naive"]
+    assert versus["n"] == 1
+    flasktrace, naive = hello["flasktrace"]["rounds"][0], hello["naive"]["rounds"][0]
+    assert versus["median"] == pytest.approx(flasktrace / naive)
 
 
 def test_inprocess_records_every_request_or_the_sampled_share(inprocess: Run) -> None:
     """Full tracing records each request; sampled (rate 0.1) a share of them."""
     data = inprocess.data
     recorded = data["recorded_per_request"]
-    assert list(recorded) == ["middleware", "flasktrace", "sampled"]
-    assert recorded["middleware"] == recorded["flasktrace"] == 1.0
+    assert list(recorded) == ["middleware", "flasktrace", "sampled", "naive"]
+    assert recorded["middleware"] == recorded["flasktrace"] == recorded["naive"] == 1.0
     # 1,000 requests at 0.1: outside (0, 0.5) has a chance below 1e-40.
     assert 0 < recorded["sampled"] < 0.5
     assert data["params"]["sample"] == 0.1
@@ -180,14 +185,46 @@ def test_update_readme_writes_the_tables_between_the_markers(
     assert "| route | config | µs/request | × bare | added µs |" in lines
     assert "| budget | measured | limit | result |" in lines
     rows = [line.split(" | ")[1] for line in lines if line.startswith("| /hello | ")]
-    assert rows == CONFIGS
+    assert rows == [*CONFIGS, "flasktrace ÷ naive"]
     sampled = next(line for line in lines if line.startswith("| /hello | sampled | "))
     assert sampled.count("×") == 1
     assert not sampled.endswith("| – |")
     recorded = next(line for line in lines if line.startswith("Recorded per /hello request"))
     assert "; sampled: sample=0.1)" in recorded
     share = data["recorded_per_request"]["sampled"]
-    assert recorded.endswith(f", flasktrace 1.00, sampled {share:.2f}")
+    assert recorded.endswith(f", flasktrace 1.00, sampled {share:.2f}, naive 1.00")
+
+
+def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() -> None:
+    """The yardstick of issue #6 records 20 steps of /hello, in the order
+    they ran, and serves the same response as bare Flask.
+    """
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import apps
+        import inprocess
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    environ = inprocess.make_environ("/hello")
+    bare, naive = apps.create_app("bare"), apps.create_app("naive")
+    assert inprocess.serve_once(naive, environ) == inprocess.serve_once(bare, environ)
+    recorder = apps.naive_recorder(naive)
+    recorder.events.clear()
+    inprocess.serve_once(naive, environ)
+    names = [name for name, _ in recorder.events]
+    assert len(names) == 20
+    assert names[:4] == [
+        "request",
+        "signal:appcontext_pushed",
+        "signal:request_started",
+        "url_match",
+    ]
+    assert names[-3:] == ["app", "body", "close"]
+    assert names.index("load_user:start") < names.index("view:hello:start")
+    times = [time for _, time in recorder.events]
+    assert times == sorted(times)
+    assert apps.recorded_count(naive) == 2
+    assert apps.recording(naive, environ) is True
 
 
 def test_isolation_reports_each_app_plain_and_traced(tmp_path: Path) -> None:
