@@ -261,3 +261,39 @@ def test_isolation_rejects_a_zero_round_count() -> None:
     done = run_script("isolation.py", "--rounds", "0")
     assert done.returncode == 2
     assert "--rounds must be at least 1" in done.stderr
+
+
+def test_diversity_compares_varied_and_repeated_code_of_equal_size(tmp_path: Path) -> None:
+    out = tmp_path / "diversity.json"
+    done = run_script(
+        "diversity.py",
+        "--rounds",
+        "2",
+        "--requests",
+        "20",
+        "--warmup",
+        "5",
+        "--statements",
+        "400",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert list(data["results"]) == ["trivial", "flask"]
+    for base, stats in data["results"].items():
+        for column in ("plain_us", "varied_added_us", "repeated_added_us"):
+            assert stats[column]["n"] == 2, (base, column)
+    # The comparison is fair only if both run about as many bytecodes.
+    varied, repeated = data["bytecodes"]["varied"], data["bytecodes"]["repeated"]
+    assert varied > 100
+    assert 0.75 < repeated / varied < 1.33
+    assert f"varied {varied:,}, repeated {repeated:,}." in done.stdout
+    results = data["results"]
+    assert results["flask"]["plain_us"]["min"] > results["trivial"]["plain_us"]["max"]
+
+
+def test_diversity_rejects_zero_statements() -> None:
+    done = run_script("diversity.py", "--statements", "0")
+    assert done.returncode == 2
+    assert "--statements must be at least 1" in done.stderr
