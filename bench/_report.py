@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -287,3 +288,49 @@ def emit(
         with open(readme_path, "w", encoding="utf-8") as f:
             f.write(replace_readme_block(readme, section, block))
     return 1 if any(b["ok"] is False and not b.get("status") for b in data["budgets"]) else 0
+
+
+def add_timing_options(
+    parser: argparse.ArgumentParser, *, rounds: int, requests: int, warmup: int
+) -> None:
+    """``--rounds``, ``--requests``, ``--warmup`` and ``--json``, with these
+    defaults, for the small experiments (``isolation.py``, ``diversity.py``).
+    """
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})"
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=requests,
+        help=f"requests per app per round (default {requests})",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=warmup, help=f"warm-up requests per app (default {warmup})"
+    )
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+
+
+def parse_timing_options(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, positive: Sequence[str]
+) -> argparse.Namespace:
+    """Parse ``argv``; the ``positive`` options (dest names) and ``--rounds``
+    and ``--requests`` must be at least 1, ``--warmup`` not negative.
+    """
+    args = parser.parse_args(argv)
+    for option in ("rounds", "requests", *positive):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    return args
+
+
+def print_and_save(text: str, data: dict[str, Any], json_path: str | None) -> None:
+    """Print a report and write its data as JSON to ``json_path``, if given."""
+    import json
+
+    print(text)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)

@@ -34,7 +34,6 @@ code; the README's performance section gives a measured run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -45,7 +44,16 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import apps
-from _report import fmt_spread, machine_info, machine_markdown, spread, table
+from _report import (
+    add_timing_options,
+    fmt_spread,
+    machine_info,
+    machine_markdown,
+    parse_timing_options,
+    print_and_save,
+    spread,
+    table,
+)
 from inprocess import make_environ, timed_block
 
 WsgiApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
@@ -216,55 +224,28 @@ def render(data: dict[str, Any], *, markdown: bool = False) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    parser.add_argument(
-        "--requests", type=int, default=1000, help="requests per app per round (default 1000)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=1000, help="warm-up requests per app (default 1000)"
-    )
+    add_timing_options(parser, rounds=15, requests=1000, warmup=1000)
     parser.add_argument(
         "--statements", type=int, default=400, help="statements of varied (default 400)"
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    for option in ("rounds", "requests", "statements"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must not be negative")
-    return args
+    return parse_timing_options(parser, argv, positive=["statements"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    times = measure(
-        rounds=args.rounds,
-        requests=args.requests,
-        warmup=args.warmup,
-        statements=args.statements,
-        seed=args.seed,
-    )
+    params = {name: value for name, value in vars(args).items() if name != "json"}
+    times = measure(**params)
     data = {
         "machine": machine_info(),
-        "params": {
-            "rounds": args.rounds,
-            "requests": args.requests,
-            "warmup": args.warmup,
-            "statements": args.statements,
-            "seed": args.seed,
-        },
+        "params": params,
         "bytecodes": {
             name: count_bytecodes(work)
             for name, work in build_works(args.statements, args.seed).items()
         },
         "results": summarize(times),
     }
-    print(render(data))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+    print_and_save(render(data), data, args.json)
     return 0
 
 

@@ -35,7 +35,6 @@ section gives a measured run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -44,7 +43,16 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import apps
-from _report import fmt_spread, machine_info, machine_markdown, spread, table
+from _report import (
+    add_timing_options,
+    fmt_spread,
+    machine_info,
+    machine_markdown,
+    parse_timing_options,
+    print_and_save,
+    spread,
+    table,
+)
 from inprocess import Environ, make_environ, serve_once, timed_block
 
 from wsgitrace import TraceMiddleware
@@ -143,51 +151,26 @@ def render(data: dict[str, Any], *, markdown: bool = False) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
-    parser.add_argument(
-        "--requests", type=int, default=3000, help="requests per app per round (default 3000)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=1500, help="warm-up requests per app (default 1500)"
-    )
+    add_timing_options(parser, rounds=9, requests=3000, warmup=1500)
     parser.add_argument(
         "--sweep-bytes",
         type=int,
         default=2 * 1024 * 1024,
         help="bytes copied by after-sweep (default 2 MiB)",
     )
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    for option in ("rounds", "requests", "sweep_bytes"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must not be negative")
-    return args
+    return parse_timing_options(parser, argv, positive=["sweep_bytes"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    times = measure(
-        rounds=args.rounds,
-        requests=args.requests,
-        warmup=args.warmup,
-        sweep_bytes=args.sweep_bytes,
-    )
+    params = {name: value for name, value in vars(args).items() if name != "json"}
+    times = measure(**params)
     data = {
         "machine": machine_info(),
-        "params": {
-            "rounds": args.rounds,
-            "requests": args.requests,
-            "warmup": args.warmup,
-            "sweep_bytes": args.sweep_bytes,
-        },
+        "params": params,
         "results": summarize(times),
     }
-    print(render(data))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+    print_and_save(render(data), data, args.json)
     return 0
 
 

@@ -227,23 +227,20 @@ def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() ->
     assert apps.recording(naive, environ) is True
 
 
-def test_isolation_reports_each_app_plain_and_traced(tmp_path: Path) -> None:
-    out = tmp_path / "isolation.json"
+def run_experiment(
+    tmp_path: Path, script: str, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run a small experiment (2 rounds × 20 requests) and read its JSON."""
+    out = tmp_path / "experiment.json"
     done = run_script(
-        "isolation.py",
-        "--rounds",
-        "2",
-        "--requests",
-        "20",
-        "--warmup",
-        "5",
-        "--sweep-bytes",
-        "4096",
-        "--json",
-        str(out),
+        script, "--rounds", "2", "--requests", "20", "--warmup", "5", *args, "--json", str(out)
     )
     assert done.returncode == 0, done.stderr
-    data = json.loads(out.read_text(encoding="utf-8"))
+    return done, json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_isolation_reports_each_app_plain_and_traced(tmp_path: Path) -> None:
+    done, data = run_experiment(tmp_path, "isolation.py", "--sweep-bytes", "4096")
     assert list(data["results"]) == ["trivial", "after-sweep", "after-flask"]
     for name, stats in data["results"].items():
         for column in ("plain_us", "traced_us", "added_us"):
@@ -264,22 +261,7 @@ def test_isolation_rejects_a_zero_round_count() -> None:
 
 
 def test_diversity_compares_varied_and_repeated_code_of_equal_size(tmp_path: Path) -> None:
-    out = tmp_path / "diversity.json"
-    done = run_script(
-        "diversity.py",
-        "--rounds",
-        "2",
-        "--requests",
-        "20",
-        "--warmup",
-        "5",
-        "--statements",
-        "400",
-        "--json",
-        str(out),
-    )
-    assert done.returncode == 0, done.stderr
-    data = json.loads(out.read_text(encoding="utf-8"))
+    done, data = run_experiment(tmp_path, "diversity.py", "--statements", "400")
     assert list(data["results"]) == ["trivial", "flask"]
     for base, stats in data["results"].items():
         for column in ("plain_us", "varied_added_us", "repeated_added_us"):
