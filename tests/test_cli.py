@@ -624,6 +624,28 @@ def test_tail_waits_through_a_proxys_503(cli: Callable[..., Command]) -> None:
     assert "reconnected" in tail.stderr
 
 
+def test_tail_waits_for_a_reader_slot_on_a_busy_endpoint(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """An endpoint already serving max_readers long-polls answers 503 busy:
+    tail says so (not "cannot reach") and follows once a slot is free.
+    """
+    served = serve(max_readers=1)
+    holder = threading.Thread(target=served.get, args=("/_trace?since=0&wait=20",), daemon=True)
+    holder.start()
+    served.wait_for_poll()
+    tail = cli("tail", "-n", "0", served.url)
+    tail.wait_for("is busy", stream="err")
+    assert tail.proc.poll() is None
+    served.get("/api/v1/items/tea")  # answers the held long-poll: its slot is free
+    holder.join(TIMEOUT)
+    served.get("/missing")
+    tail.wait_for("/missing")
+    assert tail.finish() == 0
+    assert "HTTP 503: busy" in tail.stderr
+    assert "cannot reach" not in tail.stderr
+
+
 class AuthGatewayServer(http.server.BaseHTTPRequestHandler):
     """An auth gateway in front of the app: 401 for everyone."""
 

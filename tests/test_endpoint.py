@@ -1210,3 +1210,90 @@ def test_large_listing_is_complete_and_ordered(serve: Callable[..., Served]) -> 
     data = served.listing("limit=1000")
     assert len(data["traces"]) == 1000
     assert data["traces"][0]["path"] == "/bulk/999"
+
+
+class TestReaderCap:
+    """At most ``max_readers`` long-polls and streams are served at once,
+    since each holds a server thread the app may need.
+    """
+
+    def assert_busy(self, reply: Reply) -> None:
+        assert reply.status == 503
+        assert reply.headers["retry-after"] == "1"
+        data = reply.json()
+        assert data["busy"] is True
+        assert "max_readers" in data["error"]
+
+    def test_a_long_poll_past_the_cap_is_turned_away(self, serve: Callable[..., Served]) -> None:
+        served = serve(max_readers=1)
+        result: dict[str, Any] = {}
+        poller = threading.Thread(
+            target=lambda: result.update(page=served.listing("since=0&wait=15"))
+        )
+        poller.start()
+        wait_for_a_waiter(served)
+        self.assert_busy(served.get("/_trace?since=0&wait=5"))
+        self.assert_busy(served.get("/_trace/stream"))
+        # Answers that hold no thread are not counted.
+        assert served.listing("since=0")["traces"] == []
+        assert served.get("/_trace/stream", method="HEAD").status == 200
+        served.get("/arrived")
+        poller.join(TIMEOUT)
+        assert [t["path"] for t in result["page"]["traces"]] == ["/arrived"]
+        # The slot is free again once the long-poll answered.
+        assert served.listing("since=0&wait=0.1")["cursor"] == 1
+
+    def test_a_stream_holds_its_slot_until_it_is_closed(
+        self, serve: Callable[..., Served], sse: Any
+    ) -> None:
+        served = serve(max_readers=2, stream={"heartbeat": 0.1, "stream_seconds": 20})
+        first = sse(served)
+        second = sse(served)
+        assert first.next() is not None
+        assert second.next() is not None
+        self.assert_busy(served.get("/_trace?since=0&wait=5"))
+        third = sse(served)
+        assert third.response.status == 503
+        # A departed client's stream ends at its next heartbeat and gives
+        # its slot back.
+        first.close()
+        deadline = time.monotonic() + 5
+        while (reply := served.get("/_trace?since=0&wait=0.05")).status == 503:
+            assert time.monotonic() < deadline, "the closed stream kept its slot"
+            time.sleep(0.05)
+        assert reply.status == 200
+
+    def test_a_stream_body_gives_its_slot_back_once_however_it_ends(self) -> None:
+        """Closed, collected unclosed, or closed twice: the slot comes back
+        exactly once (a second release would raise from the semaphore).
+        """
+        endpoint = TraceEndpoint(TraceBuffer(), resolve_options({"max_readers": 1}, None, {}))
+        environ = {
+            "PATH_INFO": "/_trace/stream",
+            "REQUEST_METHOD": "GET",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_HOST": "localhost",
+        }
+        statuses: list[str] = []
+
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            statuses.append(status)
+
+        body = endpoint(dict(environ), start_response)
+        assert statuses == ["200 OK"]
+        [busy] = endpoint(dict(environ), start_response)
+        assert statuses[-1] == "503 Service Unavailable"
+        assert json.loads(busy)["busy"] is True
+        body.close()  # type: ignore[attr-defined]
+        body.close()  # type: ignore[attr-defined]
+        unclosed = endpoint(dict(environ), start_response)
+        assert statuses[-1] == "200 OK"
+        del unclosed  # never iterated, never closed: collected
+        again = endpoint(dict(environ), start_response)
+        assert statuses[-1] == "200 OK"
+        again.close()  # type: ignore[attr-defined]
+        assert endpoint._readers.acquire(blocking=False)
+
+    def test_the_cap_is_an_option(self) -> None:
+        assert resolve_options({}, None, {}).max_readers == 8
+        assert resolve_options({}, None, {"WSGITRACE_MAX_READERS": "3"}).max_readers == 3

@@ -53,6 +53,12 @@ class _UnreachableError(Exception):
     """
 
 
+class _BusyError(_UnreachableError):
+    """The endpoint is serving as many long-polls and streams as it may
+    (``max_readers``) and said so with a 503: retry shortly.
+    """
+
+
 class _NotFoundError(Exception):
     """The server answered 404: endpoint off, refused, or no such trace."""
 
@@ -141,6 +147,8 @@ class _Client:
                 detail = exc.read(4096)
             if exc.code == 404:
                 raise _NotFoundError from None
+            if exc.code == 503 and _is_busy(detail):
+                raise _BusyError(_error_detail(exc.code, detail)) from None
             if exc.code in _GATEWAY_CODES:
                 # A proxy in front whose app is down or restarting: as if
                 # the app could not be reached, so tail waits for it.
@@ -195,6 +203,14 @@ def _make_client(url: str, store: str | None, token: str | None) -> _Client | _S
     return _Client(url, token)
 
 
+def _is_busy(body: bytes) -> bool:
+    """Whether a 503's body is the endpoint's own "too many readers" answer."""
+    try:
+        return json.loads(body).get("busy") is True
+    except (ValueError, AttributeError):
+        return False
+
+
 def _error_detail(code: int, body: bytes) -> str:
     try:
         message = json.loads(body)["error"]
@@ -222,6 +238,15 @@ def _read_token(token: str | None, token_file: str | None) -> str | None:
 
 
 # -- following ------------------------------------------------------------------
+
+
+def _unreachable_message(url: str, exc: _UnreachableError) -> str:
+    if isinstance(exc, _BusyError):
+        return (
+            f"{url} is busy ({exc}): other tails or dashboards hold all its reader"
+            " slots. Retrying until one is free (Ctrl-C to stop)."
+        )
+    return f"cannot reach {url} ({exc}); is the app running? Retrying until it is (Ctrl-C to stop)."
 
 
 class _View:
@@ -277,11 +302,7 @@ class _Follow:
                     page = self._poll()
                 except _UnreachableError as exc:
                     if not down:
-                        view.message(
-                            f"cannot reach {self.client.url} ({exc}); is the app running?"
-                            " Retrying until it is (Ctrl-C to stop).",
-                            "yellow",
-                        )
+                        view.message(_unreachable_message(self.client.url, exc), "yellow")
                         down = True
                     view.status(f"waiting for {self.client.url} …")
                     self._check_first = True

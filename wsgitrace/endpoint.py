@@ -37,6 +37,9 @@ list and is always newest first. Query parameters:
 ``wait``
     Long-poll: when nothing matches yet, wait up to this many seconds
     (capped at 20) for a matching trace, and answer as soon as one is there.
+    Each waiting long-poll and open stream holds a server thread, so at most
+    ``max_readers`` (default 8) are served at once per process; more get a
+    ``503`` with ``Retry-After: 1`` and ``"busy": true`` in the JSON error.
 ``full``
     ``1`` lists full traces (:meth:`~wsgitrace.Trace.to_dict`) instead of
     summaries.
@@ -112,7 +115,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._access import _AccessPolicy
@@ -150,6 +153,11 @@ _NOT_FOUND_BODY = (
 )
 _COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_STREAM_HEADERS = [
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    *_COMMON_HEADERS,
+    ("X-Accel-Buffering", "no"),
+]
 
 
 class TraceEndpoint:
@@ -194,6 +202,9 @@ class TraceEndpoint:
         self.heartbeat = heartbeat
         self.settle = settle
         self._access = _AccessPolicy(options)
+        #: Long-polls and streams served at once; each holds a server thread.
+        self.max_readers = options.max_readers
+        self._readers = threading.BoundedSemaphore(options.max_readers)
         self._stopping = threading.Event()
         #: The sinks of the traced app (set by its middleware), whose losses
         #: are reported as ``sink_dropped``.
@@ -259,22 +270,45 @@ class TraceEndpoint:
         except _BadQueryError as exc:
             body = {"error": exc.message, "param": exc.param}
             return _json(start_response, "400 Bad Request", body, head=head)
-        if rest == "":
+        if rest == "" and not (query.wait > 0 and query.limit > 0):
             return _json(start_response, "200 OK", self.listing(query), head=head)
+        if rest == "":
+            if not self._readers.acquire(blocking=False):
+                return self._busy(start_response, head)
+            try:
+                return _json(start_response, "200 OK", self.listing(query), head=head)
+            finally:
+                self._readers.release()
         if rest == "stream":
-            start_response(
-                "200 OK",
-                [
-                    ("Content-Type", "text/event-stream; charset=utf-8"),
-                    *_COMMON_HEADERS,
-                    ("X-Accel-Buffering", "no"),
-                ],
-            )
-            return [] if head else self.stream(start, query)
+            if head:
+                start_response("200 OK", list(_STREAM_HEADERS))
+                return []
+            if not self._readers.acquire(blocking=False):
+                return self._busy(start_response, head)
+            try:
+                start_response("200 OK", list(_STREAM_HEADERS))
+            except BaseException:
+                self._readers.release()
+                raise
+            return _ReaderBody(self.stream(start, query), self._readers.release)
         trace = self.source.get(rest)
         if trace is None:
             return _not_found(start_response)
         return _json(start_response, "200 OK", trace.to_dict(), head=head)
+
+    def _busy(self, start_response: StartResponse, head: bool) -> list[bytes]:
+        """The 503 for a long-poll or stream past :attr:`max_readers`."""
+        message = (
+            f"busy: {self.max_readers} long-polls and streams are already being served"
+            " (max_readers); retry later"
+        )
+        return _json(
+            start_response,
+            "503 Service Unavailable",
+            {"error": message, "busy": True},
+            [("Retry-After", "1")],
+            head=head,
+        )
 
     # -- listing ------------------------------------------------------------
 
@@ -431,7 +465,7 @@ class TraceEndpoint:
             return self._start_cursor(query.since)
         return self.source.cursor
 
-    def stream(self, position: int, query: _Query) -> Iterator[bytes]:
+    def stream(self, position: int, query: _Query) -> Generator[bytes, None, None]:
         """The Server-Sent Events body: traces after ``position`` as they
         settle, heartbeats, and an ``end`` event.
         """
@@ -470,6 +504,35 @@ class TraceEndpoint:
 
     def __repr__(self) -> str:
         return f"<TraceEndpoint {self.prefix!r} {self.source!r}>"
+
+
+class _ReaderBody:
+    """A stream's body that gives its reader slot back when the server
+    closes it (or, failing that, when it is collected), exactly once.
+    """
+
+    __slots__ = ("_body", "_release")
+
+    def __init__(self, body: Generator[bytes, None, None], release: Callable[[], None]) -> None:
+        self._body = body
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._body
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        finally:
+            self._free()
+
+    def _free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self._free()
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
