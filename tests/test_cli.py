@@ -536,10 +536,24 @@ def test_show_refuses_an_empty_id_and_the_stream(serve: Callable[..., Served]) -
     served = serve()
     result = run_command("show", "", served.url)
     assert result.returncode == 2
-    assert "a trace id is not empty" in result.stderr
+    assert "the trace id is empty" in result.stderr
     result = run_command("show", "stream", served.url)
     assert result.returncode == 1
     assert "no trace 'stream'" in result.stderr
+
+
+def test_show_says_when_the_url_was_given_as_the_id(serve: Callable[..., Served]) -> None:
+    """``show URL`` (the ID forgotten) is a usage error naming the mistake,
+    not "cannot reach http://127.0.0.1:5000".
+    """
+    served = serve()
+    result = run_command("show", served.url)
+    assert result.returncode == 2
+    assert f"{served.url!r} is not a trace id (the URL goes after the ID)" in result.stderr
+    assert "cannot reach" not in result.stderr
+    result = run_command("show", "a b", served.url)
+    assert result.returncode == 2
+    assert "'a b' is not a trace id; ids are letters, digits" in result.stderr
 
 
 def test_token_is_sent_as_utf8_and_never_echoed(

@@ -27,6 +27,8 @@ _STATUS_RE = re.compile(r"([1-5])(xx|\d\d)\Z", re.IGNORECASE)
 _METHOD_RE = re.compile(r"[A-Za-z]{1,20}\Z")
 # ASCII digits only (\d would take any script's); any length, clamped when read.
 _INT_RE = re.compile(r"[0-9]+\Z")
+#: What a trace id looks like (URL-safe, see ``Trace.id``).
+_TRACE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 #: Cursors are SQLite integers in a store; a larger one means "after all".
 _MAX_CURSOR = 2**63 - 1
 _QUERY_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization"})

@@ -62,7 +62,7 @@ from ._client import (
 from ._interrupts import _interrupts, _sigterm_as_interrupt
 from ._output import _bar_width, _console, _HumanView, _JsonView, _message
 from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
-from ._trace_query import _BadQueryError, _parse_query
+from ._trace_query import _TRACE_ID_RE, _BadQueryError, _parse_query
 from .endpoint import TraceEndpoint
 from .exceptions import ConfigurationError
 from .render import build_timeline
@@ -249,7 +249,14 @@ def show(
 ) -> None:
     """Show one trace's full timeline and state."""
     if not trace_id.strip():
-        raise click.BadParameter("a trace id is not empty", param_hint="ID")
+        raise click.BadParameter("the trace id is empty", param_hint="ID")
+    if not _TRACE_ID_RE.match(trace_id):
+        hint = " (the URL goes after the ID)" if "/" in trace_id or ":" in trace_id else ""
+        msg = (
+            f"{trace_id!r} is not a trace id{hint}; ids are letters, digits, '-' and '_',"
+            " as 'wsgitrace tail -v' and /_trace show them"
+        )
+        raise click.BadParameter(msg, param_hint="ID")
     client = _make_client(url, _store_unless_url(store), _token(token, token_file))
     try:
         data = client.get(trace_id)

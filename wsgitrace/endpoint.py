@@ -111,7 +111,6 @@ sub-path or trace id, and no CORS header is ever sent.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import threading
 import time
@@ -120,7 +119,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._access import _AccessPolicy
 from ._internal import report_internal_error
-from ._trace_query import _INT_RE, _BadQueryError, _parse_query, _Query
+from ._trace_query import _INT_RE, _TRACE_ID_RE, _BadQueryError, _parse_query, _Query
 from ._trace_sources import TraceSource, TraceView, _StoreSource, _summary, _to_dict
 from .trace import SCHEMA_VERSION
 
@@ -152,7 +151,6 @@ _NOT_FOUND_BODY = (
     b" If you entered the URL manually please check your spelling and try again.</p>\n"
 )
 _COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _STREAM_HEADERS = [
     ("Content-Type", "text/event-stream; charset=utf-8"),
     *_COMMON_HEADERS,
@@ -251,7 +249,11 @@ class TraceEndpoint:
             return _not_found(start_response)
         path: str = environ.get("PATH_INFO") or "/"
         rest = path[len(self.prefix) :].strip("/") if path.startswith(self.prefix) else None
-        if rest is None or "/" in rest or (rest and rest != "stream" and not _ID_RE.match(rest)):
+        if (
+            rest is None
+            or "/" in rest
+            or (rest and rest != "stream" and not _TRACE_ID_RE.match(rest))
+        ):
             return _not_found(start_response)
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if method not in ("GET", "HEAD"):
