@@ -1001,8 +1001,10 @@ def test_tail_on_a_narrow_terminal_keeps_the_status(serve: Callable[..., Served]
 # -- run ------------------------------------------------------------------------
 
 
-def start_run(cli: Callable[..., Command], *args: str, cwd: Path) -> tuple[Command, str]:
-    command = cli("run", *args, "--port", "0", cwd=str(cwd))
+def start_run(
+    cli: Callable[..., Command], *args: str, cwd: Path, **kwargs: Any
+) -> tuple[Command, str]:
+    command = cli("run", *args, "--port", "0", cwd=str(cwd), **kwargs)
     banner = command.wait_for("watch it with", stream="err")
     found = re.search(r"traced on (http://127\.0\.0\.1:\d+)", banner)
     assert found is not None, banner
@@ -1054,6 +1056,79 @@ def test_run_serves_a_plain_wsgi_app_traced(cli: Callable[..., Command], tmp_pat
     assert [t["path"] for t in json.loads(body)["traces"]] == ["/again"] * 10 + ["/hello"]
     assert command.finish() == 0
     assert "stopped" in command.stderr
+
+
+def test_run_flags_set_tracing_options_over_the_environment(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """Each option has a run flag; a flag beats the WSGITRACE_* variable."""
+    env = command_env(WSGITRACE_MAX_TRACES="50", WSGITRACE_PREFIX="/_env")
+    command, base = start_run(
+        cli,
+        write_echo_app(tmp_path, "flagsapp", "flags"),
+        "--max-traces",
+        "2",
+        "--exclude",
+        "/health",
+        "--no-capture-headers",
+        "--prefix",
+        "/_t",
+        cwd=tmp_path,
+        env=env,
+    )
+    for path in ("/a", "/b", "/health", "/c"):
+        assert fetch(base + path)[0] == 200
+    status, body = fetch(base + "/_t")
+    assert status == 200
+    listing = json.loads(body)
+    assert [t["path"] for t in listing["traces"]] == ["/c", "/b"]  # /health never traced
+    assert listing["dropped"] == 1  # --max-traces 2 beat WSGITRACE_MAX_TRACES=50
+    status, body = fetch(base + "/_t/" + listing["traces"][0]["id"])
+    assert json.loads(body)["request_headers"] == []
+    assert command.finish() == 0
+    assert f"trace endpoint: {base}/_t " in command.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-traces", "0"], "Invalid value for '--max-traces': expected a positive integer"),
+        (["--sample", "2"], "Invalid value for '--sample': expected a rate between 0 and 1"),
+        (["--exclude", "health"], "expected path prefixes starting with '/', got 'health'"),
+        (["--token", "s3cret"], "No such option '--token'"),
+    ],
+)
+def test_run_refuses_bad_flags_before_loading_the_app(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """A bad value is a usage error naming the flag; the token has no flag
+    (argv is visible to other users)."""
+    result = run_command("run", "no_such_module:app", *args, cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_run_flags_cannot_apply_to_an_app_that_traces_itself(tmp_path: Path) -> None:
+    """An app whose own code installs wsgitrace keeps its set-up: flags for
+    it are an error that says so, not silently ignored."""
+    (tmp_path / "selftraced.py").write_text(
+        textwrap.dedent(
+            """
+            from flask import Flask
+            from wsgitrace.flask import FlaskTrace
+
+            app = Flask(__name__)
+            FlaskTrace(app)
+            """
+        )
+    )
+    result = run_command("run", "selftraced:app", "--max-traces", "3", "--otlp", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert "selftraced:app already installs wsgitrace (FlaskTrace is in app.extensions)" in (
+        result.stderr
+    )
+    assert "--max-traces, --otlp cannot apply" in result.stderr
 
 
 def test_run_logs_the_apps_requests_but_not_the_endpoints(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from wsgitrace import ConfigurationError, TraceMiddleware
+from wsgitrace._run_options import run_flags
 from wsgitrace.config import OPTION_SPECS, Options, env_name, resolve_options
 
 if TYPE_CHECKING:
@@ -45,18 +46,20 @@ class TestResolveOptions:
 
     def test_the_readme_table_lists_every_option(self) -> None:
         """The README's Configuration table has one row per option, with its
-        WSGITRACE_* name and its default."""
+        WSGITRACE_* name, its ``wsgitrace run`` flag and its default."""
         readme = Path(__file__).parent.parent / "README.md"
         rows = {
-            m[1]: (m[2], m[3])
+            m[1]: (m[2], m[3], m[4])
             for m in re.finditer(
-                r"^\| `(\w+)` \| `(WSGITRACE_\w+)` \| (.*?) \|", readme.read_text(), re.M
+                r"^\| `(\w+)` \| `(WSGITRACE_\w+)` \| (.*?) \| (.*?) \|", readme.read_text(), re.M
             )
         }
         assert set(rows) == set(OPTION_SPECS)
+        flags = run_flags()
         for name, spec in OPTION_SPECS.items():
-            setting, default = rows[name]
+            setting, flag, default = rows[name]
             assert setting == env_name(name)
+            assert flag == (f"`{flags[name]}`" if name in flags else "–"), name
             if spec.default in (None, ()):
                 assert default in ("(none)", "auto"), name
             else:

@@ -22,7 +22,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -152,28 +152,49 @@ def load_app(spec: str) -> tuple[Any, str]:
     return obj, label
 
 
-def traced(obj: Any) -> tuple[WSGIApplication, TraceMiddleware]:
+class _AlreadyTracedError(Exception):
+    """Options were given for an app whose own code installs tracing."""
+
+
+def traced(
+    obj: Any, options: Mapping[str, Any] | None = None
+) -> tuple[WSGIApplication, TraceMiddleware]:
     """Install tracing on a Flask app or WSGI app (unless it already has it)
     and return the app to serve and the middleware that traces it.
+
+    :param options: Keyword options for the tracing installed here.
+    :raise _AlreadyTracedError: ``options`` were given, but the app already
+        has tracing, set up by its own code.
     """
     from .middleware import TraceMiddleware
 
+    options = dict(options or {})
+
+    def already(where: str) -> None:
+        if options:
+            raise _AlreadyTracedError(where)
+
     if _is_flask_app(obj):
         ext = obj.extensions.get("wsgitrace")
-        if ext is None:
+        if ext is not None:
+            already("FlaskTrace is in app.extensions")
+        else:
             from .flask import FlaskTrace
 
             if isinstance(obj.wsgi_app, TraceMiddleware):
+                already("app.wsgi_app is a TraceMiddleware")
                 ext = FlaskTrace(obj)  # records hooks into that middleware's traces
             else:
-                ext = FlaskTrace(obj, endpoint=False)
+                ext = FlaskTrace(obj, endpoint=False, **options)
         return obj, ext.middleware
     wsgi_app = getattr(obj, "wsgi_app", None)
     if isinstance(wsgi_app, TraceMiddleware):
+        already("its wsgi_app is a TraceMiddleware")
         return obj, wsgi_app
     if isinstance(obj, TraceMiddleware):
+        already("it is a TraceMiddleware")
         return obj, obj
-    middleware = TraceMiddleware(obj, endpoint=False)
+    middleware = TraceMiddleware(obj, endpoint=False, **options)
     return middleware, middleware
 
 

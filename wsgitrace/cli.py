@@ -4,6 +4,7 @@
 
     wsgitrace demo                        # the example app, traced, with traffic
     wsgitrace run myapp:app               # serve an unmodified app, traced
+    wsgitrace run myapp:app --sample 0.1  # tracing options as flags
     wsgitrace tail                        # follow http://127.0.0.1:5000/_trace
     wsgitrace tail -v --status 5xx        # with each trace's timeline
     wsgitrace tail --json | jq .path      # one summary per line
@@ -61,7 +62,17 @@ from ._client import (
 )
 from ._interrupts import _interrupts, _sigterm_as_interrupt
 from ._output import _bar_width, _console, _HumanView, _JsonView, _message
-from ._serve import DEMO_ROUND, _base_url, _EndpointFront, _serve, _traffic, load_app, traced
+from ._run_options import flag_name, given_options, with_run_flags
+from ._serve import (
+    DEMO_ROUND,
+    _AlreadyTracedError,
+    _base_url,
+    _EndpointFront,
+    _serve,
+    _traffic,
+    load_app,
+    traced,
+)
 from ._trace_query import _TRACE_ID_RE, _BadQueryError, _parse_query
 from .endpoint import TraceEndpoint
 from .exceptions import ConfigurationError
@@ -288,14 +299,24 @@ def show(
     type=click.IntRange(0, 65535),
     help="Port (0 picks a free one).",
 )
-def run(app_spec: str, host: str, port: int) -> None:
+@with_run_flags
+def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
     """Serve an unmodified WSGI or Flask app (or app factory), traced.
 
     Uses werkzeug's threaded server, with the trace endpoint on for loopback
-    clients. MODULE may also be a path to a .py file.
+    clients. MODULE may also be a path to a .py file. The other flags set
+    tracing options; they beat the app's config and WSGITRACE_* variables.
     """
     obj, label = load_app(app_spec)
-    app, middleware = traced(obj)
+    options = given_options(flags)
+    try:
+        app, middleware = traced(obj, options)
+    except _AlreadyTracedError as exc:
+        flag_list = ", ".join(flag_name(name) for name in options)
+        _fail(
+            f"{label} already installs wsgitrace ({exc}), so {flag_list} cannot apply"
+            " to it: set options where it installs wsgitrace, or as WSGITRACE_* settings"
+        )
     endpoint = TraceEndpoint(
         middleware.buffer, dataclasses.replace(middleware.options, endpoint=True)
     )
