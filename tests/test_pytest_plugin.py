@@ -902,6 +902,17 @@ wsgitrace.render.build_timeline = broken
     bad.stderr.fnmatch_lines(["*wsgitrace_report must be one of failed, always, never*"])
 
 
+def _write_toml_ini(pytester: pytest.Pytester, text: str) -> None:
+    """Write ``text`` (``key = value`` lines) as TOML settings: pytest 9's
+    native ``pytest.toml``, which keeps TOML's types; pytest 8 reads no
+    ``pytest.toml``, and gives ``[tool.pytest.ini_options]`` values as strings.
+    """
+    if pytest.version_tuple >= (9,):
+        pytester.path.joinpath("pytest.toml").write_text(f"[pytest]\n{text}\n")
+    else:
+        pytester.path.joinpath("pyproject.toml").write_text(f"[tool.pytest.ini_options]\n{text}\n")
+
+
 def test_max_traces_from_native_toml_and_bad_values(pytester: pytest.Pytester) -> None:
     """``wsgitrace_max_traces`` takes native TOML's integer as well as an ini
     file's string; a value that is not a positive integer stops the run
@@ -924,18 +935,17 @@ def test_max_traces_from_native_toml_and_bad_values(pytester: pytest.Pytester) -
             assert wsgitrace.dropped == 1
         """
     )
-    pytester.path.joinpath("pytest.toml").write_text("[pytest]\nwsgitrace_max_traces = 2\n")
+    _write_toml_ini(pytester, "wsgitrace_max_traces = 2")
     pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(passed=1)
     for value in ("0", "2.5", "true", '"lots"'):
-        pytester.path.joinpath("pytest.toml").write_text(
-            f"[pytest]\nwsgitrace_max_traces = {value}\n"
-        )
+        _write_toml_ini(pytester, f"wsgitrace_max_traces = {value}")
         bad = pytester.runpytest_subprocess("-p", "no:xdist")
         # wsgitrace's message, or pytest's own for a TOML value of another type.
         assert bad.ret == pytest.ExitCode.USAGE_ERROR, value
         bad.stderr.fnmatch_lines(["ERROR: *wsgitrace_max_traces*"])
         assert "Traceback" not in bad.stderr.str()
-    pytester.path.joinpath("pytest.toml").unlink()
+    for name in ("pytest.toml", "pyproject.toml"):
+        pytester.path.joinpath(name).unlink(missing_ok=True)
     pytester.makeini("[pytest]\nwsgitrace_max_traces = lots\n")
     bad = pytester.runpytest_subprocess("-p", "no:xdist")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
