@@ -465,6 +465,39 @@ def test_a_nested_session_leaves_failures_as_pytest_fail(pytester: pytest.Pytest
         captured.last  # noqa: B018 - the property fails
 
 
+def test_capture_failures_show_the_line_of_the_test(pytester: pytest.Pytester) -> None:
+    """``.last`` with nothing captured and a ``.wait()`` that times out fail
+    at the test's line, shown with pytest's traceback, without a frame of
+    wsgitrace's own: not a bare message that leaves the user to guess which
+    call of the test failed.
+    """
+    pytester.makepyfile(
+        test_where="""
+        def test_last(wsgitrace):
+            assert len(wsgitrace) == 0
+            wsgitrace.last
+
+        def test_wait(wsgitrace):
+            wsgitrace.wait(1, timeout=0.01)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_last _*",
+            ">*wsgitrace.last",
+            "E*Failed: wsgitrace: no request was traced during this test.",
+            "test_where.py:3: Failed",
+            "*_ test_wait _*",
+            ">*wsgitrace.wait(1, timeout=0.01)",
+            "E*Failed: wsgitrace: 0 traces captured after 0.01s, waited for 1",
+            "test_where.py:6: Failed",
+        ]
+    )
+    assert "testing.py" not in result.stdout.str()
+
+
 def test_fixture_errors_show_no_plugin_frames(pytester: pytest.Pytester) -> None:
     """A fixture of a conftest failing in setup or teardown shows the same
     traceback as without the plugin: none of its frames.

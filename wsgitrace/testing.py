@@ -296,19 +296,21 @@ _NOTHING_TRACED = (
 
 
 #: How many pytest sessions with the plugin are running here (pytester runs
-#: one inside another): failures then go through ``pytest.fail`` (no
-#: traceback). Merely importing pytest does not count.
+#: one inside another): failures then go through ``pytest.fail``. Merely
+#: importing pytest does not count.
 _under_pytest = 0
 
 
 def _fail(msg: str) -> NoReturn:
-    """Fail the test: with ``pytest.fail`` (no traceback) under pytest with
-    the plugin, else with an :exc:`AssertionError`.
+    """Fail the test: with ``pytest.fail`` under pytest with the plugin, else
+    with an :exc:`AssertionError`. pytest shows the test's line that failed
+    (the capture's frames hide themselves), so a test that reads
+    :attr:`TraceCapture.last` twice tells which one had nothing.
     """
     __tracebackhide__ = True
     pytest = sys.modules.get("pytest")
     if _under_pytest > 0 and pytest is not None:
-        pytest.fail(msg, pytrace=False)
+        pytest.fail(msg)
     raise AssertionError(msg)
 
 
