@@ -498,6 +498,61 @@ def test_capture_failures_show_the_line_of_the_test(pytester: pytest.Pytester) -
     assert "testing.py" not in result.stdout.str()
 
 
+OTHER_PROCESS_SERVER = """
+from werkzeug.serving import make_server
+from wsgitrace import TraceMiddleware
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+server = make_server("127.0.0.1", 0, TraceMiddleware(app))
+print(server.port, flush=True)
+server.handle_request()
+"""
+
+
+def test_nothing_captured_names_a_server_in_another_process(pytester: pytest.Pytester) -> None:
+    """A server in another process (pytest-flask's ``live_server`` forks
+    one) serves requests the capture never sees: ``.wait()`` and ``.last``
+    say so, instead of only suggesting the app is not traced.
+    """
+    pytester.path.joinpath("server.py").write_text(OTHER_PROCESS_SERVER)
+    pytester.makepyfile(
+        test_live="""
+        import subprocess, sys, urllib.request
+
+        def test_server_in_a_subprocess(wsgitrace):
+            proc = subprocess.Popen([sys.executable, "server.py"], stdout=subprocess.PIPE)
+            try:
+                port = int(proc.stdout.readline())
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                    assert r.read() == b"ok"
+            finally:
+                proc.wait(10)
+                proc.stdout.close()
+            wsgitrace.wait(1, timeout=0.05)
+
+        def test_last(wsgitrace):
+            wsgitrace.last
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    hint = "E*hint: only requests served in this process are captured; a server run in*"
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_server_in_a_subprocess _*",
+            "E*Failed: wsgitrace: 0 traces captured after 0.05s, waited for 1",
+            hint,
+            "*_ test_last _*",
+            "E*Failed: wsgitrace: no request was traced during this test.",
+            "E*hint: trace the app with FlaskTrace(app)*",
+            hint,
+        ]
+    )
+
+
 def test_fixture_errors_show_no_plugin_frames(pytester: pytest.Pytester) -> None:
     """A fixture of a conftest failing in setup or teardown shows the same
     traceback as without the plugin: none of its frames.

@@ -210,7 +210,7 @@ class TraceCapture:
                     got = len(self._traces)
                     _fail(
                         f"wsgitrace: {got} trace{'s' if got != 1 else ''} captured"
-                        f" after {timeout}s, waited for {count}"
+                        f" after {timeout}s, waited for {count}\n{_HINT_OTHER_PROCESS}"
                     )
                 self._arrived.wait(remaining)
         while finished and not all(t.finished for t in self.all):
@@ -286,12 +286,19 @@ class TraceCapture:
         return f"<TraceCapture {traces}, dropped={self.dropped}, {state}>"
 
 
+_HINT_OTHER_PROCESS = (
+    "hint: only requests served in this process are captured; a server run in"
+    " another process (pytest-flask's live_server, a subprocess) is not: serve"
+    " the app from a thread (werkzeug.serving.make_server) instead"
+)
+
 _NOTHING_TRACED = (
     "wsgitrace: no request was traced during this test.\n"
     "hint: trace the app with FlaskTrace(app) or TraceMiddleware(app), or call"
     " wsgitrace.watch(app) before making requests; check that tracing is not"
     " disabled (WSGITRACE_ENABLED, enabled=False) and the path not excluded or"
-    " sampled out"
+    " sampled out\n"
+    f"{_HINT_OTHER_PROCESS}"
 )
 
 
