@@ -498,6 +498,58 @@ def test_capture_failures_show_the_line_of_the_test(pytester: pytest.Pytester) -
     assert "testing.py" not in result.stdout.str()
 
 
+def test_hook_order_failure_without_the_fixture_shows_its_trace(
+    pytester: pytest.Pytester,
+) -> None:
+    """A unittest ``TestCase`` (which cannot take the fixture) using
+    ``capture_traces`` gets the timeline of the trace its hook order
+    assertion failed on, as a test with the fixture does; ``never`` still
+    turns it off, and other failures of such a test get no section.
+    """
+    pytester.makepyfile(
+        test_unit="""
+        import unittest
+
+        from wsgitrace.demo_app import create_app
+        from wsgitrace.flask import FlaskTrace
+        from wsgitrace.testing import assert_hook_not_run, capture_traces
+
+        class AdminTest(unittest.TestCase):
+            def setUp(self):
+                self.app = create_app()
+                FlaskTrace(self.app)
+
+            def test_guest_reaches_the_dashboard(self):
+                with capture_traces() as captured:
+                    self.app.test_client().get("/admin/")
+                assert_hook_not_run(captured.last, "before_request:admin.*")
+
+            def test_other_failure(self):
+                with capture_traces():
+                    self.app.test_client().get("/admin/")
+                self.assertEqual(1, 2)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ AdminTest.test_guest_reaches_the_dashboard _*",
+            "E*HookOrderError: 'before_request:admin.*' ran, but should not have*",
+            "*- wsgitrace -*",
+            "--- assertion failed on this trace",
+            "GET /admin/ → 403 FORBIDDEN",
+            "*before_request:admin.require_admin*",
+            "*short-circuit*",
+        ]
+    )
+    output = result.stdout.str()
+    assert "- wsgitrace -" not in section(output, "AdminTest.test_other_failure")
+    never = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=never")
+    never.assert_outcomes(failed=2)
+    assert "- wsgitrace -" not in never.stdout.str()
+
+
 OTHER_PROCESS_SERVER = """
 from werkzeug.serving import make_server
 from wsgitrace import TraceMiddleware

@@ -4,6 +4,7 @@ section and the records of the ``--wsgitrace-json`` file.
 ::
 
     text = _report_text(item.config, capture, focus)    # table and timelines
+    text = _trace_text(item.config, trace)              # one trace, no capture
     line = _json_record(item, capture, "failed")        # one JSON Lines record
     writer = _JsonWriter(path)                          # a plugin: writes them
     config.pluginmanager.register(writer, "wsgitrace-json")
@@ -83,6 +84,27 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
                 lines.append(f"  {_describe(trace)}: {trace.hooks()}")
             except Exception as inner:
                 lines.append(f"  <trace {trace.id}: {_error(inner)}>")
+    return "\n".join(lines) + "\n"
+
+
+def _trace_text(config: pytest.Config, trace: Trace) -> str:
+    """The report section of a test that failed a hook order assertion
+    without capturing its requests: the timeline of that one trace. Plain
+    text.
+    """
+    lines = [
+        "the wsgitrace fixture was not used: only the trace the assertion failed on is shown",
+        "",
+        "--- assertion failed on this trace",
+    ]
+    try:
+        from . import render
+
+        timeline = render.build_timeline(trace)
+        lines.append(render.render_text(timeline, width=_width(config)).rstrip("\n"))
+    except Exception as exc:
+        lines.append(f"wsgitrace: rendering failed ({_error(exc)}); hooks:")
+        lines.append(f"  {_describe(trace)}: {trace.hooks()}")
     return "\n".join(lines) + "\n"
 
 

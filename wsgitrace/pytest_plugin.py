@@ -44,7 +44,10 @@ Reports and files:
   default ``failed``): a test that captured requests gets a ``wsgitrace``
   report section with a table of them and the timelines of the last few
   (the one a :class:`~wsgitrace.HookOrderError` was raised on first), plain
-  text. With ``always``, passed tests' sections are printed at the end.
+  text. With ``always``, passed tests' sections are printed at the end. A
+  failed test that did not capture (a unittest ``TestCase`` using
+  :func:`~wsgitrace.testing.capture_traces`) gets the timeline of the trace
+  its :class:`~wsgitrace.HookOrderError` was raised on.
 - ``--wsgitrace-json=PATH`` (ini ``wsgitrace_json``): JSON Lines, one object
   per test with ``schema``, ``nodeid``, ``outcome``, ``worker``, ``dropped``,
   ``internal_errors`` and ``traces`` (full :meth:`Trace.to_dict` forms), for
@@ -75,7 +78,7 @@ import pytest
 
 from . import testing
 from ._hook_assertions import _align, _printable
-from ._pytest_report import _error, _json_record, _JsonWriter, _report_text
+from ._pytest_report import _error, _json_record, _JsonWriter, _report_text, _trace_text
 from .exceptions import HookOrderError
 from .testing import (
     TraceCapture,
@@ -346,6 +349,8 @@ def pytest_runtest_makereport(
     report = yield
     state = item.stash.get(_STATE, None)
     if state is None:
+        if report.failed:
+            _annotate_uncaptured(item, call, report)
         return report
     try:
         _annotate(item, call, report, state)
@@ -381,6 +386,26 @@ def _annotate(
     if report.when == "teardown" and settings.json_path is not None and len(capture) and keep:
         outcome = "failed" if state.failed else "skipped" if state.skipped else "passed"
         report.wsgitrace_json = _json_record(item, capture, outcome)  # type: ignore[attr-defined]
+
+
+def _annotate_uncaptured(
+    item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport
+) -> None:
+    """Add the timeline of the trace a hook order assertion failed on to the
+    report of a test that did not capture (a unittest ``TestCase`` using
+    :func:`~wsgitrace.testing.capture_traces`, say).
+    """
+    excinfo = call.excinfo
+    if excinfo is None or not isinstance(excinfo.value, HookOrderError):
+        return
+    trace = excinfo.value.trace
+    if trace is None or _settings(item.config).report == "never":
+        return
+    try:
+        report.sections.append((_SECTION, _trace_text(item.config, trace)))
+    except Exception as exc:
+        # Never let the plugin change a test's outcome.
+        report.sections.append((_SECTION, f"wsgitrace: reporting failed: {_error(exc)}"))
 
 
 def pytest_terminal_summary(
