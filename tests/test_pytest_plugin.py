@@ -550,6 +550,57 @@ def test_hook_order_failure_without_the_fixture_shows_its_trace(
     assert "- wsgitrace -" not in never.stdout.str()
 
 
+def test_report_cuts_long_timelines_but_keeps_every_hook(pytester: pytest.Pytester) -> None:
+    """A view that opens 150 spans makes a trace of about 170 events: the
+    report shows every hook and WSGI step of it, the first spans, and one row
+    counting the spans left out, not 170 rows for each of its five timelines.
+    """
+    pytester.makepyfile(
+        test_spans="""
+        from flask import Flask
+        from wsgitrace import span
+        from wsgitrace.flask import FlaskTrace
+
+        def test_busy_view(wsgitrace):
+            app = Flask(__name__)
+            FlaskTrace(app)
+
+            @app.after_request
+            def add_header(response):
+                return response
+
+            @app.route("/")
+            def index():
+                for i in range(150):
+                    with span(f"query{i}"):
+                        pass
+                return "ok"
+
+            client = app.test_client()
+            for _ in range(5):
+                client.get("/").close()
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- wsgitrace -*",
+            "5 requests traced during this test",
+            "long timelines are cut to about 40 events*",
+            "*query0",
+            "*… 1?? events not shown (span ×1??)",
+            "*view:index",
+            "*after_request:add_header",
+            "*close",
+        ]
+    )
+    report = result.stdout.str().partition("- wsgitrace -")[2]
+    assert "query149" not in report
+    assert len(report.splitlines()) < 300
+
+
 OTHER_PROCESS_SERVER = """
 from werkzeug.serving import make_server
 from wsgitrace import TraceMiddleware

@@ -30,6 +30,9 @@ from .trace import SCHEMA_VERSION, Trace
 _REPORT_TIMELINES = 5
 #: Rows of that table (the newest traces).
 _REPORT_TABLE_ROWS = 50
+#: Events shown per timeline: all hooks and WSGI steps, then signals, spans
+#: and logs while there is room (a trace may hold hundreds).
+_REPORT_TIMELINE_EVENTS = 40
 
 
 # -- the report section --------------------------------------------------------
@@ -63,6 +66,7 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
             shown = f"the one the assertion failed on and the last {len(others)}"
     if len(traces) > len(chosen):
         lines.append(f"timelines of {shown} shown")
+    lines += _cut_note(chosen)
     try:
         from . import render
 
@@ -75,7 +79,8 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
             lines += ["", render.render_text(table, width=width).rstrip("\n")]
         for trace in chosen:
             title = "assertion failed on this trace" if trace is focus else ""
-            text = render.render_text(render.build_timeline(trace), width=width).rstrip("\n")
+            timeline = render.build_timeline(trace, max_rows=_REPORT_TIMELINE_EVENTS)
+            text = render.render_text(timeline, width=width).rstrip("\n")
             lines += ["", *([f"--- {title}"] if title else []), text]
     except Exception as exc:
         lines.append(f"wsgitrace: rendering failed ({_error(exc)}); hook lists:")
@@ -94,18 +99,32 @@ def _trace_text(config: pytest.Config, trace: Trace) -> str:
     """
     lines = [
         "the wsgitrace fixture was not used: only the trace the assertion failed on is shown",
+        *_cut_note([trace]),
         "",
         "--- assertion failed on this trace",
     ]
     try:
         from . import render
 
-        timeline = render.build_timeline(trace)
+        timeline = render.build_timeline(trace, max_rows=_REPORT_TIMELINE_EVENTS)
         lines.append(render.render_text(timeline, width=_width(config)).rstrip("\n"))
     except Exception as exc:
         lines.append(f"wsgitrace: rendering failed ({_error(exc)}); hooks:")
         lines.append(f"  {_describe(trace)}: {trace.hooks()}")
     return "\n".join(lines) + "\n"
+
+
+def _cut_note(traces: list[Trace]) -> list[str]:
+    """The line saying some of these timelines are cut, if any is."""
+    try:
+        if all(len(trace.events) <= _REPORT_TIMELINE_EVENTS for trace in traces):
+            return []
+    except Exception as exc:
+        return [f"wsgitrace: cannot count events ({_error(exc)})"]
+    return [
+        f"long timelines are cut to about {_REPORT_TIMELINE_EVENTS} events: every hook and"
+        " WSGI step, then the first others (--wsgitrace-json writes them all)"
+    ]
 
 
 def _width(config: pytest.Config) -> int:

@@ -474,13 +474,69 @@ def _start(value: float) -> str:
     return text
 
 
-def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
+#: Kinds a timeline cut to ``max_rows`` always shows: the request's steps
+#: and its hooks, what a hook order question is about.
+_KEPT_KINDS = HOOK_KINDS | {
+    "request",
+    "app",
+    "url_match",
+    "start_response",
+    "first_byte",
+    "body",
+    "write",
+    "file_wrapper",
+    "close",
+    "error",
+    "tracer_error",
+}
+
+
+def _rows_shown(events: list[Event], max_rows: int | None) -> set[int] | None:
+    """Indexes of the events a timeline of at most ``max_rows`` rows shows:
+    every event of :data:`_KEPT_KINDS`, then the others (signals, spans,
+    logs, ...) in order while there is room. ``None``: all of them.
+    """
+    if max_rows is None or len(events) <= max_rows:
+        return None
+    kept = {i for i, event in enumerate(events) if event.kind in _KEPT_KINDS}
+    room = max_rows - len(kept)
+    for i in range(len(events)):
+        if room <= 0:
+            break
+        if i not in kept:
+            kept.add(i)
+            room -= 1
+    return kept
+
+
+def _cut_row(cut: list[Event], bar_width: int) -> tuple[Text, Text]:
+    """The row standing for consecutive events a cut timeline leaves out."""
+    counts: dict[str, int] = {}
+    for event in cut:
+        counts[event.kind] = counts.get(event.kind, 0) + 1
+    kinds = ", ".join(f"{kind} ×{count}" for kind, count in counts.items())
+    events = f"{len(cut)} event{'' if len(cut) == 1 else 's'}"
+    prefix = Text(" " * (8 + 1 + 8 + 1 + bar_width + 1))
+    return prefix, _text(f"… {events} not shown ({kinds})", "dim")
+
+
+def _event_rows(
+    trace: Trace, full: bool, bar_width: int, max_rows: int | None = None
+) -> _Waterfall:
     events = trace.events
     total = trace.duration_ns or max((e.end_ns for e in events), default=0)
     rows = []
     thread = _request_thread(trace, events)
     others: dict[int, int] = {}  # another thread's id -> its number, from 2
-    for event, depth in zip(events, _depths(events, thread), strict=True):
+    shown = _rows_shown(events, max_rows)
+    cut: list[Event] = []
+    for index, (event, depth) in enumerate(zip(events, _depths(events, thread), strict=True)):
+        if shown is not None and index not in shown:
+            cut.append(event)
+            continue
+        if cut:
+            rows.append(_cut_row(cut, bar_width))
+            cut = []
         style = _KIND_STYLES.get(event.kind, "cyan" if event.kind in HOOK_KINDS else "")
         prefix = Text(f"{_start(event.start_ms):>8} ", style="dim")
         duration = format_ms(event.duration_ms) if event.duration_ns else ""
@@ -500,6 +556,8 @@ def _event_rows(trace: Trace, full: bool, bar_width: int) -> _Waterfall:
             name.append("  ")
             name.append_text(details)
         rows.append((prefix, name))
+    if cut:
+        rows.append(_cut_row(cut, bar_width))
     return _Waterfall(rows, bar_width)
 
 
@@ -566,7 +624,9 @@ def _state(trace: Trace, full: bool) -> list[RenderableType]:
     return parts
 
 
-def build_timeline(trace: Trace, *, full: bool = False, bar_width: int = 16) -> RenderableType:
+def build_timeline(
+    trace: Trace, *, full: bool = False, bar_width: int = 16, max_rows: int | None = None
+) -> RenderableType:
     """The ordered timeline of one trace: a waterfall of its events (nested
     by containment) with hook names, blueprints, durations, short-circuits,
     ``g`` changes and errors, followed by its state.
@@ -576,8 +636,13 @@ def build_timeline(trace: Trace, *, full: bool = False, bar_width: int = 16) -> 
     :param full: Also show headers, the ``g`` snapshot, request details,
         the traceback and hook functions' qualified names.
     :param bar_width: Columns used by the waterfall bars.
+    :param max_rows: Show at most this many events (more when the trace has
+        more hooks and WSGI steps, which are always shown); each run of
+        signals, spans, logs and the like left out is one row that counts
+        them. ``None``: every event.
     """
-    return Group(_header(trace, full), _event_rows(trace, full, bar_width), *_state(trace, full))
+    rows = _event_rows(trace, full, bar_width, max_rows)
+    return Group(_header(trace, full), rows, *_state(trace, full))
 
 
 def render_text(renderable: RenderableType, width: int = 80) -> str:
