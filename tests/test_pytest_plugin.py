@@ -550,6 +550,51 @@ def test_hook_order_failure_without_the_fixture_shows_its_trace(
     assert "- wsgitrace -" not in never.stdout.str()
 
 
+def test_plain_assert_with_a_pattern_says_patterns_need_assert_hook_order(
+    pytester: pytest.Pytester,
+) -> None:
+    """``assert trace.hooks() == ["before_request:*", ...]`` reads like
+    ``assert_hook_order``, but ``==`` takes ``*`` literally: the diff says
+    so, since the aligned lists alone only show the pattern as missing.
+    """
+    pytester.makepyfile(
+        test_pattern="""
+        from wsgitrace.demo_app import create_app
+
+        def test_index(wsgitrace):
+            app = create_app()
+            wsgitrace.watch(app)
+            app.test_client().get("/admin/", headers={"X-User": "admin"})
+            assert wsgitrace.last.hooks() == [
+                "before_request:*",
+                "before_request:admin.require_admin",
+                "view:admin.dashboard",
+                "after_request:add_server_timing",
+                "teardown_appcontext:close_db",
+            ]
+
+        def test_exact(wsgitrace):
+            app = create_app()
+            wsgitrace.watch(app)
+            app.test_client().get("/admin/", headers={"X-User": "admin"})
+            assert wsgitrace.last.hooks() == ["view:admin.dashboard"]
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    note = "note: == compares names exactly, * and ? match only themselves;"
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_index _*",
+            "E*assert hook lists differ (+ only in the left list, - only in the right)",
+            f"E*{note}*",
+            "E*  -*before_request:[*]",
+        ]
+    )
+    assert note in section(result.stdout.str(), "test_index")
+    assert note not in section(result.stdout.str(), "test_exact")
+
+
 def test_report_cuts_long_timelines_but_keeps_every_hook(pytester: pytest.Pytester) -> None:
     """A view that opens 150 spans makes a trace of about 170 events: the
     report shows every hook and WSGI step of it, the first spans, and one row

@@ -448,6 +448,11 @@ def pytest_assertrepr_compare(
                 f"note: a {type(left).__name__} never equals a {type(right).__name__};"
                 " trace.hooks() is a list"
             )
+        if any("*" in name or "?" in name for name in (*first, *second)):
+            lines.append(
+                "note: == compares names exactly, * and ? match only themselves;"
+                " assert_hook_order() takes patterns"
+            )
         lines.append("  left right")
         for r, e in _align(second, first, operator.eq):
             left_col = f"{e:>6}" if e is not None else "     ."
