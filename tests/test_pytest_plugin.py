@@ -595,6 +595,41 @@ def test_plain_assert_with_a_pattern_says_patterns_need_assert_hook_order(
     assert note not in section(result.stdout.str(), "test_exact")
 
 
+def test_report_explains_unclosed_responses_of_a_test_client(pytester: pytest.Pytester) -> None:
+    """Flask's test client never closes a response: its traces end
+    ``unclosed``, a warning that in a failure report reads as a bug of the
+    app. The report says what it usually means in a test; a test that closes
+    its responses gets no such line.
+    """
+    pytester.makepyfile(
+        test_responses="""
+        from wsgitrace.demo_app import create_app
+
+        def test_left_open(wsgitrace):
+            app = create_app()
+            wsgitrace.watch(app)
+            app.test_client().get("/")
+            assert False
+
+        def test_closed(wsgitrace):
+            app = create_app()
+            wsgitrace.watch(app)
+            app.test_client().get("/").close()
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    note = "⚠ unclosed, in a test, usually means the test did not close a response"
+    output = result.stdout.str()
+    left_open = section(output, "test_left_open")
+    assert "⚠ unclosed: the response body was garbage-collected without close()" in left_open
+    assert note in left_open
+    closed = section(output, "test_closed")
+    assert "- wsgitrace -" in closed
+    assert "unclosed" not in closed
+
+
 def test_report_cuts_long_timelines_but_keeps_every_hook(pytester: pytest.Pytester) -> None:
     """A view that opens 150 spans makes a trace of about 170 events: the
     report shows every hook and WSGI step of it, the first spans, and one row

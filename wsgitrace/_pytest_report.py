@@ -67,6 +67,7 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
     if len(traces) > len(chosen):
         lines.append(f"timelines of {shown} shown")
     lines += _cut_note(chosen)
+    lines += _unclosed_note(traces)
     try:
         from . import render
 
@@ -100,6 +101,7 @@ def _trace_text(config: pytest.Config, trace: Trace) -> str:
     lines = [
         "the wsgitrace fixture was not used: only the trace the assertion failed on is shown",
         *_cut_note([trace]),
+        *_unclosed_note([trace]),
         "",
         "--- assertion failed on this trace",
     ]
@@ -124,6 +126,21 @@ def _cut_note(traces: list[Trace]) -> list[str]:
     return [
         f"long timelines are cut to about {_REPORT_TIMELINE_EVENTS} events: every hook and"
         " WSGI step, then the first others (--wsgitrace-json writes them all)"
+    ]
+
+
+def _unclosed_note(traces: list[Trace]) -> list[str]:
+    """The line explaining the ``unclosed`` warning, if a trace has it: in a
+    test it almost always means the test client's response, not the app.
+    """
+    try:
+        if not any(trace.state == "unclosed" for trace in traces):
+            return []
+    except Exception as exc:
+        return [f"wsgitrace: cannot read the traces' state ({_error(exc)})"]
+    return [
+        "⚠ unclosed, in a test, usually means the test did not close a response"
+        " (test clients never do: response.close()), not a fault of the app"
     ]
 
 
