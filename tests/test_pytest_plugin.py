@@ -630,6 +630,43 @@ def test_report_explains_unclosed_responses_of_a_test_client(pytester: pytest.Py
     assert "unclosed" not in closed
 
 
+def test_no_hooks_hint_names_a_mounted_app(pytester: pytest.Pytester) -> None:
+    """An app mounted inside another (werkzeug's DispatcherMiddleware), both
+    traced: the outer app's trace is the last one to arrive, with no hooks,
+    though FlaskTrace is installed. The hint does not stop at "use
+    FlaskTrace": it says the mounted app's trace is a separate one.
+    """
+    pytester.makepyfile(
+        test_mounted="""
+        from flask import Flask
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+        from wsgitrace.flask import FlaskTrace
+
+        def test_api_ping(wsgitrace):
+            front, api = Flask("front"), Flask("api")
+
+            @api.route("/ping")
+            def ping():
+                return "pong"
+
+            FlaskTrace(api)
+            front.wsgi_app = DispatcherMiddleware(front.wsgi_app, {"/api": api})
+            FlaskTrace(front)
+            front.test_client().get("/api/ping")
+            assert [t.hooks() for t in wsgitrace.all] == [["view:ping"], []]
+            wsgitrace.assert_hook_order(wsgitrace.last, ["view:ping"])
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E*hint: no hooks were recorded; TraceMiddleware alone records WSGI events only,"
+            "*DispatcherMiddleware*the other app's trace is a separate one",
+        ]
+    )
+
+
 def test_report_cuts_long_timelines_but_keeps_every_hook(pytester: pytest.Pytester) -> None:
     """A view that opens 150 spans makes a trace of about 170 events: the
     report shows every hook and WSGI step of it, the first spans, and one row

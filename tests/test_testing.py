@@ -160,7 +160,9 @@ def test_hints_name_the_error_an_open_response_and_a_plain_trace() -> None:
         "hint: the response is still open; a streamed response tears down when its body"
         " is exhausted: read response.data first",
         "hint: no hooks were recorded; TraceMiddleware alone records WSGI events only,"
-        " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks",
+        " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks; an app that passes"
+        " a request on to another (werkzeug's DispatcherMiddleware) records none either:"
+        " the other app's trace is a separate one",
     ]
     error = hook_order_error(lambda: assert_short_circuited(open_trace))
     assert str(error).splitlines()[-1].startswith("hint: no hooks were recorded;")

@@ -176,7 +176,9 @@ def assert_teardown_after_body(trace: Trace) -> None:
 
 _HINT_NO_HOOKS = (
     "hint: no hooks were recorded; TraceMiddleware alone records WSGI events only,"
-    " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks"
+    " use FlaskTrace(app) (or wsgitrace.watch(app)) for hooks; an app that passes"
+    " a request on to another (werkzeug's DispatcherMiddleware) records none either:"
+    " the other app's trace is a separate one"
 )
 
 
