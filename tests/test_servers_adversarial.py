@@ -833,3 +833,67 @@ def test_gunicorn_file_wrapper_and_failures(tmp_path: Path, data_file: str) -> N
     failed = traces["GET", "/stream", "n=5&raise_at=3", 200]
     assert failed["error"]["where"] == "iteration"
     assert traces["GET", "/close-raises", "", 200]["error"]["where"] == "close"
+
+
+# -- wsgitrace failing inside a request ------------------------------------------
+
+
+class _OddEndpoint:
+    """An endpoint that is not a string (Flask does not insist on one) and
+    cannot be made one: naming its view fails inside wsgitrace.
+    """
+
+    def __hash__(self) -> int:
+        return 7
+
+    def __contains__(self, item: object) -> bool:
+        return False  # no blueprint, as request.blueprint asks
+
+    def __str__(self) -> str:
+        raise TypeError("no text for this endpoint")
+
+
+def _odd_endpoint_app() -> Flask:
+    app = Flask("odd")
+
+    def current_error() -> str:
+        return f"handling {sys.exc_info()[1]!r}"
+
+    def failing() -> str:
+        raise ValueError("view failed")
+
+    app.add_url_rule("/current", endpoint=_OddEndpoint(), view_func=current_error)
+    app.add_url_rule("/failing", endpoint=_OddEndpoint(), view_func=failing)
+
+    @app.errorhandler(500)
+    def context(e: Any) -> tuple[str, int]:
+        original = e.original_exception
+        return f"{original!r} during {original.__context__!r}", 500
+
+    return app
+
+
+def test_error_naming_a_hook_is_not_seen_by_the_hook(
+    serve_with: Callable[[WSGIApplication], int],
+) -> None:
+    """When wsgitrace cannot name a view, the view still runs, unrecorded,
+    and not inside wsgitrace's ``except`` block: ``sys.exc_info()`` in the
+    view and the ``__context__`` of what it raises are what they are
+    untraced.
+    """
+    errors = internal_error_count()
+    plain = _odd_endpoint_app()
+    traced = _odd_endpoint_app()
+    ext = FlaskTrace(traced)
+    plain_port, traced_port = serve_with(plain), serve_with(traced)
+    for target in ("/current", "/failing"):
+        expected = raw_exchange(plain_port, request_bytes(target))
+        assert raw_exchange(traced_port, request_bytes(target)) == expected
+    assert b"handling None" in raw_exchange(traced_port, request_bytes("/current"))
+    assert internal_error_count() > errors  # counted, and logged once
+    traces = settled(ext, 3)
+    assert all(t.status_code in (200, 500) for t in traces)
+    for trace in traces:
+        # Named neither for the URL match nor as a view; noted on the trace.
+        assert "flask.hook_key" in [e.attrs["where"] for e in trace.find(kind="tracer_error")]
+        assert [h for h in trace.hooks() if h.startswith("view:")] == []

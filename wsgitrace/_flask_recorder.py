@@ -229,16 +229,22 @@ class _AppTracer:
         it under its key from ``cache`` (see :meth:`hook_key`), with the keys
         of ``g`` (its ``__dict__``) it changed.
         """
-        entry = cache.get(id(func))
-        if entry is not None and entry[0]() is func and entry[1] == blueprint:
-            key = entry[2]
-        else:
-            try:
+        key: EventKey | None
+        try:
+            entry = cache.get(id(func))
+            # For a view, ``blueprint`` is its endpoint: any hashable object.
+            if entry is not None and entry[0]() is func and entry[1] == blueprint:
+                key = entry[2]
+            else:
                 key = self.hook_key(cache, kind, blueprint, func)
-            except Exception:
-                # Never breaks the app: the hook runs, unrecorded.
-                report_internal_error("flask.hook_key", trace)
-                return call(*args)
+        except Exception:
+            report_internal_error("flask.hook_key", trace)
+            key = None
+        if key is None:
+            # Never breaks the app: the hook runs, unrecorded, and outside
+            # the except block, so that it sees no error of wsgitrace's as
+            # the one being handled (sys.exc_info(), __context__).
+            return call(*args)
         before = g_dict.copy() if g_dict else None
         clock = self.clock
         start = clock()
