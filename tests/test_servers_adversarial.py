@@ -514,10 +514,27 @@ def test_keep_alive_many_requests_on_one_connection(
         assert reused >= len(KEEP_ALIVE)
     plain_answers, traced_answers = answers.values()
     assert traced_answers == plain_answers
-    assert outside == [None] * 2 * len(KEEP_ALIVE)
-    traces = settled(ext, 2 * (len(KEEP_ALIVE) - 1))
+    # Pipelined: seven requests sent at once, answered in turn.
+    pipelined = b"".join(
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        for method, target in [
+            ("GET", "/?tag=p0"),
+            ("HEAD", "/?tag=p1"),
+            ("GET", "/raise?tag=p2"),
+            ("GET", "/etag?tag=p3"),
+            ("GET", "/nowhere?tag=p4"),
+            ("GET", "/favicon.ico"),
+        ]
+    )
+    pipelined += request_bytes("/stream?n=3&tag=p5")  # the last: Connection: close
+    answer = raw_exchange(ports[0], pipelined)
+    assert answer.count(b"HTTP/1.1 ") == 7
+    assert raw_exchange(ports[1], pipelined) == answer
+    assert outside == [None] * (2 * len(KEEP_ALIVE) + 7)
+    count = 2 * (len(KEEP_ALIVE) - 1) + 6
+    traces = settled(ext, count)
     assert internal_error_count() == errors
-    assert len(traces) == 2 * (len(KEEP_ALIVE) - 1)
+    assert len(traces) == count
     assert len({t.id for t in traces}) == len(traces)
     for trace in traces:
         tag = trace.query.rpartition("tag=")[2]
@@ -743,14 +760,50 @@ def test_dispatcher_proxy_fix_and_nested_apps(
             assert spans == []
 
 
+def test_untraced_requests_of_a_traced_app(
+    serve_with: Callable[[WSGIApplication], int],
+) -> None:
+    """Requests a traced app serves untraced run Flask's own methods and
+    answer as the untraced app does: sampled out (every other one, by a
+    callable), and every one once ``app.wsgi_app`` is replaced after
+    ``init_app`` by a function that calls Flask's own ``wsgi_app``
+    directly, bypassing the middleware.
+    """
+    errors = internal_error_count()
+    plain = make_app()
+    sampled = make_app()
+    sampled_ext = FlaskTrace(sampled, sample=lambda environ: "odd" in environ["QUERY_STRING"])
+    bypassed = make_app()
+    bypassed_ext = FlaskTrace(bypassed)
+
+    def direct(environ: Any, start_response: Any) -> Any:
+        return Flask.wsgi_app(bypassed, environ, start_response)
+
+    bypassed.wsgi_app = direct  # type: ignore[method-assign]
+    ports = [serve_with(app) for app in (plain, sampled, bypassed)]
+    targets = ["/", "/stream?n=3", "/raise", "/abort", "/?after=abort", "/async", "/?before=return"]
+    for n, target in enumerate(targets * 2):
+        query = f"{'&' if '?' in target else '?'}{'odd' if n % 2 else 'even'}={n}"
+        data = request_bytes(target + query)
+        expected = raw_exchange(ports[0], data)
+        assert [raw_exchange(port, data) for port in ports[1:]] == [expected, expected]
+    traces = settled(sampled_ext, len(targets))
+    assert len(traces) == len(targets)
+    assert all("odd=" in t.query for t in traces)
+    assert all(t.hooks()[0] == "before_request:check_before" for t in traces)
+    assert len(bypassed_ext.buffer) == 0
+    assert plain.config["TEST_LOG"] == sampled.config["TEST_LOG"] == bypassed.config["TEST_LOG"]
+    assert internal_error_count() == errors
+
+
 # -- gunicorn: wsgi.file_wrapper and sendfile -------------------------------------
 
 
 @contextlib.contextmanager
-def _gunicorn(target: str, log: Path) -> Iterator[int]:
-    """Serve ``test_servers_adversarial:<target>`` with one sync gunicorn
-    worker on a socket bound here; yield its port (as conftest's helper does
-    for the examples).
+def _gunicorn(target: str, log: Path, worker_class: str = "sync") -> Iterator[int]:
+    """Serve ``test_servers_adversarial:<target>`` with one gunicorn worker
+    on a socket bound here; yield its port (as conftest's helper does for
+    the examples).
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -762,7 +815,8 @@ def _gunicorn(target: str, log: Path) -> Iterator[int]:
         "-m",
         "gunicorn",
         "--workers=1",
-        "--worker-class=sync",
+        f"--worker-class={worker_class}",
+        "--threads=4",
         f"--bind=fd://{listener.fileno()}",
         f"--chdir={HERE}",
         "--timeout=20",
@@ -806,17 +860,37 @@ GUNICORN_REQUESTS = [
 ]
 
 
-def test_gunicorn_file_wrapper_and_failures(tmp_path: Path, data_file: str) -> None:
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_gunicorn_file_wrapper_and_failures(
+    tmp_path: Path, data_file: str, worker_class: str
+) -> None:
     """gunicorn sends a ``send_file`` body with sendfile(2) only if it gets
     its own ``wsgi.file_wrapper`` back: the traced app's answers (whole,
-    HEAD, ranges, a 304) are the untraced app's, and each trace is finished.
+    HEAD, ranges, a 304) are the untraced app's, and each trace is finished;
+    with threads, also on one keep-alive connection.
     """
     plain = f"test_servers_adversarial:gunicorn_app(False, {data_file!r})"
     traced = f"test_servers_adversarial:gunicorn_app(True, {data_file!r})"
     with (
-        _gunicorn(plain, tmp_path / "plain.log") as plain_port,
-        _gunicorn(traced, tmp_path / "traced.log") as traced_port,
+        _gunicorn(plain, tmp_path / "plain.log", worker_class) as plain_port,
+        _gunicorn(traced, tmp_path / "traced.log", worker_class) as traced_port,
     ):
+        if worker_class == "gthread":
+            answers = []
+            for port in (plain_port, traced_port):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+                try:
+                    for method in ("GET", "HEAD"):
+                        for target in ("/file", "/", "/stream?n=3", "/etag", "/raise", "/file"):
+                            connection.request(method, target, headers={"If-None-Match": '"abc"'})
+                            response = connection.getresponse()
+                            body = response.read()
+                            kept = [(k, v) for k, v in response.getheaders() if k != "Date"]
+                            answers.append((response.status, kept, body, response.will_close))
+                finally:
+                    connection.close()
+            assert answers[:12] == answers[12:]
+            assert not any(will_close for *_, will_close in answers)
         _, headers, _ = get(plain_port, "/file")
         etag = dict(headers)["ETag"]
         conditional = request_bytes("/file", f"If-None-Match: {etag}")
