@@ -165,7 +165,7 @@ def make_app(*, propagate: bool | None = None, data_file: str | None = None) -> 
     @app.route("/file")
     def file() -> Response:
         assert data_file is not None
-        return send_file(data_file, conditional=True, etag=True, max_age=0)
+        return send_file(data_file, conditional=True, etag=True)
 
     @app.route("/etag")
     def etag() -> Any:
@@ -971,3 +971,58 @@ def test_error_naming_a_hook_is_not_seen_by_the_hook(
         # Named neither for the URL match nor as a view; noted on the trace.
         assert "flask.hook_key" in [e.attrs["where"] for e in trace.find(kind="tracer_error")]
         assert [h for h in trace.hooks() if h.startswith("view:")] == []
+
+
+# -- when a trace becomes visible --------------------------------------------------
+
+
+def test_streamed_trace_is_visible_in_progress_then_finished(
+    serve_with: Callable[[WSGIApplication], int],
+) -> None:
+    """While a streamed response waits between chunks, ``/_trace`` already
+    shows its trace, in progress, with the bytes sent so far; once the
+    server closes the body, it is finished, with its close event.
+    """
+    app = make_app()
+    gate = threading.Event()
+
+    @app.route("/gated")
+    def gated() -> Response:
+        def generate() -> Iterator[bytes]:
+            yield b"first,"
+            gate.wait(TIMEOUT)
+            yield b"second"
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    FlaskTrace(app, endpoint=True)
+    port = serve_with(app)
+    errors = internal_error_count()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+        client.sendall(request_bytes("/gated"))
+        received = b""
+        while b"first," not in received:
+            chunk = client.recv(65536)
+            assert chunk, received
+            received += chunk
+
+        def listed() -> dict[str, Any]:
+            listing = json.loads(get(port, "/_trace?full=1")[2])
+            [summary] = [t for t in listing["traces"] if t["path"] == "/gated"]
+            return summary  # type: ignore[no-any-return]
+
+        during = listed()
+        assert (during["state"], during["status"], during["bytes"]) == ("in_progress", 200, 6)
+        kinds = [e["kind"] for e in during["events"]]
+        assert "close" not in kinds
+        assert "view" in kinds
+        gate.set()
+        while chunk := client.recv(65536):
+            received += chunk
+    assert received.endswith(b"second\r\n0\r\n\r\n") or received.endswith(b"second")
+    deadline = time.monotonic() + TIMEOUT
+    while (after := listed())["state"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (after["id"], after["state"], after["bytes"]) == (during["id"], "finished", 12)
+    assert [e["kind"] for e in after["events"]].count("close") == 1
+    assert internal_error_count() == errors
