@@ -1026,3 +1026,101 @@ def test_streamed_trace_is_visible_in_progress_then_finished(
     assert (after["id"], after["state"], after["bytes"]) == (during["id"], "finished", 12)
     assert [e["kind"] for e in after["events"]].count("close") == 1
     assert internal_error_count() == errors
+
+
+def test_app_failing_after_start_response_keeps_what_it_gave_the_server(
+    serve_with: Callable[[WSGIApplication], int],
+) -> None:
+    """As the README says, status and headers are what the app gave the
+    server: an app that started a 200 and then failed before anything was
+    sent (a teardown hook raising, a stream failing on its first chunk)
+    gets the server's own 500 to the client, and its trace keeps the 200
+    with the error that explains the difference.
+    """
+    app = make_app()
+    ext = FlaskTrace(app)
+    port = serve_with(app)
+    targets = ["/?teardown=raise", "/stream?n=3&raise_at=0", "/stream?n=3&raise_at=1"]
+    got = [raw_exchange(port, request_bytes(target))[:12] for target in targets]
+    assert got == [b"HTTP/1.1 500", b"HTTP/1.1 500", b"HTTP/1.1 200"]
+    traces = settled(ext, 3)
+    assert [t.status_code for t in traces] == [200, 200, 200]
+    assert [t.error["where"] if t.error else None for t in traces] == [
+        "app",
+        "iteration",
+        "iteration",
+    ]
+    assert [t.bytes_sent for t in traces] == [0, 0, 10]
+
+
+def _sse_events(port: int, count: int, last_event_id: int | None) -> list[tuple[int, str]]:
+    """Read ``count`` trace events (cursor, id) from ``/_trace/stream``."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    events: list[tuple[int, str]] = []
+    try:
+        connection.request("GET", "/_trace/stream", headers=headers)
+        response = connection.getresponse()
+        assert response.status == 200
+        cursor, kind = None, None
+        while len(events) < count:
+            line = response.readline().decode().rstrip("\r\n")
+            if line.startswith("id: "):
+                cursor = int(line[4:])
+            elif line.startswith("event: "):
+                kind = line[7:]
+                assert kind != "end", events
+            elif line.startswith("data: ") and kind == "trace":
+                assert cursor is not None
+                events.append((cursor, json.loads(line[6:])["id"]))
+            elif not line:
+                cursor, kind = None, None
+    finally:
+        connection.close()
+    return events
+
+
+def test_long_poll_and_stream_hand_out_each_trace_once_under_load(
+    serve_with: Callable[[WSGIApplication], int],
+) -> None:
+    """While ten clients make 40 requests (streams among them), a long-poll
+    walking ``since=<cursor>`` and a Server-Sent Events stream each see
+    every trace exactly once, in cursor order, and a stream resumed with
+    ``Last-Event-ID`` continues exactly where the first left off.
+    """
+    app = make_app()
+    ext = FlaskTrace(app, endpoint=True)
+    port = serve_with(app)
+    errors = internal_error_count()
+    polled: list[tuple[int, str]] = []
+    streamed: list[list[tuple[int, str]]] = []
+
+    def poll() -> None:
+        since = 0
+        while len(polled) < 40:
+            body = json.loads(get(port, f"/_trace?since={since}&wait=5&limit=7")[2])
+            assert body["missed"] == 0
+            polled.extend((t["cursor"], t["id"]) for t in reversed(body["traces"]))
+            since = body["cursor"]
+
+    def stream() -> None:
+        streamed.append(_sse_events(port, 20, last_event_id=0))
+
+    watchers = [threading.Thread(target=poll), threading.Thread(target=stream)]
+    for watcher in watchers:
+        watcher.start()
+    time.sleep(0.2)  # both are waiting before the first request
+    kinds = ["/stream?n=6&size=2&", "/raise?", "/async?", "/?"]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda n: get(port, f"{kinds[n % 4]}tag=t{n}"), range(40)))
+    for watcher in watchers:
+        watcher.join(TIMEOUT)
+    rest = _sse_events(port, 20, last_event_id=streamed[0][-1][0])
+    endpoint = ext.middleware.endpoint
+    assert endpoint is not None
+    endpoint.shutdown()  # ends any stream the server still holds
+    traces = settled(ext, 40)
+    expected = [(t.cursor, t.id) for t in traces]
+    assert polled == expected
+    assert streamed[0] + rest == expected
+    assert internal_error_count() == errors
