@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from flask import Flask, g, render_template
+from flask import Blueprint, Flask, g, render_template
 from jinja2 import DictLoader
 
 # In the test extra: a missing one is a failure, not a skip.
@@ -221,6 +221,33 @@ def test_flask_request_becomes_a_span_tree(
     request.ParseFromString(receiver.bodies[0])
     resource = attributes(request.resource_spans[0].resource)
     assert resource["service.name"] == "shop"
+
+
+def test_an_attribute_without_a_value_is_left_out(
+    receiver: Receiver, wait_for: Callable[..., Any]
+) -> None:
+    """An app-level hook has no blueprint: its span has no
+    ``wsgitrace.blueprint`` attribute, not the string ``"null"``; a
+    blueprint's hook has its blueprint's name.
+    """
+    app = make_flask_app()
+    shop = Blueprint("shop", __name__)
+
+    @shop.before_request
+    def check_basket() -> None:
+        pass
+
+    shop.add_url_rule("/shop", "index", lambda: "shop")
+    app.register_blueprint(shop)
+    ext = FlaskTrace(app, otlp=True)
+    app.test_client().get("/shop").close()
+    assert ext.middleware.sinks is not None
+    wait_for(lambda: ext.middleware.sinks.delivered == 1, timeout=10)
+    spans = by_name(receiver.spans())
+    assert "wsgitrace.blueprint" not in attributes(spans["before_request:load_user"])
+    hook = attributes(spans["before_request:shop.check_basket"])
+    assert hook["wsgitrace.blueprint"] == "shop"
+    assert "null" not in attributes(spans["view:shop.index"]).values()
 
 
 def test_a_user_span_that_raised_is_an_error(

@@ -385,6 +385,10 @@ def _event_attributes(kind: str, event: Mapping[str, Any]) -> dict[str, Any]:
     raw = event.get("attrs")
     if isinstance(raw, dict):
         for key, value in raw.items():
+            if value is None:
+                # An attribute has a value or is left out (no blueprint:
+                # none, not the string "null").
+                continue
             # A user's attribute named like one of ours keeps its value too.
             own = key in _OWN_EVENT_ATTRIBUTES
             name = _text(f"wsgitrace.attr.{key}" if own else f"wsgitrace.{key}")
