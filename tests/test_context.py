@@ -137,6 +137,18 @@ def test_span_repr_shows_its_name_and_attributes() -> None:
     assert repr(span("db", table="users")) == "span('db', table='users')"
 
 
+def test_span_used_as_a_bare_decorator_fails_where_it_is_used() -> None:
+    """``@span`` without a name (like ``@app.before_request``) fails at
+    decoration time, saying how to write it, instead of turning the
+    function into a span whose every call raises an unrelated TypeError.
+    """
+    with pytest.raises(TypeError, match=r"@span\("):
+
+        @span  # type: ignore[arg-type]
+        def load_user() -> None:
+            pass
+
+
 def test_current_trace_is_none_outside_a_request() -> None:
     assert current_trace() is None
 

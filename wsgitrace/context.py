@@ -54,11 +54,19 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
 
     :param name: Event name (kind ``span``).
     :param attrs: Attributes stored on the event.
+    :raise TypeError: ``name`` is a function: ``@span`` was used without
+        a name.
     """
 
     __slots__ = ("_starts", "attrs", "name")
 
     def __init__(self, name: str, **attrs: Any) -> None:
+        if callable(name):
+            # ``@span`` alone would make the function a span object whose
+            # every call fails with an unrelated TypeError.
+            what = getattr(name, "__name__", repr(name))
+            msg = f'span() takes the event\'s name: use @span("{what}"), not @span'
+            raise TypeError(msg)
         self.name = name
         self.attrs = attrs
         self._starts: list[tuple[Trace, int]] = []
