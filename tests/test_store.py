@@ -648,6 +648,10 @@ def test_tail_store_json_follows_the_store(db: str) -> None:
     assert [line["path"] for line in lines] == ["/old2", "/old3", "/new"]
     assert [line["cursor"] for line in lines] == [2, 3, 4]
     assert "Traceback" not in stderr
+    # What it read was a file, not a server: its summary says so.
+    assert "3 traces shown, 0 missed" in stderr
+    assert "the store has pruned 0 in all" in stderr
+    assert "server" not in stderr
 
 
 def test_show_store(db: str) -> None:

@@ -327,10 +327,16 @@ class _Follow:
                     if self.sink_dropped
                     else ""
                 )
+                # A store prunes its oldest traces; a server's buffer drops them.
+                source = (
+                    "the store has pruned"
+                    if isinstance(self.client, _StoreClient)
+                    else "the server's buffer has dropped"
+                )
                 view.message(
                     f"{view.shown} trace{'' if view.shown == 1 else 's'} shown,"
-                    f" {self.missed} missed (evicted before they were read); the server's"
-                    f" buffer has dropped {self.dropped or 0} in all" + sinks,
+                    f" {self.missed} missed (evicted before they were read); {source}"
+                    f" {self.dropped or 0} in all" + sinks,
                     "dim",
                 )
         return 0
