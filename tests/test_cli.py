@@ -1500,6 +1500,20 @@ def test_demo_shows_traffic_and_exits_0_on_ctrl_c(cli: Callable[..., Command]) -
     assert re.search(r"\d+ traces shown, \d+ missed \(evicted before they were read\)", demo.stderr)
 
 
+def test_demo_follows_the_endpoint_under_another_prefix() -> None:
+    """With WSGITRACE_PREFIX set, demo reads its traces under that prefix
+    (not a 404 from /_trace), and the tail command it suggests has it too.
+    """
+    result = run_command(
+        "demo", "--once", "--interval", "0", "--json", env=command_env(WSGITRACE_PREFIX="/_dbg")
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line["path"] for line in json_lines(result.stdout)][-1] == "/boom"
+    found = re.search(r"wsgitrace tail -v (\S+)", result.stderr)
+    assert found is not None, result.stderr
+    assert found.group(1).endswith("/_dbg")
+
+
 def test_demo_stops_cleanly_on_two_quick_interrupts(cli: Callable[..., Command]) -> None:
     """A second Ctrl-C (or timeout's signal to the whole group) while demo
     stops does not cut its clean-up short: exit 0, no "Aborted!".

@@ -395,6 +395,9 @@ def demo(
     except OSError as exc:
         _fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}")
     base = _base_url("127.0.0.1", server.port)
+    # As run's banner: the base URL finds the default prefix; another one
+    # (WSGITRACE_PREFIX) must be given.
+    url = base if endpoint.prefix == DEFAULT_PREFIX else base + endpoint.prefix
     server_thread = threading.Thread(
         target=server.serve_forever, name="wsgitrace-demo-server", daemon=True
     )
@@ -403,7 +406,7 @@ def demo(
     view: _View = _JsonView() if as_json else _HumanView(verbose)
     # The server is new: follow it from its first trace (cursor 0), so the
     # traffic thread cannot get ahead of the first poll.
-    follow = _Follow(_Client(base), view, {}, lines=0, full=verbose, wait=2.0, cursor=0)
+    follow = _Follow(_Client(url), view, {}, lines=0, full=verbose, wait=2.0, cursor=0)
     stop = follow.stop
 
     def send_traffic() -> None:
@@ -424,8 +427,8 @@ def demo(
     try:
         view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
         view.message(
-            f"sending it requests; in another terminal try  wsgitrace tail -v {base}"
-            f"  (it shows trace IDs) or  wsgitrace show ID {base}   (Ctrl-C to stop)",
+            f"sending it requests; in another terminal try  wsgitrace tail -v {url}"
+            f"  (it shows trace IDs) or  wsgitrace show ID {url}   (Ctrl-C to stop)",
             "dim",
         )
         traffic_thread.start()
