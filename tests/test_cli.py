@@ -1465,6 +1465,20 @@ def test_run_banner_says_who_may_read_and_how(
     assert command.finish() == 0
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_run_and_demo_say_when_tracing_is_off(
+    cli: Callable[..., Command], tmp_path: Path, command: str
+) -> None:
+    """WSGITRACE_ENABLED=0 left in the shell turns tracing off: run and demo
+    still serve, but say so instead of showing an empty tail as if no
+    request had come.
+    """
+    args = ["run", "wsgitrace.demo_app:create_app"] if command == "run" else ["demo"]
+    served = cli(*args, "--port", "0", cwd=str(tmp_path), env=command_env(WSGITRACE_ENABLED="0"))
+    served.wait_for("tracing is off (WSGITRACE_ENABLED or enabled=False)", stream="err")
+    assert served.finish() == 0
+
+
 def test_run_reports_a_bad_module(tmp_path: Path) -> None:
     """An import that fails names the module."""
     result = run_command("run", "no_such_module_here:app", cwd=str(tmp_path))

@@ -105,6 +105,14 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+#: Said by run and demo when the app's tracing is off: otherwise they would
+#: serve it as "traced" and tail would show nothing, with no reason given.
+TRACING_OFF = (
+    "wsgitrace: tracing is off (WSGITRACE_ENABLED or enabled=False): requests are"
+    " served but not traced"
+)
+
+
 # -- commands -------------------------------------------------------------------
 
 
@@ -333,6 +341,8 @@ def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
     _sigterm_as_interrupt()
     try:
         _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
+        if not middleware.enabled:
+            _message(err, TRACING_OFF, "bold yellow")
         who = "loopback clients"
         if middleware.options.allow:
             who += ", clients in " + ", ".join(str(net) for net in middleware.options.allow)
@@ -426,6 +436,8 @@ def demo(
     code = 0
     try:
         view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
+        if not middleware.enabled:
+            view.message(TRACING_OFF, "bold yellow")
         view.message(
             f"sending it requests; in another terminal try  wsgitrace tail -v {url}"
             f"  (it shows trace IDs) or  wsgitrace show ID {url}   (Ctrl-C to stop)",
