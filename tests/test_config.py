@@ -238,6 +238,41 @@ class TestTokenFile:
         assert Options(token="direct", token_file=str(path)).resolved_token() == "direct"
         assert Options().resolved_token() is None
 
+    @pytest.mark.parametrize(
+        ("keywords", "config", "environ", "expected"),
+        [
+            # A token file given by keyword or config beats a token left in
+            # the environment (a rotated token: the old one must stop working).
+            ({"token_file": "FILE"}, None, {"WSGITRACE_TOKEN": "old"}, "from-file"),
+            ({}, {"WSGITRACE_TOKEN_FILE": "FILE"}, {"WSGITRACE_TOKEN": "old"}, "from-file"),
+            ({"token_file": "FILE"}, {"WSGITRACE_TOKEN": "old"}, {}, "from-file"),
+            # And a token beats a token file from a weaker source.
+            ({"token": "direct"}, {"WSGITRACE_TOKEN_FILE": "FILE"}, {}, "direct"),
+            ({}, {"WSGITRACE_TOKEN": "direct"}, {"WSGITRACE_TOKEN_FILE": "FILE"}, "direct"),
+        ],
+    )
+    def test_token_and_token_file_follow_the_sources_order(
+        self,
+        tmp_path: Path,
+        keywords: dict[str, str],
+        config: dict[str, str] | None,
+        environ: dict[str, str],
+        expected: str,
+    ) -> None:
+        """``token`` and ``token_file`` are one setting given two ways: the
+        stronger source (keyword, then config, then environment) wins.
+        """
+        path = tmp_path / "token"
+        path.write_text("from-file\n", encoding="utf-8")
+
+        def real(values: dict[str, str] | None) -> dict[str, str] | None:
+            if values is None:
+                return None
+            return {k: str(path) if v == "FILE" else v for k, v in values.items()}
+
+        options = resolve_options(real(keywords) or {}, real(config), real(environ) or {})
+        assert options.resolved_token() == expected
+
     def test_missing_or_empty_token_file_is_an_error(self, tmp_path: Path) -> None:
         """A token file that cannot be read or is empty is a ConfigurationError."""
         missing = str(tmp_path / "missing")

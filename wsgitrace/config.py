@@ -282,14 +282,16 @@ def resolve_options(
             _reported_environ.add(described)
             logger.warning("wsgitrace: environment variable %s is not a setting", described)
     values: dict[str, Any] = {}
+    # Which source set each option: 0 keyword, 1 config, 2 environment.
+    ranks: dict[str, int] = {}
     for name, spec in OPTION_SPECS.items():
         key = env_name(name)
         if name in keywords:
-            raw, source = keywords[name], f"keyword {name}"
+            raw, source, ranks[name] = keywords[name], f"keyword {name}", 0
         elif config is not None and key in config:
-            raw, source = config[key], f"config {key}"
+            raw, source, ranks[name] = config[key], f"config {key}", 1
         elif key in environ:
-            raw, source = environ[key], f"environment variable {key}"
+            raw, source, ranks[name] = environ[key], f"environment variable {key}", 2
         else:
             values[name] = spec.default
             continue
@@ -298,5 +300,14 @@ def resolve_options(
         except (TypeError, ValueError) as exc:
             msg = f"bad value for {source}: {raw!r} ({exc})"
             raise ConfigurationError(msg) from None
+    if (
+        values["token"] is not None
+        and values["token_file"] is not None
+        and ranks["token_file"] < ranks["token"]
+    ):
+        # One setting given two ways: a token file given by keyword or config
+        # beats a WSGITRACE_TOKEN left in the environment (a rotated token's
+        # old value must stop opening the endpoint).
+        values["token"] = None
     assert {f.name for f in fields(Options)} == set(values)
     return Options(**values)
