@@ -1422,6 +1422,29 @@ def test_a_bad_setting_is_a_message_not_a_traceback(
     assert repr(value) in line
 
 
+def test_the_readme_names_the_reading_flags_of_the_configuration() -> None:
+    """The flags the README's Configuration section names for ``tail`` and
+    ``show`` exist on both and read the environment variable it pairs them with.
+    """
+    import click
+
+    from wsgitrace.cli import main
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    pairs = re.findall(r"`(--[\w-]+) [A-Z]+` \(or `(WSGITRACE_\w+)`", section)
+    assert sorted(pairs) == [
+        ("--store", "WSGITRACE_STORE"),
+        ("--token", "WSGITRACE_TOKEN"),
+        ("--token-file", "WSGITRACE_TOKEN_FILE"),
+    ]
+    assert isinstance(main, click.Group)
+    for name in ("tail", "show"):
+        params = {opt: param for param in main.commands[name].params for opt in param.opts}
+        for flag, variable in pairs:
+            assert params[flag].envvar == variable, (name, flag)
+
+
 @pytest.mark.parametrize(
     ("env", "who", "prefix"),
     [
