@@ -268,6 +268,21 @@ class TestListing:
         assert data["cursor"] == 7
         assert cursors(served.listing("limit=0")) == []
 
+    def test_limit_defaults_to_100_and_since_pages_from_the_oldest(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """Without ``limit``, 100 traces (as the README says); with ``since``,
+        the oldest ``limit`` of the new ones, and ``cursor`` continues after them.
+        """
+        served = serve()
+        for _ in range(150):
+            add(served.buffer)
+        data = served.listing()
+        assert [t["cursor"] for t in data["traces"]] == list(range(150, 50, -1))
+        page = served.listing("since=10&limit=5")
+        assert [t["cursor"] for t in page["traces"]] == [15, 14, 13, 12, 11]
+        assert page["cursor"] == 15
+
     def test_limit_above_cap_is_clamped(self, serve: Callable[..., Served]) -> None:
         """A limit above the cap (at least 1,000) is clamped, not refused."""
         served = serve(max_traces=1200)
