@@ -1422,6 +1422,36 @@ def test_a_bad_setting_is_a_message_not_a_traceback(
     assert repr(value) in line
 
 
+def test_tail_json_counts_a_line_printed_as_it_is_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGTERM or Ctrl-C while ``tail --json`` writes its lines takes
+    effect after they are counted: the closing "N traces shown" agrees with
+    the lines a reader of stdout got.
+    """
+    import io
+
+    from wsgitrace._interrupts import _interrupts, _sigterm_as_interrupt
+    from wsgitrace._output import _JsonView
+
+    class InterruptedOut(io.StringIO):
+        def flush(self) -> None:
+            super().flush()
+            if self.getvalue().count("\n") == 2:
+                _interrupts._handler(signal.SIGTERM, None)  # as the signal would
+
+    out = InterruptedOut()
+    monkeypatch.setattr(sys, "stdout", out)
+    view = _JsonView()
+    _sigterm_as_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            view.traces([{"path": "/a"}, {"path": "/b"}, {"path": "/c"}])
+    finally:
+        _interrupts.restore()
+    assert view.shown == out.getvalue().count("\n")
+
+
 def test_the_readme_names_the_reading_flags_of_the_configuration() -> None:
     """The flags the README's Configuration section names for ``tail`` and
     ``show`` exist on both and read the environment variable it pairs them with.

@@ -65,11 +65,14 @@ class _JsonView(_View):
         self._err = _console(stderr=True)
 
     def traces(self, items: list[dict[str, Any]]) -> None:
-        out = sys.stdout
-        for item in items:
-            out.write(json.dumps(item, ensure_ascii=True) + "\n")
-            out.flush()
-        self.shown += len(items)
+        # As the human view: a Ctrl-C or SIGTERM takes effect after the
+        # lines are counted, so the closing "N shown" counts every one printed.
+        with _interrupts.deferred():
+            out = sys.stdout
+            for item in items:
+                out.write(json.dumps(item, ensure_ascii=True) + "\n")
+                out.flush()
+            self.shown += len(items)
 
     def message(self, text: str, style: str = "") -> None:
         _message(self._err, text, style)
