@@ -327,19 +327,22 @@ class _Follow:
                     if self.sink_dropped
                     else ""
                 )
-                # A store prunes its oldest traces; a server's buffer drops them.
-                source = (
-                    "the store has pruned"
-                    if isinstance(self.client, _StoreClient)
-                    else "the server's buffer has dropped"
-                )
                 view.message(
                     f"{view.shown} trace{'' if view.shown == 1 else 's'} shown,"
-                    f" {self.missed} missed (evicted before they were read); {source}"
-                    f" {self.dropped or 0} in all" + sinks,
+                    f" {self.missed} missed (evicted before they were read);"
+                    f" {self._dropper} {self.dropped or 0} in all" + sinks,
                     "dim",
                 )
         return 0
+
+    @property
+    def _dropper(self) -> str:
+        """Who dropped the ``dropped`` traces: a store prunes its oldest, a
+        server's buffer evicts them.
+        """
+        if isinstance(self.client, _StoreClient):
+            return "the store has pruned"
+        return "the server's buffer has dropped"
 
     def _poll(self) -> dict[str, Any] | None:
         params: dict[str, Any] = dict(self.filters)
@@ -376,7 +379,7 @@ class _Follow:
         traces = page["traces"]
         dropped = int(page.get("dropped") or 0)
         if self.dropped is None and dropped:
-            view.message(f"the server's buffer has dropped {dropped} traces so far", "dim")
+            view.message(f"{self._dropper} {dropped} traces so far", "dim")
         self.dropped = dropped
         missed = int(page.get("missed") or 0)
         if missed and self.cursor is not None:
