@@ -713,6 +713,19 @@ def test_tail_explains_a_404(serve: Callable[..., Served]) -> None:
     assert result.stdout == ""
 
 
+def test_tail_404_mentions_another_prefix(serve: Callable[..., Served]) -> None:
+    """An endpoint served under another prefix (WSGITRACE_PREFIX) 404s at
+    the default one the base URL finds: the explanation names that cause
+    too, and how to give the endpoint's URL.
+    """
+    served = serve(prefix="/_dbg")
+    result = run_command("tail", served.url)
+    assert result.returncode == 1
+    assert "answered 404" in result.stderr
+    assert "served under another prefix" in result.stderr
+    assert "WSGITRACE_PREFIX" in result.stderr
+
+
 def test_token_from_environment_or_file(
     serve: Callable[..., Served], cli: Callable[..., Command], tmp_path: Path
 ) -> None:

@@ -408,5 +408,6 @@ def _not_found_message(url: str) -> str:
         f"{url} answered 404: the trace endpoint is off (plain TraceMiddleware needs"
         " endpoint=True; FlaskTrace serves it in debug or testing mode) or it refused this"
         " client (loopback only unless a token or allow-list is configured; Host must be"
-        " localhost, 127.0.0.1, [::1] or a configured host)."
+        " localhost, 127.0.0.1, [::1] or a configured host), or it is served under another"
+        " prefix (prefix, WSGITRACE_PREFIX): then give the app's URL with that prefix."
     )
