@@ -630,6 +630,45 @@ def test_report_explains_unclosed_responses_of_a_test_client(pytester: pytest.Py
     assert "unclosed" not in closed
 
 
+def test_keep_marker_added_by_a_conftest_hook_is_honoured(pytester: pytest.Pytester) -> None:
+    """A conftest that marks a directory's tests ``wsgitrace_keep`` from its
+    own ``pytest_collection_modifyitems`` (``trylast``, after pytest's) gets
+    them captured from before their fixtures, like a decorated test.
+    """
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if "api" in item.nodeid:
+                    item.add_marker(pytest.mark.wsgitrace_keep)
+        """
+    )
+    pytester.makepyfile(
+        test_api="""
+        import pytest
+        from wsgitrace.demo_app import create_app
+        from wsgitrace.flask import FlaskTrace
+
+        @pytest.fixture
+        def client():
+            app = create_app()
+            FlaskTrace(app)
+            client = app.test_client()
+            client.get("/")  # a warm-up request, made before the wsgitrace fixture
+            return client
+
+        def test_warm_up_is_captured(client, wsgitrace):
+            assert [t.path for t in wsgitrace.all] == ["/"]
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-json=out.jsonl")
+    result.assert_outcomes(passed=1)
+    assert list(read_jsonl(pytester.path / "out.jsonl")) == ["test_warm_up_is_captured"]
+
+
 def test_no_hooks_hint_names_a_mounted_app(pytester: pytest.Pytester) -> None:
     """An app mounted inside another (werkzeug's DispatcherMiddleware), both
     traced: the outer app's trace is the last one to arrive, with no hooks,

@@ -307,19 +307,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         settings.writer = None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Note the tests marked ``wsgitrace_keep``, once, at collection."""
-    for item in items:
-        if item.get_closest_marker("wsgitrace_keep") is not None:
-            item.stash[_KEEP] = True
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    """Note the running item; start a marked test's capture before its fixtures."""
+    """Note the running item; start a marked test's capture before its fixtures.
+
+    The marker is read here, not at collection: a conftest's
+    ``pytest_collection_modifyitems`` may add it after this plugin's would run.
+    """
     __tracebackhide__ = True  # keeps this wrapper out of fixture errors
     _running.append(item)
-    if item.stash.get(_KEEP, False):
+    if item.get_closest_marker("wsgitrace_keep") is not None:
+        item.stash[_KEEP] = True
         # Start before any fixture, so requests made by fixtures are kept.
         manager = capture_traces(max_traces=_settings(item.config).max_traces)
         item.stash[_STATE] = _ItemState(manager.__enter__(), manager)
