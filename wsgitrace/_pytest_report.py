@@ -124,8 +124,8 @@ def _cut_note(traces: list[Trace]) -> list[str]:
     except Exception as exc:
         return [f"wsgitrace: cannot count events ({_error(exc)})"]
     return [
-        f"long timelines are cut to about {_REPORT_TIMELINE_EVENTS} events: every hook and"
-        " WSGI step, then the first others (--wsgitrace-json writes them all)"
+        f"long timelines are cut to about {_REPORT_TIMELINE_EVENTS} events, keeping every"
+        " hook and WSGI step (--wsgitrace-json writes them all)"
     ]
 
 
