@@ -277,6 +277,23 @@ class TestTraceJSON:
         assert data["error"]["where"] == "app"
         assert data["state"] == "finished"
 
+    def test_event_names_and_attributes_are_cut_to_max_string(self, clock: FakeClock) -> None:
+        """A span's name and string attributes (a SQL statement, say) are cut
+        to the trace's max_string in the JSON form, like every other string.
+        """
+        trace = Trace("GET", "/", clock=clock, limits=TraceLimits(max_string=10))
+        start = trace.start_ns
+        sql = "SELECT * FROM a_table_with_a_long_name"
+        trace.record("span", "query:" + "x" * 40, start, start + MS, {"sql": sql, "rows": [sql]})
+        [event] = [e for e in trace.to_dict()["events"] if e["kind"] == "span"]
+        assert event["name"] == "query:xxxx" + TRUNCATION_MARKER
+        assert event["attrs"] == {
+            "sql": "SELECT * F" + TRUNCATION_MARKER,
+            "rows": ["SELECT * F" + TRUNCATION_MARKER],
+        }
+        # Reading keeps the name as recorded: hooks() and find() match it.
+        assert trace.find(kind="span")[0].name == "query:" + "x" * 40
+
     def test_summary_has_the_listing_keys(self, clock: FakeClock) -> None:
         """summary() holds what /_trace lists, and no event list."""
         summary = _lifecycle(clock).summary()

@@ -66,7 +66,7 @@ def to_dict(trace: Trace) -> dict[str, Any]:
             "session_keys": trace.session_keys,
             "truncated": dict(trace.truncated or {}),
             "dropped_events": trace.dropped_events,
-            "events": [e.to_dict() for e in trace.events],
+            "events": [e.to_dict(trace.limits.max_string) for e in trace.events],
         }
     )
     return data

@@ -218,15 +218,19 @@ class Event:
         """End, in nanoseconds from the start of the request."""
         return self.start_ns + self.duration_ns
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-safe form of the event."""
+    def to_dict(self, max_string: int = DEFAULT_LIMITS.max_string) -> dict[str, Any]:
+        """The JSON-safe form of the event.
+
+        :param max_string: Length its name and string attributes are cut
+            to (a trace's JSON form passes its own ``limits.max_string``).
+        """
         return {
             "kind": self.kind,
-            "name": self.name,
+            "name": cut(self.name, max_string),
             "start_ms": round(self.start_ns / 1e6, 6),
             "duration_ms": round(self.duration_ns / 1e6, 6),
             "thread": self.thread,
-            "attrs": {k: jsonable(v) for k, v in self.attrs.items()},
+            "attrs": {k: jsonable(v, max_string) for k, v in self.attrs.items()},
         }
 
 
