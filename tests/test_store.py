@@ -617,30 +617,14 @@ def test_failed_commit_is_rolled_back(tmp_path: Path) -> None:
 # -- wsgitrace tail --store / show --store -------------------------------------------
 
 
-def run_cli(
-    *args: str, timeout: float = 30, stop_after: float | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the command; ``stop_after`` seconds, SIGTERM it (tail follows)."""
-    if stop_after is None:
-        return subprocess.run(
-            [sys.executable, "-m", "wsgitrace", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    command = subprocess.Popen(
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "wsgitrace", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=timeout,
+        check=False,
     )
-    try:
-        stdout, stderr = command.communicate(timeout=stop_after)
-    except subprocess.TimeoutExpired:
-        command.terminate()
-        stdout, stderr = command.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
 
 
 def test_tail_store_json_follows_the_store(db: str) -> None:
@@ -675,10 +659,22 @@ def test_tail_store_says_the_store_pruned(db: str) -> None:
     server's buffer, when it says how many are gone.
     """
     TraceStore(db, max_traces=2).write(make_traces("/a", "/b", "/c"))
-    result = run_cli("tail", "--json", "-n", "5", "--store", db, timeout=30, stop_after=1.0)
-    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["/b", "/c"]
-    assert "the store has pruned 1 traces so far" in result.stderr
-    assert "server" not in result.stderr
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "wsgitrace", "tail", "--json", "-n", "5", "--store", db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        # The message comes before the traces it is about.
+        paths = [json.loads(tail.stdout.readline())["path"] for _ in range(2)]
+    finally:
+        tail.terminate()
+        _, stderr = tail.communicate(timeout=30)
+    assert paths == ["/b", "/c"]
+    assert "the store has pruned 1 traces so far" in stderr
+    assert "server" not in stderr
 
 
 def test_show_store(db: str) -> None:
