@@ -282,6 +282,18 @@ class TestSetUp:
         assert fetch(app)[2] == b"hi guest"
         assert len(ext.buffer) == 0
 
+    def test_config_set_after_init_app_is_not_read(self) -> None:
+        """WSGITRACE_* keys are read at init_app (the README says to set them
+        first); only debug and testing mode are read per request.
+        """
+        app = simple_app()
+        ext = FlaskTrace(app)
+        app.config.update(WSGITRACE_MAX_STRING=5, WSGITRACE_ENDPOINT=True)
+        assert ext.middleware.options.max_string == 1024
+        assert fetch(app, "/_trace")[0] == "404 NOT FOUND"
+        app.debug = True
+        assert fetch(app, "/_trace")[0] == "200 OK"
+
     def test_endpoint_follows_testing_mode(self) -> None:
         """/_trace is served in testing mode only, and never added to url_map."""
         app = simple_app()
