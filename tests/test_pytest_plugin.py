@@ -12,6 +12,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -1059,6 +1060,13 @@ def test_failure_report_isolation_and_json(pytester: pytest.Pytester) -> None:
     ]
     failed = records["test_order_fails"]
     assert (failed["outcome"], failed["schema"], failed["dropped"]) == ("failed", 1, 0)
+    # The README's option table lists every key of a record.
+    readme = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+    row = re.search(r"^\| `--wsgitrace-json=PATH` \|.*$", readme, re.M)
+    assert row is not None
+    listed = re.search(r"one object per test \(([^)]*)\)", row.group(0))
+    assert listed is not None
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(failed)
     assert [t["path"] for t in failed["traces"]] == ["/", "/admin/"]
     assert "before_request:admin.require_admin" in [
         e["name"] for e in failed["traces"][1]["events"]
