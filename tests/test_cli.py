@@ -1226,6 +1226,34 @@ def test_run_calls_what_an_explicit_call_names(cli: Callable[..., Command], tmp_
     assert "Traceback" not in result.stderr
 
 
+def test_run_calls_a_factory_with_literal_arguments(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """``module:factory("prod", debug=False)`` calls the factory with those
+    arguments, as ``flask --app`` does; arguments that are not Python
+    literals are a usage error naming them, not a traceback.
+    """
+    (tmp_path / "argsapp.py").write_text(
+        textwrap.dedent(
+            """
+            def create_app(config, suffix="!"):
+                def app(environ, start_response):
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [(config + suffix).encode()]
+                return app
+            """
+        )
+    )
+    command, base = start_run(cli, "argsapp:create_app('prod', suffix='?')", cwd=tmp_path)
+    assert fetch(base + "/") == (200, b"prod?")
+    assert command.finish() == 0
+    assert "argsapp:create_app('prod', suffix='?')" in command.stderr
+    result = run_command("run", "argsapp:create_app(config)", "--port", "0", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "literal" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_run_refuses_a_function_that_is_neither_app_nor_factory(tmp_path: Path) -> None:
     """A factory that needs an argument is no app factory run can call, and
     no WSGI app either: a usage error naming it, not a server answering 500.

@@ -14,6 +14,7 @@ too. Flask is imported only when the app being served is a Flask app.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
@@ -68,10 +69,12 @@ def _is_flask_app(obj: object) -> bool:
     return isinstance(flask_class, type) and isinstance(obj, flask_class)
 
 
-def _binds(obj: Any, *args: object) -> bool:
-    """Whether ``obj``'s signature accepts ``args`` (or it has none to check)."""
+def _binds(obj: Any, *args: object, **kwargs: object) -> bool:
+    """Whether ``obj``'s signature accepts ``args`` and ``kwargs`` (or it has
+    none to check).
+    """
     try:
-        inspect.signature(obj).bind(*args)
+        inspect.signature(obj).bind(*args, **kwargs)
     except TypeError:
         return False
     except ValueError:
@@ -102,12 +105,42 @@ def _import_path(path: str) -> str:
     return ".".join(reversed(names))
 
 
+def _factory_call(attribute: str) -> tuple[str, tuple[Any, ...], dict[str, Any]] | None:
+    """``name(args)`` as ``flask --app`` takes it: the name and its arguments,
+    which must be Python literals; ``None`` for a plain name.
+
+    :raise click.BadParameter: Not a call of a name, or an argument that is
+        not a literal.
+    """
+    if "(" not in attribute:
+        return None
+    try:
+        call = ast.parse(attribute.strip(), mode="eval").body
+    except SyntaxError:
+        call = None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+        msg = f"{attribute!r} is neither a name nor a call of one, such as create_app('dev')"
+        raise click.BadParameter(msg, param_hint="MODULE:APP")
+    try:
+        args = tuple(ast.literal_eval(arg) for arg in call.args)
+        kwargs: dict[str, Any] = {}
+        for keyword in call.keywords:
+            if keyword.arg is None:  # **mapping
+                raise ValueError(keyword)
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        msg = f"the arguments of {attribute!r} must be Python literals (strings, numbers, ...)"
+        raise click.BadParameter(msg, param_hint="MODULE:APP") from None
+    return call.func.id, args, kwargs
+
+
 def load_app(spec: str) -> tuple[Any, str]:
     """Import ``module:attribute`` (or ``path/to/file.py:attribute``) and return
     the object it names (an app factory is called) and a label.
 
     Without an attribute, ``app``, ``application``, ``create_app`` and
-    ``make_app`` are tried in that order.
+    ``make_app`` are tried in that order. As with ``flask --app``, the
+    attribute may be a call with literal arguments: ``create_app("dev")``.
     """
     module_name, _, attribute = spec.partition(":")
     if module_name.endswith(".py") or os.sep in module_name:
@@ -122,8 +155,9 @@ def load_app(spec: str) -> tuple[Any, str]:
             msg = f"cannot import {module_name!r}: {exc}"
             raise click.BadParameter(msg, param_hint="MODULE:APP") from None
         raise
+    call = _factory_call(attribute)
     names = (
-        [attribute.removesuffix("()")]
+        [call[0] if call else attribute]
         if attribute
         else ["app", "application", "create_app", "make_app"]
     )
@@ -135,14 +169,17 @@ def load_app(spec: str) -> tuple[Any, str]:
         msg = f"module {module_name!r} has no {' or '.join(repr(n) for n in names)}"
         raise click.BadParameter(msg, param_hint="MODULE:APP")
     label = f"{module_name}:{name}"
-    # ``module:factory()`` calls whatever it names (a class, a partial):
-    # without the parentheses, only a function that takes no arguments.
-    if attribute.endswith("()") or _is_factory(obj):
-        if not (callable(obj) and _binds(obj)):
-            msg = f"{label} is not an app factory callable without arguments: {obj!r}"
+    # ``module:factory(...)`` calls whatever it names (a class, a partial)
+    # with those arguments, as ``flask --app`` does: without the
+    # parentheses, only a function that takes no arguments.
+    if call is not None or _is_factory(obj):
+        _, args, kwargs = call or (name, (), {})
+        if not (callable(obj) and _binds(obj, *args, **kwargs)):
+            what = "without arguments" if not (args or kwargs) else "with these arguments"
+            msg = f"{label} is not an app factory callable {what}: {obj!r}"
             raise click.BadParameter(msg, param_hint="MODULE:APP")
-        obj = obj()
-        label += "()"
+        obj = obj(*args, **kwargs)
+        label = f"{module_name}:{attribute.strip()}" if call is not None else label + "()"
     # A function that takes neither no arguments nor (environ,
     # start_response), such as ``create_app(config)``, would fail every request.
     function = inspect.isfunction(obj) or inspect.ismethod(obj)

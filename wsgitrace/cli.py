@@ -312,8 +312,10 @@ def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
     """Serve an unmodified WSGI or Flask app (or app factory), traced.
 
     Uses werkzeug's threaded server, with the trace endpoint on for loopback
-    clients. MODULE may also be a path to a .py file. The other flags set
-    tracing options; they beat the app's config and WSGITRACE_* variables.
+    clients. MODULE may also be a path to a .py file; APP may call a factory
+    with literal arguments, as flask --app does: 'shop:create_app("dev")'.
+    The other flags set tracing options; they beat the app's config and
+    WSGITRACE_* variables.
     """
     obj, label = load_app(app_spec)
     options = given_options(flags)
