@@ -228,15 +228,33 @@ def fixture_waitress_server() -> Iterator[Callable[..., int]]:
     from waitress.server import create_server  # type: ignore[import-untyped]
 
     running: list[tuple[Any, threading.Thread]] = []
+    stopping = threading.Event()
+
+    def run(server: Any) -> None:
+        try:
+            server.run()
+        except (OSError, ValueError):
+            # Its sockets closed from here while it waits in select().
+            if not stopping.is_set():
+                raise
 
     def start(app: WSGIApplication, threads: int = 4) -> int:
-        server: Any = create_server(app, host="127.0.0.1", port=0, threads=threads)
-        thread = threading.Thread(target=server.run, daemon=True)
+        server: Any = create_server(
+            # A short select() timeout, so that the loop ends soon after its
+            # sockets are closed at teardown.
+            app,
+            host="127.0.0.1",
+            port=0,
+            threads=threads,
+            asyncore_loop_timeout=0.05,
+        )
+        thread = threading.Thread(target=run, args=(server,), daemon=True)
         thread.start()
         running.append((server, thread))
         return int(server.effective_port)
 
     yield start
+    stopping.set()
     for server, thread in running:
         server.task_dispatcher.shutdown()
         wasyncore.close_all(server._map)
