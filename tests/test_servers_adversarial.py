@@ -1142,3 +1142,122 @@ def test_long_poll_and_stream_hand_out_each_trace_once_under_load(
     assert polled == expected
     assert streamed[0] + rest == expected
     assert internal_error_count() == errors
+
+
+# -- the hooks a trace lists are the hooks that ran ---------------------------------
+
+
+def _blueprint_app(calls: list[str]) -> Flask:
+    """Nested blueprints with every kind of hook; each hook appends the name
+    the trace should give it to ``calls``.
+    """
+    from flask import Blueprint, after_this_request, render_template_string
+
+    app = Flask("blueprints")
+    parent = Blueprint("parent", __name__, url_prefix="/<lang>")
+    child = Blueprint("child", __name__, url_prefix="/child")
+
+    def hook(scaffold: Any, kind: str) -> Callable[..., Any]:
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            prefix = {app: "", parent: "parent.", child: "parent.child."}[scaffold]
+
+            def recorded(*args: Any) -> Any:
+                calls.append(f"{kind}:{prefix}{func.__name__}")
+                return func(*args)
+
+            recorded.__name__ = func.__name__
+            getattr(scaffold, kind)(recorded)
+            return func
+
+        return decorate
+
+    @hook(app, "url_value_preprocessor")
+    def app_values(endpoint: str, values: dict[str, Any] | None) -> None:
+        pass
+
+    @hook(parent, "url_value_preprocessor")
+    def pull_lang(endpoint: str, values: dict[str, Any] | None) -> None:
+        g.lang = values.pop("lang", None) if values else None
+
+    @hook(parent, "url_defaults")
+    def add_lang(endpoint: str, values: dict[str, Any]) -> None:
+        values.setdefault("lang", g.get("lang", "en"))
+
+    @hook(app, "before_request")
+    def app_before() -> None:
+        pass
+
+    @hook(child, "before_request")
+    def child_before() -> str | None:
+        return "stopped" if request.args.get("stop") else None
+
+    @hook(parent, "after_request")
+    def parent_after(response: Response) -> Response:
+        return response
+
+    @hook(child, "after_request")
+    def child_after(response: Response) -> Response:
+        return response
+
+    @hook(child, "teardown_request")
+    def child_teardown(exc: BaseException | None) -> None:
+        pass
+
+    @hook(app, "teardown_appcontext")
+    def app_teardown(exc: BaseException | None) -> None:
+        pass
+
+    @hook(child, "context_processor")
+    def child_context() -> dict[str, int]:
+        return {"y": 2}
+
+    @child.errorhandler(404)
+    def child_404(e: Exception) -> tuple[str, int]:
+        calls.append("errorhandler:parent.child.child_404")
+        return "child 404", 404
+
+    @child.route("/page/<int:n>")
+    def page(n: int) -> str:
+        calls.append("view:parent.child.page")
+
+        @after_this_request
+        def once(response: Response) -> Response:
+            calls.append("after_request:once")
+            return response
+
+        if n == 404:
+            abort(404)
+        return render_template_string("{{ y }} {{ url_for('parent.child.page', n=n + 1) }}", n=n)
+
+    parent.register_blueprint(child)
+    app.register_blueprint(parent)
+    return app
+
+
+def test_trace_hooks_are_the_hooks_that_ran(serve_with: Callable[[WSGIApplication], int]) -> None:
+    """With nested blueprints, ``after_this_request``, a short-circuiting
+    ``before_request``, a blueprint error handler, context processors and
+    ``url_for`` in a template, each trace's ``hooks()`` are exactly the
+    functions that ran, in order (plus Flask's own default context
+    processor), and the answers are the untraced app's.
+    """
+    errors = internal_error_count()
+    plain_calls: list[str] = []
+    calls: list[str] = []
+    plain, traced = _blueprint_app(plain_calls), _blueprint_app(calls)
+    ext = FlaskTrace(traced)
+    plain_port, traced_port = serve_with(plain), serve_with(traced)
+    targets = ["/en/child/page/1", "/fr/child/page/2?stop=1", "/de/child/page/404", "/en/child/x"]
+    ran: list[list[str]] = []
+    for target in targets:
+        expected = raw_exchange(plain_port, request_bytes(target))
+        before = len(calls)
+        assert raw_exchange(traced_port, request_bytes(target)) == expected
+        ran.append(calls[before:])
+    assert plain_calls == calls
+    traces = settled(ext, len(targets))
+    listed = [[h for h in t.hooks() if "_default_template_ctx_processor" not in h] for t in traces]
+    assert listed == ran
+    assert "url_defaults:parent.add_lang" in ran[0]
+    assert "errorhandler:parent.child.child_404" in ran[2]
+    assert internal_error_count() == errors
