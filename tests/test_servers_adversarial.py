@@ -1261,3 +1261,67 @@ def test_trace_hooks_are_the_hooks_that_ran(serve_with: Callable[[WSGIApplicatio
     assert "url_defaults:parent.add_lang" in ran[0]
     assert "errorhandler:parent.child.child_404" in ran[2]
     assert internal_error_count() == errors
+
+
+def _async_hooks_app(calls: list[str]) -> Flask:
+    """Every hook, the view and the error handler are coroutines (run by
+    asgiref on another thread); the before_request hook records a span.
+    """
+    app = Flask("async_hooks")
+
+    @app.before_request
+    async def before() -> None:
+        calls.append("before_request:before")
+        g.seen = request.args.get("tag", "")
+        with span("in before", tag=g.seen):
+            await asyncio.sleep(0)
+        if request.args.get("fail") == "before":
+            raise ValueError("before")
+
+    @app.after_request
+    async def after(response: Response) -> Response:
+        calls.append("after_request:after")
+        response.headers["X-Seen"] = g.seen
+        return response
+
+    @app.teardown_request
+    async def teardown(exc: BaseException | None) -> None:
+        calls.append("teardown_request:teardown")
+
+    @app.errorhandler(ValueError)
+    async def handle(e: ValueError) -> tuple[str, int]:
+        calls.append("errorhandler:handle")
+        return f"handled {e}", 400
+
+    @app.route("/")
+    async def view() -> str:
+        calls.append("view:view")
+        if request.args.get("fail") == "view":
+            raise ValueError("view")
+        return "async"
+
+    return app
+
+
+def test_async_hooks_and_handlers(serve_with: Callable[[WSGIApplication], int]) -> None:
+    errors = internal_error_count()
+    plain_calls: list[str] = []
+    calls: list[str] = []
+    plain, traced = _async_hooks_app(plain_calls), _async_hooks_app(calls)
+    ext = FlaskTrace(traced)
+    plain_port, traced_port = serve_with(plain), serve_with(traced)
+    targets = ["/?tag=a", "/?tag=b&fail=before", "/?tag=c&fail=view"]
+    ran: list[list[str]] = []
+    for target in targets:
+        expected = raw_exchange(plain_port, request_bytes(target))
+        before = len(calls)
+        assert raw_exchange(traced_port, request_bytes(target)) == expected
+        ran.append(calls[before:])
+    assert plain_calls == calls
+    traces = settled(ext, 3)
+    assert [t.hooks() for t in traces] == ran
+    for trace, tag in zip(traces, "abc", strict=True):
+        # Recorded on asgiref's thread, into this request's trace.
+        [event] = trace.find(kind="span")
+        assert (event.attrs["tag"], event.thread != trace.thread) == (tag, True)
+    assert internal_error_count() == errors
