@@ -37,6 +37,7 @@ from flask import (
     abort,
     g,
     make_response,
+    render_template_string,
     request,
     send_file,
     stream_with_context,
@@ -731,13 +732,21 @@ def _composed(traced: bool) -> tuple[WSGIApplication, list[FlaskTrace]]:
                 pass
             return f"{app.name} {request.remote_addr} {request.host} {request.script_root}"
 
+        @app.context_processor
+        def name_context(app: Flask = app) -> dict[str, str]:
+            return {"name": app.name}
+
         @app.route("/nested")
         def nested(other: Flask = other) -> str:
             with other.test_client() as client:
                 inner = client.get("/whoami")
                 text = inner.get_data(as_text=True)
                 inner.close()
-            return f"nested: {text}"
+            # The other app's context and template, with no request of its
+            # own: its context processor is not this request's hook.
+            with other.app_context():
+                rendered = render_template_string("{{ name }}")
+            return f"nested: {text} {rendered}"
 
     first.wsgi_app = ProxyFix(first.wsgi_app, x_for=1, x_host=1)  # type: ignore[method-assign]
     inner = second.wsgi_app
@@ -776,6 +785,16 @@ def test_dispatcher_proxy_fix_and_nested_apps(
             assert trace.hooks()[1] == "view:whoami"
         if trace.path == "/nested":
             assert spans == []
+            assert trace.hooks() == [
+                "before_request:check_before",
+                "view:nested",
+                "after_request:add_header",
+                "teardown_request:tear_down",
+            ]
+            # One app context of its own: pushed and popped once.
+            names = [e.name for e in trace.find(kind="signal")]
+            assert names.count("signal:appcontext-pushed") == 1
+            assert names.count("signal:appcontext-popped") == 1
 
 
 def test_untraced_requests_of_a_traced_app(
