@@ -1344,3 +1344,30 @@ def test_async_hooks_and_handlers(serve_with: Callable[[WSGIApplication], int]) 
         [event] = trace.find(kind="span")
         assert (event.attrs["tag"], event.thread != trace.thread) == (tag, True)
     assert internal_error_count() == errors
+
+
+def test_non_ascii_static_path_and_exclude_are_not_traced(
+    serve_with: Callable[[WSGIApplication], int], tmp_path: Path
+) -> None:
+    """The static folder (excluded by default) and an ``exclude`` prefix
+    may be non-ASCII: servers give the path as the request's UTF-8 bytes
+    read as latin-1 (PEP 3333), and the prefixes still match it.
+    """
+    (tmp_path / "a.css").write_text("body {}")
+    app = Flask("static", static_folder=str(tmp_path), static_url_path="/stätic")
+
+    @app.route("/<path:anything>")
+    def anything(anything: str) -> str:
+        return anything
+
+    ext = FlaskTrace(app)
+    other = Flask("excluded")
+    other.add_url_rule("/<path:anything>", view_func=lambda anything: anything)
+    other_ext = FlaskTrace(other, exclude=["/prívate/"])
+    ports = serve_with(app), serve_with(other)
+    assert get(ports[0], "/st%C3%A4tic/a.css")[::2] == (200, b"body {}")
+    assert get(ports[1], "/pr%C3%ADvate/x")[::2] == (200, "prívate/x".encode())
+    for port in ports:
+        assert get(port, "/caf%C3%A9")[::2] == (200, "café".encode())
+    assert [t.path for t in settled(ext, 1)] == ["/café".encode().decode("latin-1")]
+    assert [t.path for t in settled(other_ext, 1)] == ["/café".encode().decode("latin-1")]

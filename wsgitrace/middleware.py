@@ -100,7 +100,10 @@ class TraceMiddleware:
             self.redactor = Redactor(headers=opts.redact, patterns=opts.redact)
         self.clock: Clock = time.perf_counter_ns if clock is None else _SafeClock(clock)
         self._sample = opts.sample
-        self._exclude = opts.exclude
+        # Compared with PATH_INFO, which holds the request's bytes as latin-1
+        # (PEP 3333): a prefix such as a non-ASCII static_url_path is
+        # matched in that form.
+        self._exclude = tuple(map(_wsgi_path, opts.exclude))
         self._capture_headers = opts.capture_headers
         self._header_memo: dict[str, tuple[str, bool]] = {}
         self._plans: dict[tuple[str, ...], _RequestHeaderPlan] = {}
@@ -309,6 +312,15 @@ class TraceMiddleware:
 
     def __repr__(self) -> str:
         return f"<TraceMiddleware {self.app!r} {self.buffer!r}>"
+
+
+def _wsgi_path(path: str) -> str:
+    """A path as a WSGI server gives it in ``PATH_INFO``: its UTF-8 bytes
+    read as latin-1 (an ASCII path is unchanged). Bytes that were not
+    UTF-8 (an environment variable's, kept as surrogate escapes) stay as
+    they were.
+    """
+    return path.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 class _ResponseHeaderFlattener:
