@@ -660,6 +660,26 @@ def test_tail_waits_for_a_reader_slot_on_a_busy_endpoint(
     assert "cannot reach" not in tail.stderr
 
 
+def test_tail_says_busy_once_while_the_endpoint_stays_busy(
+    serve: Callable[..., Served], cli: Callable[..., Command]
+) -> None:
+    """While every reader slot stays taken, tail says "busy" once and waits:
+    its retries must not alternate "busy" and "reconnected" every second.
+    """
+    served = serve(max_readers=1)
+    holder = threading.Thread(target=served.get, args=("/_trace?since=0&wait=20",), daemon=True)
+    holder.start()
+    served.wait_for_poll()
+    tail = cli("tail", "-n", "0", served.url)
+    tail.wait_for("is busy", stream="err")
+    time.sleep(3.5)  # three retries
+    assert tail.finish() == 0
+    assert tail.stderr.count("is busy") == 1, tail.stderr
+    assert "reconnected" not in tail.stderr, tail.stderr
+    served.get("/free")  # answers the held long-poll
+    holder.join(TIMEOUT)
+
+
 class AuthGatewayServer(http.server.BaseHTTPRequestHandler):
     """An auth gateway in front of the app: 401 for everyone."""
 

@@ -305,7 +305,11 @@ class _Follow:
                         view.message(_unreachable_message(self.client.url, exc), "yellow")
                         down = True
                     view.status(f"waiting for {self.client.url} …")
-                    self._check_first = True
+                    # A busy endpoint is the same process: retry the long-poll
+                    # for a slot. (A quick check would be answered, show
+                    # "reconnected", and the next long-poll be busy again.)
+                    if not isinstance(exc, _BusyError):
+                        self._check_first = True
                     self.stop.wait(_RETRY_SECONDS)
                     continue
                 except _NotFoundError:
