@@ -532,6 +532,36 @@ def test_traces_of_the_wrong_shape_are_refused(item: dict[str, Any]) -> None:
         assert "Traceback" not in result.stderr
 
 
+class NestedJsonServer(http.server.BaseHTTPRequestHandler):
+    """Answers with JSON nested too deep for the decoder (RecursionError)."""
+
+    code = 503
+
+    def do_GET(self) -> None:
+        body = b"[" * 4000
+        self.send_response(self.code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("code", [200, 500, 503])
+def test_json_nested_too_deep_is_not_a_traceback(code: int) -> None:
+    """An answer (a 503 checked for the endpoint's "busy" too) whose JSON
+    is nested too deep to decode is an answer that is not the endpoint's:
+    show says so and fails, without a traceback.
+    """
+    handler = type("Handler", (NestedJsonServer,), {"code": code})
+    [show] = run_against(handler, ["show", "x-1"])
+    assert show.returncode == 1, show.stderr
+    assert "Traceback" not in show.stderr
+    assert f"HTTP {code}" in show.stderr or "not JSON" in show.stderr
+
+
 def test_show_refuses_an_empty_id_and_the_stream(serve: Callable[..., Served]) -> None:
     served = serve()
     result = run_command("show", "", served.url)

@@ -159,7 +159,7 @@ class _Client:
             raise _UnreachableError(str(reason) or type(reason).__name__) from None
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep: not ours either
             msg = "the server's answer is not JSON (is this a wsgitrace endpoint?)"
             raise _BadAnswerError(msg) from None
 
@@ -207,14 +207,14 @@ def _is_busy(body: bytes) -> bool:
     """Whether a 503's body is the endpoint's own "too many readers" answer."""
     try:
         return json.loads(body).get("busy") is True
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
 
 
 def _error_detail(code: int, body: bytes) -> str:
     try:
         message = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         message = ""
     if not message and code in (401, 403, 407):
         # The endpoint refuses with a 404, never these: something in front
