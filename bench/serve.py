@@ -18,7 +18,7 @@ tracer recorded, so a configuration cannot pass by tracing nothing: the
 (0.1) for ``sampled``.
 
 Each configuration of ``bench/apps.py`` (``bare``, ``middleware``,
-``flasktrace``, ``sampled``, ``otel``) is served in turn by gunicorn (one
+``flasktrace``, ``sampled``, ``naive``, ``otel``) is served in turn by gunicorn (one
 sync worker) on a free port of 127.0.0.1 and loaded by ``wrk`` for
 ``--duration`` seconds after a short unrecorded warm-up; rounds repeat with
 the order rotated. With two or more CPUs the server is pinned to CPU 0 and

@@ -38,8 +38,10 @@ list and is always newest first. Query parameters:
     Long-poll: when nothing matches yet, wait up to this many seconds
     (capped at 20) for a matching trace, and answer as soon as one is there.
     Each waiting long-poll and open stream holds a server thread, so at most
-    ``max_readers`` (default 8) are served at once per process; more get a
-    ``503`` with ``Retry-After: 1`` and ``"busy": true`` in the JSON error.
+    ``max_readers`` (default 8) are served at once by this endpoint (one per
+    traced app, in each process); more get a ``503`` with ``Retry-After: 1``
+    and ``"busy": true`` in the JSON error (a refused client still gets the
+    404).
 ``full``
     ``1`` lists full traces (:meth:`~wsgitrace.Trace.to_dict`) instead of
     summaries.
@@ -87,7 +89,9 @@ also how a departed client is noticed), an ``event: info`` when the buffer
 evicted traces the client had not seen, and ends with an
 ``event: end`` after 20 seconds (clients reconnect and resume; gunicorn
 kills a sync worker's request at 30) or at once when :meth:`TraceEndpoint.
-shutdown` is called.
+shutdown` is called. An open stream counts against ``max_readers`` like a
+waiting long-poll (past it, the same ``503``) until the server closes its
+body; a ``HEAD`` of the stream does not.
 
 Access control
 --------------
@@ -163,7 +167,8 @@ class TraceEndpoint:
 
     :param buffer: The buffer to read (unless ``options.store`` names a store).
     :param options: Resolved options: ``prefix``, ``token``/``token_file``,
-        ``allow``, ``hosts`` and ``trust_forwarded`` are used.
+        ``allow``, ``hosts``, ``trust_forwarded``, ``max_readers`` and
+        ``store`` are used.
     :param stream_seconds: Seconds after which a stream ends.
     :param heartbeat: Seconds of quiet between stream heartbeats.
     :param settle: Seconds the long-poll and stream wait for an in-progress
