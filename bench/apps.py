@@ -46,6 +46,7 @@ header and a ``teardown_request``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,7 @@ from flask import Flask, Response, g, jsonify, render_template, request, stream_
 from jinja2 import DictLoader
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from wsgitrace import TraceBuffer
 
@@ -225,6 +226,39 @@ def trace_buffer(app: Flask) -> TraceBuffer | None:
 def naive_recorder(app: Flask) -> Any:
     """The :class:`naive.NaiveRecorder` of a ``naive`` app, or ``None``."""
     return app.extensions.get(_NAIVE_KEY)
+
+
+@contextlib.contextmanager
+def naive_detached(built: Iterable[Flask]) -> Iterator[None]:
+    """Within the block, the signal receivers of the naive recorders of
+    ``built`` are disconnected (see :meth:`naive.NaiveRecorder.disconnect`)
+    but where :func:`naive_attached` connects them; after it, they are
+    connected again.
+    """
+    recorders = [r for r in map(naive_recorder, built) if r is not None]
+    for recorder in recorders:
+        recorder.disconnect()
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.connect()
+
+
+@contextlib.contextmanager
+def naive_attached(app: Flask) -> Iterator[None]:
+    """Within the block, the signal receivers of ``app``'s naive recorder
+    (if it has one) are connected; after it, they are not.
+    """
+    naive = naive_recorder(app)
+    if naive is None:
+        yield
+        return
+    naive.connect()
+    try:
+        yield
+    finally:
+        naive.disconnect()
 
 
 def otel_exporter(app: Flask) -> Any:

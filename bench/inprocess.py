@@ -210,11 +210,40 @@ def measure_latency(
     """
     if other_cpus is None:
         other_cpus = []
+    # The naive recorder's signal receivers slow every app of the process
+    # down while they are connected: only while its own app is timed.
+    with apps.naive_detached(built.values()):
+        return _measure_latency(
+            built,
+            routes,
+            rounds=rounds,
+            requests=requests,
+            warmup=warmup,
+            gc_off=gc_off,
+            retries=retries,
+            quiet_timeout=quiet_timeout,
+            other_cpus=other_cpus,
+        )
+
+
+def _measure_latency(
+    built: dict[str, Flask],
+    routes: list[str],
+    *,
+    rounds: int,
+    requests: int,
+    warmup: int,
+    gc_off: bool,
+    retries: int,
+    quiet_timeout: float,
+    other_cpus: list[float | None],
+) -> dict[str, dict[str, list[float]]]:
     configs = list(built)
     templates = {route: make_environ(route) for route in routes}
     for app in built.values():
-        for route in routes:
-            timed_block(app, templates[route], warmup, gc_off=gc_off)
+        with apps.naive_attached(app):
+            for route in routes:
+                timed_block(app, templates[route], warmup, gc_off=gc_off)
         _clear_otel(app)
     results: dict[str, dict[str, list[float]]] = {
         route: {config: [] for config in configs} for route in routes
@@ -230,7 +259,8 @@ def measure_latency(
                     for config in order:
                         app = built[config]
                         _clear_otel(app)
-                        elapsed = timed_block(app, templates[route], requests, gc_off=gc_off)
+                        with apps.naive_attached(app):
+                            elapsed = timed_block(app, templates[route], requests, gc_off=gc_off)
                         values[route][config] = elapsed / requests / 1000
             line = "  ".join(f"{config} {values[routes[0]][config]:.1f}" for config in configs)
             other = "n/a" if monitor.other_cpus is None else f"{monitor.other_cpus:.2f}"

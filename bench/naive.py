@@ -54,9 +54,12 @@ class NaiveRecorder:
         self.events: deque[tuple[str, int]] = deque(maxlen=maxlen)
         #: Requests seen (the deque drops old tuples, so it cannot count them).
         self.requests = 0
-        self._receivers: list[Callable[..., None]] = []
+        self._app = app
+        self._receivers: list[tuple[Any, Callable[..., None]]] = []
+        self._connected = False
         self._wrap_wsgi(app)
-        self._connect_signals(app)
+        self._make_receivers()
+        self.connect()
         self._wrap_hooks(app)
 
     def _wrap_wsgi(self, app: Flask) -> None:
@@ -89,7 +92,7 @@ class NaiveRecorder:
                 close()
             append(("close", _clock()))
 
-    def _connect_signals(self, app: Flask) -> None:
+    def _make_receivers(self) -> None:
         append = self.events.append
         for name in SIGNALS:
 
@@ -98,9 +101,27 @@ class NaiveRecorder:
                 if _name == "signal:request_started":
                     append(("url_match", _clock()))
 
-            # Strong references: blinker would drop these closures otherwise.
-            self._receivers.append(receiver)
-            getattr(flask, name).connect(receiver, app, weak=False)
+            self._receivers.append((getattr(flask, name), receiver))
+
+    def connect(self) -> None:
+        """Connect the signal receivers (done when the recorder is made)."""
+        if not self._connected:
+            for signal, receiver in self._receivers:
+                # Strong references: blinker would drop these closures otherwise.
+                signal.connect(receiver, self._app, weak=False)
+            self._connected = True
+
+    def disconnect(self) -> None:
+        """Disconnect the signal receivers.
+
+        A signal's receivers are global: while one is connected, for any
+        sender, every Flask app of the process sends that signal the slow way,
+        and FlaskTrace times it instead of recording an instant. So the bench
+        connects them only while it times this recorder's own app.
+        """
+        for signal, receiver in self._receivers:
+            signal.disconnect(receiver)
+        self._connected = False
 
     def _wrap_hooks(self, app: Flask) -> None:
         for registry in (

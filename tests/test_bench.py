@@ -242,6 +242,54 @@ def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() ->
     assert result["recording"] is True
 
 
+_RECEIVERS_CHECK = """
+import json, sys
+import flask
+sys.path.insert(0, "bench")
+import apps, inprocess
+built = inprocess.build_apps(["bare", "flasktrace", "naive"])
+names = {id(app): config for config, app in built.items()}
+seen = []
+timed_block = inprocess.timed_block
+
+def watched(app, template, n, *, gc_off):
+    seen.append([names[id(app)], bool(flask.request_started.receivers)])
+    return timed_block(app, template, n, gc_off=gc_off)
+
+inprocess.timed_block = watched
+inprocess.measure_latency(
+    built, ["/hello"], rounds=2, requests=5, warmup=2, gc_off=False, retries=0,
+    quiet_timeout=0,
+)
+recorder = apps.naive_recorder(built["naive"])
+recorder.events.clear()
+inprocess.serve_once(built["naive"], inprocess.make_environ("/hello"))
+print(json.dumps({"seen": seen, "after": len(recorder.events)}))
+"""
+
+
+def test_naive_recorder_receives_signals_only_while_its_app_is_timed() -> None:
+    """A receiver on a Flask signal, for any sender, makes every app of the
+    process take the slow way when it sends that signal (and FlaskTrace time
+    it): the naive recorder must not slow the other configurations down.
+    (In a subprocess, as above.)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _RECEIVERS_CHECK],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["seen"]) == 3 * 3  # warm-up and two rounds
+    for config, receivers in result["seen"]:
+        assert receivers is (config == "naive"), result["seen"]
+    assert result["after"] == 20  # connected again after measuring
+
+
 def run_experiment(
     tmp_path: Path, script: str, *args: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
