@@ -76,21 +76,9 @@ class NaiveRecorder:
 
             app_iter = inner(environ, traced_start_response)
             append(("app", _clock()))
-            return self._body(app_iter)
+            return _Body(app_iter, append)
 
         app.wsgi_app = wsgi_app  # type: ignore[method-assign]
-
-    def _body(self, app_iter: Iterable[bytes]) -> Iterator[bytes]:
-        append = self.events.append
-        try:
-            for chunk in app_iter:
-                append(("body", _clock()))
-                yield chunk
-        finally:
-            close = getattr(app_iter, "close", None)
-            if close is not None:
-                close()
-            append(("close", _clock()))
 
     def _make_receivers(self) -> None:
         append = self.events.append
@@ -147,3 +135,32 @@ class NaiveRecorder:
                 append((end_name, _clock()))
 
         return timed
+
+
+class _Body:
+    """The app's body: a tuple per chunk, and one when the server closes it,
+    which closes the app's however far it was iterated (a generator's
+    ``close()`` before its first ``next`` would run none of its code).
+    """
+
+    __slots__ = ("_app_iter", "_append")
+
+    def __init__(
+        self, app_iter: Iterable[bytes], append: Callable[[tuple[str, int]], None]
+    ) -> None:
+        self._app_iter = app_iter
+        self._append = append
+
+    def __iter__(self) -> Iterator[bytes]:
+        append = self._append
+        for chunk in self._app_iter:
+            append(("body", _clock()))
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._append(("close", _clock()))

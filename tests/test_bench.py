@@ -242,6 +242,51 @@ def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() ->
     assert result["recording"] is True
 
 
+_NAIVE_CLOSE_CHECK = """
+import json, sys
+sys.path.insert(0, "bench")
+import apps, inprocess
+app = apps.create_app("naive")
+closed = []
+
+@app.after_request
+def on_close(response):
+    response.call_on_close(lambda: closed.append(1))
+    return response
+
+recorder = apps.naive_recorder(app)
+results = []
+for iterate in (False, True):
+    closed.clear()
+    recorder.events.clear()
+    body = app(inprocess.make_environ("/hello"), lambda *args: None)
+    if iterate:
+        list(body)
+    body.close()
+    names = [name for name, _ in recorder.events]
+    results.append({"closed": len(closed), "close_events": names.count("close")})
+print(json.dumps(results))
+"""
+
+
+def test_naive_recorder_closes_a_body_the_server_never_iterated() -> None:
+    """A body closed without being iterated (a server may, after an error)
+    still closes the app's: the recorder's body was a generator, whose close
+    before the first ``next`` runs none of its code. (In a subprocess, as
+    above.)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _NAIVE_CLOSE_CHECK],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"closed": 1, "close_events": 1}] * 2
+
+
 _RECEIVERS_CHECK = """
 import json, sys
 import flask
