@@ -166,7 +166,7 @@ OPTION_SPECS: dict[str, _Spec] = {
     "allow": _Spec(_networks, (), "Networks (CIDR) allowed without a token."),
     "hosts": _Spec(_str_list, (), "Extra Host names the endpoint answers to."),
     "max_readers": _Spec(
-        _positive_int, 8, "Long-polls and streams served at once; more get a 503."
+        _positive_int, 3, "Long-polls and streams served at once; more get a 503."
     ),
     "trust_forwarded": _Spec(_bool, False, "Use X-Forwarded-For for the client address."),
     "store": _Spec(_optional_str, None, "SQLite file shared by the worker processes of one host."),
@@ -205,7 +205,7 @@ class Options:
     token_file: str | None = None
     allow: tuple[Any, ...] = field(default=())
     hosts: tuple[str, ...] = ()
-    max_readers: int = 8
+    max_readers: int = 3
     trust_forwarded: bool = False
     store: str | None = None
     store_max_traces: int = 10_000

@@ -38,7 +38,7 @@ list and is always newest first. Query parameters:
     Long-poll: when nothing matches yet, wait up to this many seconds
     (capped at 20) for a matching trace, and answer as soon as one is there.
     Each waiting long-poll and open stream holds a server thread, so at most
-    ``max_readers`` (default 8) are served at once by this endpoint (one per
+    ``max_readers`` (default 3) are served at once by this endpoint (one per
     traced app, in each process); more get a ``503`` with ``Retry-After: 1``
     and ``"busy": true`` in the JSON error (a refused client still gets the
     404).
