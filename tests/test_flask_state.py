@@ -5,6 +5,7 @@ match — captured without changing what the app or the client sees.
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -171,6 +172,47 @@ class TestG:
         assert snapshot["broken"] == "<repr failed: ValueError>"
         assert snapshot["odd"] == "<repr failed: TypeError>"
         assert "s3cr3t" not in last(ext).to_json()
+
+    def test_large_builtin_values_are_shown_without_building_their_whole_repr(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A big list, dict, set or bytes in ``g`` costs a bounded repr at
+        teardown: the first elements, cut, never the whole value's repr.
+        """
+        app = Flask(__name__)
+        rows = list(range(100_000))
+
+        @app.route("/")
+        def index() -> str:
+            g.rows = rows
+            g.nested = {"rows": rows, "small": (1, 2)}
+            g.blob = b"x" * 100_000
+            g.small = {"a": [1, 2, 3], "b": "text"}
+            return "ok"
+
+        ext = FlaskTrace(app, max_string=200)
+        whole_reprs: list[int] = []
+        real_repr = builtins.repr
+
+        def watching_repr(value: object) -> str:
+            text = real_repr(value)
+            whole_reprs.append(len(text))
+            return text
+
+        monkeypatch.setattr(builtins, "repr", watching_repr)
+        try:
+            assert fetch(app)[0] == "200 OK"
+        finally:
+            monkeypatch.undo()
+        snapshot = last(ext).g
+        assert snapshot is not None
+        assert snapshot["rows"].startswith("[0, 1, 2, 3, ")
+        assert snapshot["nested"].startswith("{'rows': [0, 1, 2, ")
+        assert snapshot["blob"].startswith("b'xxx")
+        assert snapshot["small"] == "{'a': [1, 2, 3], 'b': 'text'}"
+        assert all(len(value) <= 200 + len(TRUNCATION_MARKER) for value in snapshot.values())
+        # No repr of anything near the values' full size was built.
+        assert max(whole_reprs, default=0) < 10_000
 
     def test_keys_added_to_an_empty_g_on_every_request(self) -> None:
         """A hook that adds the same key to an empty g on each request shows

@@ -14,6 +14,8 @@ once, cut, and never fails.
 
 from __future__ import annotations
 
+import reprlib
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from flask.globals import _cv_app, _cv_request
@@ -132,12 +134,38 @@ def _view_arg(value: Any, limit: int) -> Any:
     return _safe_repr(value, limit)
 
 
+#: Built-in containers, whose repr grows with their contents: shown through
+#: :mod:`reprlib`, which stops early (bytes are sliced first), so that
+#: ``g.rows = list(range(10**7))`` costs a bounded repr at teardown, not a
+#: string of tens of megabytes.
+_BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
+
+
 def _safe_repr(value: Any, limit: int) -> str:
     try:
-        text = repr(value)
+        kind = type(value)
+        if kind is bytes or kind is bytearray:
+            # reprlib would build the whole repr and then cut it.
+            text = repr(value[: limit + 1])
+        elif kind in _BOUNDED_TYPES:
+            text = _bounded_repr(limit).repr(value)
+        else:
+            text = repr(value)
     except Exception as exc:
         text = f"<repr failed: {type(exc).__name__}>"
     return cut(text, limit)
+
+
+def _bounded_repr(limit: int) -> reprlib.Repr:
+    """A :class:`reprlib.Repr` that shows at most ``limit`` characters of
+    any element and a few dozen elements of any container, three levels deep.
+    """
+    bounded = reprlib.Repr()
+    bounded.maxlevel = 3
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = 32
+    bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = 32
+    bounded.maxstring = bounded.maxlong = bounded.maxother = limit
+    return bounded
 
 
 def _g_changes(
