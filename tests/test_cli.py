@@ -710,6 +710,37 @@ def test_tail_says_busy_once_while_the_endpoint_stays_busy(
     holder.join(TIMEOUT)
 
 
+class CutErrorServer(http.server.BaseHTTPRequestHandler):
+    """Answers 500 promising a 1,000-byte page, then resets the connection
+    instead (while the client waits for the page).
+    """
+
+    def do_GET(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(0.2)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_an_error_page_cut_off_is_a_message_not_a_traceback() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutErrorServer)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        result = run_command("show", "abc-1", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result.stderr
+    assert "HTTP 500" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 class AuthGatewayServer(http.server.BaseHTTPRequestHandler):
     """An auth gateway in front of the app: 401 for everyone."""
 

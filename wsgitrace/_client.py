@@ -144,7 +144,10 @@ class _Client:
                 body = response.read()
         except urllib.error.HTTPError as exc:
             with exc:
-                detail = exc.read(4096)
+                try:
+                    detail = exc.read(4096)
+                except (OSError, HTTPException):
+                    detail = b""  # the error page was cut off: its status says enough
             if exc.code == 404:
                 raise _NotFoundError from None
             if exc.code == 503 and _is_busy(detail):
