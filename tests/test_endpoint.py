@@ -1022,6 +1022,21 @@ class TestAccess:
         for method in ("HEAD", "POST"):
             assert served.request("/_trace", method=method, headers=REMOTE).status == 404
 
+    def test_test_clients_as_the_readme_says(self) -> None:
+        """Flask's test client is loopback; werkzeug's Client sends no client
+        address, so it gets the 404 unless given one (README, endpoint section).
+        """
+        from flask import Flask
+        from werkzeug.test import Client
+
+        client = Client(TraceMiddleware(demo_app, endpoint=True))
+        assert client.get("/_trace").status_code == 404
+        loopback = {"REMOTE_ADDR": "127.0.0.1"}
+        assert client.get("/_trace", environ_base=loopback).status_code == 200
+        app = Flask(__name__)
+        app.wsgi_app = TraceMiddleware(app.wsgi_app, endpoint=True)  # type: ignore[method-assign]
+        assert app.test_client().get("/_trace").status_code == 200
+
     def test_real_remote_addr_is_checked(self) -> None:
         """The decision reads REMOTE_ADDR: loopback (v4, v6, v4-mapped) yes, others no."""
         endpoint = TraceEndpoint(TraceBuffer(), resolve_options({}, environ={}))
