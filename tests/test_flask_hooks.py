@@ -533,7 +533,45 @@ def test_error_handler_that_raises(step_clock: StepClock) -> None:
     ]
     assert trace.error is not None
     assert trace.error["type"] == "builtins.RuntimeError"
+    assert trace.error["where"] == "errorhandler"
     assert pair.traced_log == ["load", "reraise", "after", "teardown RuntimeError"]
+
+
+@pytest.mark.parametrize("fail", ["before_request", "view", "after_request"])
+def test_an_unhandled_error_says_which_kind_of_hook_raised_it(
+    step_clock: StepClock, fail: str
+) -> None:
+    """``trace.error["where"]`` names the kind of hook that raised the
+    unhandled exception (got_request_exception alone does not say).
+    """
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.before_request
+        def check() -> None:
+            if fail == "before_request":
+                raise LookupError(fail)
+
+        @app.route("/")
+        def index() -> str:
+            if fail == "view":
+                raise LookupError(fail)
+            return "ok"
+
+        @app.after_request
+        def finish(response: Response) -> Response:
+            if fail == "after_request" and response.status_code == 200:
+                raise LookupError(fail)
+            return response
+
+        return app
+
+    pair = Pair(factory, step_clock)
+    (status, _, _), trace = pair.both("/")
+    assert status == "500 INTERNAL SERVER ERROR"
+    assert trace.error is not None
+    assert (trace.error["type"], trace.error["where"]) == ("builtins.LookupError", fail)
 
 
 def test_hook_that_raises(step_clock: StepClock) -> None:

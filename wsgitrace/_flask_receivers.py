@@ -20,7 +20,7 @@ from flask import signals
 
 from ._internal import report_internal_error
 from .context import _get_trace
-from .trace import cut, format_error
+from .trace import HOOK_KINDS, Trace, cut, format_error
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 
 #: Traces with a template render in progress kept per app (see _template_starts).
 _MAX_PENDING_TEMPLATES = 256
+
+
+def _failed_kind(trace: Trace) -> str:
+    """Where an unhandled exception came from: the kind of the newest hook
+    event that records an error (``before_request``, ``errorhandler``, ...),
+    as the request's own thread recorded it, else ``view``.
+    """
+    for kind, _name, attrs in reversed(trace._keys[-16:]):
+        if attrs and "error" in attrs and kind in HOOK_KINDS:
+            return kind
+    return "view"
 
 
 def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
@@ -50,7 +61,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
                 {"exception": type(exception).__name__},
             )
             if trace.error is None:
-                trace.error = format_error(exception, "view", trace.limits)
+                trace.error = format_error(exception, _failed_kind(trace), trace.limits)
         except Exception:
             report_internal_error("flask.got_request_exception", trace)
 
