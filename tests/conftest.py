@@ -272,9 +272,13 @@ def fixture_plain_wsgi() -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def _gunicorn(target: str, log: Path) -> Iterator[int]:
-    """Serve ``plain_wsgi:<target>`` with one sync gunicorn worker on a socket
-    bound here (``fd://``), so the port is known with no race; yield the port.
+def _gunicorn(
+    app_spec: str, log: Path, *, chdir: Path = EXAMPLES, worker_class: str = "sync"
+) -> Iterator[int]:
+    """Serve ``app_spec`` (``module:app``, run from ``chdir``) with one
+    gunicorn worker on a socket bound here (``fd://``), so the port is known
+    with no race; yield the port. ``gthread`` gets 4 threads (a sync worker
+    given threads would silently become one).
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -286,12 +290,13 @@ def _gunicorn(target: str, log: Path) -> Iterator[int]:
         "-m",
         "gunicorn",
         "--workers=1",
-        "--worker-class=sync",
+        f"--worker-class={worker_class}",
+        *(["--threads=4"] if worker_class == "gthread" else []),
         f"--bind=fd://{listener.fileno()}",
-        f"--chdir={EXAMPLES}",
+        f"--chdir={chdir}",
         "--timeout=20",
         "--graceful-timeout=2",
-        f"plain_wsgi:{target}",
+        app_spec,
     ]
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -316,17 +321,25 @@ def _gunicorn(target: str, log: Path) -> Iterator[int]:
     assert "wsgitrace: internal error" not in log.read_text(errors="replace")
 
 
+@pytest.fixture(name="gunicorn")
+def fixture_gunicorn() -> Callable[..., contextlib.AbstractContextManager[int]]:
+    """``with gunicorn(app_spec, log, chdir=..., worker_class=...) as port:``"""
+    return _gunicorn
+
+
 @pytest.fixture(name="gunicorn_traced", scope="module")
 def fixture_gunicorn_traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """Port of gunicorn serving ``plain_wsgi:application`` (traced, /_trace on)."""
-    with _gunicorn("application", tmp_path_factory.mktemp("gunicorn") / "traced.log") as port:
+    with _gunicorn(
+        "plain_wsgi:application", tmp_path_factory.mktemp("gunicorn") / "traced.log"
+    ) as port:
         yield port
 
 
 @pytest.fixture(name="gunicorn_plain", scope="module")
 def fixture_gunicorn_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """Port of gunicorn serving ``plain_wsgi:app`` (untraced)."""
-    with _gunicorn("app", tmp_path_factory.mktemp("gunicorn") / "plain.log") as port:
+    with _gunicorn("plain_wsgi:app", tmp_path_factory.mktemp("gunicorn") / "plain.log") as port:
         yield port
 
 

@@ -214,13 +214,10 @@ print(json.dumps({
 """
 
 
-def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() -> None:
-    """The yardstick of issue #6 records 20 steps of /hello, in the order
-    they ran, and serves the same response as bare Flask. (In a subprocess:
-    it connects receivers to Flask's signals for good.)
-    """
+def run_check(code: str) -> Any:
+    """Run ``code`` in a fresh interpreter from the project root; the JSON it printed."""
     done = subprocess.run(
-        [sys.executable, "-c", _NAIVE_CHECK],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -228,7 +225,15 @@ def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() ->
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_naive_recorder_appends_twenty_tuples_per_hello_and_changes_nothing() -> None:
+    """The yardstick of issue #6 records 20 steps of /hello, in the order
+    they ran, and serves the same response as bare Flask. (In a subprocess:
+    it connects receivers to Flask's signals for good.)
+    """
+    result = run_check(_NAIVE_CHECK)
     assert result["same"] is True
     names = [name for name, _ in result["events"]]
     assert len(names) == 20
@@ -275,16 +280,7 @@ def test_naive_recorder_closes_a_body_the_server_never_iterated() -> None:
     before the first ``next`` runs none of its code. (In a subprocess, as
     above.)
     """
-    done = subprocess.run(
-        [sys.executable, "-c", _NAIVE_CLOSE_CHECK],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [{"closed": 1, "close_events": 1}] * 2
+    assert run_check(_NAIVE_CLOSE_CHECK) == [{"closed": 1, "close_events": 1}] * 2
 
 
 _RECEIVERS_CHECK = """
@@ -319,16 +315,7 @@ def test_naive_recorder_receives_signals_only_while_its_app_is_timed() -> None:
     it): the naive recorder must not slow the other configurations down.
     (In a subprocess, as above.)
     """
-    done = subprocess.run(
-        [sys.executable, "-c", _RECEIVERS_CHECK],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = run_check(_RECEIVERS_CHECK)
     assert len(result["seen"]) == 3 * 3  # warm-up and two rounds
     for config, receivers in result["seen"]:
         assert receivers is (config == "naive"), result["seen"]

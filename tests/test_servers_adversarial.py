@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -836,51 +835,6 @@ def test_untraced_requests_of_a_traced_app(
 # -- gunicorn: wsgi.file_wrapper and sendfile -------------------------------------
 
 
-@contextlib.contextmanager
-def _gunicorn(target: str, log: Path, worker_class: str = "sync") -> Iterator[int]:
-    """Serve ``test_servers_adversarial:<target>`` with one gunicorn worker
-    on a socket bound here; yield its port (as conftest's helper does for
-    the examples).
-    """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGITRACE_")}
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--workers=1",
-        f"--worker-class={worker_class}",
-        "--threads=4",
-        f"--bind=fd://{listener.fileno()}",
-        f"--chdir={HERE}",
-        "--timeout=20",
-        "--graceful-timeout=2",
-        target,
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, pass_fds=(listener.fileno(),), stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    listener.close()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as probe:
-            probe.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            with probe.makefile("rb") as answer:
-                assert answer.read(12) == b"HTTP/1.0 200", log.read_text()
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    assert "wsgitrace: internal error" not in log.read_text(errors="replace")
-
-
 GUNICORN_REQUESTS = [
     request_bytes("/file"),
     request_bytes("/file", method="HEAD"),
@@ -899,7 +853,10 @@ GUNICORN_REQUESTS = [
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_gunicorn_file_wrapper_and_failures(
-    tmp_path: Path, data_file: str, worker_class: str
+    tmp_path: Path,
+    data_file: str,
+    worker_class: str,
+    gunicorn: Callable[..., contextlib.AbstractContextManager[int]],
 ) -> None:
     """gunicorn sends a ``send_file`` body with sendfile(2) only if it gets
     its own ``wsgi.file_wrapper`` back: the traced app's answers (whole,
@@ -909,8 +866,12 @@ def test_gunicorn_file_wrapper_and_failures(
     plain = f"test_servers_adversarial:gunicorn_app(False, {data_file!r})"
     traced = f"test_servers_adversarial:gunicorn_app(True, {data_file!r})"
     with (
-        _gunicorn(plain, tmp_path / "plain.log", worker_class) as plain_port,
-        _gunicorn(traced, tmp_path / "traced.log", worker_class) as traced_port,
+        gunicorn(
+            plain, tmp_path / "plain.log", chdir=HERE, worker_class=worker_class
+        ) as plain_port,
+        gunicorn(
+            traced, tmp_path / "traced.log", chdir=HERE, worker_class=worker_class
+        ) as traced_port,
     ):
         if worker_class == "gthread":
             answers = []
