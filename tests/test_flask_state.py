@@ -496,6 +496,33 @@ def converter_app() -> Flask:
     return app
 
 
+def test_secret_looking_view_args_are_redacted_in_view_args_and_path() -> None:
+    """/reset/<token>: the token is neither in view_args nor in the path,
+    nor in anything read from the trace; other view args are kept.
+    """
+    app = Flask(__name__)
+
+    @app.route("/reset/<token>")
+    def reset(token: str) -> str:
+        return f"reset {token}"
+
+    @app.route("/users/<int:user_id>/keys/<api_key>.json")
+    def user_key(user_id: int, api_key: str) -> str:
+        return f"{user_id} {api_key}"
+
+    ext = FlaskTrace(app)
+    assert fetch(app, "/reset/s3cr3t-reset-token")[2] == b"reset s3cr3t-reset-token"
+    trace = last(ext)
+    assert trace.view_args == {"token": REDACTED}
+    assert trace.path == f"/reset/{REDACTED}"
+    assert "s3cr3t" not in trace.to_json()
+    assert fetch(app, "/users/7/keys/p%C3%A4ssw0rd-99.json")[2] == "7 pässw0rd-99".encode()
+    trace = last(ext)
+    assert trace.view_args == {"user_id": 7, "api_key": REDACTED}
+    assert trace.path == f"/users/7/keys/{REDACTED}.json"
+    assert "w0rd" not in trace.to_json()
+
+
 def test_view_args_keep_no_app_objects_and_are_capped() -> None:
     """An object a converter made is kept as its repr (taken once, during
     the request), not referenced; text is cut to max_string.

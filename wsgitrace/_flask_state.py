@@ -17,6 +17,7 @@ from __future__ import annotations
 import reprlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
 from flask.globals import _cv_app, _cv_request
 
@@ -68,10 +69,43 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             trace.rule = rule.rule
         if req.view_args:
             limit = tracer.max_string
-            trace.view_args = {k: _view_arg(v, limit) for k, v in req.view_args.items()}
+            is_secret = tracer.redactor.is_secret
+            view_args: dict[str, Any] = {}
+            for name, value in req.view_args.items():
+                if is_secret(name):
+                    # /reset/<token>: the value is in the path too.
+                    view_args[name] = REDACTED
+                    trace.path = _redact_path_value(trace.path, value)
+                else:
+                    view_args[name] = _view_arg(value, limit)
+            trace.view_args = view_args
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
         report_internal_error("flask.url_match", trace)
+
+
+def _redact_path_value(path: str, value: Any) -> str:
+    """``path`` with the path segments that hold ``value`` (a view argument
+    under a secret-looking name) replaced by the redaction marker.
+
+    The path is the request's bytes read as latin-1 (PEP 3333) and may still
+    hold percent-escapes; the value is what the URL converter made of them.
+    """
+    text = str(value)
+    if not text:
+        return path
+    forms = {text, text.encode("utf-8", "surrogateescape").decode("latin-1")}
+    forms.add(quote(text, safe=""))
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        if segment and (segment in forms or unquote(segment) == text):
+            segments[index] = REDACTED
+        elif len(text) >= 6:
+            # A value inside a segment (/reset/<token>.json): cut it out.
+            for form in forms:
+                segment = segment.replace(form, REDACTED)
+            segments[index] = segment
+    return "/".join(segments)
 
 
 def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
