@@ -1382,3 +1382,17 @@ def test_report_width_without_a_terminal_writer_reads_columns(
 
     monkeypatch.setenv("COLUMNS", columns)
     assert _width(NoTerminal()) == width  # type: ignore[arg-type]
+
+
+def test_keep_passed_without_a_json_file_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    """--wsgitrace-keep-passed alone would do nothing: the run stops and says
+    what is missing; with the file it runs.
+    """
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    bad = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-keep-passed")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --wsgitrace-keep-passed writes*give that file too*"])
+    good = pytester.runpytest_subprocess(
+        "-p", "no:xdist", "--wsgitrace-keep-passed", "--wsgitrace-json=out.jsonl"
+    )
+    good.assert_outcomes(passed=1)

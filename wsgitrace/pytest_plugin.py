@@ -284,6 +284,13 @@ def pytest_configure(config: pytest.Config) -> None:
     elif config.getini("wsgitrace_json"):
         base = config.inipath.parent if config.inipath else config.rootpath
         json_path = base / str(config.getini("wsgitrace_json"))
+    if json_path is None and config.getoption("wsgitrace_keep_passed"):
+        # Typed on the command line for nothing: say so rather than ignore it.
+        msg = (
+            "--wsgitrace-keep-passed writes passing tests' traces to the --wsgitrace-json"
+            " file: give that file too (--wsgitrace-json=PATH or the wsgitrace_json ini option)"
+        )
+        raise pytest.UsageError(msg)
     settings = _Settings(report, json_path, keep_passed, max_traces)
     config.stash[_SETTINGS] = settings
     if json_path is not None and not hasattr(config, "workerinput"):
