@@ -488,7 +488,7 @@ def test_capture_failures_show_the_line_of_the_test(pytester: pytest.Pytester) -
         [
             "*_ test_last _*",
             ">*wsgitrace.last",
-            "E*Failed: wsgitrace: no request was traced during this test.",
+            "E*Failed: wsgitrace: no request was traced while capturing (during this test, or*",
             "test_where.py:3: Failed",
             "*_ test_wait _*",
             ">*wsgitrace.wait(1, timeout=0.01)",
@@ -806,7 +806,7 @@ def test_nothing_captured_names_a_server_in_another_process(pytester: pytest.Pyt
             "E*Failed: wsgitrace: 0 traces captured after 0.05s, waited for 1",
             hint,
             "*_ test_last _*",
-            "E*Failed: wsgitrace: no request was traced during this test.",
+            "E*Failed: wsgitrace: no request was traced while capturing (during this test, or*",
             "E*hint: trace the app with FlaskTrace(app)*",
             hint,
         ]

@@ -293,7 +293,8 @@ _HINT_OTHER_PROCESS = (
 )
 
 _NOTHING_TRACED = (
-    "wsgitrace: no request was traced during this test.\n"
+    "wsgitrace: no request was traced while capturing (during this test, or"
+    " inside its capture_traces() block).\n"
     "hint: trace the app with FlaskTrace(app) or TraceMiddleware(app), or call"
     " wsgitrace.watch(app) before making requests; check that tracing is not"
     " disabled (WSGITRACE_ENABLED, enabled=False) and the path not excluded or"
