@@ -1183,6 +1183,21 @@ def test_run_flags_set_tracing_options_over_the_environment(
     assert f"trace endpoint: {base}/_t " in command.stderr
 
 
+def test_run_says_where_else_traces_go(cli: Callable[..., Command], tmp_path: Path) -> None:
+    """A store (or OTLP) set in the environment or by a flag takes the served
+    traffic too: the banner says so."""
+    store = tmp_path / "traces.db"
+    command, base = start_run(
+        cli, write_echo_app(tmp_path, "sinkapp", "sink"), "--store", str(store), cwd=tmp_path
+    )
+    assert fetch(base + "/x")[0] == 200
+    assert command.finish() == 0
+    assert f"traces also go to the store {store}" in command.stderr
+    command, base = start_run(cli, write_echo_app(tmp_path, "nosinkapp", "none"), cwd=tmp_path)
+    assert command.finish() == 0
+    assert "traces also go to" not in command.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -1701,6 +1716,17 @@ def test_demo_follows_the_endpoint_under_another_prefix() -> None:
     found = re.search(r"wsgitrace tail -v (\S+)", result.stderr)
     assert found is not None, result.stderr
     assert found.group(1).endswith("/_dbg")
+
+
+def test_demo_says_its_traffic_goes_to_a_store_set_in_the_shell(tmp_path: Path) -> None:
+    """A WSGITRACE_STORE exported in the shell takes the demo's traffic too:
+    its banner says so rather than filling the store silently."""
+    store = tmp_path / "shell.db"
+    result = run_command(
+        "demo", "--once", "--interval", "0", "--json", env=command_env(WSGITRACE_STORE=str(store))
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"traces also go to the store {store}" in result.stderr
 
 
 def test_demo_stops_cleanly_on_two_quick_interrupts(cli: Callable[..., Command]) -> None:

@@ -74,6 +74,7 @@ from ._serve import (
     traced,
 )
 from ._trace_query import _TRACE_ID_RE, _BadQueryError, _parse_query
+from .config import Options
 from .endpoint import TraceEndpoint
 from .exceptions import ConfigurationError
 from .render import build_timeline
@@ -111,6 +112,19 @@ TRACING_OFF = (
     "wsgitrace: tracing is off (WSGITRACE_ENABLED or enabled=False): requests are"
     " served but not traced"
 )
+
+
+def _sinks_line(options: Options) -> str | None:
+    """Where traces go besides the buffer, said by run's and demo's banner:
+    a store or OTLP set in the shell's environment would otherwise take the
+    served traffic silently.
+    """
+    sinks = []
+    if options.store:
+        sinks.append(f"the store {options.store}")
+    if options.otlp:
+        sinks.append("OpenTelemetry (OTLP, configured by OTEL_* variables)")
+    return f"traces also go to {' and '.join(sinks)}" if sinks else None
 
 
 # -- commands -------------------------------------------------------------------
@@ -345,6 +359,8 @@ def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
         _message(err, f"wsgitrace: serving {label} traced on {base}", "bold")
         if not middleware.enabled:
             _message(err, TRACING_OFF, "bold yellow")
+        elif sinks := _sinks_line(middleware.options):
+            _message(err, sinks)
         who = "loopback clients"
         if middleware.options.allow:
             who += ", clients in " + ", ".join(str(net) for net in middleware.options.allow)
@@ -440,6 +456,8 @@ def demo(
         view.message(f"wsgitrace demo: the example app is served traced on {base}", "bold")
         if not middleware.enabled:
             view.message(TRACING_OFF, "bold yellow")
+        elif sinks := _sinks_line(middleware.options):
+            view.message(sinks, "yellow")
         view.message(
             f"sending it requests; in another terminal try  wsgitrace tail -v {url}"
             f"  (it shows trace IDs) or  wsgitrace show ID {url}   (Ctrl-C to stop)",
