@@ -90,12 +90,21 @@ def _redact_path_value(path: str, value: Any) -> str:
 
     The path is the request's bytes read as latin-1 (PEP 3333) and may still
     hold percent-escapes; the value is what the URL converter made of them.
+    A value that spans segments (``<path:secret_path>``) is cut out whole,
+    or, when its escapes differ from the path's, part by part.
     """
     text = str(value)
     if not text:
         return path
-    forms = {text, text.encode("utf-8", "surrogateescape").decode("latin-1")}
-    forms.add(quote(text, safe=""))
+    if "/" in text:
+        redacted = path
+        for form in _path_forms(text, "/"):
+            redacted = redacted.replace(form, REDACTED)
+        if redacted == path:
+            for part in text.split("/"):
+                redacted = _redact_path_value(redacted, part)
+        return redacted
+    forms = _path_forms(text, "")
     segments = path.split("/")
     for index, segment in enumerate(segments):
         if segment and (segment in forms or unquote(segment) == text):
@@ -106,6 +115,14 @@ def _redact_path_value(path: str, value: Any) -> str:
                 segment = segment.replace(form, REDACTED)
             segments[index] = segment
     return "/".join(segments)
+
+
+def _path_forms(text: str, safe: str) -> set[str]:
+    """The forms ``text`` may take in a WSGI path: as it is, as its UTF-8
+    bytes read as latin-1, and percent-escaped (keeping ``safe``).
+    """
+    latin1 = text.encode("utf-8", "surrogateescape").decode("latin-1")
+    return {text, latin1, quote(text, safe=safe)}
 
 
 def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:

@@ -1,0 +1,48 @@
+"""A secret planted in a request never leaves through a trace: each test
+plants one where a request or an app can carry it and reads the trace's
+JSON form, which every output (``/_trace``, ``tail``, ``show``, the store,
+OTLP, the pytest report) is made from.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from wsgitrace.flask import FlaskTrace
+from wsgitrace.redact import REDACTED
+from wsgitrace.trace import Trace
+
+SECRET = "s3cr3t-planted-0123"
+
+
+def get(app: Flask, path: str) -> Trace:
+    """The trace of one GET, its response closed."""
+    ext = app.extensions["wsgitrace"]
+    assert isinstance(ext, FlaskTrace)
+    response = app.test_client().get(path)
+    response.close()
+    trace = ext.buffer.last
+    assert trace is not None
+    return trace
+
+
+def test_path_converter_view_arg_is_redacted_in_the_path() -> None:
+    """``<path:secret_path>`` holds slashes: the whole value leaves the
+    path, not only a segment that happens to equal it.
+    """
+    app = Flask(__name__)
+
+    @app.route("/files/<path:secret_path>")
+    def files(secret_path: str) -> str:
+        return "ok"
+
+    FlaskTrace(app)
+    trace = get(app, f"/files/a/{SECRET}/b.txt")
+    assert trace.view_args == {"secret_path": REDACTED}
+    assert trace.path == f"/files/{REDACTED}"
+    assert SECRET not in trace.to_json()
+    assert SECRET not in repr(trace)
+    # Not ASCII: the path holds the value's UTF-8 bytes read as latin-1.
+    trace = get(app, f"/files/caf%C3%A9/{SECRET}")
+    assert trace.path == f"/files/{REDACTED}"
+    assert SECRET not in trace.to_json()
