@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flask import Flask
 
+import wsgitrace
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.redact import REDACTED
 from wsgitrace.trace import Trace
@@ -45,4 +46,25 @@ def test_path_converter_view_arg_is_redacted_in_the_path() -> None:
     # Not ASCII: the path holds the value's UTF-8 bytes read as latin-1.
     trace = get(app, f"/files/caf%C3%A9/{SECRET}")
     assert trace.path == f"/files/{REDACTED}"
+    assert SECRET not in trace.to_json()
+
+
+def test_span_attributes_under_secret_names_are_redacted() -> None:
+    """``span("login", password=...)`` keeps the attribute's name, not its
+    value; the middleware's own ``redact`` names count too.
+    """
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> str:
+        with wsgitrace.span("login", password=SECRET, user="bob"):
+            pass
+        with wsgitrace.span("sign", tenant_id=SECRET):
+            pass
+        return "ok"
+
+    FlaskTrace(app, redact=["tenant"])
+    trace = get(app, "/")
+    assert trace.find(name="login")[0].attrs == {"password": REDACTED, "user": "bob"}
+    assert trace.find(name="sign")[0].attrs == {"tenant_id": REDACTED}
     assert SECRET not in trace.to_json()

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .redact import REDACTED
 from .trace import Trace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,7 +51,8 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
     manager or a decorator (sync or async functions, or generators, timed
     while they are iterated). Outside a traced request
     it does nothing. An exception raised inside is recorded in the event's
-    ``error`` attribute and propagates unchanged.
+    ``error`` attribute and propagates unchanged. An attribute under a
+    secret-looking name (``password=...``) is recorded as ``[redacted]``.
 
     :param name: Event name (kind ``span``).
     :param attrs: Attributes stored on the event.
@@ -100,7 +102,8 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
         if trace is None:
             return
         try:
-            attrs = dict(self.attrs)
+            is_secret = trace.redactor.is_secret
+            attrs = {k: REDACTED if is_secret(k) else v for k, v in self.attrs.items()}
             if exc_type is not None:
                 attrs["error"] = exc_type.__name__
             trace.record("span", self.name, start, trace.now(), attrs)

@@ -214,6 +214,7 @@ class TraceMiddleware:
             remote_addr=environ.get("REMOTE_ADDR"),
             clock=self.clock,
             limits=self.limits,
+            redactor=self.redactor,
         )
         if self._capture_headers:
             self._capture_request_headers(environ, trace)

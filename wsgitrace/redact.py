@@ -164,3 +164,7 @@ def _unquote_key(key: str) -> str:
     from urllib.parse import unquote_plus
 
     return unquote_plus(key)
+
+
+#: The default list, for traces made without a middleware's own.
+DEFAULT_REDACTOR = Redactor()

@@ -37,6 +37,7 @@ from ._limits import format_error as format_error
 from ._limits import jsonable as jsonable
 from ._trace_json import SCHEMA_VERSION as SCHEMA_VERSION
 from ._types import Clock
+from .redact import DEFAULT_REDACTOR, Redactor
 
 #: Event kinds listed by :meth:`Trace.hooks`.
 HOOK_KINDS = frozenset(
@@ -249,6 +250,9 @@ class Trace:
     :param clock: Nanosecond clock used for every timestamp of the trace.
     :param limits: Per-trace caps.
     :param start_ns: When the request started; ``clock()`` when not given.
+    :param redactor: Decides which attributes of :func:`~wsgitrace.span`
+        events are secret (the middleware's, with its ``redact`` options);
+        the default list when not given.
     """
 
     __slots__ = (
@@ -284,6 +288,7 @@ class Trace:
         "method",
         "path",
         "query",
+        "redactor",
         "remote_addr",
         "rule",
         "session_keys",
@@ -307,6 +312,7 @@ class Trace:
         clock: Clock = time.perf_counter_ns,
         limits: TraceLimits = DEFAULT_LIMITS,
         start_ns: int | None = None,
+        redactor: Redactor = DEFAULT_REDACTOR,
     ) -> None:
         # Every slot is set here: a class with __getattr__ (for lazy
         # defaults) would make each attribute read on the request path slower.
@@ -316,6 +322,8 @@ class Trace:
         self._seq = next(_ids.counter)
         self._clock = clock
         self._limits = limits
+        #: Decides which :func:`~wsgitrace.span` attributes are redacted.
+        self.redactor = redactor
         self._live = True
         self.start_ns = clock() if start_ns is None else start_ns
         self.wall_time = time.time()
