@@ -68,3 +68,37 @@ def test_span_attributes_under_secret_names_are_redacted() -> None:
     assert trace.find(name="login")[0].attrs == {"password": REDACTED, "user": "bob"}
     assert trace.find(name="sign")[0].attrs == {"tenant_id": REDACTED}
     assert SECRET not in trace.to_json()
+
+
+def test_credentials_in_url_valued_headers_are_redacted() -> None:
+    """``https://user:password@host/`` in a ``Location`` or ``Referer``:
+    the password is a secret whatever the query holds; a user name alone
+    is often a token (``https://<token>@host/``), so it goes whole.
+    """
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> tuple[str, int, dict[str, str]]:
+        return (
+            "",
+            302,
+            {
+                "Location": f"https://deploy:{SECRET}@git.example/repo?a=1",
+                "Content-Location": f"//{SECRET}@cdn.example/x",
+            },
+        )
+
+    FlaskTrace(app)
+    response = app.test_client().get(
+        "/", headers={"Referer": f"http://bob:{SECRET}@localhost/from"}
+    )
+    response.close()
+    trace = app.extensions["wsgitrace"].buffer.last
+    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
+    assert headers["Location"] == f"https://deploy:{REDACTED}@git.example/repo?a=1"
+    assert headers["Content-Location"] == f"//{REDACTED}@cdn.example/x"
+    request_headers = dict(
+        zip(trace.request_headers[::2], trace.request_headers[1::2], strict=True)
+    )
+    assert request_headers["Referer"] == f"http://bob:{REDACTED}@localhost/from"
+    assert SECRET not in trace.to_json()

@@ -62,6 +62,9 @@ DEFAULT_PATTERNS = (
 # other servers and proxies still honour: a secret after one is redacted too.
 _SEPARATORS = re.compile("([&;])")
 
+# Where a URL's authority starts: after "scheme://" or a leading "//".
+_AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//")
+
 _MEMO_LIMIT = 4096
 # Longer names (a client's invention) are decided each time, not kept.
 _MEMO_NAME_CHARS = 256
@@ -145,8 +148,11 @@ class Redactor:
 
     def url(self, url: str) -> str:
         """Redact the values of secret-looking keys in a URL's query and
-        fragment.
+        fragment, and the credentials of its authority
+        (``https://user:[redacted]@host/``; a user name alone, which may
+        be a token, is redacted whole).
         """
+        url = _redact_userinfo(url)
         base, sep, rest = url.partition("?")
         if sep:
             query, hash_, fragment = rest.partition("#")
@@ -158,6 +164,29 @@ class Redactor:
 def _normal(name: str) -> str:
     """A name as compared: lowercase, with "_" as "-"."""
     return name.lower().replace("_", "-")
+
+
+def _redact_userinfo(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part (or the
+    whole part, when it has no password) replaced by the marker.
+    """
+    if "@" not in url:
+        return url
+    found_authority = _AUTHORITY.match(url)
+    if found_authority is None:
+        return url
+    start = found_authority.end()
+    end = len(url)
+    for stop in "/?#":
+        found = url.find(stop, start)
+        if 0 <= found < end:
+            end = found
+    at = url.rfind("@", start, end)
+    if at < 0:
+        return url
+    user, colon, _password = url[start:at].partition(":")
+    userinfo = f"{user}:{REDACTED}" if colon else REDACTED
+    return f"{url[:start]}{userinfo}{url[at:]}"
 
 
 def _unquote_key(key: str) -> str:
