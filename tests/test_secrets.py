@@ -6,9 +6,18 @@ OTLP, the pytest report) is made from.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
 from flask import Flask
 
 import wsgitrace
+from wsgitrace._serve import _EndpointFront, _serve, traced
+from wsgitrace.endpoint import TraceEndpoint
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.redact import REDACTED
 from wsgitrace.trace import Trace
@@ -102,3 +111,39 @@ def test_credentials_in_url_valued_headers_are_redacted() -> None:
     )
     assert request_headers["Referer"] == f"http://bob:{REDACTED}@localhost/from"
     assert SECRET not in trace.to_json()
+
+
+def test_run_request_log_redacts_query_and_secret_view_args(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``wsgitrace run`` logs each request line, as ``flask run`` does: the
+    secrets its traces redact are redacted there too.
+    """
+    app = Flask(__name__)
+
+    @app.route("/reset/<token>")
+    def reset(token: str) -> str:
+        return "ok"
+
+    served, middleware = traced(app)
+    endpoint = TraceEndpoint(middleware.buffer, middleware.options)
+    front = _EndpointFront(served, endpoint)
+    server = _serve(
+        front, "127.0.0.1", 0, quiet=False, prefix="/_trace", redactor=middleware.redactor
+    )
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        for path in (f"/reset/{SECRET}?page=2&api_key={SECRET}", f"/nowhere?token={SECRET}"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(base + path, timeout=10).close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "werkzeug"]
+    assert any(f"/reset/{REDACTED}?page=2&api_key={REDACTED}" in line for line in lines), lines
+    assert any(f"/nowhere?token={REDACTED}" in line for line in lines), lines
+    assert not [line for line in lines if SECRET in line]

@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import click
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from .middleware import TraceMiddleware
+    from .redact import Redactor
 
 
 class _EndpointFront:
@@ -235,9 +236,20 @@ def traced(
     return middleware, middleware
 
 
-def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: str) -> Any:
+def _serve(
+    app: WSGIApplication,
+    host: str,
+    port: int,
+    *,
+    quiet: bool,
+    prefix: str,
+    redactor: Redactor | None = None,
+) -> Any:
     """werkzeug's threaded server on ``host:port``. Raises :exc:`OSError`
     when it cannot listen there (werkzeug's own server would print and exit).
+
+    :param redactor: When given, each request logged shows its query and
+        path as its trace does, secrets redacted.
     """
     from werkzeug.serving import (
         LISTEN_QUEUE,
@@ -253,7 +265,16 @@ def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: s
             path = getattr(self, "path", "")
             if quiet or _under(urlsplit(path).path, prefix):
                 return
-            super().log_request(code, size)
+            logged = path if redactor is None else _logged_path(self, path, redactor)
+            if logged == path:
+                super().log_request(code, size)
+                return
+            # werkzeug logs self.path: the redacted one, for this line only.
+            self.path = logged
+            try:
+                super().log_request(code, size)
+            finally:
+                self.path = path
 
     family = select_address_family(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -264,6 +285,24 @@ def _serve(app: WSGIApplication, host: str, port: int, *, quiet: bool, prefix: s
         return make_server(
             host, port, app, threaded=True, request_handler=RequestHandler, fd=sock.fileno()
         )
+
+
+def _logged_path(handler: Any, path: str, redactor: Redactor) -> str:
+    """The request target ``path`` as ``run`` logs it: secret query values
+    redacted, and the path as its trace has it when a secret view argument
+    (``/reset/<token>``) was cut out of it.
+    """
+    from .redact import REDACTED
+    from .trace import Trace
+
+    base, sep, query = path.partition("?")
+    environ = getattr(handler, "environ", None)
+    trace = environ.get("wsgitrace.trace") if isinstance(environ, dict) else None
+    if isinstance(trace, Trace) and REDACTED in trace.path:
+        # The trace's path is PATH_INFO (bytes read as latin-1), unescaped.
+        raw = trace.path.encode("latin-1", "replace")
+        base = quote(raw, safe="/[]@:!$&'()*+,;=-._~")
+    return f"{base}{sep}{redactor.query(query)}" if sep else base
 
 
 def _base_url(host: str, port: int) -> str:

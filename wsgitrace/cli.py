@@ -347,7 +347,12 @@ def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
     endpoint.sinks = middleware.sinks
     try:
         server = _serve(
-            _EndpointFront(app, endpoint), host, port, quiet=False, prefix=endpoint.prefix
+            _EndpointFront(app, endpoint),
+            host,
+            port,
+            quiet=False,
+            prefix=endpoint.prefix,
+            redactor=middleware.redactor,
         )
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
