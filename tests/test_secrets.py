@@ -6,6 +6,7 @@ OTLP, the pytest report) is made from.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import threading
@@ -13,7 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 import wsgitrace
 from wsgitrace._serve import _EndpointFront, _serve, traced
@@ -147,3 +148,52 @@ def test_run_request_log_redacts_query_and_secret_view_args(
     assert any(f"/reset/{REDACTED}?page=2&api_key={REDACTED}" in line for line in lines), lines
     assert any(f"/nowhere?token={REDACTED}" in line for line in lines), lines
     assert not [line for line in lines if SECRET in line]
+
+
+def test_request_secrets_are_cut_out_of_error_and_log_messages() -> None:
+    """An error's message and traceback and a logged message are free text,
+    kept as written, except for the values the trace redacts elsewhere: a
+    view raising ``ValueError(f"bad token {token}")`` does not put the
+    token in the trace; neither does logging a password the app parsed.
+    """
+    app = Flask(__name__)
+
+    @app.route("/reset/<token>", methods=["POST"])
+    def reset(token: str) -> str:
+        app.logger.warning("reset with %s", request.form["new_password"])
+        app.logger.warning("key %s, auth %s", request.args["api_key"], request.headers["X-Auth"])
+        raise ValueError(f"bad token {token}")
+
+    FlaskTrace(app)
+    credentials = base64.b64encode(f"bob:{SECRET}-basic".encode()).decode()
+    response = app.test_client().post(
+        f"/reset/{SECRET}-view?api_key={SECRET}-query",
+        data={"new_password": f"{SECRET}-form"},
+        headers={"X-Auth": f"Bearer {SECRET}-bearer", "Authorization": f"Basic {credentials}"},
+    )
+    response.close()
+    assert response.status_code == 500
+    trace = app.extensions["wsgitrace"].buffer.last
+    assert trace.error["message"] == f"bad token {REDACTED}"
+    assert f"ValueError: bad token {REDACTED}" in trace.error["traceback"]
+    messages = [e.attrs["message"] for e in trace.find(kind="log")]
+    assert messages[:2] == [f"reset with {REDACTED}", f"key {REDACTED}, auth {REDACTED}"]
+    assert SECRET not in trace.to_json()
+
+
+def test_short_secret_values_are_not_cut_out_of_free_text() -> None:
+    """A value of a few characters would garble line numbers and counts:
+    the message keeps it (the trace's query still redacts it).
+    """
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> str:
+        raise ValueError(f"pin {request.args['pin_token']} is wrong")
+
+    FlaskTrace(app)
+    response = app.test_client().get("/?pin_token=12345")
+    response.close()
+    trace = app.extensions["wsgitrace"].buffer.last
+    assert trace.query == f"pin_token={REDACTED}"
+    assert trace.error["message"] == "pin 12345 is wrong"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import signals
 
+from ._flask_state import _scrubber
 from ._internal import report_internal_error
 from .context import _get_trace
 from .trace import HOOK_KINDS, Trace, cut, format_error
@@ -61,7 +62,9 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
                 {"exception": type(exception).__name__},
             )
             if trace.error is None:
-                trace.error = format_error(exception, _failed_kind(trace), trace.limits)
+                trace.error = format_error(
+                    exception, _failed_kind(trace), trace.limits, _scrubber(tracer.redactor)
+                )
         except Exception:
             report_internal_error("flask.got_request_exception", trace)
 
@@ -137,6 +140,7 @@ class _LogCapture(logging.Filter):
         self._clock = tracer.clock
         self._limit = limit
         self._max_string = tracer.max_string
+        self._redactor = tracer.redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
         trace = _get_trace()
@@ -147,10 +151,12 @@ class _LogCapture(logging.Filter):
                 trace.note_truncated("logs")
                 return True
             now = self._clock()
+            message = record.getMessage()
+            scrub = _scrubber(self._redactor)
             attrs = {
                 "level": record.levelname,
                 "logger": record.name,
-                "message": cut(record.getMessage(), self._max_string),
+                "message": cut(message if scrub is None else scrub(message), self._max_string),
             }
             if record.exc_info and record.exc_info[0] is not None:
                 attrs["exc_type"] = record.exc_info[0].__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,13 +83,25 @@ def jsonable(value: Any, limit: int = 1024) -> Any:
         return f"<unrepresentable {type(value).__name__}>"
 
 
-def format_error(exc: BaseException, where: str, limits: TraceLimits) -> dict[str, str]:
-    """Describe an exception for a trace: type, message, traceback, where."""
+def format_error(
+    exc: BaseException,
+    where: str,
+    limits: TraceLimits,
+    scrub: Callable[[str], str] | None = None,
+) -> dict[str, str]:
+    """Describe an exception for a trace: type, message, traceback, where.
+
+    :param scrub: Applied to the message and traceback before they are cut
+        (it replaces the request's secrets).
+    """
     try:
         message = str(exc)
     except Exception:
         message = "<str() failed>"
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if scrub is not None:
+        message = scrub(message)
+        tb = scrub(tb)
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": cut(message, limits.max_string),
