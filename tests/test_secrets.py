@@ -197,3 +197,24 @@ def test_short_secret_values_are_not_cut_out_of_free_text() -> None:
     trace = app.extensions["wsgitrace"].buffer.last
     assert trace.query == f"pin_token={REDACTED}"
     assert trace.error["message"] == "pin 12345 is wrong"
+
+
+def test_secret_path_parameters_are_redacted() -> None:
+    """``;jsessionid=...`` (a cookieless session, as Java servers add it)
+    in the request's path or a ``Location``: checked as a query's pairs are.
+    """
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> tuple[str, int, dict[str, str]]:
+        return "", 302, {"Location": f"/cart;jsessionid={SECRET};v=2?page=1"}
+
+    FlaskTrace(app)
+    trace = get(app, f"/shop;jsessionid={SECRET}/items")
+    assert trace.status_code == 404
+    assert trace.path == f"/shop;jsessionid={REDACTED}/items"
+    assert SECRET not in trace.to_json()
+    trace = get(app, "/")
+    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
+    assert headers["Location"] == f"/cart;jsessionid={REDACTED};v=2?page=1"
+    assert SECRET not in trace.to_json()

@@ -209,7 +209,8 @@ class TraceMiddleware:
         query = environ.get("QUERY_STRING")
         trace = Trace(
             environ.get("REQUEST_METHOD", "GET"),
-            path,
+            # Path parameters (/cart;jsessionid=...) are checked as a query is.
+            self.redactor.path(path) if ";" in path else path,
             query=self.redactor.query(query) if query else "",
             remote_addr=environ.get("REMOTE_ADDR"),
             clock=self.clock,

@@ -146,19 +146,32 @@ class Redactor:
                 parts[i] = f"{key}={REDACTED}"
         return "".join(parts)
 
+    def path(self, path: str) -> str:
+        """Redact the values of secret-looking path parameters
+        (``/cart;jsessionid=abc`` gives ``/cart;jsessionid=[redacted]``).
+        """
+        if ";" not in path or self._pattern is None:
+            return path
+        segments = path.split("/")
+        for index, segment in enumerate(segments):
+            head, sep, params = segment.partition(";")
+            if sep:
+                segments[index] = f"{head};{self.query(params)}"
+        return "/".join(segments)
+
     def url(self, url: str) -> str:
-        """Redact the values of secret-looking keys in a URL's query and
-        fragment, and the credentials of its authority
-        (``https://user:[redacted]@host/``; a user name alone, which may
-        be a token, is redacted whole).
+        """Redact the values of secret-looking keys in a URL's path
+        parameters, query and fragment, and the credentials of its
+        authority (``https://user:[redacted]@host/``; a user name alone,
+        which may be a token, is redacted whole).
         """
         url = _redact_userinfo(url)
         base, sep, rest = url.partition("?")
         if sep:
             query, hash_, fragment = rest.partition("#")
-            return f"{base}?{self.query(query)}{hash_}{self.query(fragment)}"
+            return f"{self.path(base)}?{self.query(query)}{hash_}{self.query(fragment)}"
         base, hash_, fragment = url.partition("#")
-        return f"{base}{hash_}{self.query(fragment)}" if hash_ else url
+        return f"{self.path(base)}{hash_}{self.query(fragment)}"
 
 
 def _normal(name: str) -> str:
