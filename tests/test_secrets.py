@@ -14,10 +14,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from click.testing import CliRunner
 from flask import Flask, request
 
 import wsgitrace
 from wsgitrace._serve import _EndpointFront, _serve, traced
+from wsgitrace.cli import main
 from wsgitrace.endpoint import TraceEndpoint
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.redact import REDACTED
@@ -218,3 +220,25 @@ def test_secret_path_parameters_are_redacted() -> None:
     headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
     assert headers["Location"] == f"/cart;jsessionid={REDACTED};v=2?page=1"
     assert SECRET not in trace.to_json()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://bob:{SECRET}@127.0.0.1:5000",
+        f"http://{SECRET}@127.0.0.1:5000/_trace",
+        f"http://127.0.0.1:5000/_trace/stream?token={SECRET}",
+        f"http://bob:{SECRET}@[::1",
+    ],
+)
+def test_cli_does_not_echo_credentials_of_a_refused_url(url: str) -> None:
+    """``tail``/``show`` refuse a URL with a user name or password (the
+    token has its own flag): the usage error names the URL, not the secret,
+    which would go on to a CI log.
+    """
+    runner = CliRunner()
+    for args in (["tail", url], ["show", "some-id", url]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for URL" in result.output
+        assert SECRET not in result.output

@@ -36,6 +36,7 @@ from ._answers import _BadAnswerError, _check_listing
 from ._trace_query import MAX_WAIT, _BadQueryError, _parse_query
 from .endpoint import _SETTLE_SECONDS, TraceEndpoint
 from .exceptions import StoreError
+from .redact import DEFAULT_REDACTOR
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 DEFAULT_PREFIX = "/_trace"
@@ -76,24 +77,26 @@ def endpoint_url(url: str) -> str:
     """
     if "://" not in url:
         url = "http://" + url
+    # Shown in messages: a password or token the URL holds is not echoed.
+    shown = DEFAULT_REDACTOR.url(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises for a port that is not a number in range
     except ValueError as exc:
-        msg = f"not a valid URL: {url!r} ({exc})"
+        msg = f"not a valid URL: {shown!r} ({exc})"
         raise click.BadParameter(msg, param_hint="URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        msg = f"not an http(s) URL: {url!r}"
+        msg = f"not an http(s) URL: {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
     if "@" in parts.netloc:
-        msg = f"a user name or password in the URL is not supported (use --token): {url!r}"
+        msg = f"a user name or password in the URL is not supported (use --token): {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
     if any(c.isspace() or not c.isprintable() for c in url):
-        msg = f"the URL contains spaces or control characters: {url!r}"
+        msg = f"the URL contains spaces or control characters: {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
     path = parts.path.rstrip("/") or DEFAULT_PREFIX
     if path.endswith("/stream"):
-        msg = f"give the endpoint's URL (such as {DEFAULT_PREFIX}), not its stream: {url!r}"
+        msg = f"give the endpoint's URL (such as {DEFAULT_PREFIX}), not its stream: {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
