@@ -12,18 +12,24 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner
 from flask import Flask, request
+from werkzeug.test import Client
 
 import wsgitrace
+from wsgitrace import TraceMiddleware
 from wsgitrace._serve import _EndpointFront, _serve, traced
 from wsgitrace.cli import main
 from wsgitrace.endpoint import TraceEndpoint
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.redact import REDACTED
 from wsgitrace.trace import Trace
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 SECRET = "s3cr3t-planted-0123"
 
@@ -242,3 +248,24 @@ def test_cli_does_not_echo_credentials_of_a_refused_url(url: str) -> None:
         assert result.exit_code == 2, result.output
         assert "Invalid value for URL" in result.output
         assert SECRET not in result.output
+
+
+def test_plain_wsgi_app_error_keeps_no_request_secret() -> None:
+    """Not only Flask: a plain WSGI app's error that repeats a secret
+    query value or header loses it in the trace.
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        token = environ["QUERY_STRING"].partition("=")[2]
+        raise RuntimeError(f"token {token} refused for {environ['HTTP_AUTHORIZATION']}")
+
+    middleware = TraceMiddleware(app)
+    with pytest.raises(RuntimeError):
+        Client(middleware).get(
+            f"/?access_token={SECRET}-q", headers={"Authorization": f"Bearer {SECRET}-h"}
+        )
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.error is not None
+    assert trace.error["message"] == f"token {REDACTED} refused for {REDACTED}"
+    assert SECRET not in trace.to_json()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 from ._internal import report_internal_error
 from .context import _reset_trace, _set_trace
+from .redact import scrubber
 from .trace import (
     _LAYOUT_LOCK,
     APP_END,
@@ -193,10 +194,14 @@ class _TracedBody:
 
     # -- the app call -------------------------------------------------------
 
-    def app_raised(self, exc: BaseException) -> None:
+    def app_raised(self, exc: BaseException, environ: WSGIEnvironment) -> None:
         try:
             trace = self.trace
             now = trace._times[APP_END] = trace._clock()
+            if trace.error is None:
+                # The request's secrets are cut out of the message and traceback.
+                scrub = scrubber(trace.redactor.request_secrets(environ))
+                trace.error = format_error(exc, "app", trace.limits, scrub)
             self._error(exc, "app", now)
             self._middleware.publish(trace)
             self._finish(now)

@@ -15,19 +15,16 @@ once, cut, and never fails.
 
 from __future__ import annotations
 
-import binascii
-import re
 import reprlib
-from base64 import b64decode
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import quote, unquote
 
 from flask.globals import _cv_app, _cv_request
 
 from ._internal import report_internal_error
-from .redact import REDACTED, Redactor
+from .redact import REDACTED, Redactor, scrubber
 from .trace import EventKey, Trace, cut
 
 if TYPE_CHECKING:
@@ -157,19 +154,13 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
         report_internal_error("flask.session", trace)
 
 
-#: Shorter secret values are not cut out of free text: replacing every
-#: "1234" would garble line numbers and counts more than it hides.
-_MIN_SCRUBBED = 6
-_PAIR_SEPARATORS = re.compile("[&;]")
-
-
 def _scrubber(redactor: Redactor) -> Callable[[str], str] | None:
     """A function that replaces, in free text (an error's message and
     traceback, a log message), the values of the current request that its
     trace redacts: secret view arguments, query values, headers (and the
-    credentials inside ``Bearer``/``Basic`` values and cookies), fields of a
-    form the app parsed, and session values. ``None`` when there are none
-    (or they could not be read, which is reported).
+    credentials inside them), fields of a form the app parsed, and session
+    values. ``None`` when there are none (or they could not be read, which
+    is reported).
     """
     try:
         return _make_scrubber(redactor)
@@ -184,20 +175,10 @@ def _make_scrubber(redactor: Redactor) -> Callable[[str], str] | None:
         return None
     is_secret = redactor.is_secret
     req = ctx.request
-    found: set[str] = set()
+    found = redactor.request_secrets(req.environ)
     for name, value in (req.view_args or {}).items():
         if is_secret(str(name)):
             found.add(str(value))
-    environ = req.environ
-    query = environ.get("QUERY_STRING")
-    if query and type(query) is str:
-        for pair in _PAIR_SEPARATORS.split(query):
-            key, sep, value = pair.partition("=")
-            if sep and is_secret(unquote_plus(key)):
-                found.update((value, unquote_plus(value)))
-    for key, value in environ.items():
-        if key.startswith("HTTP_") and type(value) is str and is_secret(key[5:]):
-            found.update(_header_secrets(value))
     # Only a form the app parsed: the tracer never reads wsgi.input.
     form = vars(req).get("form")
     if form is not None:
@@ -205,36 +186,7 @@ def _make_scrubber(redactor: Redactor) -> Callable[[str], str] | None:
     session = getattr(ctx, "_session", None) or vars(ctx).get("session")
     if session:
         found.update(str(v) for k, v in dict.items(session) if is_secret(str(k)))
-    secrets = sorted((v for v in found if len(v) >= _MIN_SCRUBBED), key=len, reverse=True)
-    if not secrets:
-        return None
-
-    def scrub(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-    return scrub
-
-
-def _header_secrets(value: str) -> Iterable[str]:
-    """A secret header's value, and the credentials it may hold: the
-    token of ``Bearer <token>``, the password of a ``Basic`` one, cookie
-    values.
-    """
-    yield value
-    scheme, _, credentials = value.strip().partition(" ")
-    credentials = credentials.strip()
-    yield credentials
-    if scheme.lower() == "basic":
-        try:
-            password = b64decode(credentials, validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            pass
-        else:
-            yield password
-    for part in value.split(";"):
-        yield part.partition("=")[2].strip()
+    return scrubber(found)
 
 
 def _snapshot_g(tracer: _AppTracer, trace: Trace) -> None:

@@ -191,7 +191,7 @@ class TraceMiddleware:
             app_iter = app(environ, body.start_response)
         except BaseException as exc:
             _reset_trace(token)
-            body.app_raised(exc)
+            body.app_raised(exc, environ)
             raise
         _reset_trace(token)
         return body.app_returned(app_iter, environ)

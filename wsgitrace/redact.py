@@ -15,8 +15,11 @@ lookup per header.
 
 from __future__ import annotations
 
+import binascii
 import re
-from collections.abc import Iterable
+from base64 import b64decode
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from .exceptions import ConfigurationError
 
@@ -172,6 +175,66 @@ class Redactor:
             return f"{self.path(base)}?{self.query(query)}{hash_}{self.query(fragment)}"
         base, hash_, fragment = url.partition("#")
         return f"{self.path(base)}{hash_}{self.query(fragment)}"
+
+    def request_secrets(self, environ: Mapping[str, Any]) -> set[str]:
+        """The values of a request that a trace redacts, to cut out of
+        free text: secret query values and headers (with the token of
+        ``Bearer <token>``, the password of a ``Basic`` one and cookie
+        values).
+        """
+        found: set[str] = set()
+        query = environ.get("QUERY_STRING")
+        if query and type(query) is str:
+            for pair in _SEPARATORS.split(query)[::2]:
+                key, sep, value = pair.partition("=")
+                if sep and self.is_secret(_unquote_key(key)):
+                    found.update((value, _unquote_key(value)))
+        for key, value in environ.items():
+            if key.startswith("HTTP_") and type(value) is str and self.is_secret(key[5:]):
+                found.update(_header_secrets(value))
+        return found
+
+
+#: Shorter secret values are not cut out of free text: replacing every
+#: "1234" would garble line numbers and counts more than it hides.
+MIN_SCRUBBED = 6
+
+
+def scrubber(secrets: Iterable[str]) -> Callable[[str], str] | None:
+    """A function that replaces each of ``secrets`` (of :data:`MIN_SCRUBBED`
+    characters or more) in a text by the marker, or ``None`` when there are
+    none to replace.
+    """
+    ordered = sorted({s for s in secrets if len(s) >= MIN_SCRUBBED}, key=len, reverse=True)
+    if not ordered:
+        return None
+
+    def scrub(text: str) -> str:
+        for secret in ordered:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    return scrub
+
+
+def _header_secrets(value: str) -> Iterable[str]:
+    """A secret header's value, and the credentials it may hold: the
+    token of ``Bearer <token>``, the password of a ``Basic`` one, cookie
+    values.
+    """
+    yield value
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip()
+    yield credentials
+    if scheme.lower() == "basic":
+        try:
+            password = b64decode(credentials, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+        else:
+            yield password
+    for part in value.split(";"):
+        yield part.partition("=")[2].strip()
 
 
 def _normal(name: str) -> str:
