@@ -35,7 +35,10 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from wsgitrace import TraceMiddleware
 from wsgitrace._client import endpoint_url
+from wsgitrace._run_options import given_options
 from wsgitrace._serve import DEMO_ROUND
+from wsgitrace.cli import run
+from wsgitrace.config import resolve_options
 from wsgitrace.demo_app import create_app
 from wsgitrace.flask import FlaskTrace
 
@@ -1216,6 +1219,25 @@ def test_run_refuses_bad_flags_before_loading_the_app(
     assert result.returncode == 2
     assert message in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_run_flags_resolve_as_their_environment_variables_do() -> None:
+    """Each flag's value resolves to what the same text in its WSGITRACE_*
+    variable gives: a network for --allow, and "no store" for --store ''
+    (which must still beat WSGITRACE_STORE, as a keyword does).
+    """
+    args = ["app:app", "--allow", "10.0.0.0/8,::1", "--store", "", "--exclude", ""]
+    with run.make_context("run", args) as ctx:
+        options = given_options(ctx.params)
+    environ = {"WSGITRACE_STORE": "traces.db", "WSGITRACE_EXCLUDE": "/health"}
+    resolved = resolve_options(options, None, environ)
+    assert resolved == resolve_options(
+        {},
+        None,
+        {"WSGITRACE_ALLOW": "10.0.0.0/8,::1", "WSGITRACE_STORE": "", "WSGITRACE_EXCLUDE": ""},
+    )
+    assert [str(net) for net in resolved.allow] == ["10.0.0.0/8", "::1/128"]
+    assert resolved.store is None
 
 
 def test_run_flags_cannot_apply_to_an_app_that_traces_itself(tmp_path: Path) -> None:

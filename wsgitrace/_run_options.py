@@ -74,10 +74,19 @@ class _OptionValue(click.ParamType):  # type: ignore[type-arg]
         self.name = option.upper()
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Check ``value`` with the option's parser and return it as typed.
+
+        The text, not the parsed value, is what the keyword gets: the
+        keyword is parsed again, and some parsers do not take their own
+        results (``allow``'s networks), while others turn a value into
+        ``None`` (``--store ''``), which would read as "not given" and let
+        the environment win.
+        """
         try:
-            return OPTION_SPECS[self.option].parse(value)
+            OPTION_SPECS[self.option].parse(value)
         except (TypeError, ValueError) as exc:
             self.fail(str(exc), param, ctx)
+        return value
 
 
 def with_run_flags(func: Callable[..., Any]) -> Callable[..., Any]:
