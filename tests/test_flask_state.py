@@ -523,6 +523,32 @@ def test_secret_looking_view_args_are_redacted_in_view_args_and_path() -> None:
     assert "w0rd" not in trace.to_json()
 
 
+def test_secret_view_args_spanning_segments_or_a_cut_path_are_redacted() -> None:
+    """A ``path`` converter's secret spans segments, and a path cut at
+    ``max_string`` may end in the first part of a secret: neither is kept.
+    """
+    app = Flask(__name__)
+
+    @app.route("/files/<path:secret_path>")
+    def files(secret_path: str) -> str:
+        return secret_path
+
+    @app.route("/reset/<token>")
+    def reset(token: str) -> str:
+        return token
+
+    ext = FlaskTrace(app, max_string=40)
+    assert fetch(app, "/files/hidden/s3cr3t/plans.txt")[2] == b"hidden/s3cr3t/plans.txt"
+    trace = last(ext)
+    assert trace.view_args == {"secret_path": REDACTED}
+    assert trace.path == f"/files/{REDACTED}"
+    token = "s3cr3t" + "x" * 60
+    assert fetch(app, "/reset/" + token)[2] == token.encode()
+    trace = last(ext)
+    assert trace.path == f"/reset/{REDACTED}{TRUNCATION_MARKER}"
+    assert "s3cr3t" not in trace.to_json()
+
+
 def test_view_args_keep_no_app_objects_and_are_capped() -> None:
     """An object a converter made is kept as its repr (taken once, during
     the request), not referenced; text is cut to max_string.

@@ -15,6 +15,7 @@ once, cut, and never fails.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from flask.globals import _cv_app, _cv_request
 
 from ._internal import report_internal_error
 from .redact import REDACTED, Redactor, scrubber
-from .trace import EventKey, Trace, cut
+from .trace import TRUNCATION_MARKER, EventKey, Trace, cut
 
 if TYPE_CHECKING:
     from ._flask_recorder import _AppTracer
@@ -92,21 +93,25 @@ def _redact_path_value(path: str, value: Any) -> str:
 
     The path is the request's bytes read as latin-1 (PEP 3333) and may still
     hold percent-escapes; the value is what the URL converter made of them.
-    A value that spans segments (``<path:secret_path>``) is cut out whole,
-    or, when its escapes differ from the path's, part by part.
+    A ``path`` converter's value spans segments, and a path cut at
+    ``max_string`` may end in the first part of the value: both are redacted
+    too.
     """
     text = str(value)
     if not text:
         return path
-    if "/" in text:
-        redacted = path
-        for form in _path_forms(text, "/"):
-            redacted = redacted.replace(form, REDACTED)
-        if redacted == path:
-            for part in text.split("/"):
-                redacted = _redact_path_value(redacted, part)
-        return redacted
-    forms = _path_forms(text, "")
+    marker = ""
+    if path.endswith(TRUNCATION_MARKER):
+        path, marker = path[: -len(TRUNCATION_MARKER)], TRUNCATION_MARKER
+    forms = {text, text.encode("utf-8", "surrogateescape").decode("latin-1")}
+    forms.add(quote(text, safe=""))
+    for form in forms:
+        if "/" in form:
+            # /files/<path:secret>: whole segments, or anywhere when long.
+            pattern = re.escape(form)
+            if len(text) < 6:
+                pattern = f"(?<=/){pattern}(?=/|\\Z)"
+            path = re.sub(pattern, lambda _: REDACTED, path)
     segments = path.split("/")
     for index, segment in enumerate(segments):
         if segment and (segment in forms or unquote(segment) == text):
@@ -116,15 +121,25 @@ def _redact_path_value(path: str, value: Any) -> str:
             for form in forms:
                 segment = segment.replace(form, REDACTED)
             segments[index] = segment
-    return "/".join(segments)
+    path = "/".join(segments)
+    if marker:
+        path = _redact_cut_value(path, forms, len(text) >= 6)
+    return path + marker
 
 
-def _path_forms(text: str, safe: str) -> set[str]:
-    """The forms ``text`` may take in a WSGI path: as it is, as its UTF-8
-    bytes read as latin-1, and percent-escaped (keeping ``safe``).
+def _redact_cut_value(path: str, forms: set[str], inside: bool) -> str:
+    """``path``, cut at ``max_string``, with its end redacted when it is the
+    start of one of ``forms``: at the start of a segment, or anywhere in one
+    when ``inside`` (a value long enough to be looked for inside segments).
     """
-    latin1 = text.encode("utf-8", "surrogateescape").decode("latin-1")
-    return {text, latin1, quote(text, safe=safe)}
+    longest = 0
+    for form in forms:
+        for size in range(min(len(form) - 1, len(path)), longest, -1):
+            head = path[: len(path) - size]
+            if path.endswith(form[:size]) and (inside or head.endswith("/")):
+                longest = size
+                break
+    return path[: len(path) - longest] + REDACTED if longest else path
 
 
 def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
