@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from collections import deque
 from typing import Any
 
 import pytest
@@ -213,6 +214,31 @@ class TestG:
         assert all(len(value) <= 200 + len(TRUNCATION_MARKER) for value in snapshot.values())
         # No repr of anything near the values' full size was built.
         assert max(whole_reprs, default=0) < 10_000
+
+    def test_small_builtin_values_keep_their_own_repr(self) -> None:
+        """Only a big container is shown in reprlib's bounded form: a small
+        one is shown as ``repr`` shows it, in insertion order, every level
+        deep, with a deque's maxlen and a self-reference as ``[...]``.
+        """
+        app = Flask(__name__)
+        loop: list[Any] = [1]
+        loop.append(loop)
+        values: dict[str, Any] = {
+            "order": {"zeta": 1, "alpha": 2},
+            "deep": {"a": {"b": {"c": {"d": [1]}}}},
+            "window": deque([1, 2], maxlen=5),
+            "loop": loop,
+        }
+
+        @app.route("/")
+        def index() -> str:
+            for name, value in values.items():
+                setattr(g, name, value)
+            return "ok"
+
+        ext = FlaskTrace(app)
+        assert fetch(app)[0] == "200 OK"
+        assert last(ext).g == {name: repr(value) for name, value in values.items()}
 
     def test_keys_added_to_an_empty_g_on_every_request(self) -> None:
         """A hook that adds the same key to an empty g on each request shows

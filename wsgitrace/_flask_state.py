@@ -237,10 +237,10 @@ def _view_arg(value: Any, limit: int) -> Any:
     return _safe_repr(value, limit)
 
 
-#: Built-in containers, whose repr grows with their contents: shown through
-#: :mod:`reprlib`, which stops early (bytes are sliced first), so that
-#: ``g.rows = list(range(10**7))`` costs a bounded repr at teardown, not a
-#: string of tens of megabytes.
+#: Built-in containers, whose repr grows with their contents: a big one is
+#: shown through :mod:`reprlib`, which stops early (bytes are sliced first),
+#: so that ``g.rows = list(range(10**7))`` costs a bounded repr at teardown,
+#: not a string of tens of megabytes; a small one keeps its own repr.
 _BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
 
 
@@ -251,12 +251,51 @@ def _safe_repr(value: Any, limit: int) -> str:
             # reprlib would build the whole repr and then cut it.
             text = repr(value[: limit + 1])
         elif kind in _BOUNDED_TYPES:
-            text = _bounded_repr(limit).repr(value)
+            text = repr(value) if _fits(value, limit) else _bounded_repr(limit).repr(value)
         else:
             text = repr(value)
     except Exception as exc:
         text = f"<repr failed: {type(exc).__name__}>"
     return cut(text, limit)
+
+
+def _fits(value: Any, limit: int) -> bool:
+    """Whether a built-in container is small enough for its own ``repr``:
+    about ``limit`` elements and characters in all, counted without calling
+    any code of the app's and stopping as soon as there are more.
+
+    Small values keep the ``repr`` users know (a dict in insertion order,
+    every level of a nested one, a deque's ``maxlen``), which :mod:`reprlib`
+    does not give; only big ones need its bounded form.
+    """
+    budget = limit
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _BOUNDED_TYPES:
+            if id(item) in seen:
+                continue  # a container holding itself: repr shows [...]
+            seen.add(id(item))
+            budget -= len(item) + 1
+            if budget < 0:
+                return False
+            if kind is dict:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+            continue
+        if kind is str or kind is bytes or kind is bytearray:
+            budget -= len(item)
+        elif kind is int:
+            budget -= item.bit_length() // 3 + 1
+        else:
+            budget -= 1
+        if budget < 0:
+            return False
+    return True
 
 
 def _bounded_repr(limit: int) -> reprlib.Repr:
