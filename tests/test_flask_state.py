@@ -215,6 +215,41 @@ class TestG:
         # No repr of anything near the values' full size was built.
         assert max(whole_reprs, default=0) < 10_000
 
+    def test_a_wide_nested_value_costs_about_max_string(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """32 elements on each of three levels are 32,768 strings: the
+        bounded repr stops once it has shown max_string characters, rather
+        than build each of them and cut the whole.
+        """
+        app = Flask(__name__)
+        wide = [[["s3cr3t" * 40] * 32] * 32] * 32
+
+        @app.route("/")
+        def index() -> str:
+            g.wide = wide
+            return "ok"
+
+        ext = FlaskTrace(app, max_string=200)
+        reprs: list[int] = []
+        real_repr = builtins.repr
+
+        def watching_repr(value: object) -> str:
+            text = real_repr(value)
+            reprs.append(len(text))
+            return text
+
+        monkeypatch.setattr(builtins, "repr", watching_repr)
+        try:
+            assert fetch(app)[0] == "200 OK"
+        finally:
+            monkeypatch.undo()
+        snapshot = last(ext).g
+        assert snapshot is not None
+        assert snapshot["wide"].startswith("[[['s3cr3ts3cr3t")
+        assert len(snapshot["wide"]) <= 200 + len(TRUNCATION_MARKER)
+        assert sum(reprs) < 20 * 200
+
     def test_small_builtin_values_keep_their_own_repr(self) -> None:
         """Only a big container is shown in reprlib's bounded form: a small
         one is shown as ``repr`` shows it, in insertion order, every level

@@ -300,14 +300,36 @@ def _fits(value: Any, limit: int) -> bool:
 
 def _bounded_repr(limit: int) -> reprlib.Repr:
     """A :class:`reprlib.Repr` that shows at most ``limit`` characters of
-    any element and a few dozen elements of any container, three levels deep.
+    any element and a few dozen elements of any container, three levels
+    deep, and stops once it has shown about ``limit`` characters in all.
     """
-    bounded = reprlib.Repr()
+    bounded = _BudgetRepr(limit)
     bounded.maxlevel = 3
     bounded.maxlist = bounded.maxtuple = bounded.maxdict = 32
     bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = 32
     bounded.maxstring = bounded.maxlong = bounded.maxother = limit
     return bounded
+
+
+class _BudgetRepr(reprlib.Repr):
+    """A :class:`reprlib.Repr` that shows ``...`` for every element after
+    its first ``budget`` characters: the text is cut there anyway, and 32
+    elements on each of three levels, each up to ``max_string`` characters,
+    would otherwise still be tens of megabytes.
+    """
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.left = budget
+
+    def repr1(self, x: Any, level: int) -> str:
+        if self.left <= 0:
+            return "..."
+        text = super().repr1(x, level)
+        if type(x) not in _BOUNDED_TYPES:
+            # A container's elements have been counted already.
+            self.left -= len(text) + 2
+        return text
 
 
 def _g_changes(
