@@ -574,6 +574,46 @@ def test_an_unhandled_error_says_which_kind_of_hook_raised_it(
     assert (trace.error["type"], trace.error["where"]) == ("builtins.LookupError", fail)
 
 
+def test_an_error_no_hook_raised_is_not_blamed_on_a_hook_that_raised_another(
+    step_clock: StepClock,
+) -> None:
+    """A before_request that aborts (401, answered by Flask) records an
+    error; a later unhandled exception from outside any hook (here a
+    request_finished receiver) is not reported as raised by that hook.
+    """
+    receivers: list[Callable[..., None]] = []
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.before_request
+        def require_login() -> None:
+            abort(401)
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        def broken_receiver(sender: Flask, **_: Any) -> None:
+            raise RuntimeError("receiver")
+
+        receivers.append(broken_receiver)
+        signals.request_finished.connect(broken_receiver, app)
+        return app
+
+    pair = Pair(factory, step_clock)
+    try:
+        (status, _, _), trace = pair.both("/")
+    finally:
+        for receiver in receivers:
+            signals.request_finished.disconnect(receiver)
+    assert status == "500 INTERNAL SERVER ERROR"
+    assert trace.hooks() == ["before_request:require_login"]
+    assert trace.error is not None
+    assert trace.error["type"] == "builtins.RuntimeError"
+    assert trace.error["where"] != "before_request"
+
+
 def test_hook_that_raises(step_clock: StepClock) -> None:
     """A before_request that raises: marked ``error``, the view is skipped,
     the app's error handler answers.

@@ -32,13 +32,19 @@ if TYPE_CHECKING:
 _MAX_PENDING_TEMPLATES = 256
 
 
-def _failed_kind(trace: Trace) -> str:
+def _failed_kind(trace: Trace, exception: BaseException) -> str:
     """Where an unhandled exception came from: the kind of the newest hook
-    event that records an error (``before_request``, ``errorhandler``, ...),
-    as the request's own thread recorded it, else ``view``.
+    event that records it as its error (``before_request``,
+    ``errorhandler``, ...), as the request's own thread recorded it, else
+    ``view``.
+
+    A hook's error of another type is not this one: a ``before_request``
+    that aborted with a 401 Flask answered did not raise an exception that
+    came later from outside any hook.
     """
+    name = type(exception).__name__
     for kind, _name, attrs in reversed(trace._keys[-16:]):
-        if attrs and "error" in attrs and kind in HOOK_KINDS:
+        if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
             return kind
     return "view"
 
@@ -63,7 +69,10 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             )
             if trace.error is None:
                 trace.error = format_error(
-                    exception, _failed_kind(trace), trace.limits, _scrubber(tracer.redactor)
+                    exception,
+                    _failed_kind(trace, exception),
+                    trace.limits,
+                    _scrubber(tracer.redactor),
                 )
         except Exception:
             report_internal_error("flask.got_request_exception", trace)
