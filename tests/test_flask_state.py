@@ -610,6 +610,43 @@ def test_secret_view_args_spanning_segments_or_a_cut_path_are_redacted() -> None
     assert "s3cr3t" not in trace.to_json()
 
 
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("/u/9B2E4C1A-0000-4000-8000-00000000ABCD/edit", f"/u/{REDACTED}/edit"),
+        ("/pin/0042", f"/pin/{REDACTED}"),
+        ("/keys/abc.json", f"/keys/{REDACTED}.json"),
+        ("/keys/%FFs3%FF.json", f"/keys/{REDACTED}.json"),
+    ],
+)
+def test_a_secret_view_arg_is_redacted_whatever_its_text_in_the_path(path: str, kept: str) -> None:
+    """The path segment where the rule puts a secret-looking argument is
+    redacted even when its text is not the value's: an upper-case UUID,
+    ``0042`` for 42, a short token beside static text, bytes that are not
+    UTF-8.
+    """
+    app = Flask(__name__)
+
+    @app.route("/u/<uuid:token>/edit")
+    def edit(token: object) -> str:
+        return "ok"
+
+    @app.route("/pin/<int:pin_key>")
+    def pin(pin_key: int) -> str:
+        return "ok"
+
+    @app.route("/keys/<api_key>.json")
+    def key(api_key: str) -> str:
+        return "ok"
+
+    ext = FlaskTrace(app)
+    assert fetch(app, path)[0] == "200 OK"
+    trace = last(ext)
+    assert trace.view_args is not None
+    assert list(trace.view_args.values()) == [REDACTED]
+    assert trace.path == kept
+
+
 def test_view_args_keep_no_app_objects_and_are_capped() -> None:
     """An object a converter made is kept as its repr (taken once, during
     the request), not referenced; text is cut to max_string.

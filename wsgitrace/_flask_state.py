@@ -74,17 +74,97 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             limit = tracer.max_string
             is_secret = tracer.redactor.is_secret
             view_args: dict[str, Any] = {}
+            secrets: list[Any] = []
             for name, value in req.view_args.items():
                 if is_secret(name):
-                    # /reset/<token>: the value is in the path too.
                     view_args[name] = REDACTED
-                    trace.path = _redact_path_value(trace.path, value)
+                    secrets.append(name)
                 else:
                     view_args[name] = _view_arg(value, limit)
+            if secrets:
+                # /reset/<token>: the value is in the path too.
+                if rule is not None:
+                    trace.path = _redact_rule_segments(trace.path, rule, secrets)
+                for name in secrets:
+                    trace.path = _redact_path_value(trace.path, req.view_args[name])
             trace.view_args = view_args
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
         report_internal_error("flask.url_match", trace)
+
+
+#: A variable of a URL rule, ``<name>`` or ``<converter(args):name>``.
+_VARIABLE_RE = re.compile(r"<(?:[^<>]*:)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def _redact_rule_segments(path: str, rule: Any, names: list[str]) -> str:
+    """``path`` with the segments where ``rule`` puts a variable of
+    ``names`` replaced by the redaction marker (static text around the
+    variable in its segment, ``<token>.json``, is kept).
+
+    Found by position, so whatever a converter accepted there goes, not
+    only the text of its value: ``0042`` for ``<int:pin_key>`` 42, an
+    upper-case UUID, bytes that are not UTF-8. A rule with more than one
+    variable spanning segments (``path``), or a path of another shape, is
+    left to :func:`_redact_path_value`.
+    """
+    marker = ""
+    if path.endswith(TRUNCATION_MARKER):
+        path, marker = path[: -len(TRUNCATION_MARKER)], TRUNCATION_MARKER
+    pattern = rule.rule.split("/")
+    segments = path.split("/")
+    converters = getattr(rule, "_converters", {})
+    spanning = [
+        index
+        for index, part in enumerate(pattern)
+        if any(
+            not getattr(converters.get(v), "part_isolating", True)
+            for v in _VARIABLE_RE.findall(part)
+        )
+    ]
+    # Each of the rule's segments: the path segments it matched, [start, end).
+    spans: list[tuple[int, int]] = []
+    if not spanning:
+        if len(segments) != len(pattern) and not marker:
+            return path + marker
+        spans = [(index, index + 1) for index in range(len(pattern))]
+    elif len(spanning) == 1:
+        first = spanning[0]
+        spans = [(index, index + 1) for index in range(first)]
+        if marker:
+            # Cut: the end of the path is no longer where the rule's is.
+            spans.append((first, len(segments)))
+        else:
+            after = len(pattern) - first - 1
+            if len(segments) - after <= first:
+                return path + marker
+            spans.append((first, len(segments) - after))
+            spans.extend(
+                (len(segments) - after + i, len(segments) - after + i + 1) for i in range(after)
+            )
+    else:
+        return path + marker
+    out: list[str] = []
+    done = 0
+    for part, (start, end) in zip(pattern, spans, strict=False):
+        if start >= len(segments):
+            break
+        out.extend(segments[done:start])
+        done = min(end, len(segments))
+        held = "/".join(segments[start:done])
+        found = _VARIABLE_RE.findall(part)
+        if not any(name in names for name in found):
+            out.append(held)
+            continue
+        head, _, tail = part.partition("<")
+        tail = tail.partition(">")[2]
+        if len(found) == 1 and held.startswith(head) and held.endswith(tail):
+            held = head + REDACTED + tail if len(head) + len(tail) <= len(held) else REDACTED
+        else:
+            held = REDACTED
+        out.append(held)
+    out.extend(segments[done:])
+    return "/".join(out) + marker
 
 
 def _redact_path_value(path: str, value: Any) -> str:
