@@ -215,6 +215,39 @@ class TestG:
         # No repr of anything near the values' full size was built.
         assert max(whole_reprs, default=0) < 10_000
 
+    def test_a_long_string_is_sliced_before_its_repr(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A request body read into ``g`` as text costs a repr of
+        max_string characters at teardown, as bytes do, not a copy of it.
+        """
+        app = Flask(__name__)
+        text = "y" * 100_000
+
+        @app.route("/")
+        def index() -> str:
+            g.text = text
+            g.short = "it's"
+            return "ok"
+
+        ext = FlaskTrace(app, max_string=200)
+        reprs: list[int] = []
+        real_repr = builtins.repr
+
+        def watching_repr(value: object) -> str:
+            result = real_repr(value)
+            reprs.append(len(result))
+            return result
+
+        monkeypatch.setattr(builtins, "repr", watching_repr)
+        try:
+            assert fetch(app)[0] == "200 OK"
+        finally:
+            monkeypatch.undo()
+        assert last(ext).g == {
+            "text": "'" + "y" * 199 + TRUNCATION_MARKER,
+            "short": repr("it's"),
+        }
+        assert max(reprs) < 1_000
+
     def test_a_wide_nested_value_costs_about_max_string(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

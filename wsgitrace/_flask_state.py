@@ -318,8 +318,8 @@ def _view_arg(value: Any, limit: int) -> Any:
 
 
 #: Built-in containers, whose repr grows with their contents: a big one is
-#: shown through :mod:`reprlib`, which stops early (bytes are sliced first),
-#: so that ``g.rows = list(range(10**7))`` costs a bounded repr at teardown,
+#: shown through :mod:`reprlib`, which stops early (text and bytes are
+#: sliced first), so that ``g.rows = list(range(10**7))`` costs a bounded repr at teardown,
 #: not a string of tens of megabytes; a small one keeps its own repr.
 _BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
 
@@ -327,8 +327,9 @@ _BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
 def _safe_repr(value: Any, limit: int) -> str:
     try:
         kind = type(value)
-        if kind is bytes or kind is bytearray:
-            # reprlib would build the whole repr and then cut it.
+        if kind is str or kind is bytes or kind is bytearray:
+            # Only what is kept: the whole repr of a request body read
+            # into g would be a copy of it at every teardown.
             text = repr(value[: limit + 1])
         elif kind in _BOUNDED_TYPES:
             text = repr(value) if _fits(value, limit) else _bounded_repr(limit).repr(value)
