@@ -733,6 +733,24 @@ def logging_app() -> Flask:
 
 
 class TestLogCapture:
+    def test_flasks_error_log_does_not_repeat_a_secret_in_the_path(self) -> None:
+        """Flask logs ``Exception on <path> [GET]`` for an unhandled error: a
+        secret view argument redacted from the trace's path is redacted
+        from that record's message too.
+        """
+        app = Flask(__name__)
+
+        @app.route("/reset/<token>")
+        def reset(token: str) -> str:
+            raise RuntimeError("boom")
+
+        ext = FlaskTrace(app)
+        assert fetch(app, "/reset/s3cr3t-reset-token")[0] == "500 INTERNAL SERVER ERROR"
+        trace = last(ext)
+        [event] = trace.find(kind="log")
+        assert event.attrs["message"] == f"Exception on /reset/{REDACTED} [GET]"
+        assert "s3cr3t" not in trace.to_json()
+
     def test_app_logger_records_become_log_events(self) -> None:
         """A warning logged by a view is on its trace, message formatted."""
         app = logging_app()

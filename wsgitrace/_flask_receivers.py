@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import signals
 
-from ._flask_state import _scrubber
+from ._flask_state import _scrubber, redact_request_path
 from ._internal import report_internal_error
 from .context import _get_trace
 from .trace import HOOK_KINDS, Trace, cut, format_error
@@ -150,6 +150,7 @@ class _LogCapture(logging.Filter):
         self._limit = limit
         self._max_string = tracer.max_string
         self._redactor = tracer.redactor
+        self._is_secret = tracer.redactor.is_secret
 
     def filter(self, record: logging.LogRecord) -> bool:
         trace = _get_trace()
@@ -165,7 +166,12 @@ class _LogCapture(logging.Filter):
             attrs = {
                 "level": record.levelname,
                 "logger": record.name,
-                "message": cut(message if scrub is None else scrub(message), self._max_string),
+                "message": cut(
+                    redact_request_path(
+                        message if scrub is None else scrub(message), self._is_secret
+                    ),
+                    self._max_string,
+                ),
             }
             if record.exc_info and record.exc_info[0] is not None:
                 attrs["exc_type"] = record.exc_info[0].__name__

@@ -29,6 +29,8 @@ from .redact import REDACTED, Redactor, scrubber
 from .trace import TRUNCATION_MARKER, EventKey, Trace, cut
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._flask_recorder import _AppTracer
 
 _MISSING = object()
@@ -91,6 +93,30 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
         report_internal_error("flask.url_match", trace)
+
+
+def redact_request_path(message: str, is_secret: Callable[[str], bool]) -> str:
+    """``message`` with the current request's path redacted as the trace's
+    is, when a view argument under a secret-looking name is in it: Flask's
+    own ``Exception on /reset/<token> [GET]`` log record repeats the path.
+    """
+    ctx = _get_request_ctx(None)
+    if ctx is None:
+        return message
+    req = ctx.request
+    view_args = req.view_args
+    if not view_args:
+        return message
+    secrets = [name for name in view_args if is_secret(name)]
+    path = req.path
+    if not secrets or path not in message:
+        return message
+    redacted = path
+    if req.url_rule is not None:
+        redacted = _redact_rule_segments(redacted, req.url_rule, secrets)
+    for name in secrets:
+        redacted = _redact_path_value(redacted, view_args[name])
+    return message.replace(path, redacted)
 
 
 #: A variable of a URL rule, ``<name>`` or ``<converter(args):name>``.
