@@ -614,6 +614,51 @@ def test_an_error_no_hook_raised_is_not_blamed_on_a_hook_that_raised_another(
     assert trace.error["where"] != "before_request"
 
 
+def test_an_error_is_not_blamed_on_a_hook_whose_error_was_handled(
+    step_clock: StepClock,
+) -> None:
+    """A before_request's LookupError answered by an error handler is over:
+    a later LookupError from outside any hook (a request_finished
+    receiver) is not reported as the before_request's.
+    """
+    receivers: list[Callable[..., None]] = []
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.before_request
+        def load() -> None:
+            raise LookupError("not found")
+
+        @app.errorhandler(LookupError)
+        def missing(error: LookupError) -> tuple[str, int]:
+            return "missing", 404
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        def broken_receiver(sender: Flask, response: Response, **_: Any) -> None:
+            if response.status_code == 404:
+                raise LookupError("receiver")
+
+        receivers.append(broken_receiver)
+        signals.request_finished.connect(broken_receiver, app)
+        return app
+
+    pair = Pair(factory, step_clock)
+    try:
+        (status, _, _), trace = pair.both("/")
+    finally:
+        for receiver in receivers:
+            signals.request_finished.disconnect(receiver)
+    assert status == "500 INTERNAL SERVER ERROR"
+    assert trace.hooks() == ["before_request:load", "errorhandler:missing"]
+    assert trace.error is not None
+    assert trace.error["type"] == "builtins.LookupError"
+    assert trace.error["where"] != "before_request"
+
+
 def test_hook_that_raises(step_clock: StepClock) -> None:
     """A before_request that raises: marked ``error``, the view is skipped,
     the app's error handler answers.

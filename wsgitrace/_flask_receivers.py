@@ -40,10 +40,13 @@ def _failed_kind(trace: Trace, exception: BaseException) -> str:
 
     A hook's error of another type is not this one: a ``before_request``
     that aborted with a 401 Flask answered did not raise an exception that
-    came later from outside any hook.
+    came later from outside any hook. Nor is one an error handler answered
+    (an ``errorhandler`` event without an error of its own comes after it).
     """
     name = type(exception).__name__
     for kind, _name, attrs in reversed(trace._keys[-16:]):
+        if kind == "errorhandler" and not (attrs and "error" in attrs):
+            break  # what came before was handled
         if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
             return kind
     return "view"
