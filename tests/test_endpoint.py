@@ -1329,4 +1329,4 @@ class TestReaderCap:
 
     def test_the_cap_is_an_option(self) -> None:
         assert resolve_options({}, None, {}).max_readers == 3
-        assert resolve_options({}, None, {"WSGITRACE_MAX_READERS": "3"}).max_readers == 3
+        assert resolve_options({}, None, {"WSGITRACE_MAX_READERS": "5"}).max_readers == 5
