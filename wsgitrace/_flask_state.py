@@ -76,7 +76,7 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             limit = tracer.max_string
             is_secret = tracer.redactor.is_secret
             view_args: dict[str, Any] = {}
-            secrets: list[Any] = []
+            secrets: list[str] = []
             for name, value in req.view_args.items():
                 if is_secret(name):
                     view_args[name] = REDACTED
@@ -345,8 +345,9 @@ def _view_arg(value: Any, limit: int) -> Any:
 
 #: Built-in containers, whose repr grows with their contents: a big one is
 #: shown through :mod:`reprlib`, which stops early (text and bytes are
-#: sliced first), so that ``g.rows = list(range(10**7))`` costs a bounded repr at teardown,
-#: not a string of tens of megabytes; a small one keeps its own repr.
+#: sliced first), so that ``g.rows = list(range(10**7))`` costs a bounded
+#: repr at teardown, not a string of tens of megabytes; a small one keeps
+#: its own repr.
 _BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
 
 
