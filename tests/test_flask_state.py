@@ -92,6 +92,40 @@ def g_app() -> Flask:
     return app
 
 
+def g_snapshot_counting_reprs(
+    monkeypatch: pytest.MonkeyPatch, **values: Any
+) -> tuple[dict[str, str], list[int]]:
+    """Serve one request whose view sets ``g``'s ``values``, with
+    ``max_string=200``; return the trace's ``g`` snapshot and the length of
+    every ``repr()`` built while it ran.
+    """
+    app = Flask(__name__)
+
+    @app.route("/")
+    def index() -> str:
+        for name, value in values.items():
+            setattr(g, name, value)
+        return "ok"
+
+    ext = FlaskTrace(app, max_string=200)
+    lengths: list[int] = []
+    real_repr = builtins.repr
+
+    def counting_repr(value: object) -> str:
+        text = real_repr(value)
+        lengths.append(len(text))
+        return text
+
+    monkeypatch.setattr(builtins, "repr", counting_repr)
+    try:
+        assert fetch(app)[0] == "200 OK"
+    finally:
+        monkeypatch.undo()
+    snapshot = last(ext).g
+    assert snapshot is not None
+    return snapshot, lengths
+
+
 class TestG:
     def test_keys_added_changed_removed_per_hook(self) -> None:
         """Each hook event lists the g keys it added, changed (a new object)
@@ -180,73 +214,29 @@ class TestG:
         """A big list, dict, set or bytes in ``g`` costs a bounded repr at
         teardown: the first elements, cut, never the whole value's repr.
         """
-        app = Flask(__name__)
         rows = list(range(100_000))
-
-        @app.route("/")
-        def index() -> str:
-            g.rows = rows
-            g.nested = {"rows": rows, "small": (1, 2)}
-            g.blob = b"x" * 100_000
-            g.small = {"a": [1, 2, 3], "b": "text"}
-            return "ok"
-
-        ext = FlaskTrace(app, max_string=200)
-        whole_reprs: list[int] = []
-        real_repr = builtins.repr
-
-        def watching_repr(value: object) -> str:
-            text = real_repr(value)
-            whole_reprs.append(len(text))
-            return text
-
-        monkeypatch.setattr(builtins, "repr", watching_repr)
-        try:
-            assert fetch(app)[0] == "200 OK"
-        finally:
-            monkeypatch.undo()
-        snapshot = last(ext).g
-        assert snapshot is not None
+        snapshot, lengths = g_snapshot_counting_reprs(
+            monkeypatch,
+            rows=rows,
+            nested={"rows": rows, "small": (1, 2)},
+            blob=b"x" * 100_000,
+            small={"a": [1, 2, 3], "b": "text"},
+        )
         assert snapshot["rows"].startswith("[0, 1, 2, 3, ")
         assert snapshot["nested"].startswith("{'rows': [0, 1, 2, ")
         assert snapshot["blob"].startswith("b'xxx")
         assert snapshot["small"] == "{'a': [1, 2, 3], 'b': 'text'}"
         assert all(len(value) <= 200 + len(TRUNCATION_MARKER) for value in snapshot.values())
         # No repr of anything near the values' full size was built.
-        assert max(whole_reprs, default=0) < 10_000
+        assert max(lengths, default=0) < 10_000
 
     def test_a_long_string_is_sliced_before_its_repr(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A request body read into ``g`` as text costs a repr of
         max_string characters at teardown, as bytes do, not a copy of it.
         """
-        app = Flask(__name__)
-        text = "y" * 100_000
-
-        @app.route("/")
-        def index() -> str:
-            g.text = text
-            g.short = "it's"
-            return "ok"
-
-        ext = FlaskTrace(app, max_string=200)
-        reprs: list[int] = []
-        real_repr = builtins.repr
-
-        def watching_repr(value: object) -> str:
-            result = real_repr(value)
-            reprs.append(len(result))
-            return result
-
-        monkeypatch.setattr(builtins, "repr", watching_repr)
-        try:
-            assert fetch(app)[0] == "200 OK"
-        finally:
-            monkeypatch.undo()
-        assert last(ext).g == {
-            "text": "'" + "y" * 199 + TRUNCATION_MARKER,
-            "short": repr("it's"),
-        }
-        assert max(reprs) < 1_000
+        snapshot, lengths = g_snapshot_counting_reprs(monkeypatch, text="y" * 100_000, short="it's")
+        assert snapshot == {"text": "'" + "y" * 199 + TRUNCATION_MARKER, "short": repr("it's")}
+        assert max(lengths) < 1_000
 
     def test_a_wide_nested_value_costs_about_max_string(
         self, monkeypatch: pytest.MonkeyPatch
@@ -255,33 +245,12 @@ class TestG:
         bounded repr stops once it has shown max_string characters, rather
         than build each of them and cut the whole.
         """
-        app = Flask(__name__)
-        wide = [[["s3cr3t" * 40] * 32] * 32] * 32
-
-        @app.route("/")
-        def index() -> str:
-            g.wide = wide
-            return "ok"
-
-        ext = FlaskTrace(app, max_string=200)
-        reprs: list[int] = []
-        real_repr = builtins.repr
-
-        def watching_repr(value: object) -> str:
-            text = real_repr(value)
-            reprs.append(len(text))
-            return text
-
-        monkeypatch.setattr(builtins, "repr", watching_repr)
-        try:
-            assert fetch(app)[0] == "200 OK"
-        finally:
-            monkeypatch.undo()
-        snapshot = last(ext).g
-        assert snapshot is not None
+        snapshot, lengths = g_snapshot_counting_reprs(
+            monkeypatch, wide=[[["s3cr3t" * 40] * 32] * 32] * 32
+        )
         assert snapshot["wide"].startswith("[[['s3cr3ts3cr3t")
         assert len(snapshot["wide"]) <= 200 + len(TRUNCATION_MARKER)
-        assert sum(reprs) < 20 * 200
+        assert sum(lengths) < 20 * 200
 
     def test_small_builtin_values_keep_their_own_repr(self) -> None:
         """Only a big container is shown in reprlib's bounded form: a small
