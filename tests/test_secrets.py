@@ -12,7 +12,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +29,8 @@ from wsgitrace.redact import REDACTED
 from wsgitrace.trace import Trace
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 SECRET = "s3cr3t-planted-0123"
@@ -268,4 +270,47 @@ def test_plain_wsgi_app_error_keeps_no_request_secret() -> None:
     assert trace is not None
     assert trace.error is not None
     assert trace.error["message"] == f"token {REDACTED} refused for {REDACTED}"
+    assert SECRET not in trace.to_json()
+
+
+@pytest.mark.parametrize("where", ["iteration", "close"])
+def test_an_error_while_the_body_is_sent_keeps_no_request_secret(where: str) -> None:
+    """A body that fails while it is iterated or closed, with a secret query
+    value in its message: the trace's error has it cut out too.
+    """
+
+    class Body:
+        def __init__(self, token: str) -> None:
+            self.token = token
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"x"
+            if where == "iteration":
+                raise RuntimeError(f"stream failed for token {self.token}")
+
+        def close(self) -> None:
+            if where == "close":
+                raise RuntimeError(f"close failed for token {self.token}")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Body:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body(environ["QUERY_STRING"].partition("=")[2])
+
+    def read_and_close(response: Any) -> None:
+        try:
+            response.get_data()
+        finally:
+            response.close()
+
+    middleware = TraceMiddleware(app)
+    response = Client(middleware).get(f"/?token={SECRET}-b")
+    with pytest.raises(RuntimeError):
+        read_and_close(response)
+    trace = middleware.buffer.last
+    assert trace is not None
+    assert trace.error is not None
+    assert (trace.error["where"], trace.error["message"]) == (
+        where,
+        f"{'stream' if where == 'iteration' else 'close'} failed for token {REDACTED}",
+    )
     assert SECRET not in trace.to_json()

@@ -57,6 +57,7 @@ class _TracedBody:
         "_app_iter",
         "_body_start",
         "_closed",
+        "_environ",
         "_exhausted",
         "_iterator",
         "_middleware",
@@ -220,6 +221,9 @@ class _TracedBody:
                 # list yet. (Headers started later stay a list.)
                 trace._raw_response_headers = tuple(_flatten(raw))
             self._middleware.publish(trace)
+            # Kept for an error while the body is sent: its message may hold
+            # one of the request's secrets (see _error).
+            self._environ = environ
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
                 isinstance(app_iter, file_wrapper)
@@ -355,7 +359,15 @@ class _TracedBody:
     def _error(self, exc: BaseException, where: str, now: int) -> None:
         trace = self.trace
         if trace.error is None:
-            trace.error = format_error(exc, where, trace.limits)
+            environ = getattr(self, "_environ", None)
+            scrub = None
+            if environ is not None:
+                # The request's secrets are cut out of the message and traceback.
+                try:
+                    scrub = scrubber(trace.redactor.request_secrets(environ))
+                except Exception:
+                    report_internal_error("body.scrub", trace)
+            trace.error = format_error(exc, where, trace.limits, scrub)
         trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
 
     def _finish(self, end: int) -> None:
