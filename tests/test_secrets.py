@@ -314,3 +314,31 @@ def test_an_error_while_the_body_is_sent_keeps_no_request_secret(where: str) -> 
         f"{'stream' if where == 'iteration' else 'close'} failed for token {REDACTED}",
     )
     assert SECRET not in trace.to_json()
+
+
+def test_each_request_logs_without_its_own_secrets() -> None:
+    """The environ's secrets are read once per request for its log records:
+    each request's records lose that request's token, not the previous
+    one's, and a form parsed after the first record still counts.
+    """
+    app = Flask(__name__)
+
+    @app.route("/", methods=["POST"])
+    def index() -> str:
+        app.logger.warning("first: token %s", request.args["token"])
+        app.logger.warning("then: password %s", request.form["password"])
+        app.logger.warning("again: token %s", request.args["token"])
+        return "ok"
+
+    ext = FlaskTrace(app)
+    client = app.test_client()
+    for n in range(3):
+        client.post(f"/?token={SECRET}-t{n}", data={"password": f"{SECRET}-p{n}"}).close()
+        trace = ext.buffer.last
+        assert trace is not None
+        assert [e.attrs["message"] for e in trace.find(kind="log")] == [
+            f"first: token {REDACTED}",
+            f"then: password {REDACTED}",
+            f"again: token {REDACTED}",
+        ]
+        assert SECRET not in trace.to_json()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import signals
 
-from ._flask_state import _scrubber, redact_request_path
+from ._flask_state import _request_environ_secrets, _scrubber, redact_request_path
 from ._internal import report_internal_error
 from .context import _get_trace
 from .trace import HOOK_KINDS, Trace, cut, format_error
@@ -153,6 +153,9 @@ class _LogCapture(logging.Filter):
         self._limit = limit
         self._max_string = tracer.max_string
         self._redactor = tracer.redactor
+        # (trace, its request's environ secrets) of the last record seen:
+        # a request logging many records parses its headers once.
+        self._environ_secrets: tuple[Trace, set[str] | None] | None = None
         self._is_secret = tracer.redactor.is_secret
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -165,7 +168,14 @@ class _LogCapture(logging.Filter):
                 return True
             now = self._clock()
             message = record.getMessage()
-            scrub = _scrubber(self._redactor)
+            # The environ's secrets are read once per request, not per record.
+            cached = self._environ_secrets
+            if cached is None or cached[0] is not trace:
+                cached = self._environ_secrets = (
+                    trace,
+                    _request_environ_secrets(self._redactor),
+                )
+            scrub = _scrubber(self._redactor, cached[1])
             attrs = {
                 "level": record.levelname,
                 "logger": record.name,

@@ -275,28 +275,51 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
         report_internal_error("flask.session", trace)
 
 
-def _scrubber(redactor: Redactor) -> Callable[[str], str] | None:
+def _scrubber(
+    redactor: Redactor, environ_secrets: set[str] | None = None
+) -> Callable[[str], str] | None:
     """A function that replaces, in free text (an error's message and
     traceback, a log message), the values of the current request that its
     trace redacts: secret view arguments, query values, headers (and the
     credentials inside them), fields of a form the app parsed, and session
     values. ``None`` when there are none (or they could not be read, which
     is reported).
+
+    :param environ_secrets: The request's :meth:`Redactor.request_secrets`,
+        when the caller already has them (they do not change during a
+        request; the form and the session may).
     """
     try:
-        return _make_scrubber(redactor)
+        return _make_scrubber(redactor, environ_secrets)
     except Exception:
         report_internal_error("flask.scrub")
         return None
 
 
-def _make_scrubber(redactor: Redactor) -> Callable[[str], str] | None:
+def _request_environ_secrets(redactor: Redactor) -> set[str] | None:
+    """The current request's :meth:`Redactor.request_secrets`, or ``None``
+    outside a request (or when they could not be read, which is reported).
+    """
+    try:
+        ctx = _get_request_ctx(None)
+        return None if ctx is None else redactor.request_secrets(ctx.request.environ)
+    except Exception:
+        report_internal_error("flask.scrub")
+        return None
+
+
+def _make_scrubber(
+    redactor: Redactor, environ_secrets: set[str] | None
+) -> Callable[[str], str] | None:
     ctx = _get_request_ctx(None)
     if ctx is None:
         return None
     is_secret = redactor.is_secret
     req = ctx.request
-    found = redactor.request_secrets(req.environ)
+    if environ_secrets is None:
+        found = redactor.request_secrets(req.environ)
+    else:
+        found = set(environ_secrets)
     for name, value in (req.view_args or {}).items():
         if is_secret(str(name)):
             found.add(str(value))
