@@ -747,6 +747,34 @@ class TestLogCapture:
         ]
         assert trace.truncated == {"logs": 6}
 
+    def test_the_cap_holds_per_request_when_requests_interleave(self) -> None:
+        """A request that logs, serves a nested request that logs, then logs
+        again: each trace keeps its own first records up to the cap.
+        """
+        app = Flask(__name__)
+
+        @app.route("/outer")
+        def outer() -> str:
+            app.logger.warning("outer 0")
+            app.test_client().get("/inner").close()
+            for n in range(1, 4):
+                app.logger.warning("outer %d", n)
+            return "ok"
+
+        @app.route("/inner")
+        def inner() -> str:
+            for n in range(3):
+                app.logger.warning("inner %d", n)
+            return "ok"
+
+        ext = FlaskTrace(app, capture_logs=2)
+        fetch(app, "/outer")
+        outer_trace, inner_trace = ext.buffer.latest(2)
+        assert (outer_trace.path, inner_trace.path) == ("/outer", "/inner")
+        assert [e.attrs["message"] for e in outer_trace.find(kind="log")] == ["outer 0", "outer 1"]
+        assert [e.attrs["message"] for e in inner_trace.find(kind="log")] == ["inner 0", "inner 1"]
+        assert (outer_trace.truncated, inner_trace.truncated) == ({"logs": 2}, {"logs": 1})
+
     def test_zero_turns_log_capture_off(self) -> None:
         """capture_logs=0 adds no filter and records nothing."""
         app = logging_app()

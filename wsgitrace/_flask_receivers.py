@@ -135,6 +135,17 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     tracer.receivers = pairs
 
 
+class _RequestLogState:
+    """A request's log records so far and its environ's secrets."""
+
+    __slots__ = ("environ_secrets", "logs", "trace")
+
+    def __init__(self, trace: Trace, environ_secrets: set[str] | None, logs: int) -> None:
+        self.trace = trace
+        self.environ_secrets = environ_secrets
+        self.logs = logs
+
+
 class _LogCapture(logging.Filter):
     """Adds the records logged on ``app.logger`` during a traced request of
     this app to its trace, as ``log:<level>`` events (at most ``limit`` per
@@ -153,9 +164,8 @@ class _LogCapture(logging.Filter):
         self._limit = limit
         self._max_string = tracer.max_string
         self._redactor = tracer.redactor
-        # (trace, its request's environ secrets) of the last record seen:
-        # a request logging many records parses its headers once.
-        self._environ_secrets: tuple[Trace, set[str] | None] | None = None
+        # What the last record's request needs for the next one (see filter).
+        self._last: _RequestLogState | None = None
         self._is_secret = tracer.redactor.is_secret
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -163,19 +173,22 @@ class _LogCapture(logging.Filter):
         if trace is None or trace._limits is not self._limits:
             return True
         try:
-            if sum(1 for key in trace.event_keys() if key[0] == "log") >= self._limit:
+            # The request's log count and environ secrets are worked out on
+            # its first record (or when another request's came in between),
+            # not on every record.
+            state = self._last
+            if state is None or state.trace is not trace:
+                state = self._last = _RequestLogState(
+                    trace,
+                    _request_environ_secrets(self._redactor),
+                    sum(1 for key in trace.event_keys() if key[0] == "log"),
+                )
+            if state.logs >= self._limit:
                 trace.note_truncated("logs")
                 return True
             now = self._clock()
             message = record.getMessage()
-            # The environ's secrets are read once per request, not per record.
-            cached = self._environ_secrets
-            if cached is None or cached[0] is not trace:
-                cached = self._environ_secrets = (
-                    trace,
-                    _request_environ_secrets(self._redactor),
-                )
-            scrub = _scrubber(self._redactor, cached[1])
+            scrub = _scrubber(self._redactor, state.environ_secrets)
             attrs = {
                 "level": record.levelname,
                 "logger": record.name,
@@ -189,6 +202,7 @@ class _LogCapture(logging.Filter):
             if record.exc_info and record.exc_info[0] is not None:
                 attrs["exc_type"] = record.exc_info[0].__name__
             trace.record("log", f"log:{record.levelname.lower()}", now, now, attrs)
+            state.logs += 1
         except Exception:
             report_internal_error("flask.log", trace)
         return True
