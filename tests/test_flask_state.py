@@ -6,6 +6,7 @@ match — captured without changing what the app or the client sees.
 from __future__ import annotations
 
 import builtins
+import collections
 import json
 from collections import deque
 from typing import Any
@@ -229,6 +230,21 @@ class TestG:
         assert all(len(value) <= 200 + len(TRUNCATION_MARKER) for value in snapshot.values())
         # No repr of anything near the values' full size was built.
         assert max(lengths, default=0) < 10_000
+
+    def test_a_big_subclass_of_a_container_is_summed_up_not_repr_d(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A Counter or OrderedDict has a repr of its own that cannot be
+        bounded: a big one is shown by its size; a small one as itself.
+        """
+        snapshot, lengths = g_snapshot_counting_reprs(
+            monkeypatch,
+            counts=collections.Counter(range(100_000)),
+            ordered=collections.OrderedDict(a=1),
+        )
+        assert snapshot["counts"] == "<Counter of 100,000 items>"
+        assert snapshot["ordered"] == repr(collections.OrderedDict(a=1))
+        assert max(lengths) < 1_000
 
     def test_a_long_string_is_sliced_before_its_repr(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A request body read into ``g`` as text costs a repr of

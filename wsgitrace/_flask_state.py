@@ -372,6 +372,7 @@ def _view_arg(value: Any, limit: int) -> Any:
 #: repr at teardown, not a string of tens of megabytes; a small one keeps
 #: its own repr.
 _BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
+_BOUNDED_BASES = tuple(_BOUNDED_TYPES)
 
 
 def _safe_repr(value: Any, limit: int) -> str:
@@ -383,6 +384,11 @@ def _safe_repr(value: Any, limit: int) -> str:
             text = repr(value[: limit + 1])
         elif kind in _BOUNDED_TYPES:
             text = repr(value) if _fits(value, limit) else _bounded_repr(limit).repr(value)
+        elif isinstance(value, _BOUNDED_BASES) and len(value) > 4 * limit:
+            # A subclass (Counter, OrderedDict, a namedtuple) has a repr of
+            # its own that reprlib cannot bound; one this big would be cut
+            # to its first characters anyway after being built in full.
+            text = f"<{kind.__qualname__} of {len(value):,} items>"
         else:
             text = repr(value)
     except Exception as exc:
