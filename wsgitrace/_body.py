@@ -199,10 +199,7 @@ class _TracedBody:
         try:
             trace = self.trace
             now = trace._times[APP_END] = trace._clock()
-            if trace.error is None:
-                # The request's secrets are cut out of the message and traceback.
-                scrub = scrubber(trace.redactor.request_secrets(environ))
-                trace.error = format_error(exc, "app", trace.limits, scrub)
+            self._environ = environ  # for _error, as after a return
             self._error(exc, "app", now)
             self._middleware.publish(trace)
             self._finish(now)
@@ -222,7 +219,7 @@ class _TracedBody:
                 trace._raw_response_headers = tuple(_flatten(raw))
             self._middleware.publish(trace)
             # Kept for an error while the body is sent: its message may hold
-            # one of the request's secrets (see _error).
+            # one of the request's secrets, which _error cuts out.
             self._environ = environ
             file_wrapper = environ.get("wsgi.file_wrapper")
             if file_wrapper is not None and (
@@ -359,6 +356,8 @@ class _TracedBody:
     def _error(self, exc: BaseException, where: str, now: int) -> None:
         trace = self.trace
         if trace.error is None:
+            # Set when the app call returned or raised (an error can come
+            # only after that).
             environ = getattr(self, "_environ", None)
             scrub = None
             if environ is not None:
