@@ -25,12 +25,11 @@ from urllib.parse import quote, unquote
 from flask.globals import _cv_app, _cv_request
 
 from ._internal import report_internal_error
+from .middleware import _wsgi_path
 from .redact import REDACTED, Redactor, scrubber
 from .trace import TRUNCATION_MARKER, EventKey, Trace, cut
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ._flask_recorder import _AppTracer
 
 _MISSING = object()
@@ -85,10 +84,7 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                     view_args[name] = _view_arg(value, limit)
             if secrets:
                 # /reset/<token>: the value is in the path too.
-                if rule is not None:
-                    trace.path = _redact_rule_segments(trace.path, rule, secrets)
-                for name in secrets:
-                    trace.path = _redact_path_value(trace.path, req.view_args[name])
+                trace.path = _redact_secret_args(trace.path, rule, req.view_args, secrets)
             trace.view_args = view_args
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
@@ -111,12 +107,18 @@ def redact_request_path(message: str, is_secret: Callable[[str], bool]) -> str:
     path = req.path
     if not secrets or path not in message:
         return message
-    redacted = path
-    if req.url_rule is not None:
-        redacted = _redact_rule_segments(redacted, req.url_rule, secrets)
-    for name in secrets:
-        redacted = _redact_path_value(redacted, view_args[name])
-    return message.replace(path, redacted)
+    return message.replace(path, _redact_secret_args(path, req.url_rule, view_args, secrets))
+
+
+def _redact_secret_args(path: str, rule: Any, view_args: dict[str, Any], names: list[str]) -> str:
+    """``path`` with the view arguments ``names`` (secret-looking) redacted:
+    where ``rule`` puts them, and wherever their values still show.
+    """
+    if rule is not None:
+        path = _redact_rule_segments(path, rule, names)
+    for name in names:
+        path = _redact_path_value(path, view_args[name])
+    return path
 
 
 #: A variable of a URL rule, ``<name>`` or ``<converter(args):name>``.
@@ -209,8 +211,7 @@ def _redact_path_value(path: str, value: Any) -> str:
     marker = ""
     if path.endswith(TRUNCATION_MARKER):
         path, marker = path[: -len(TRUNCATION_MARKER)], TRUNCATION_MARKER
-    forms = {text, text.encode("utf-8", "surrogateescape").decode("latin-1")}
-    forms.add(quote(text, safe=""))
+    forms = {text, _wsgi_path(text), quote(text, safe="")}
     for form in forms:
         if "/" in form:
             # /files/<path:secret>: whole segments, or anywhere when long.
