@@ -1214,6 +1214,30 @@ def _blueprint_app(calls: list[str]) -> Flask:
     return app
 
 
+def _same_answers_and_calls(
+    serve_with: Callable[[WSGIApplication], int],
+    factory: Callable[[list[str]], Flask],
+    targets: list[str],
+) -> tuple[list[Trace], list[list[str]]]:
+    """Serve ``factory``'s app plain and traced, send each of ``targets`` to
+    both and check the raw answers and the functions that ran are the same;
+    return the traced app's settled traces and, per target, what ran.
+    """
+    plain_calls: list[str] = []
+    calls: list[str] = []
+    plain, traced = factory(plain_calls), factory(calls)
+    ext = FlaskTrace(traced)
+    plain_port, traced_port = serve_with(plain), serve_with(traced)
+    ran: list[list[str]] = []
+    for target in targets:
+        expected = raw_exchange(plain_port, request_bytes(target))
+        before = len(calls)
+        assert raw_exchange(traced_port, request_bytes(target)) == expected
+        ran.append(calls[before:])
+    assert plain_calls == calls
+    return settled(ext, len(targets)), ran
+
+
 def test_trace_hooks_are_the_hooks_that_ran(serve_with: Callable[[WSGIApplication], int]) -> None:
     """With nested blueprints, ``after_this_request``, a short-circuiting
     ``before_request``, a blueprint error handler, context processors and
@@ -1222,20 +1246,8 @@ def test_trace_hooks_are_the_hooks_that_ran(serve_with: Callable[[WSGIApplicatio
     processor), and the answers are the untraced app's.
     """
     errors = internal_error_count()
-    plain_calls: list[str] = []
-    calls: list[str] = []
-    plain, traced = _blueprint_app(plain_calls), _blueprint_app(calls)
-    ext = FlaskTrace(traced)
-    plain_port, traced_port = serve_with(plain), serve_with(traced)
     targets = ["/en/child/page/1", "/fr/child/page/2?stop=1", "/de/child/page/404", "/en/child/x"]
-    ran: list[list[str]] = []
-    for target in targets:
-        expected = raw_exchange(plain_port, request_bytes(target))
-        before = len(calls)
-        assert raw_exchange(traced_port, request_bytes(target)) == expected
-        ran.append(calls[before:])
-    assert plain_calls == calls
-    traces = settled(ext, len(targets))
+    traces, ran = _same_answers_and_calls(serve_with, _blueprint_app, targets)
     listed = [[h for h in t.hooks() if "_default_template_ctx_processor" not in h] for t in traces]
     assert listed == ran
     assert "url_defaults:parent.add_lang" in ran[0]
@@ -1285,20 +1297,8 @@ def _async_hooks_app(calls: list[str]) -> Flask:
 
 def test_async_hooks_and_handlers(serve_with: Callable[[WSGIApplication], int]) -> None:
     errors = internal_error_count()
-    plain_calls: list[str] = []
-    calls: list[str] = []
-    plain, traced = _async_hooks_app(plain_calls), _async_hooks_app(calls)
-    ext = FlaskTrace(traced)
-    plain_port, traced_port = serve_with(plain), serve_with(traced)
     targets = ["/?tag=a", "/?tag=b&fail=before", "/?tag=c&fail=view"]
-    ran: list[list[str]] = []
-    for target in targets:
-        expected = raw_exchange(plain_port, request_bytes(target))
-        before = len(calls)
-        assert raw_exchange(traced_port, request_bytes(target)) == expected
-        ran.append(calls[before:])
-    assert plain_calls == calls
-    traces = settled(ext, 3)
+    traces, ran = _same_answers_and_calls(serve_with, _async_hooks_app, targets)
     assert [t.hooks() for t in traces] == ran
     for trace, tag in zip(traces, "abc", strict=True):
         # Recorded on asgiref's thread, into this request's trace.
