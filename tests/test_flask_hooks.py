@@ -574,6 +574,18 @@ def test_an_unhandled_error_says_which_kind_of_hook_raised_it(
     assert (trace.error["type"], trace.error["where"]) == ("builtins.LookupError", fail)
 
 
+def both_then_disconnect(pair: Pair, receivers: list[Callable[..., None]]) -> tuple[Outcome, Trace]:
+    """``pair.both("/")``, then disconnect ``receivers`` from
+    ``request_finished`` (they were connected for the traced app only, but
+    Flask's signals are global).
+    """
+    try:
+        return pair.both("/")
+    finally:
+        for receiver in receivers:
+            signals.request_finished.disconnect(receiver)
+
+
 def test_an_error_no_hook_raised_is_not_blamed_on_a_hook_that_raised_another(
     step_clock: StepClock,
 ) -> None:
@@ -601,12 +613,7 @@ def test_an_error_no_hook_raised_is_not_blamed_on_a_hook_that_raised_another(
         signals.request_finished.connect(broken_receiver, app)
         return app
 
-    pair = Pair(factory, step_clock)
-    try:
-        (status, _, _), trace = pair.both("/")
-    finally:
-        for receiver in receivers:
-            signals.request_finished.disconnect(receiver)
+    (status, _, _), trace = both_then_disconnect(Pair(factory, step_clock), receivers)
     assert status == "500 INTERNAL SERVER ERROR"
     assert trace.hooks() == ["before_request:require_login"]
     assert trace.error is not None
@@ -646,12 +653,7 @@ def test_an_error_is_not_blamed_on_a_hook_whose_error_was_handled(
         signals.request_finished.connect(broken_receiver, app)
         return app
 
-    pair = Pair(factory, step_clock)
-    try:
-        (status, _, _), trace = pair.both("/")
-    finally:
-        for receiver in receivers:
-            signals.request_finished.disconnect(receiver)
+    (status, _, _), trace = both_then_disconnect(Pair(factory, step_clock), receivers)
     assert status == "500 INTERNAL SERVER ERROR"
     assert trace.hooks() == ["before_request:load", "errorhandler:missing"]
     assert trace.error is not None
