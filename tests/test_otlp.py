@@ -419,6 +419,35 @@ def test_traceparent_versions(traceparent: str, continued: bool) -> None:
     assert parent.trace_flags.sampled
 
 
+@pytest.mark.parametrize(
+    ("tracestate", "kept"),
+    [
+        ("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7", ["congo", "rojo"]),
+        ("not a tracestate\x1b[31m", []),
+        ("congo=1,congo=2", []),
+        (",".join(f"k{n}=v" for n in range(33)), []),
+        (",".join(f"k{n}=v" for n in range(32)), [f"k{n}" for n in range(32)]),
+    ],
+)
+def test_invalid_tracestate_is_dropped_without_a_log_record(
+    tracestate: str, kept: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``tracestate`` OpenTelemetry would refuse is dropped silently: its
+    parser logs the header's text, which would let any client write to the
+    app's log once per request.
+    """
+    from opentelemetry import trace as trace_api
+
+    from wsgitrace.otlp import _parent_context
+
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with caplog.at_level(logging.DEBUG):
+        context = _parent_context({"traceparent": traceparent, "tracestate": tracestate})
+    parent = trace_api.get_current_span(context).get_span_context()
+    assert list(parent.trace_state) == kept
+    assert caplog.records == []
+
+
 def test_hostile_span_names_and_attributes_never_lose_a_batch(
     receiver: Receiver, wait_for: Callable[..., Any]
 ) -> None:

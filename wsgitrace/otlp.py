@@ -58,6 +58,12 @@ _METHODS = frozenset(
 # W3C Trace Context: a later version may append "-..." fields, which are
 # ignored; version 00 has none, and ff is invalid.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+# One list member of a W3C tracestate header, as OpenTelemetry checks it.
+_TRACESTATE_MEMBER = re.compile(
+    r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_TRACESTATE_MAX_MEMBERS = 32
 
 
 #: The logger the OTLP/HTTP span exporter reports each failed export on.
@@ -334,10 +340,31 @@ def _parent_context(data: Mapping[str, Any]) -> Any:
             is_remote=True,
             trace_flags=trace_api.TraceFlags(int(found.group(4), 16) & 1),
             # Invalid or absent: empty, as OpenTelemetry's own propagator does.
-            trace_state=trace_api.TraceState.from_header(states),
+            trace_state=_trace_state(trace_api, states),
         )
         return trace_api.set_span_in_context(trace_api.NonRecordingSpan(context))
     return None
+
+
+def _trace_state(trace_api: Any, headers: list[str]) -> Any:
+    """The ``TraceState`` of the caller's ``tracestate`` headers, or an
+    empty one when a member is invalid: checked here first, because
+    OpenTelemetry's parser logs a warning with the member's text, which
+    would let any client write to the app's log once per request.
+    """
+    keys: set[str] = set()
+    for header in headers:
+        for member in header.split(","):
+            member = member.strip(" \t")
+            if not member:
+                continue
+            if _TRACESTATE_MEMBER.fullmatch(member) is None:
+                return trace_api.TraceState()
+            keys.add(member.partition("=")[0])
+    # More than the 32 members W3C allows: OpenTelemetry warns and keeps none.
+    if len(keys) > _TRACESTATE_MAX_MEMBERS:
+        return trace_api.TraceState()
+    return trace_api.TraceState.from_header(headers)
 
 
 def _request_attributes(data: Mapping[str, Any]) -> dict[str, Any]:
