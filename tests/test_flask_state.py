@@ -628,6 +628,63 @@ def test_secret_view_args_spanning_segments_or_a_cut_path_are_redacted() -> None
     assert "s3cr3t" not in trace.to_json()
 
 
+@pytest.mark.parametrize("script_root", ["", "/mounted"])
+def test_a_secret_view_arg_is_redacted_from_a_trailing_slash_redirect(script_root: str) -> None:
+    """``/reset/<token>/`` asked without its slash matches no rule: Flask
+    redirects to the URL with the slash. The token is in the trace's path,
+    the ``url_match`` redirect and the ``Location`` header: redacted in all
+    three, while the client still gets the real ``Location``.
+    """
+    app = Flask(__name__)
+
+    @app.route("/reset/<token>/")
+    def reset(token: str) -> str:
+        return token
+
+    @app.route("/docs/<page>/")
+    def docs(page: str) -> str:
+        return page
+
+    @app.route("/pin/<int:pin_key>/")
+    def pin(pin_key: int) -> str:
+        return str(pin_key)
+
+    ext = FlaskTrace(app)
+    client = app.test_client()
+    base_url = f"http://localhost{script_root}/"
+    response = client.get("/reset/s3cr3t-token?next=%2F", base_url=base_url)
+    assert response.status_code == 308
+    location = f"http://localhost{script_root}/reset/s3cr3t-token/?next=%2F"
+    assert response.headers["Location"] == location
+    response.close()
+    trace = last(ext)
+    assert trace.path == f"/reset/{REDACTED}"
+    [url_match] = [event for event in trace.events if event.kind == "url_match"]
+    assert url_match.attrs["redirect"] == (
+        f"http://localhost{script_root}/reset/{REDACTED}/?next=%2F"
+    )
+    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
+    assert headers["Location"] == url_match.attrs["redirect"]
+    assert "s3cr3t" not in trace.to_json()
+    # Found where the rule puts it, whatever its text: 0042 for 42.
+    response = client.get("/pin/0042", base_url=base_url)
+    assert response.headers["Location"] == f"http://localhost{script_root}/pin/0042/"
+    response.close()
+    trace = last(ext)
+    assert trace.path == f"/pin/{REDACTED}"
+    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
+    assert headers["Location"] == f"http://localhost{script_root}/pin/{REDACTED}/"
+    # Other redirects keep their path.
+    response = client.get("/docs/intro", base_url=base_url)
+    assert response.headers["Location"] == f"http://localhost{script_root}/docs/intro/"
+    response.close()
+    trace = last(ext)
+    assert trace.path == "/docs/intro"
+    assert dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))[
+        "Location"
+    ] == (f"http://localhost{script_root}/docs/intro/")
+
+
 @pytest.mark.parametrize(
     ("path", "kept"),
     [

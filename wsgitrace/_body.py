@@ -104,7 +104,8 @@ class _TracedBody:
                 if self._middleware._capture_headers:
                     # Kept as given; flattened, redacted and cut when read.
                     trace._raw_response_headers = headers
-                    trace._flatten_headers = self._middleware._flatten_response_headers
+                    if trace._flatten_headers is None:  # else set by FlaskTrace
+                        trace._flatten_headers = self._middleware._flatten_response_headers
                 else:
                     trace.content_length = _content_length(headers)
             except Exception:
@@ -155,7 +156,8 @@ class _TracedBody:
                     trace.status = status
                     trace._response_headers = ()
                     trace._content_length = None
-                    trace._flatten_headers = self._middleware._flatten_response_headers
+                    if trace._flatten_headers is None:
+                        trace._flatten_headers = self._middleware._flatten_response_headers
                     trace._raw_response_headers = headers
             elif accepted:
                 trace.status = status

@@ -20,14 +20,14 @@ import reprlib
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from flask.globals import _cv_app, _cv_request
 
 from ._internal import report_internal_error
 from .middleware import _wsgi_path
 from .redact import REDACTED, Redactor, scrubber
-from .trace import TRUNCATION_MARKER, EventKey, Trace, cut
+from .trace import TRUNCATION_MARKER, EventKey, HeaderLayout, Trace, cut
 
 if TYPE_CHECKING:
     from ._flask_recorder import _AppTracer
@@ -63,6 +63,11 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                 # Werkzeug's redirect carries the request's query string on:
                 # redacted as the Location header that repeats it is.
                 url = tracer.redactor.url(str(new_url))
+                redact = _redirect_redaction(tracer, ctx, str(new_url))
+                if redact is not None:
+                    url = redact(url)
+                    trace.path = redact(trace.path)
+                    trace._flatten_headers = _LocationRedactingFlattener(tracer, redact)
                 attrs["redirect"] = cut(url, tracer.max_string)
             trace.record("url_match", "url_match", now, now, attrs)
             return
@@ -89,6 +94,70 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
         report_internal_error("flask.url_match", trace)
+
+
+def _redirect_redaction(tracer: _AppTracer, ctx: Any, new_url: str) -> Callable[[str], str] | None:
+    """For a routing redirect (``/reset/<token>/`` asked without its
+    slash), a function that redacts the view arguments under secret-looking
+    names of the rule it leads to from the request's path or the redirect's
+    URL, or ``None`` when there are none. The request matched no rule, so
+    they are found by matching the redirect's path.
+    """
+    adapter = ctx.url_adapter
+    if adapter is None:
+        return None
+    path = unquote(urlsplit(new_url).path)
+    root = adapter.script_name.rstrip("/")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    try:
+        rule, args = adapter.match(path, ctx.request.method, return_rule=True)
+    except Exception:  # another redirect, a 404 or a 405: nothing to redact
+        return None
+    is_secret = tracer.redactor.is_secret
+    secrets = [name for name in args if is_secret(name)]
+    if not secrets:
+        return None
+    root_segments = root.count("/")
+
+    def redact_path(path: str, skip: int) -> str:
+        # The rule's segments are the path's after the script root (a URL's
+        # path has it, the trace's does not), with the redirect's slash.
+        slash = rule.rule.endswith("/") and not path.endswith(("/", TRUNCATION_MARKER))
+        segments = (path + "/" if slash else path).split("/")
+        head = "/".join(segments[: skip + 1])
+        tail = "/" + "/".join(segments[skip + 1 :])
+        tail = _redact_secret_args(tail, rule, args, secrets)
+        return head + (tail[:-1] if slash else tail)
+
+    def redact(text: str) -> str:
+        parts = urlsplit(text)
+        if parts.scheme or parts.netloc:
+            path = redact_path(parts.path, root_segments)
+            return urlunsplit(parts._replace(path=path))
+        return redact_path(text, 0)
+
+    return redact
+
+
+class _LocationRedactingFlattener:
+    """Lays out a redirect's response headers as the middleware does, with
+    the secret view arguments also redacted from its ``Location``.
+    """
+
+    __slots__ = ("_redact", "_tracer")
+
+    def __init__(self, tracer: _AppTracer, redact: Callable[[str], str]) -> None:
+        self._tracer = tracer
+        self._redact = redact
+
+    def __call__(self, headers: list[tuple[str, str]]) -> HeaderLayout:
+        layout = self._tracer.middleware._flatten_response_headers(headers)
+        flat = list(layout.headers)
+        for index in range(0, len(flat) - 1, 2):
+            if flat[index].lower() == "location":
+                flat[index + 1] = self._redact(flat[index + 1])
+        return layout._replace(headers=tuple(flat))
 
 
 def redact_request_path(message: str, is_secret: Callable[[str], bool]) -> str:
