@@ -574,6 +574,35 @@ def test_an_unhandled_error_says_which_kind_of_hook_raised_it(
     assert (trace.error["type"], trace.error["where"]) == ("builtins.LookupError", fail)
 
 
+def test_an_unhandled_error_past_max_events_is_not_blamed_on_the_view(
+    step_clock: StepClock,
+) -> None:
+    """When ``max_events`` left out the event of the hook that raised,
+    ``where`` says ``app`` (somewhere in the app), not ``view``.
+    """
+
+    def factory(log: list[str]) -> Flask:
+        app = Flask(__name__)
+
+        @app.before_request
+        def check() -> None:
+            raise LookupError("refused")
+
+        @app.route("/")
+        def index() -> str:
+            return "ok"
+
+        return app
+
+    pair = Pair(factory, step_clock, max_events=2)
+    (status, _, _), trace = pair.both("/")
+    assert status == "500 INTERNAL SERVER ERROR"
+    assert "before_request" not in [event.kind for event in trace.events]
+    assert trace.dropped_events > 0
+    assert trace.error is not None
+    assert trace.error["where"] == "app"
+
+
 def both_then_disconnect(pair: Pair, receivers: list[Callable[..., None]]) -> tuple[Outcome, Trace]:
     """``pair.both("/")``, then disconnect ``receivers`` from
     ``request_finished`` (they were connected for the traced app only, but

@@ -36,7 +36,8 @@ def _failed_kind(trace: Trace, exception: BaseException) -> str:
     """Where an unhandled exception came from: the kind of the newest hook
     event that records it as its error (``before_request``,
     ``errorhandler``, ...), as the request's own thread recorded it, else
-    ``view``.
+    ``view``; ``app`` when the trace held ``max_events`` before the error,
+    so that the event that would say is not there.
 
     A hook's error of another type is not this one: a ``before_request``
     that aborted with a 401 Flask answered did not raise an exception that
@@ -49,7 +50,7 @@ def _failed_kind(trace: Trace, exception: BaseException) -> str:
             break  # what came before was handled
         if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
             return kind
-    return "view"
+    return "app" if trace.dropped_events else "view"
 
 
 def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
