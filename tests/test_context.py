@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from wsgitrace import Trace, TraceMiddleware, current_trace, span
 from wsgitrace.middleware import internal_error_count
+from wsgitrace.trace import TRUNCATION_MARKER
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -270,6 +272,45 @@ def test_span_never_breaks_user_code(
     _, seen = _run(exchange, clock, "/span")
     assert internal_error_count() > before
     assert isinstance(seen[1], span)
+
+
+def test_span_attributes_are_copied_when_the_span_ends(make_environ: MakeEnviron) -> None:
+    """The trace keeps a copy of each attribute made when the span ended:
+    the app's later changes don't show, its objects are not kept alive,
+    and reading the trace runs none of their code.
+    """
+    reprs: list[str] = []
+
+    class Connection:
+        def __repr__(self) -> str:
+            reprs.append("repr")
+            return "<Connection db=1>"
+
+    tables = ["users"]
+    held = [Connection()]
+    alive = weakref.ref(held[0])
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        with span("query", tables=tables, conn=held[0], note="x" * 5000):
+            pass
+        tables.append("orders")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = TraceMiddleware(app, max_string=100)
+    body = middleware(make_environ("/"), lambda *args: len)
+    body.close()  # type: ignore[attr-defined]
+    held.clear()
+    assert alive() is None
+    assert reprs == ["repr"]
+    trace = middleware.buffer.last
+    assert trace is not None
+    [query] = trace.find("span")
+    assert query.attrs["tables"] == ["users"]
+    assert query.attrs["conn"] == "<Connection db=1>"
+    assert query.attrs["note"] == "x" * 100 + TRUNCATION_MARKER
+    trace.to_json()
+    assert reprs == ["repr"]
 
 
 def test_span_attributes_of_odd_types_stay_json(make_environ: MakeEnviron) -> None:

@@ -1414,8 +1414,8 @@ def test_failing_clock_never_changes_a_response(once: bool) -> None:
     [
         "wsgitrace.trace.Trace.record",
         "wsgitrace._flask_recorder._g_changes",
-        "wsgitrace._flask_state._safe_repr",
-        "wsgitrace._flask_state.cut",
+        "wsgitrace._flask_state.safe_repr",
+        "wsgitrace._limits.cut",
         "wsgitrace._flask_recorder._function_name",
         "wsgitrace._flask_recorder._AppTracer.hook_key",
         "wsgitrace._flask_receivers.format_error",

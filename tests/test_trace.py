@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -366,8 +366,21 @@ class TestHelpers:
         assert jsonable({"a": [1, 2.5, None, True]}) == {"a": [1, 2.5, None, True]}
         assert jsonable(("x", b"y")) == ["x", "b'y'"]
         assert jsonable(object(), limit=5).endswith(TRUNCATION_MARKER)
-        assert jsonable(Broken()) == "<unrepresentable Broken>"
+        assert jsonable(Broken()) == "<repr failed: RuntimeError>"
         assert len(jsonable(list(range(500)))) == 100
+
+    def test_jsonable_stops_at_its_depth(self) -> None:
+        """Containers below ``depth`` levels, a container holding itself
+        among them, are shown by their bounded repr.
+        """
+        looped: list[Any] = [1]
+        looped.append(looped)
+        assert jsonable(looped) == [1, [1, [1, "[1, [...]]"]]]
+        assert jsonable({"a": {"b": [1]}}, depth=1) == {"a": "{'b': [1]}"}
+        assert jsonable({("k", 1): 2}) == {"('k', 1)": 2}
+        huge = jsonable([list(range(10**6))], limit=50, depth=1)
+        assert huge[0].endswith(TRUNCATION_MARKER)
+        assert len(huge[0]) < 100
 
     def test_format_error_describes_the_exception(self) -> None:
         """format_error() gives type, message, traceback and where."""

@@ -16,8 +16,6 @@ once, cut, and never fails.
 from __future__ import annotations
 
 import re
-import reprlib
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -25,6 +23,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from flask.globals import _cv_app, _cv_request
 
 from ._internal import report_internal_error
+from ._limits import safe_repr
 from .middleware import _wsgi_path
 from .redact import REDACTED, Redactor, scrubber
 from .trace import TRUNCATION_MARKER, EventKey, HeaderLayout, Trace, cut
@@ -339,7 +338,7 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
             # By position: a key that is not a string (session[7] = ...) is
             # not found under its str().
             for key, value in zip(keys[:64], dict.values(session), strict=False):
-                values[key] = REDACTED if is_secret(key) else _safe_repr(value, tracer.max_string)
+                values[key] = REDACTED if is_secret(key) else safe_repr(value, tracer.max_string)
             trace.record("session", "session", tracer.clock(), tracer.clock(), {"values": values})
     except Exception:
         report_internal_error("flask.session", trace)
@@ -418,7 +417,7 @@ def _snapshot_g(tracer: _AppTracer, trace: Trace) -> None:
         for key, value in list(g_dict.items())[:64]:
             name = key if type(key) is str else str(key)
             flat.append(name if len(name) <= limit else cut(name, limit))
-            flat.append(REDACTED if is_secret(name) else _safe_repr(value, limit))
+            flat.append(REDACTED if is_secret(name) else safe_repr(value, limit))
         trace._g = tuple(flat)
     except Exception:
         report_internal_error("flask.g", trace)
@@ -433,110 +432,7 @@ def _view_arg(value: Any, limit: int) -> Any:
         return value
     if type(value) is str:
         return cut(value, limit)
-    return _safe_repr(value, limit)
-
-
-#: Built-in containers, whose repr grows with their contents: a big one is
-#: shown through :mod:`reprlib`, which stops early (text and bytes are
-#: sliced first), so that ``g.rows = list(range(10**7))`` costs a bounded
-#: repr at teardown, not a string of tens of megabytes; a small one keeps
-#: its own repr.
-_BOUNDED_TYPES = frozenset({list, tuple, dict, set, frozenset, deque})
-_BOUNDED_BASES = tuple(_BOUNDED_TYPES)
-
-
-def _safe_repr(value: Any, limit: int) -> str:
-    try:
-        kind = type(value)
-        if kind is str or kind is bytes or kind is bytearray:
-            # Only what is kept: the whole repr of a request body read
-            # into g would be a copy of it at every teardown.
-            text = repr(value[: limit + 1])
-        elif kind in _BOUNDED_TYPES:
-            text = repr(value) if _fits(value, limit) else _bounded_repr(limit).repr(value)
-        elif isinstance(value, _BOUNDED_BASES) and len(value) > 4 * limit:
-            # A subclass (Counter, OrderedDict, a namedtuple) has a repr of
-            # its own that reprlib cannot bound; one this big would be cut
-            # to its first characters anyway after being built in full.
-            text = f"<{kind.__qualname__} of {len(value):,} items>"
-        else:
-            text = repr(value)
-    except Exception as exc:
-        text = f"<repr failed: {type(exc).__name__}>"
-    return cut(text, limit)
-
-
-def _fits(value: Any, limit: int) -> bool:
-    """Whether a built-in container is small enough for its own ``repr``:
-    about ``limit`` elements and characters in all, counted without calling
-    any code of the app's and stopping as soon as there are more.
-
-    Small values keep the ``repr`` users know (a dict in insertion order,
-    every level of a nested one, a deque's ``maxlen``), which :mod:`reprlib`
-    does not give; only big ones need its bounded form.
-    """
-    budget = limit
-    seen: set[int] = set()
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind in _BOUNDED_TYPES:
-            if id(item) in seen:
-                continue  # a container holding itself: repr shows [...]
-            seen.add(id(item))
-            budget -= len(item) + 1
-            if budget < 0:
-                return False
-            if kind is dict:
-                stack.extend(item.keys())
-                stack.extend(item.values())
-            else:
-                stack.extend(item)
-            continue
-        if kind is str or kind is bytes or kind is bytearray:
-            budget -= len(item)
-        elif kind is int:
-            budget -= item.bit_length() // 3 + 1
-        else:
-            budget -= 1
-        if budget < 0:
-            return False
-    return True
-
-
-def _bounded_repr(limit: int) -> reprlib.Repr:
-    """A :class:`reprlib.Repr` that shows at most ``limit`` characters of
-    any element and a few dozen elements of any container, three levels
-    deep, and stops once it has shown about ``limit`` characters in all.
-    """
-    bounded = _BudgetRepr(limit)
-    bounded.maxlevel = 3
-    bounded.maxlist = bounded.maxtuple = bounded.maxdict = 32
-    bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = 32
-    bounded.maxstring = bounded.maxlong = bounded.maxother = limit
-    return bounded
-
-
-class _BudgetRepr(reprlib.Repr):
-    """A :class:`reprlib.Repr` that shows ``...`` for every element after
-    its first ``budget`` characters: the text is cut there anyway, and 32
-    elements on each of three levels, each up to ``max_string`` characters,
-    would otherwise still be tens of megabytes.
-    """
-
-    def __init__(self, budget: int) -> None:
-        super().__init__()
-        self.left = budget
-
-    def repr1(self, x: Any, level: int) -> str:
-        if self.left <= 0:
-            return "..."
-        text = super().repr1(x, level)
-        if type(x) not in _BOUNDED_TYPES:
-            # A container's elements have been counted already.
-            self.left -= len(text) + 2
-        return text
+    return safe_repr(value, limit)
 
 
 def _g_changes(

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._limits import jsonable
 from .redact import REDACTED
 from .trace import Trace
 
@@ -55,7 +56,10 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
     secret-looking name (``password=...``) is recorded as ``[redacted]``.
 
     :param name: Event name (kind ``span``).
-    :param attrs: Attributes stored on the event.
+    :param attrs: Attributes stored on the event, copied when it ends:
+        numbers, ``None`` and text (cut to ``max_string``) as they are,
+        lists, tuples and dicts as lists and dicts of their first 100
+        items, anything else (and any deeper level) as its cut ``repr``.
     :raise TypeError: ``name`` is a function: ``@span`` was used without
         a name.
     """
@@ -103,7 +107,13 @@ class span:  # noqa: N801 - used like a function, as contextlib's helpers are
             return
         try:
             is_secret = trace.redactor.is_secret
-            attrs = {k: REDACTED if is_secret(k) else v for k, v in self.attrs.items()}
+            limit = trace.limits.max_string
+            # Copied now, JSON-safe and cut: the trace keeps none of the
+            # app's objects, and no repr of theirs runs when it is read.
+            attrs = {
+                k: REDACTED if is_secret(k) else jsonable(v, limit, 1)
+                for k, v in self.attrs.items()
+            }
             if exc_type is not None:
                 attrs["error"] = exc_type.__name__
             trace.record("span", self.name, start, trace.now(), attrs)
