@@ -123,7 +123,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._access import _AccessPolicy
 from ._internal import report_internal_error
-from ._trace_query import _INT_RE, _TRACE_ID_RE, _BadQueryError, _parse_query, _Query
+from ._trace_query import _INT_RE, _MAX_CURSOR, _TRACE_ID_RE, _BadQueryError, _parse_query, _Query
 from ._trace_sources import TraceSource, TraceView, _StoreSource, _summary, _to_dict
 from .trace import SCHEMA_VERSION
 
@@ -465,9 +465,11 @@ class TraceEndpoint:
     def _stream_start(self, environ: WSGIEnvironment, query: _Query) -> int:
         last_id = (environ.get("HTTP_LAST_EVENT_ID") or "").strip()
         if last_id:
-            if not _INT_RE.match(last_id):
+            if not _INT_RE.match(last_id) or len(last_id) > 1024:
                 raise _BadQueryError("Last-Event-ID", "'Last-Event-ID' must be a trace cursor")
-            return self._start_cursor(int(last_id))
+            # Clamped as since is: int() refuses over 4,300 digits, and a
+            # store's cursors are 64-bit.
+            return self._start_cursor(min(int(last_id), _MAX_CURSOR))
         if query.since is not None:
             return self._start_cursor(query.since)
         return self.source.cursor
