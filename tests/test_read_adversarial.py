@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 from werkzeug.test import Client
 
-from wsgitrace import TraceMiddleware
+from wsgitrace import TraceMiddleware, _client
+from wsgitrace._answers import _BadAnswerError
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -49,3 +53,86 @@ def test_a_last_event_id_too_long_for_int_is_a_400(caplog: pytest.LogCaptureFixt
     assert reply.status_code == 400
     assert json.loads(reply.get_data())["param"] == "Last-Event-ID"
     assert not caplog.records
+
+
+# -- servers that are not the endpoint -------------------------------------------
+
+
+@pytest.fixture(name="hostile")
+def fixture_hostile() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """Serve raw answers on 127.0.0.1: ``hostile(answer)`` starts a server
+    that reads each request and calls ``answer(connection)``; its base URL.
+    """
+    stop = threading.Event()
+    listeners: list[socket.socket] = []
+
+    def start(answer: Callable[[socket.socket], None]) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.1)
+        listeners.append(listener)
+
+        def handle(conn: socket.socket) -> None:
+            with conn:
+                try:
+                    conn.recv(65536)
+                    answer(conn)
+                except OSError:
+                    pass  # the client went away
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for listener in listeners:
+        listener.close()
+
+
+JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+def test_an_answer_trickled_byte_by_byte_times_out(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """A server that sends a byte now and then (each read within the socket
+    timeout) is given up on after the timeout in all, as one that is silent.
+    """
+
+    def trickle(conn: socket.socket) -> None:
+        conn.sendall(JSON_HEAD + b"Content-Length: 1000\r\n\r\n")
+        for _ in range(100):
+            conn.sendall(b" ")
+            time.sleep(0.1)
+
+    client = _client._Client(hostile(trickle), timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(_client._UnreachableError):
+        client.get()
+    assert time.monotonic() - start < 3
+
+
+def test_an_endless_answer_is_refused_not_read_into_memory(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer that never ends (some other server's stream) is refused
+    once it is larger than any listing, instead of filling memory.
+    """
+    monkeypatch.setattr(_client, "_MAX_BODY", 2**20)
+
+    def endless(conn: socket.socket) -> None:
+        conn.sendall(JSON_HEAD + b"\r\n")
+        for _ in range(10_000):  # 640 MiB: stops when the client goes
+            conn.sendall(b" " * 65536)
+
+    client = _client._Client(hostile(endless), timeout=5.0)
+    with pytest.raises(_BadAnswerError, match="larger than"):
+        client.get()

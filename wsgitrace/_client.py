@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -41,6 +42,10 @@ from .redact import DEFAULT_REDACTOR
 DEFAULT_URL = "http://127.0.0.1:5000"
 DEFAULT_PREFIX = "/_trace"
 _RETRY_SECONDS = 1.0
+#: Most bytes of an answer read: far more than any listing or trace (the
+#: buffer and the store are bounded), far less than a machine's memory.
+_MAX_BODY = 256 * 2**20
+_CHUNK = 2**16
 #: Bad Gateway, Service Unavailable, Gateway Timeout.
 _GATEWAY_CODES = frozenset({502, 503, 504})
 
@@ -144,7 +149,7 @@ class _Client:
         timeout = kw.get("timeout", self.timeout)
         try:
             with self._opener.open(request, timeout=timeout) as response:
-                body = response.read()
+                body = _read_body(response, timeout)
         except urllib.error.HTTPError as exc:
             with exc:
                 try:
@@ -201,6 +206,29 @@ class _StoreClient:
             if "locked" in text or "no wsgitrace trace store" in text:
                 raise _UnreachableError(text) from None
             raise _BadAnswerError(text) from None
+
+
+def _read_body(response: Any, timeout: float) -> bytes:
+    """The answer's body, read within ``timeout`` seconds in all and at most
+    :data:`_MAX_BODY` bytes: the socket's timeout is per read, so a server
+    that trickles bytes, or never stops sending, would hold ``tail`` and
+    ``show`` forever and fill their memory.
+    """
+    deadline = time.monotonic() + timeout
+    parts: list[bytes] = []
+    size = 0
+    while chunk := response.read1(_CHUNK):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > _MAX_BODY:
+            msg = (
+                f"the server's answer is larger than {_MAX_BODY // 2**20} MiB"
+                " (is this a wsgitrace endpoint?)"
+            )
+            raise _BadAnswerError(msg)
+        if time.monotonic() > deadline:
+            raise _UnreachableError(f"its answer took more than {timeout:g} s")
+    return b"".join(parts)
 
 
 def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
