@@ -6,9 +6,11 @@ for a terminal.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -136,3 +138,27 @@ def test_an_endless_answer_is_refused_not_read_into_memory(
     client = _client._Client(hostile(endless), timeout=5.0)
     with pytest.raises(_BadAnswerError, match="larger than"):
         client.get()
+
+
+# -- tail's output ---------------------------------------------------------------
+
+
+def test_tail_json_counts_the_lines_a_reader_got_before_it_went_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the reader of ``tail --json`` goes (``| head -2``) in the middle
+    of a batch, the closing "N traces shown" counts the lines it got.
+    """
+    from wsgitrace._output import _JsonView
+
+    class ClosingOut(io.StringIO):
+        def flush(self) -> None:
+            if self.getvalue().count("\n") > 2:
+                raise BrokenPipeError(32, "Broken pipe")
+
+    out = ClosingOut()
+    monkeypatch.setattr(sys, "stdout", out)
+    view = _JsonView()
+    with pytest.raises(BrokenPipeError):
+        view.traces([{"path": "/a"}, {"path": "/b"}, {"path": "/c"}])
+    assert view.shown == 2

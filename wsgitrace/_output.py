@@ -72,7 +72,9 @@ class _JsonView(_View):
             for item in items:
                 out.write(json.dumps(item, ensure_ascii=True) + "\n")
                 out.flush()
-            self.shown += len(items)
+                # Line by line: a reader that goes away (| head -1) fails a
+                # later line, and the closing count is of the lines it got.
+                self.shown += 1
 
     def message(self, text: str, style: str = "") -> None:
         _message(self._err, text, style)
