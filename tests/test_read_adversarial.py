@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from werkzeug.test import Client
@@ -101,6 +103,36 @@ def fixture_hostile() -> Iterator[Callable[[Callable[[socket.socket], None]], st
 JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 
 
+def answer_json(data: Any) -> Callable[[socket.socket], None]:
+    """An answer with ``data`` as its JSON body."""
+    body = json.dumps(data).encode()
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(JSON_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    return answer
+
+
+def full_trace() -> dict[str, Any]:
+    """A real trace's full JSON, as ``/_trace/<id>`` serves it."""
+    _, client = traced_client()
+    listing = json.loads(client.get("/_trace?full=1", environ_base=LOCAL).get_data())
+    trace: dict[str, Any] = listing["traces"][0]
+    return trace
+
+
+def wsgitrace_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the ``wsgitrace`` command, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsgitrace", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "100", "WSGITRACE_TOKEN": ""},
+        check=False,
+    )
+
+
 def test_an_answer_trickled_byte_by_byte_times_out(
     hostile: Callable[[Callable[[socket.socket], None]], str],
 ) -> None:
@@ -162,3 +194,17 @@ def test_tail_json_counts_the_lines_a_reader_got_before_it_went_away(
     with pytest.raises(BrokenPipeError):
         view.traces([{"path": "/a"}, {"path": "/b"}, {"path": "/c"}])
     assert view.shown == 2
+
+
+def test_show_a_trace_whose_event_starts_before_the_request(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """A trace from another server whose event starts (far) before its
+    request is shown, its bar at the start, not a traceback.
+    """
+    trace = full_trace()
+    trace["events"][1]["start_ms"] = -1e299
+    result = wsgitrace_cli("show", trace["id"], hostile(answer_json(trace)))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "close" in result.stdout

@@ -369,7 +369,9 @@ def _request_thread(trace: Trace, events: list[Event]) -> int:
 def _bar(event: Event, total: int, width: int) -> Text:
     if total <= 0 or width <= 0:
         return Text("")
-    start = min(width - 1, int(event.start_ns * width / total))
+    # Clamped both ways: a trace read from JSON may have an event that
+    # starts before the request (or long after it).
+    start = max(0, min(width - 1, int(event.start_ns * width / total)))
     if event.duration_ns <= 0:
         return Text(" " * start + "▏", style="dim")
     length = max(1, round(event.duration_ns * width / total))
