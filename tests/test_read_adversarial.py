@@ -208,3 +208,17 @@ def test_show_a_trace_whose_event_starts_before_the_request(
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "close" in result.stdout
+
+
+def test_show_an_event_that_starts_far_into_the_request(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """An event whose start offset does not fit its 8 columns even in whole
+    milliseconds still shows its name (the row is cropped to the line).
+    """
+    trace = full_trace()
+    trace["events"][-1]["start_ms"] = 1e120
+    trace["events"][-1]["name"] = "late_event"
+    result = wsgitrace_cli("show", trace["id"], hostile(answer_json(trace)))
+    assert result.returncode == 0, result.stderr
+    assert "late_event" in result.stdout

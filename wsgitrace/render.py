@@ -466,14 +466,15 @@ class _Waterfall:
 
 def _start(value: float) -> str:
     """An event's start offset in milliseconds, in the 8 columns it has:
-    fewer decimals once it is 10 seconds or later.
+    fewer decimals once it is 10 seconds or later, and an exponent when even
+    whole milliseconds do not fit (after 27 hours, or an offset from another
+    server's JSON): a longer one would push the event's name off its line.
     """
-    text = ""
     for decimals in (3, 2, 1, 0):
         text = f"{value:.{decimals}f}"
         if len(text) <= 8:
-            break
-    return text
+            return text
+    return f"{value:.0e}"
 
 
 #: Kinds a timeline cut to ``max_rows`` always shows: the request's steps
