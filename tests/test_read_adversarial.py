@@ -6,16 +6,19 @@ for a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -222,3 +225,34 @@ def test_show_an_event_that_starts_far_into_the_request(
     result = wsgitrace_cli("show", trace["id"], hostile(answer_json(trace)))
     assert result.returncode == 0, result.stderr
     assert "late_event" in result.stdout
+
+
+# -- store files -----------------------------------------------------------------
+
+
+def test_reading_another_programs_database_leaves_it_as_it_was(tmp_path: Path) -> None:
+    """``show --store`` pointed at some other SQLite database refuses it
+    without turning it to WAL mode (which other programs may not cope with).
+    """
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+    result = wsgitrace_cli("show", "abc", "--store", str(path))
+    assert result.returncode == 1
+    assert "something else" in result.stderr
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_reading_an_empty_file_does_not_make_it_a_store(tmp_path: Path) -> None:
+    """A reader given an empty file (the writer has not made the store yet,
+    or a wrong path) says there is no store there and writes nothing to it.
+    """
+    path = tmp_path / "traces.db"
+    path.touch()
+    result = wsgitrace_cli("show", "abc", "--store", str(path))
+    assert result.returncode == 1
+    assert "no wsgitrace trace store" in result.stderr
+    assert path.stat().st_size == 0

@@ -79,10 +79,18 @@ def _connect(path: str, timeout: float, *, create: bool) -> sqlite3.Connection:
         raise _store_error(path, timeout, exc, "open the file", tracing=create) from None
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        # Before the first table exists, so pruned pages can be given back.
-        # Only then: on an existing store it waits for the write lock, and
-        # a reader must never wait for a writer.
-        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+        # Looked at before anything is written: a reader never changes the
+        # file, and another program's database is not turned to WAL mode.
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if names - {"sqlite_sequence"} and not {"meta", "traces"} <= names:
+            raise _foreign_error(path)
+        if not names:
+            if not create:
+                msg = f"no wsgitrace trace store at {path!r} (the file has no tables yet)"
+                raise StoreError(msg, path)
+            # Before the first table exists, so pruned pages can be given
+            # back. Only then: on an existing store it waits for the write
+            # lock, and a reader must never wait for a writer.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -106,12 +114,7 @@ def _check_schema(conn: sqlite3.Connection, path: str) -> None:
     if "meta" in names and "traces" in names:
         version = _version(conn, path)
     elif names - {"sqlite_sequence"}:
-        msg = (
-            f"wsgitrace trace store {path!r}: the file is an SQLite database"
-            " of something else (it has no wsgitrace tables); point WSGITRACE_STORE"
-            " at a new file"
-        )
-        raise StoreError(msg, path)
+        raise _foreign_error(path)
     else:
         with _transaction(conn):
             # Another worker may have made it since we looked.
@@ -142,6 +145,15 @@ def _check_schema(conn: sqlite3.Connection, path: str) -> None:
         )
         raise StoreError(msg, path)
     # Versions below ours would be migrated here; 1 is the first.
+
+
+def _foreign_error(path: str) -> StoreError:
+    msg = (
+        f"wsgitrace trace store {path!r}: the file is an SQLite database"
+        " of something else (it has no wsgitrace tables); point WSGITRACE_STORE"
+        " at a new file"
+    )
+    return StoreError(msg, path)
 
 
 def _version(conn: sqlite3.Connection, path: str) -> int:
