@@ -45,6 +45,31 @@ def traced_client() -> tuple[TraceMiddleware, Client]:
     return middleware, client
 
 
+def tail_lines(count: int, *args: str) -> tuple[list[str], str]:
+    """Run ``wsgitrace tail ARGS`` until it printed ``count`` lines (or 10 s
+    passed, or it ended), then stop it: its lines and its stderr.
+    """
+    with subprocess.Popen(
+        [sys.executable, "-m", "wsgitrace", "tail", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "100", "WSGITRACE_TOKEN": ""},
+    ) as proc:
+        assert proc.stdout is not None
+        timer = threading.Timer(10, proc.terminate)
+        timer.start()
+        lines = []
+        try:
+            while len(lines) < count and (line := proc.stdout.readline()):
+                lines.append(line)
+        finally:
+            timer.cancel()
+            proc.terminate()
+            _, stderr = proc.communicate(timeout=10)
+    return lines, stderr
+
+
 # -- the endpoint ----------------------------------------------------------------
 
 
@@ -256,3 +281,29 @@ def test_reading_an_empty_file_does_not_make_it_a_store(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no wsgitrace trace store" in result.stderr
     assert path.stat().st_size == 0
+
+
+def test_a_damaged_row_does_not_fail_the_listings_of_the_store(tmp_path: Path) -> None:
+    """A row whose JSON cannot be read is listed from its columns, marked,
+    and the other traces with it: ``tail --store`` and ``/_trace`` are not
+    broken until it is pruned.
+    """
+    path = tmp_path / "traces.db"
+    middleware = TraceMiddleware(hello, store=str(path), endpoint=True)
+    client = Client(middleware)
+    for name in ("/a", "/b", "/c"):
+        client.get(name, environ_base=LOCAL).close()
+    middleware.sinks.flush()  # type: ignore[union-attr]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE traces SET summary = '{bad', data = '[]' WHERE path = '/b'")
+        conn.commit()
+    reply = client.get("/_trace", environ_base=LOCAL)
+    assert reply.status_code == 200
+    listed = json.loads(reply.get_data())["traces"]
+    assert [t["path"] for t in listed] == ["/c", "/b", "/a"]
+    assert listed[1]["warnings"]
+    lines, stderr = tail_lines(3, "--json", "--store", str(path))
+    assert [json.loads(line)["path"] for line in lines] == ["/a", "/b", "/c"], stderr
+    assert "Traceback" not in stderr
+    result = wsgitrace_cli("show", listed[1]["id"], "--store", str(path))
+    assert "Traceback" not in result.stderr

@@ -108,8 +108,21 @@ class StoredTrace:
         ) = row
 
     def summary(self) -> dict[str, Any]:
-        """The short JSON form, with the store's cursor."""
-        data: dict[str, Any] = json.loads(self._summary)
+        """The short JSON form, with the store's cursor (made of the row's
+        columns when its JSON cannot be read).
+        """
+        data = _json_object(self._summary)
+        if data is None:
+            # One damaged row must not fail every listing that includes it.
+            data = {
+                "id": self.id,
+                "time": self.wall_time,
+                "method": self.method,
+                "path": self.path,
+                "status": self.status_code,
+                "duration_ms": self.duration_ms,
+                "warnings": ["the store's JSON of this trace cannot be read"],
+            }
         data["cursor"] = self.cursor
         return data
 
@@ -445,10 +458,7 @@ class TraceStore:
     def _load(self, cursor: int) -> dict[str, Any] | None:
         with self._read() as conn:
             row = conn.execute("SELECT data FROM traces WHERE cursor = ?", (cursor,)).fetchone()
-        if row is None:
-            return None
-        data: dict[str, Any] = json.loads(row[0])
-        return data
+        return None if row is None else _json_object(row[0])
 
     def wait(self, cursor: int, timeout: float | None = None) -> bool:
         """Poll until a trace newer than ``cursor`` is there (other processes
@@ -479,6 +489,19 @@ class TraceStore:
 
     def __repr__(self) -> str:
         return f"<TraceStore {self.path!r} max_traces={self.max_traces}>"
+
+
+def _json_object(text: object) -> dict[str, Any] | None:
+    """A row's JSON object, or ``None`` when it is not one (a damaged row,
+    or one some other program wrote).
+    """
+    if not isinstance(text, str | bytes):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
