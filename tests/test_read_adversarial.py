@@ -7,10 +7,12 @@ for a terminal.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -59,7 +61,7 @@ def tail_lines(count: int, *args: str) -> tuple[list[str], str]:
         assert proc.stdout is not None
         timer = threading.Timer(10, proc.terminate)
         timer.start()
-        lines = []
+        lines: list[str] = []
         try:
             while len(lines) < count and (line := proc.stdout.readline()):
                 lines.append(line)
@@ -307,3 +309,52 @@ def test_a_damaged_row_does_not_fail_the_listings_of_the_store(tmp_path: Path) -
     assert "Traceback" not in stderr
     result = wsgitrace_cli("show", listed[1]["id"], "--store", str(path))
     assert "Traceback" not in result.stderr
+
+
+# -- run's request log -----------------------------------------------------------
+
+
+def test_run_logs_a_path_with_bidi_controls_escaped(tmp_path: Path) -> None:
+    """``wsgitrace run`` logs each request's path decoded; an invisible bidi
+    control in it (which reorders what the terminal shows) is escaped, as
+    werkzeug escapes the C0 and C1 controls.
+    """
+    (tmp_path / "plainapp.py").write_text(
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'ok']\n"
+    )
+    err_path = tmp_path / "stderr.txt"
+    with (
+        err_path.open("wb") as err,
+        subprocess.Popen(
+            [sys.executable, "-m", "wsgitrace", "run", "plainapp:app", "--port", "0"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        ) as proc,
+    ):
+        try:
+            deadline = time.monotonic() + 10
+            while not (found := re.search(r"traced on http://127\.0\.0\.1:(\d+)", read(err_path))):
+                assert time.monotonic() < deadline, read(err_path)
+                assert proc.poll() is None, read(err_path)
+                time.sleep(0.05)
+            conn = http.client.HTTPConnection("127.0.0.1", int(found.group(1)), timeout=10)
+            conn.request("GET", "/a%E2%80%AEgnp.exe")
+            assert conn.getresponse().read() == b"ok"
+            conn.close()
+            while "gnp.exe" not in read(err_path):
+                assert time.monotonic() < deadline, read(err_path)
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    logged = read(err_path)
+    assert "\u202e" not in logged
+    assert "/a\\u202egnp.exe" in logged
+
+
+def read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "replace")

@@ -260,6 +260,14 @@ def _serve(
     )
 
     class RequestHandler(WSGIRequestHandler):
+        # werkzeug logs the path decoded, with C0 and C1 controls escaped;
+        # the bidi controls that reorder what a terminal shows are escaped
+        # too, as the viewers do (see wsgitrace.render.safe).
+        _control_char_table = {  # noqa: RUF012 - werkzeug's, declared without ClassVar
+            **WSGIRequestHandler._control_char_table,
+            **_BIDI_ESCAPES,
+        }
+
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             # No path when the request line could not be parsed (a 400).
             path = getattr(self, "path", "")
@@ -285,6 +293,21 @@ def _serve(
         return make_server(
             host, port, app, threaded=True, request_handler=RequestHandler, fd=sock.fileno()
         )
+
+
+#: The invisible bidi controls, escaped as ``\\u202e``.
+_BIDI_ESCAPES = {
+    code: f"\\u{code:04x}"
+    for code in (
+        0x061C,
+        0x200E,
+        0x200F,
+        0x2028,
+        0x2029,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}
 
 
 def _logged_path(handler: Any, path: str, redactor: Redactor) -> str:
