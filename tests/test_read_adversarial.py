@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.test import Client
 
 from wsgitrace import TraceMiddleware, _client
@@ -358,3 +359,35 @@ def test_run_logs_a_path_with_bidi_controls_escaped(tmp_path: Path) -> None:
 
 def read(path: Path) -> str:
     return path.read_bytes().decode("utf-8", "replace")
+
+
+# -- access ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["mot-de-passe-à", "Ångström-Å"])
+def test_a_token_ending_in_a_utf8_byte_python_calls_space_opens_the_endpoint(token: str) -> None:
+    """A token whose UTF-8 ends in 0x85 or 0xA0 (``à``, ``Å``) is matched:
+    the header (bytes as latin-1) is stripped of HTTP's spaces only, not of
+    what ``str.strip()`` takes for spaces.
+    """
+    middleware = TraceMiddleware(hello, endpoint=True, token=token)
+
+    def remote(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ["REMOTE_ADDR"] = "10.1.2.3"  # not loopback: the token is needed
+        return middleware(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, remote, threaded=True, request_handler=QuietHandler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert _client._Client(url, token=token).get()["schema"] == 1
+        with pytest.raises(_client._NotFoundError):
+            _client._Client(url, token=token[:-1]).get()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
     from .config import Options
 
+#: HTTP's optional whitespace around a header value's parts.
+_OWS = " \t"
+
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,11 +121,14 @@ class _AccessPolicy:
         (compared in constant time).
         """
         header = environ.get("HTTP_AUTHORIZATION") or ""
-        scheme, _, value = header.strip().partition(" ")
+        # Only HTTP's spaces and tabs are stripped: the header holds bytes as
+        # latin-1, and str.strip() would also take a trailing 0x85 or 0xA0,
+        # the last byte of a UTF-8 character such as "à", off the token.
+        scheme, _, value = header.strip(_OWS).partition(" ")
         if scheme.lower() != "bearer" or self._token_bytes is None:
             return False
         try:
-            given = value.strip().encode("latin-1")
+            given = value.strip(_OWS).encode("latin-1")
         except UnicodeEncodeError:
             return False
         return hmac.compare_digest(given, self._token_bytes)
