@@ -1711,6 +1711,50 @@ def test_run_shows_where_a_module_fails_to_import_its_dependency(tmp_path: Path)
     assert "import myapp" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("source", "spec", "doing", "last_line"),
+    [
+        (
+            "import os\n\nos.environ['WSGITRACE_NO_SUCH_VARIABLE']\n",
+            "appmod:app",
+            "importing 'appmod'",
+            "KeyError: 'WSGITRACE_NO_SUCH_VARIABLE'",
+        ),
+        (
+            "def create_app():\n    raise RuntimeError('no DATABASE_URL')\n",
+            "appmod:create_app",
+            "calling the app factory appmod:create_app",
+            "RuntimeError: no DATABASE_URL",
+        ),
+        ("def f(:\n    pass\n", "appmod:app", "importing 'appmod'", "SyntaxError: invalid syntax"),
+    ],
+)
+def test_run_shows_an_error_of_the_apps_own_code_without_its_own_frames(
+    tmp_path: Path, source: str, spec: str, doing: str, last_line: str
+) -> None:
+    """An error the app's module or factory raises is shown with the app's
+    frames only: no frames of click, wsgitrace or importlib around them.
+    """
+    (tmp_path / "appmod.py").write_text(source)
+    result = run_command("run", spec, "--port", "0", cwd=str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"Error: {doing} raised an error in the app's own code:"
+    assert lines[-1] == last_line
+    assert str(tmp_path / "appmod.py") in result.stderr
+    for elsewhere in ("click", "wsgitrace", "importlib"):
+        assert f"{os.sep}{elsewhere}{os.sep}" not in result.stderr, elsewhere
+
+
+@pytest.mark.parametrize("spec", [":app", " :create_app"])
+def test_run_refuses_a_spec_without_a_module(tmp_path: Path, spec: str) -> None:
+    """A spec with nothing before its ':' is a usage error, not a traceback."""
+    result = run_command("run", spec, "--port", "0", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "names no module: give one before the ':'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- demo -----------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -135,6 +136,28 @@ def _factory_call(attribute: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]
     return call.func.id, args, kwargs
 
 
+class _AppCodeError(click.ClickException):
+    """The app's own code raised while ``run`` imported it or called its
+    factory: the error with the app's frames only, not the importer's.
+    """
+
+    def __init__(self, doing: str, exc: BaseException) -> None:
+        tb = exc.__traceback__
+        while tb is not None and _not_app_code(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+        super().__init__(f"{doing} raised an error in the app's own code:\n{text}")
+
+
+def _not_app_code(filename: str) -> bool:
+    """Whether a traceback's frame is this module's or the import machinery's."""
+    return (
+        filename == __file__
+        or filename.startswith("<frozen importlib")
+        or os.path.dirname(filename) == os.path.dirname(importlib.__file__ or "")
+    )
+
+
 def load_app(spec: str) -> tuple[Any, str]:
     """Import ``module:attribute`` (or ``path/to/file.py:attribute``) and return
     the object it names (an app factory is called) and a label.
@@ -144,6 +167,9 @@ def load_app(spec: str) -> tuple[Any, str]:
     attribute may be a call with literal arguments: ``create_app("dev")``.
     """
     module_name, _, attribute = spec.partition(":")
+    if not module_name.strip():
+        msg = f"{spec!r} names no module: give one before the ':', such as myapp:app"
+        raise click.BadParameter(msg, param_hint="MODULE:APP")
     if module_name.endswith(".py") or os.sep in module_name:
         module_name = _import_path(module_name)
     elif os.getcwd() not in sys.path:
@@ -155,7 +181,9 @@ def load_app(spec: str) -> tuple[Any, str]:
         if exc.name and (module_name + ".").startswith(exc.name + "."):
             msg = f"cannot import {module_name!r}: {exc}"
             raise click.BadParameter(msg, param_hint="MODULE:APP") from None
-        raise
+        raise _AppCodeError(f"importing {module_name!r}", exc) from None
+    except Exception as exc:
+        raise _AppCodeError(f"importing {module_name!r}", exc) from None
     call = _factory_call(attribute)
     names = (
         [call[0] if call else attribute]
@@ -179,7 +207,10 @@ def load_app(spec: str) -> tuple[Any, str]:
             what = "without arguments" if not (args or kwargs) else "with these arguments"
             msg = f"{label} is not an app factory callable {what}: {obj!r}"
             raise click.BadParameter(msg, param_hint="MODULE:APP")
-        obj = obj(*args, **kwargs)
+        try:
+            obj = obj(*args, **kwargs)
+        except Exception as exc:
+            raise _AppCodeError(f"calling the app factory {label}", exc) from None
         label = f"{module_name}:{attribute.strip()}" if call is not None else label + "()"
     # A function that takes neither no arguments nor (environ,
     # start_response), such as ``create_app(config)``, would fail every request.
