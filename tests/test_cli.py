@@ -1839,6 +1839,32 @@ def test_tail_reads_the_store_named_by_the_environment(tmp_path: Path) -> None:
     assert f"cannot reach {url}/_trace" in result.stderr
 
 
+def test_tail_and_show_say_who_makes_a_missing_store(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """A store file that does not exist yet is explained (a traced app with
+    WSGITRACE_STORE makes it at its first trace), not blamed on an app that
+    is not running; tail waits for it and shows its traces once it exists.
+    """
+    from wsgitrace.store import TraceStore
+    from wsgitrace.trace import Trace
+
+    path = str(tmp_path / "traces.db")
+    expected = f"there is no trace store at {path!r} yet: an app traced with WSGITRACE_STORE"
+    result = run_command("show", "abc-1", "--store", path)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "is the app running" not in result.stderr
+    tail = cli("tail", "--json", "--store", path)
+    assert expected in tail.wait_for("no trace store", stream="err")
+    trace = Trace("GET", "/stored-later")
+    trace.finished = True
+    TraceStore(path).write([trace])
+    tail.wait_for("/stored-later")
+    assert tail.finish() == 0
+    assert "is the app running" not in tail.stderr
+
+
 def test_demo_once_with_the_console_script() -> None:
     """The installed wsgitrace script runs one demo round and exits by itself."""
     demo = Command(["demo", "--once", "--interval", "0", "--json"], script=True)

@@ -65,6 +65,10 @@ class _BusyError(_UnreachableError):
     """
 
 
+class _NoStoreError(_UnreachableError):
+    """The trace store file read by ``--store`` does not exist (yet)."""
+
+
 class _NotFoundError(Exception):
     """The server answered 404: endpoint off, refused, or no such trace."""
 
@@ -203,7 +207,9 @@ class _StoreClient:
             raise _BadAnswerError(exc.message) from None
         except StoreError as exc:
             text = str(exc)
-            if "locked" in text or "no wsgitrace trace store" in text:
+            if "no wsgitrace trace store" in text:
+                raise _NoStoreError(text) from None
+            if "locked" in text:
                 raise _UnreachableError(text) from None
             raise _BadAnswerError(text) from None
 
@@ -274,7 +280,19 @@ def _read_token(token: str | None, token_file: str | None) -> str | None:
 # -- following ------------------------------------------------------------------
 
 
+def _no_store_message(path: str) -> str:
+    """Why a store file is missing: it is made by the traced app, at its
+    first stored trace, not when the app starts.
+    """
+    return (
+        f"there is no trace store at {path!r} yet: an app traced with WSGITRACE_STORE"
+        " (or store=) set to this path makes it when it stores its first trace"
+    )
+
+
 def _unreachable_message(url: str, exc: _UnreachableError) -> str:
+    if isinstance(exc, _NoStoreError):
+        return f"{_no_store_message(url)}. Waiting for it (Ctrl-C to stop)."
     if isinstance(exc, _BusyError):
         return (
             f"{url} is busy ({exc}): other tails or dashboards hold all its reader"

@@ -55,6 +55,8 @@ from ._client import (
     _Client,
     _Follow,
     _make_client,
+    _no_store_message,
+    _NoStoreError,
     _NotFoundError,
     _read_token,
     _UnreachableError,
@@ -294,6 +296,8 @@ def show(
     try:
         data = client.get(trace_id)
         _check_trace(data)
+    except _NoStoreError:
+        _fail(_no_store_message(client.url))
     except _UnreachableError as exc:
         _fail(f"cannot reach {client.url} ({exc}); is the app running?")
     except _NotFoundError:
