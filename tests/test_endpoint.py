@@ -1296,6 +1296,28 @@ class TestReaderCap:
             time.sleep(0.05)
         assert reply.status == 200
 
+    @pytest.mark.parametrize("target", ["/_trace?since=0&wait=15", "/_trace/stream"])
+    def test_a_reader_that_hung_up_gives_its_slot_back_at_once(
+        self, serve: Callable[..., Served], target: str
+    ) -> None:
+        """A long-poll or stream whose client closed the connection (a tail
+        stopped with Ctrl-C) frees its slot within a moment, not at the end
+        of its wait: the next tail is not told the endpoint is busy.
+        """
+        served = serve(max_readers=1)
+        with socket.create_connection(("127.0.0.1", served.port)) as client:
+            client.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            if "stream" in target:
+                assert client.recv(100).startswith(b"HTTP/1.1 200")
+            else:
+                wait_for_a_waiter(served)
+            self.assert_busy(served.get("/_trace?since=0&wait=0.05"))
+        deadline = time.monotonic() + 5
+        while (reply := served.get("/_trace?since=0&wait=0.05")).status == 503:
+            assert time.monotonic() < deadline, "the departed reader kept its slot"
+            time.sleep(0.05)
+        assert reply.status == 200
+
     def test_a_stream_body_gives_its_slot_back_once_however_it_ends(self) -> None:
         """Closed, collected unclosed, or closed twice: the slot comes back
         exactly once (a second release would raise from the semaphore).
