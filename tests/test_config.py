@@ -187,6 +187,31 @@ class TestResolveOptions:
         assert option in message
         assert repr(bad) in message
 
+    @pytest.mark.parametrize(
+        ("option", "bad", "expected"),
+        [
+            ("max_traces", "abc", "expected a positive integer"),
+            ("max_bytes", "32MB", "expected a positive integer"),
+            ("max_bytes", "1.5", "expected a positive integer"),
+            ("max_events", None, "expected a positive integer"),
+            ("capture_logs", "lots", "expected a non-negative integer"),
+            ("sample", "half", "expected a rate between 0 and 1 or a callable"),
+            ("sample", None, "expected a rate between 0 and 1 or a callable"),
+        ],
+    )
+    def test_a_value_that_is_no_number_says_what_is_expected(
+        self, option: str, bad: Any, expected: str
+    ) -> None:
+        """A value that is not a number says what the option takes, not
+        Python's "invalid literal for int() with base 10".
+        """
+        with pytest.raises(ConfigurationError) as excinfo:
+            resolve_options({option: bad}, None, {})
+        message = str(excinfo.value)
+        assert f"({expected})" in message
+        assert "int()" not in message
+        assert "float" not in message
+
     def test_bad_config_and_environment_values_name_their_source(self) -> None:
         """The message says which config key or variable held the bad value."""
         with pytest.raises(ConfigurationError, match=re.escape("config WSGITRACE_SAMPLE: 'x'")):

@@ -60,7 +60,10 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         # int() would silently turn True into 1 and 1.5 into 1.
         raise ValueError("expected a positive integer")
-    number = int(value)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):  # not int()'s "invalid literal for int() with base 10"
+        raise ValueError("expected a positive integer") from None
     if number < 1:
         raise ValueError("expected a positive integer")
     return number
@@ -71,7 +74,10 @@ def _sample(value: Any) -> Any:
         return value
     if isinstance(value, bool):
         raise ValueError("expected a rate between 0 and 1 or a callable")
-    rate = float(value)
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a rate between 0 and 1 or a callable") from None
     if not 0.0 <= rate <= 1.0:
         raise ValueError("expected a rate between 0 and 1 or a callable")
     return rate
