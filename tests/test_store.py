@@ -698,3 +698,9 @@ def test_tail_store_refuses_a_newer_schema(db: str) -> None:
     assert result.returncode == 2
     assert "schema version 2" in result.stderr
     assert "Traceback" not in result.stderr
+    # The store's error names it: its path is said once, not twice.
+    assert result.stderr.count(db) == 1
+    result = run_cli("show", "abc-1", "--store", db)
+    assert result.returncode == 1
+    assert "schema version 2" in result.stderr
+    assert result.stderr.count(db) == 1

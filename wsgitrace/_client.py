@@ -237,6 +237,13 @@ def _read_body(response: Any, timeout: float) -> bytes:
     return b"".join(parts)
 
 
+def _bad_answer_message(client: _Client | _StoreClient, exc: _BadAnswerError) -> str:
+    """What is wrong with an answer, said once with where it came from: a
+    store's errors name the store already.
+    """
+    return str(exc) if isinstance(client, _StoreClient) else f"{client.url}: {exc}"
+
+
 def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
     if store is not None:
         return _StoreClient(store)
@@ -368,7 +375,7 @@ class _Follow:
                     view.message(_not_found_message(self.client.url), "bold red")
                     return 1
                 except _BadAnswerError as exc:
-                    view.message(f"{self.client.url}: {exc}", "bold red")
+                    view.message(_bad_answer_message(self.client, exc), "bold red")
                     return 2
                 if down:
                     view.message(f"reconnected to {self.client.url}", "green")

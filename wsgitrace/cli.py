@@ -52,6 +52,7 @@ from ._answers import _BadAnswerError, _check_trace
 from ._client import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
+    _bad_answer_message,
     _Client,
     _Follow,
     _make_client,
@@ -306,7 +307,7 @@ def show(
             " or the endpoint is off or refused this client."
         )
     except _BadAnswerError as exc:
-        _fail(f"{client.url}: {exc}")
+        _fail(_bad_answer_message(client, exc))
     if as_json:
         sys.stdout.write(json.dumps(data, ensure_ascii=True, indent=2) + "\n")
         return
