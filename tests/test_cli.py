@@ -616,6 +616,40 @@ def test_token_is_sent_as_utf8_and_never_echoed(
     assert f"cannot read the token file {str(missing)!r}" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["-v", "--json"])
+def test_tail_stops_quietly_when_its_reader_leaves(serve: Callable[..., Served], flag: str) -> None:
+    """``tail | head -1``: once the reader is gone, tail exits at its next
+    write, with no traceback and no closing count (which would miss what
+    went into the pipe).
+    """
+    served = serve()
+    assert served.get("/") == 200
+    served.last_id()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgitrace", "tail", flag, served.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=command_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()  # as head -1 does
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "tail kept running with no reader"
+            served.get("/api/v1/items/tea")
+            time.sleep(0.1)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert b"Traceback" not in stderr
+    assert b"shown" not in stderr
+
+
 def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> None:
     """Nothing listening: a clear message, then it keeps trying until Ctrl-C."""
     tail = cli("tail", f"http://127.0.0.1:{free_port()}")

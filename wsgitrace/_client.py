@@ -354,6 +354,7 @@ class _Follow:
         """Follow until :attr:`stop` is set; the exit status."""
         view = self.view
         down = False
+        closed = False
         view.start()
         try:
             while not self.stop.is_set():
@@ -382,9 +383,14 @@ class _Follow:
                     down = False
                 if page is not None:
                     self._show(page)
+        except BrokenPipeError:
+            # The reader of the output left (``| head -1``): stop quietly,
+            # as tail(1) does, without a count of traces it may not have had.
+            closed = True
+            raise
         finally:
             view.stop()
-            if self.instance is not None:
+            if self.instance is not None and not closed:
                 sinks = (
                     f"; its sinks (store, OTLP) did not get {self.sink_dropped}"
                     if self.sink_dropped

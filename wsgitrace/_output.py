@@ -15,7 +15,9 @@ stderr. Messages never read markup, and their text is escaped with
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from typing import Any
 
@@ -29,9 +31,20 @@ from .render import build_timeline, build_trace_table, safe
 from .trace import Trace
 
 
+class _Console(Console):
+    """rich's console, except that the output's reader leaving (``| head -1``)
+    raises :exc:`BrokenPipeError`, which the commands stop on quietly, rather
+    than rich's ``SystemExit`` from inside whatever was printing.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def _console(*, stderr: bool = False) -> Console:
     """A console on stdout or stderr that never highlights or reads markup."""
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+    return _Console(stderr=stderr, highlight=False, markup=False, emoji=False)
 
 
 def _watched(console: Console) -> bool:
