@@ -1548,6 +1548,8 @@ def test_run_says_when_it_cannot_listen(tmp_path: Path) -> None:
     assert f"wsgitrace: cannot listen on 127.0.0.1:{port}: Address already in use" in (
         result.stderr
     )
+    assert "another server has that port: stop it, or choose another with --port" in (result.stderr)
+    assert len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ and every message to stderr.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 import threading
@@ -101,6 +102,16 @@ def _filters(
         option = "--slow" if exc.param == "min_ms" else f"--{exc.param}"
         raise click.BadParameter(message, param_hint=option) from None
     return filters
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why ``run`` or ``demo`` cannot serve, with what to do when the port is
+    taken (as it often is: 5000 is also ``flask run``'s default).
+    """
+    message = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        message += "; another server has that port: stop it, or choose another with --port"
+    return message
 
 
 def _fail(message: str) -> NoReturn:
@@ -360,7 +371,7 @@ def run(app_spec: str, host: str, port: int, **flags: Any) -> None:
             redactor=middleware.redactor,
         )
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        _fail(_cannot_listen(host, port, exc))
     base = _base_url(host, server.port)
     err = _console(stderr=True)
     # Before the banner: a Ctrl-C as soon as it shows stops the server cleanly.
@@ -431,7 +442,7 @@ def demo(
             _EndpointFront(served, endpoint), "127.0.0.1", port, quiet=True, prefix=endpoint.prefix
         )
     except OSError as exc:
-        _fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}")
+        _fail(_cannot_listen("127.0.0.1", port, exc))
     base = _base_url("127.0.0.1", server.port)
     # As run's banner: the base URL finds the default prefix; another one
     # (WSGITRACE_PREFIX) must be given.
