@@ -1311,6 +1311,21 @@ def test_run_logs_the_apps_requests_but_not_the_endpoints(
     assert '"GET /_trace HTTP/1.1"' not in command.stderr
 
 
+def test_run_logs_requests_without_colours_to_a_pipe(
+    cli: Callable[..., Command], tmp_path: Path
+) -> None:
+    """werkzeug colours a logged request line by its status; run's stderr
+    going to a pipe or a file gets the line without escape sequences.
+    """
+    command, base = start_run(cli, "wsgitrace.demo_app:create_app", cwd=tmp_path)
+    assert fetch(base + "/missing")[0] == 404
+    assert fetch(base + "/boom")[0] == 500
+    assert command.finish() == 0
+    assert '"GET /missing HTTP/1.1" 404' in command.stderr
+    assert '"GET /boom HTTP/1.1" 500' in command.stderr
+    assert "\x1b" not in command.stderr
+
+
 def test_run_calls_an_app_factory(cli: Callable[..., Command], tmp_path: Path) -> None:
     """Without an attribute, run finds create_app, calls it, and traces the Flask app."""
     (tmp_path / "factoryapp.py").write_text(

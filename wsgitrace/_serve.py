@@ -18,6 +18,7 @@ import ast
 import importlib
 import inspect
 import os
+import re
 import socket
 import sys
 import threading
@@ -299,6 +300,13 @@ def _serve(
             **_BIDI_ESCAPES,
         }
 
+        def log(self, type: str, message: str, *args: Any) -> None:
+            # werkzeug colours a request's line by its status even in a file
+            # or a pipe; only a terminal gets the colours.
+            if not _is_terminal(sys.stderr):
+                args = tuple(_STYLE_RE.sub("", a) if isinstance(a, str) else a for a in args)
+            super().log(type, message, *args)
+
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             # No path when the request line could not be parsed (a 400).
             path = getattr(self, "path", "")
@@ -339,6 +347,16 @@ _BIDI_ESCAPES = {
         *range(0x2066, 0x206A),
     )
 }
+
+#: The SGR sequences werkzeug colours a logged request line with.
+_STYLE_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _logged_path(handler: Any, path: str, redactor: Redactor) -> str:
