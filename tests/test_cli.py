@@ -650,6 +650,18 @@ def test_tail_stops_quietly_when_its_reader_leaves(serve: Callable[..., Served],
     assert b"shown" not in stderr
 
 
+@pytest.mark.parametrize("command", ["tail", "show"])
+@pytest.mark.parametrize("port", ["5000", ":5000"])
+def test_a_port_alone_is_not_taken_for_a_host(command: str, port: str) -> None:
+    """``tail 5000`` is a usage error naming the URL meant, not a request to
+    a host named 5000 (which is an IP address, 0.0.19.136).
+    """
+    args = [command, port] if command == "tail" else [command, "abc-1", port]
+    result = run_command(*args)
+    assert result.returncode == 2
+    assert f"{port!r} is a port, not a URL: give http://127.0.0.1:5000" in result.stderr
+
+
 def test_tail_waits_for_an_unreachable_server(cli: Callable[..., Command]) -> None:
     """Nothing listening: a clear message, then it keeps trying until Ctrl-C."""
     tail = cli("tail", f"http://127.0.0.1:{free_port()}")
