@@ -174,7 +174,9 @@ OPTION_SPECS: dict[str, _Spec] = {
     "max_readers": _Spec(
         _positive_int, 3, "Long-polls and streams served at once; more get a 503."
     ),
-    "trust_forwarded": _Spec(_bool, False, "Use X-Forwarded-For for the client address."),
+    "trust_forwarded": _Spec(
+        _bool, False, "Use X-Forwarded-For for the client address of the endpoint's access check."
+    ),
     "store": _Spec(_optional_str, None, "SQLite file shared by the worker processes of one host."),
     "store_max_traces": _Spec(_positive_int, 10_000, "Traces kept in the store."),
     "store_max_bytes": _Spec(
