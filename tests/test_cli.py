@@ -1833,18 +1833,31 @@ def test_demo_shows_traffic_and_exits_0_on_ctrl_c(cli: Callable[..., Command]) -
     assert re.search(r"\d+ traces shown, \d+ missed \(evicted before they were read\)", demo.stderr)
 
 
-def test_demo_follows_the_endpoint_under_another_prefix() -> None:
+def test_demo_follows_the_endpoint_under_another_prefix(cli: Callable[..., Command]) -> None:
     """With WSGITRACE_PREFIX set, demo reads its traces under that prefix
     (not a 404 from /_trace), and the tail command it suggests has it too.
     """
-    result = run_command(
-        "demo", "--once", "--interval", "0", "--json", env=command_env(WSGITRACE_PREFIX="/_dbg")
+    demo = cli(
+        "demo",
+        *("--requests", str(len(DEMO_ROUND)), "--interval", "0", "--json"),
+        env=command_env(WSGITRACE_PREFIX="/_dbg"),
     )
-    assert result.returncode == 0, result.stderr
-    assert [line["path"] for line in json_lines(result.stdout)][-1] == "/boom"
-    found = re.search(r"wsgitrace tail -v (\S+)", result.stderr)
-    assert found is not None, result.stderr
+    demo.wait_for('"/boom"')
+    found = re.search(r"wsgitrace tail -v (\S+)", demo.wait_for("Ctrl-C", stream="err"))
+    assert demo.finish() == 0
+    assert found is not None, demo.stderr
     assert found.group(1).endswith("/_dbg")
+
+
+def test_demo_once_points_nowhere_it_will_not_be() -> None:
+    """demo --once stops by itself, server and all: its banner suggests no
+    tail or show against it, and no Ctrl-C.
+    """
+    result = run_command("demo", "--once", "--interval", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "sending it one round of requests; it stops once they are shown" in result.stderr
+    assert "wsgitrace tail" not in result.stderr
+    assert "Ctrl-C" not in result.stderr
 
 
 def test_demo_says_its_traffic_goes_to_a_store_set_in_the_shell(tmp_path: Path) -> None:

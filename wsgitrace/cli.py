@@ -479,11 +479,15 @@ def demo(
             view.message(TRACING_OFF, "bold yellow")
         elif sinks := _sinks_line(middleware.options):
             view.message(sinks, "yellow")
-        view.message(
-            f"sending it requests; in another terminal try  wsgitrace tail -v {url}"
-            f"  (it shows trace IDs) or  wsgitrace show ID {url}   (Ctrl-C to stop)",
-            "dim",
-        )
+        if once:
+            # The server stops with the demo: nothing to point another terminal at.
+            view.message("sending it one round of requests; it stops once they are shown", "dim")
+        else:
+            view.message(
+                f"sending it requests; in another terminal try  wsgitrace tail -v {url}"
+                f"  (it shows trace IDs) or  wsgitrace show ID {url}   (Ctrl-C to stop)",
+                "dim",
+            )
         traffic_thread.start()
         code = follow.run()
     except KeyboardInterrupt:
