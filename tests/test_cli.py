@@ -1644,6 +1644,37 @@ def test_a_bad_setting_is_a_message_not_a_traceback(
     assert repr(value) in line
 
 
+@pytest.mark.parametrize(
+    ("source", "spec"),
+    [
+        (
+            "from wsgitrace.demo_app import create_app\nfrom wsgitrace.flask import FlaskTrace\n"
+            "app = create_app()\nFlaskTrace(app)\n",
+            "selftraced:app",
+        ),
+        (
+            "from wsgitrace.demo_app import create_app as make\n"
+            "from wsgitrace.flask import FlaskTrace\n\n"
+            "def create_app():\n    app = make()\n    FlaskTrace(app)\n    return app\n",
+            "selftraced:create_app",
+        ),
+    ],
+)
+def test_a_bad_setting_for_an_app_that_traces_itself_is_a_message_too(
+    tmp_path: Path, source: str, spec: str
+) -> None:
+    """A WSGITRACE_* value the app's own FlaskTrace(app) cannot use (at import
+    or in its factory) is wsgitrace's one-line message, not the app's error.
+    """
+    (tmp_path / "selftraced.py").write_text(source)
+    env = command_env(WSGITRACE_SAMPLE="often")
+    result = run_command("run", spec, "--port", "0", cwd=str(tmp_path), env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("wsgitrace: bad value for environment variable WSGITRACE_SAMPLE")
+
+
 def test_tail_json_counts_a_line_printed_as_it_is_interrupted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

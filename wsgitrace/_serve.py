@@ -34,6 +34,7 @@ import click
 
 from ._client import _NoRedirect
 from .endpoint import TraceEndpoint
+from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -183,6 +184,8 @@ def load_app(spec: str) -> tuple[Any, str]:
             msg = f"cannot import {module_name!r}: {exc}"
             raise click.BadParameter(msg, param_hint="MODULE:APP") from None
         raise _AppCodeError(f"importing {module_name!r}", exc) from None
+    except ConfigurationError:
+        raise  # a WSGITRACE_* setting the app's own FlaskTrace(app) cannot use: one line
     except Exception as exc:
         raise _AppCodeError(f"importing {module_name!r}", exc) from None
     call = _factory_call(attribute)
@@ -210,6 +213,8 @@ def load_app(spec: str) -> tuple[Any, str]:
             raise click.BadParameter(msg, param_hint="MODULE:APP")
         try:
             obj = obj(*args, **kwargs)
+        except ConfigurationError:
+            raise
         except Exception as exc:
             raise _AppCodeError(f"calling the app factory {label}", exc) from None
         label = f"{module_name}:{attribute.strip()}" if call is not None else label + "()"
