@@ -401,6 +401,8 @@ def test_tail_reconnects_and_resumes_after_a_restart(
     assert [line["path"] for line in json_lines(output)] == ["/before-restart", "/after-restart"]
     assert "reconnected" in tail.stderr
     assert "restarted" in tail.stderr
+    # In the order they happened: back in touch, then a new process found.
+    assert tail.stderr.index("reconnected") < tail.stderr.index("restarted"), tail.stderr
 
 
 @pytest.mark.parametrize(

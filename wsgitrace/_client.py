@@ -354,6 +354,8 @@ class _Follow:
     # restarted server (whose cursors may have passed ours) is seen now, not
     # after a long-poll on cursors of the old process.
     _check_first: bool = False
+    # The last poll found a new server process: said after "reconnected".
+    _restarted: bool = False
 
     def run(self) -> int:
         """Follow until :attr:`stop` is set; the exit status."""
@@ -386,6 +388,12 @@ class _Follow:
                 if down:
                     view.message(f"reconnected to {self.client.url}", "green")
                     down = False
+                if self._restarted:
+                    self._restarted = False
+                    view.message(
+                        "the server restarted; following the new process from its first trace",
+                        "yellow",
+                    )
                 if page is not None:
                     self._show(page)
         except BrokenPipeError:
@@ -438,9 +446,7 @@ class _Follow:
         self._check_first = False
         instance = page.get("instance")
         if self.instance is not None and instance != self.instance:
-            self.view.message(
-                "the server restarted; following the new process from its first trace", "yellow"
-            )
+            self._restarted = True
             self.instance = instance
             self.cursor = 0
             self.dropped = None
