@@ -358,6 +358,7 @@ _STYLE_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (a person reads it), safely."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or closed
