@@ -282,7 +282,7 @@ def test_reading_an_empty_file_does_not_make_it_a_store(tmp_path: Path) -> None:
     path.touch()
     result = wsgitrace_cli("show", "abc", "--store", str(path))
     assert result.returncode == 1
-    assert "no wsgitrace trace store" in result.stderr
+    assert "no trace store at" in result.stderr
     assert path.stat().st_size == 0
 
 
