@@ -161,6 +161,19 @@ class TestSetUp:
         ext.init_app(app)
         assert repr(ext) == f"<FlaskTrace {app.name!r}>"
 
+    def test_middleware_of_an_app_gone_says_so(self) -> None:
+        """Once the app is garbage-collected, ``ext.middleware`` says the
+        app is gone (not to call init_app), and its traces stay readable.
+        """
+        app = simple_app()
+        ext = FlaskTrace(app)
+        assert fetch(app)[0] == "200 OK"
+        del app
+        gc.collect()
+        with pytest.raises(RuntimeError, match="no longer exists"):
+            _ = ext.middleware
+        assert len(ext.buffer) == 1
+
     def test_factory_pattern(self) -> None:
         """ext = FlaskTrace(); ext.init_app(app) inside a factory works the same."""
         ext = FlaskTrace(max_events=100)

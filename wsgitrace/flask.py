@@ -143,6 +143,12 @@ class FlaskTrace:
     def middleware(self) -> TraceMiddleware:
         """The middleware of the (single or last) app initialised."""
         tracers = list(self._tracers.values())
+        if not tracers and self._last_buffer is not None:
+            msg = (
+                "the app FlaskTrace was initialised with no longer exists"
+                " (FlaskTrace holds apps weakly); its traces are still in .buffer"
+            )
+            raise RuntimeError(msg)
         if not tracers:
             msg = "FlaskTrace.middleware is made by init_app(app); call it first"
             raise RuntimeError(msg)
