@@ -48,7 +48,11 @@ def fetch_tests(workdir: Path) -> Path:
         archive.extractall(workdir, filter="data")
     source = workdir / f"flask-{version}"
     conftest = source / "tests" / "conftest.py"
-    # pytest 9 renamed _pytest.monkeypatch.notset; Flask 3.1's tests use the old name.
+    import _pytest.monkeypatch
+
+    if hasattr(_pytest.monkeypatch, "notset"):
+        return source  # the name Flask 3.1's tests use is still there
+    # Newer pytest renamed _pytest.monkeypatch.notset to NOTSET.
     text = conftest.read_text(encoding="utf-8")
     conftest.write_text(text.replace("monkeypatch.notset", "monkeypatch.NOTSET"))
     for path in (source / "tests").glob("test_*.py"):
