@@ -71,6 +71,16 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             trace.record("url_match", "url_match", now, now, attrs)
             return
         rule = req.url_rule
+        if req.environ.get("wsgitrace.trace") is not trace:
+            # A request context the app made inside this request (a
+            # test_request_context it dispatches itself): its URL is not
+            # this request's, and is only noted on its event.
+            limit = tracer.max_string
+            attrs = {} if rule is None else {"endpoint": _view_arg(rule.endpoint, limit)}
+            if rule is not None:
+                attrs["rule"] = cut(rule.rule, limit)
+            trace.record("url_match", "url_match", now, now, attrs)
+            return
         if rule is not None:
             endpoint = rule.endpoint
             trace.endpoint = endpoint if type(endpoint) is str else str(endpoint)

@@ -1,0 +1,103 @@
+"""FlaskTrace against unusual but legitimate uses of Flask: each scenario runs
+on two apps built by one factory, one plain and one traced, and asserts the
+same responses (or exceptions) and the same hook runs, then what the trace
+says about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, request
+
+from wsgitrace.flask import FlaskTrace
+from wsgitrace.trace import Trace
+
+#: A response as the client saw it, or the type and text of what was raised.
+Outcome = tuple[Any, ...]
+Factory = Callable[[list[Any]], Flask]
+
+
+def serve(app: Flask, path: str, method: str = "GET") -> Outcome:
+    """One request through the test client: status, headers and body, or
+    the type and message of the exception that came out of the app.
+    """
+    try:
+        response = app.test_client().open(path, method=method)
+    except Exception as exc:
+        return ("raised", type(exc).__name__, str(exc))
+    try:
+        return response.status, sorted(response.headers.items()), response.get_data()
+    finally:
+        response.close()
+
+
+def plain_and_traced(
+    factory: Factory, path: str, method: str = "GET", **config: Any
+) -> tuple[Outcome, list[Any], Trace]:
+    """Serve ``path`` on a plain and a traced app made by ``factory``
+    (which logs what the app's code saw into the list it is given); assert
+    the same outcome and log, and return them with the trace.
+    """
+    results = []
+    for traced in (False, True):
+        log: list[Any] = []
+        app = factory(log)
+        app.config.update(config)
+        ext = FlaskTrace(app) if traced else None
+        results.append((serve(app, path, method), log, ext))
+    (plain, plain_log, _), (outcome, log, ext) = results
+    assert outcome == plain
+    assert log == plain_log
+    assert ext is not None
+    trace = ext.buffer.last
+    assert trace is not None
+    return outcome, log, trace
+
+
+# -- a request dispatched inside another ----------------------------------------
+
+
+def nested_dispatch_app(log: list[Any]) -> Flask:
+    """``/outer/<n>`` dispatches ``/reset/<token>`` itself, through a test
+    request context, as batch endpoints and internal redirects do.
+    """
+    app = Flask(__name__)
+
+    @app.before_request
+    def note_path() -> None:
+        log.append(request.path)
+
+    @app.route("/outer/<int:n>")
+    def outer(n: int) -> str:
+        with app.test_request_context("/reset/s3cr3t-value"):
+            inner = app.full_dispatch_request()
+        return f"outer {n}: {inner.get_data(as_text=True)}"
+
+    @app.route("/reset/<token>")
+    def reset(token: str) -> str:
+        return "reset"
+
+    return app
+
+
+def test_a_request_dispatched_inside_another_leaves_the_outer_ones_url() -> None:
+    """The trace is the outer request's: its endpoint, rule, view arguments
+    and path stay the outer ones (not the inner URL's, whose secret view
+    argument must not redact a segment of the outer path); both dispatches'
+    hooks are listed.
+    """
+    outcome, log, trace = plain_and_traced(nested_dispatch_app, "/outer/5")
+    assert outcome[2] == b"outer 5: reset"
+    assert log == ["/outer/5", "/reset/s3cr3t-value"]
+    assert (trace.endpoint, trace.rule, trace.view_args) == ("outer", "/outer/<int:n>", {"n": 5})
+    assert trace.path == "/outer/5"
+    assert trace.hooks() == [
+        "before_request:note_path",
+        "view:outer",
+        "before_request:note_path",
+        "view:reset",
+    ]
+    inner = trace.find(kind="url_match")[1]
+    assert inner.attrs == {"endpoint": "reset", "rule": "/reset/<token>"}
