@@ -6,10 +6,12 @@ says about them.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, g, request, session
 
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.trace import Trace
@@ -101,3 +103,66 @@ def test_a_request_dispatched_inside_another_leaves_the_outer_ones_url() -> None
     ]
     inner = trace.find(kind="url_match")[1]
     assert inner.attrs == {"endpoint": "reset", "rule": "/reset/<token>"}
+
+
+# -- work left running in a copy of the request's context ----------------------
+
+
+def background_job_app(log: list[Any], release: threading.Event) -> Flask:
+    """A view that starts a job in a copy of its context (as
+    ``asyncio.to_thread`` and executors that copy contextvars do); the job
+    waits for ``release``, then uses an app context and a request context
+    of its own.
+    """
+    app = Flask(__name__)
+    app.secret_key = "not a secret"
+
+    @app.teardown_appcontext
+    def release_db(exc: BaseException | None) -> None:
+        log.append("release_db")
+
+    @app.route("/")
+    def start() -> str:
+        g.user = "ann"
+        session["cart"] = 1
+
+        def job() -> None:
+            release.wait(5)
+            with app.app_context():
+                g.job = "background"
+            with app.test_request_context("/"):
+                session["job"] = 2
+                app.do_teardown_request(None)
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(job,))
+        log.append(thread)
+        thread.start()
+        return "started"
+
+    return app
+
+
+def test_a_job_left_running_in_the_request_context_does_not_rewrite_its_trace() -> None:
+    """The trace keeps the request's own ``g`` and session keys: the app and
+    request contexts a job opens later on another thread (in a copy of the
+    request's contextvars, so the trace is current there) are not the
+    request's, and a finished trace is no longer written to.
+    """
+    release = threading.Event()
+    log: list[Any] = []
+    app = background_job_app(log, release)
+    ext = FlaskTrace(app)
+    assert serve(app, "/")[2] == b"started"
+    trace = ext.buffer.last
+    assert trace is not None
+    assert trace.finished
+    before = trace.to_dict()
+    assert (trace.g, trace.session_keys) == ({"user": "'ann'"}, ["cart"])
+    release.set()
+    log[0].join(5)
+    assert log[1:] == ["release_db", "release_db"]
+    assert (trace.g, trace.session_keys) == ({"user": "'ann'"}, ["cart"])
+    # What the job's hooks would have added is dropped, and only counted.
+    after = trace.to_dict()
+    assert after.pop("dropped_events") > before.pop("dropped_events") == 0
+    assert after == before

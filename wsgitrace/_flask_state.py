@@ -16,6 +16,7 @@ once, cut, and never fails.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -38,6 +39,7 @@ _NO_G: dict[str, Any] = {}
 # Bound once (see wsgitrace.context): Flask's request and app context variables.
 _get_request_ctx = _cv_request.get
 _get_app_ctx = _cv_app.get
+_get_ident = threading.get_ident
 
 _URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
 
@@ -329,11 +331,12 @@ def _redact_cut_value(path: str, forms: set[str], inside: bool) -> str:
 
 def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
     """Keep the session's keys (and, when enabled, its values, redacted)
-    without marking the session accessed.
+    without marking the session accessed. Only on the request's own thread
+    (see :func:`_snapshot_g`).
     """
     try:
         ctx = _get_request_ctx(None)
-        if ctx is None:
+        if ctx is None or _get_ident() != trace.thread:
             return
         # Flask 3.1 keeps it in ``_session`` behind a property that marks
         # it accessed; Flask 3.0 in a plain ``session`` attribute.
@@ -413,10 +416,15 @@ def _make_scrubber(
 
 
 def _snapshot_g(tracer: _AppTracer, trace: Trace) -> None:
-    """Keep ``g``'s keys with safe, cut reprs of its values."""
+    """Keep ``g``'s keys with safe, cut reprs of its values.
+
+    Only on the request's own thread: another thread whose context is a
+    copy of the request's (a job the view started) tears down contexts of
+    its own, maybe after the trace finished.
+    """
     try:
         app_ctx = _get_app_ctx(None)
-        if app_ctx is None:
+        if app_ctx is None or _get_ident() != trace.thread:
             return
         g_dict = getattr(app_ctx.g, "__dict__", _NO_G)
         if not g_dict:
