@@ -7,6 +7,7 @@ says about them.
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -166,3 +167,68 @@ def test_a_job_left_running_in_the_request_context_does_not_rewrite_its_trace() 
     after = trace.to_dict()
     assert after.pop("dropped_events") > before.pop("dropped_events") == 0
     assert after == before
+
+
+# -- what the app logs ----------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    """Keeps what Flask's default log format shows of each record, and where
+    the record says it was made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Any, ...]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = (record.pathname, record.module, record.funcName, record.lineno)
+        self.seen.append((record.levelname, record.getMessage(), *where))
+
+
+def failing_after_request_app(log: list[Any]) -> Flask:
+    """An after_request hook that fails, also for the 500 response Flask
+    makes of its error: Flask logs the error, then that finalizing failed.
+    """
+    app = Flask(__name__)
+
+    @app.after_request
+    def stamp(response: Any) -> Any:
+        log.append(response.status_code)
+        raise RuntimeError("stamp failed")
+
+    @app.route("/")
+    def index() -> str:
+        return "index"
+
+    return app
+
+
+def test_flasks_error_log_records_say_they_come_from_flask() -> None:
+    """Flask's "Request finalizing failed" record names Flask's module,
+    method and line, as without tracing: Flask's default log format
+    (``ERROR in app: ...``) and log processors show where a record was made.
+    """
+    seen = []
+    for traced in (False, True):
+        log: list[Any] = []
+        app = failing_after_request_app(log)
+        records = _Records()
+        app.logger.addHandler(records)
+        app.logger.propagate = False
+        if traced:
+            FlaskTrace(app)
+        try:
+            assert serve(app, "/")[0] == "500 INTERNAL SERVER ERROR"
+        finally:
+            app.logger.removeHandler(records)
+            app.logger.propagate = True
+        assert log == [200, 500]
+        seen.append(records.seen)
+    plain, traced_records = seen
+    assert [r[1] for r in plain] == [
+        "Exception on / [GET]",
+        "Request finalizing failed with an error while handling an error",
+    ]
+    assert [r[3:5] for r in plain] == [("app", "log_exception"), ("app", "finalize_request")]
+    assert traced_records == plain

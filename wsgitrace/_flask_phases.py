@@ -11,6 +11,8 @@ Flask 3.0/3.1 method of the same name, recording every hook through
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import weakref
@@ -260,10 +262,38 @@ def _make_finalize_request(app: Flask, tracer: _AppTracer) -> Callable[..., flas
         except Exception:
             if not from_error_handler:
                 raise
-            app.logger.exception("Request finalizing failed with an error while handling an error")
+            _log_finalizing_failed()(app)
         return response
 
     return finalize_request
+
+
+_FINALIZING_FAILED = "Request finalizing failed with an error while handling an error"
+
+
+@functools.cache
+def _log_finalizing_failed() -> Callable[[Flask], None]:
+    """Logs Flask's record of a failed finalizing (in the except block that
+    caught the error) from a frame that reads as the line of
+    ``Flask.finalize_request`` that logs it: a record says where it was
+    made, and Flask's default log format shows it (``ERROR in app: ...``).
+    Made on first use, from Flask's source.
+    """
+
+    def finalize_request(self: Flask) -> None:
+        self.logger.exception(_FINALIZING_FAILED)
+
+    try:
+        own = Flask.finalize_request
+        lines, first = inspect.getsourcelines(own)
+        line = first + next(i for i, text in enumerate(lines) if ".logger.exception(" in text)
+        # The call is on the line after the def: moved onto Flask's line.
+        code = finalize_request.__code__.replace(
+            co_filename=own.__code__.co_filename, co_firstlineno=line - 1
+        )
+        return FunctionType(code, finalize_request.__globals__)
+    except Exception:  # no source (a frozen app): logged from here
+        return finalize_request
 
 
 def _make_process_response(app: Flask, tracer: _AppTracer) -> Callable[[Any], Any]:
