@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, g, request, session
+import pytest
+from flask import Flask, Response, g, request, session
 
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.trace import Trace
@@ -232,3 +233,64 @@ def test_flasks_error_log_records_say_they_come_from_flask() -> None:
     ]
     assert [r[3:5] for r in plain] == [("app", "log_exception"), ("app", "finalize_request")]
     assert traced_records == plain
+
+
+# -- full_dispatch_request replaced ---------------------------------------------
+
+
+class TransactionFlask(Flask):
+    """Wraps each dispatch, as apps do to open a transaction per request."""
+
+    def full_dispatch_request(self) -> Response:
+        g.transaction = "open"
+        return super().full_dispatch_request()
+
+
+def reset_app(log: list[Any], app_class: type[Flask] = Flask) -> Flask:
+    app = app_class(__name__)
+
+    @app.before_request
+    def note_endpoint() -> None:
+        log.append(request.endpoint)
+
+    @app.route("/reset/<token>")
+    def reset(token: str) -> str:
+        return "reset"
+
+    return app
+
+
+@pytest.mark.parametrize("how", ["subclass", "patched after init_app"])
+def test_the_url_match_is_kept_when_full_dispatch_request_is_not_flasks(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full_dispatch_request of the app's class or of an agent (Dynatrace's
+    patches Flask's) still runs the phases it calls, and the trace still
+    gets the URL match: the endpoint, rule and view arguments, and the path
+    with its secret view argument redacted.
+    """
+    own = Flask.full_dispatch_request
+    patched: list[str] = []
+
+    def agent(self: Flask) -> Response:
+        patched.append(request.path)
+        return own(self)
+
+    log: list[Any] = []
+    app = reset_app(log, TransactionFlask if how == "subclass" else Flask)
+    ext = FlaskTrace(app)
+    if how == "subclass":
+        assert ext.skipped == ["full_dispatch_request"]
+    else:
+        monkeypatch.setattr(Flask, "full_dispatch_request", agent)
+    assert serve(app, "/reset/s3cr3t-t0ken")[2] == b"reset"
+    assert log == ["reset"]
+    assert patched == ([] if how == "subclass" else ["/reset/s3cr3t-t0ken"])
+    trace = ext.buffer.last
+    assert trace is not None
+    assert (trace.endpoint, trace.rule) == ("reset", "/reset/<token>")
+    assert trace.view_args == {"token": "[redacted]"}
+    assert trace.path == "/reset/[redacted]"
+    assert "s3cr3t" not in trace.to_json()
+    assert trace.hooks() == ["before_request:note_endpoint", "view:reset"]
+    assert len(trace.find(kind="url_match")) == 1

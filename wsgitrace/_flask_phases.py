@@ -133,9 +133,13 @@ def _make_full_dispatch_request(app: Flask, tracer: _AppTracer) -> Callable[[], 
     def full_dispatch_request() -> flask.Response:
         app: Flask = app_ref()  # type: ignore[assignment]
         trace = _get_trace()
-        if trace is None or trace._limits is not limits or cls.full_dispatch_request is not own:
+        if trace is None or trace._limits is not limits:
             return cls.full_dispatch_request(app)
         _record_url_match(tracer, trace)
+        if cls.full_dispatch_request is not own:
+            # Patched since (an agent's wrapper): it runs, and calls the
+            # phases; the URL match, which redacts the path, is made here.
+            return cls.full_dispatch_request(app)
         app._got_first_request = True
         try:
             send_signal(trace, app, request_started, started_key)
@@ -157,6 +161,9 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
     run_hook = tracer.run_hook
     url_value_keys = tracer.hook_cache("url_value_preprocessor")
     before_keys = tracer.hook_cache("before_request")
+    # The class's own full_dispatch_request (see _install_phases) does not
+    # record the URL match, which redacts the path: it is made here.
+    match_here = "full_dispatch_request" in tracer.skipped
 
     def preprocess_request() -> Any:
         app: Flask = app_ref()  # type: ignore[assignment]
@@ -169,6 +176,8 @@ def _make_preprocess_request(app: Flask, tracer: _AppTracer) -> Callable[[], Any
             or cls.preprocess_request is not own
         ):
             return cls.preprocess_request(app)
+        if match_here:
+            _record_url_match(tracer, trace)
         request = ctx.request
         names = (None, *reversed(request.blueprints))
         g_dict = getattr(_get_app_ctx().g, "__dict__", _NO_G)
