@@ -294,3 +294,36 @@ def test_the_url_match_is_kept_when_full_dispatch_request_is_not_flasks(
     assert "s3cr3t" not in trace.to_json()
     assert trace.hooks() == ["before_request:note_endpoint", "view:reset"]
     assert len(trace.find(kind="url_match")) == 1
+
+
+def test_the_url_match_is_kept_when_an_agent_patched_every_dispatch_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent that patched Flask's dispatch methods before the app was
+    traced (ddtrace patches its whole request lifecycle at import) leaves no
+    phase to wsgitrace; the URL match is still recorded, so that the
+    trace's path never holds a secret view argument.
+    """
+    calls: list[str] = []
+    for name in ("full_dispatch_request", "preprocess_request", "dispatch_request"):
+        own = getattr(Flask, name)
+
+        def agent(self: Flask, *args: Any, own: Any = own, name: str = name) -> Any:
+            calls.append(name)
+            return own(self, *args)
+
+        monkeypatch.setattr(Flask, name, agent)
+    log: list[Any] = []
+    app = reset_app(log)
+    ext = FlaskTrace(app)
+    assert ext.skipped == ["full_dispatch_request", "preprocess_request", "dispatch_request"]
+    assert serve(app, "/reset/s3cr3t-t0ken")[2] == b"reset"
+    assert calls == ["full_dispatch_request", "preprocess_request", "dispatch_request"]
+    trace = ext.buffer.last
+    assert trace is not None
+    assert (trace.endpoint, trace.view_args) == ("reset", {"token": "[redacted]"})
+    assert trace.path == "/reset/[redacted]"
+    assert len(trace.find(kind="url_match")) == 1
+    # A request that is not traced is left alone.
+    with app.test_request_context("/reset/other"):
+        assert app.full_dispatch_request().get_data() == b"reset"

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from flask import signals
 
-from ._flask_state import _request_environ_secrets, _scrubber, redact_request_path
+from ._flask_state import (
+    _record_url_match,
+    _request_environ_secrets,
+    _scrubber,
+    redact_request_path,
+)
 from ._internal import report_internal_error
 from .context import _get_trace
 from .trace import HOOK_KINDS, Trace, cut, format_error
@@ -131,6 +136,15 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
         (signals.template_rendered, _on_template_rendered),
         (signals.message_flashed, _on_message_flashed),
     ]
+    if "full_dispatch_request" in tracer.skipped and "preprocess_request" in tracer.skipped:
+        # No phase of wsgitrace's records the URL match (an agent patched
+        # both, or this Flask is not mirrored): it redacts the trace's path.
+        def _on_request_started(sender: Any, **_: Any) -> None:
+            trace = _get_trace()
+            if trace is not None and trace._limits is limits:
+                _record_url_match(tracer, trace)
+
+        pairs.append((signals.request_started, _on_request_started))
     for signal, receiver in pairs:
         signal.connect(receiver, sender=app, weak=False)
     tracer.receivers = pairs
