@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Flask, Response, g, request, session
+from flask import Flask, Response, abort, g, request, session, signals
+from flask.sessions import SecureCookieSessionInterface, SessionMixin
 
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.trace import Trace
@@ -327,3 +328,58 @@ def test_the_url_match_is_kept_when_an_agent_patched_every_dispatch_method(
     # A request that is not traced is left alone.
     with app.test_request_context("/reset/other"):
         assert app.full_dispatch_request().get_data() == b"reset"
+
+
+# -- where an unhandled error came from -----------------------------------------
+
+
+class _FailingSave(SecureCookieSessionInterface):
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        raise ConnectionError("session store down")
+
+
+def _failing_receiver(sender: Flask, **_: Any) -> None:
+    raise ConnectionError("metrics down")
+
+
+def failing_outside_hooks_app(log: list[Any], source: str) -> Flask:
+    """A request whose error comes from no hook and no view: the session
+    store, or a request_finished receiver after a before_request answered.
+    """
+    app = Flask(__name__)
+    app.secret_key = "not a secret"
+
+    @app.before_request
+    def check() -> None:
+        log.append("check")
+        if source == "receiver":
+            abort(401)
+
+    @app.route("/")
+    def index() -> str:
+        session["seen"] = True
+        return "index"
+
+    if source == "session":
+        app.session_interface = _FailingSave()
+    else:
+        signals.request_finished.connect(_failing_receiver, app)
+    return app
+
+
+@pytest.mark.parametrize("source", ["session", "receiver"])
+def test_an_error_no_hook_or_view_raised_is_not_blamed_on_the_view(source: str) -> None:
+    """An unhandled error raised by Flask's own work (saving the session, a
+    signal's receiver) says ``where: app``, as an error outside any hook
+    does: not ``view``, whose event shows it returned (or never ran).
+    """
+    try:
+        outcome, _, trace = plain_and_traced(
+            lambda log: failing_outside_hooks_app(log, source), "/", PROPAGATE_EXCEPTIONS=True
+        )
+    finally:
+        signals.request_finished.disconnect(_failing_receiver)
+    assert outcome == ("raised", "ConnectionError", str(trace.error and trace.error["message"]))
+    assert trace.error is not None
+    assert trace.error["where"] == "app"
+    assert all("error" not in event.attrs for event in trace.find(kind="view"))

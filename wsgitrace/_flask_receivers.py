@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 _MAX_PENDING_TEMPLATES = 256
 
 
-def _failed_kind(trace: Trace, exception: BaseException) -> str:
+def _failed_kind(trace: Trace, exception: BaseException, fallback: str) -> str:
     """Where an unhandled exception came from: the kind of the newest hook
     event that records it as its error (``before_request``,
     ``errorhandler``, ...), as the request's own thread recorded it, else
-    ``view``; ``app`` when the trace held ``max_events`` before the error,
-    so that the event that would say is not there.
+    ``fallback``: ``app`` (Flask's own work, as saving the session, or a
+    signal's receiver), or ``view`` when views are not recorded; ``app``
+    too when the trace held ``max_events`` before the error, so that the
+    event that would say is not there.
 
     A hook's error of another type is not this one: a ``before_request``
     that aborted with a 401 Flask answered did not raise an exception that
@@ -55,13 +57,16 @@ def _failed_kind(trace: Trace, exception: BaseException) -> str:
             break  # what came before was handled
         if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
             return kind
-    return "app" if trace.dropped_events else "view"
+    return "app" if trace.dropped_events else fallback
 
 
 def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     clock = tracer.clock
     limits = tracer.limits
     starts = tracer._template_starts
+    # A view's error is on its event, unless the app's class keeps its own
+    # dispatch_request: then an error no hook recorded may be the view's.
+    fallback = "view" if "dispatch_request" in tracer.skipped else "app"
 
     def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
         trace = _get_trace()
@@ -79,7 +84,7 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             if trace.error is None:
                 trace.error = format_error(
                     exception,
-                    _failed_kind(trace, exception),
+                    _failed_kind(trace, exception, fallback),
                     trace.limits,
                     _scrubber(tracer.redactor),
                 )
