@@ -64,9 +64,10 @@ def plain_and_traced(
 # -- a request dispatched inside another ----------------------------------------
 
 
-def nested_dispatch_app(log: list[Any]) -> Flask:
-    """``/outer/<n>`` dispatches ``/reset/<token>`` itself, through a test
-    request context, as batch endpoints and internal redirects do.
+def nested_dispatch_app(log: list[Any], how: str) -> Flask:
+    """``/outer/<n>`` dispatches ``/reset/<token>`` itself, as batch
+    endpoints do (a test request context) and internal redirects do (a copy
+    of the request's environ with another path).
     """
     app = Flask(__name__)
 
@@ -76,7 +77,11 @@ def nested_dispatch_app(log: list[Any]) -> Flask:
 
     @app.route("/outer/<int:n>")
     def outer(n: int) -> str:
-        with app.test_request_context("/reset/s3cr3t-value"):
+        if how == "test_request_context":
+            context = app.test_request_context("/reset/s3cr3t-value")
+        else:
+            context = app.request_context({**request.environ, "PATH_INFO": "/reset/s3cr3t-value"})
+        with context:
             inner = app.full_dispatch_request()
         return f"outer {n}: {inner.get_data(as_text=True)}"
 
@@ -87,13 +92,14 @@ def nested_dispatch_app(log: list[Any]) -> Flask:
     return app
 
 
-def test_a_request_dispatched_inside_another_leaves_the_outer_ones_url() -> None:
+@pytest.mark.parametrize("how", ["test_request_context", "copied environ"])
+def test_a_request_dispatched_inside_another_leaves_the_outer_ones_url(how: str) -> None:
     """The trace is the outer request's: its endpoint, rule, view arguments
     and path stay the outer ones (not the inner URL's, whose secret view
     argument must not redact a segment of the outer path); both dispatches'
     hooks are listed.
     """
-    outcome, log, trace = plain_and_traced(nested_dispatch_app, "/outer/5")
+    outcome, log, trace = plain_and_traced(lambda log: nested_dispatch_app(log, how), "/outer/5")
     assert outcome[2] == b"outer 5: reset"
     assert log == ["/outer/5", "/reset/s3cr3t-value"]
     assert (trace.endpoint, trace.rule, trace.view_args) == ("outer", "/outer/<int:n>", {"n": 5})

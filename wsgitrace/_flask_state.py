@@ -73,10 +73,12 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             trace.record("url_match", "url_match", now, now, attrs)
             return
         rule = req.url_rule
-        if req.environ.get("wsgitrace.trace") is not trace:
-            # A request context the app made inside this request (a
-            # test_request_context it dispatches itself): its URL is not
-            # this request's, and is only noted on its event.
+        for key in trace._keys:
+            if key[0] != "url_match":
+                continue
+            # Not the first: a request the app dispatches itself inside this
+            # one (in a test_request_context, or a copy of the environ with
+            # another path). Its URL is not this request's: only noted.
             limit = tracer.max_string
             attrs = {} if rule is None else {"endpoint": _view_arg(rule.endpoint, limit)}
             if rule is not None:
