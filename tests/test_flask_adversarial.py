@@ -334,6 +334,8 @@ def test_the_url_match_is_kept_when_an_agent_patched_every_dispatch_method(
     # A request that is not traced is left alone.
     with app.test_request_context("/reset/other"):
         assert app.full_dispatch_request().get_data() == b"reset"
+    for signal, receiver in ext.tracer_for(app).receivers:
+        signal.disconnect(receiver)
 
 
 # -- where an unhandled error came from -----------------------------------------
