@@ -391,3 +391,38 @@ def test_an_error_no_hook_or_view_raised_is_not_blamed_on_the_view(source: str) 
     assert trace.error is not None
     assert trace.error["where"] == "app"
     assert all("error" not in event.attrs for event in trace.find(kind="view"))
+
+
+def failing_teardown_app(log: list[Any], kind: str) -> Flask:
+    app = Flask(__name__)
+
+    def close_db(exc: BaseException | None) -> None:
+        log.append(exc)
+        raise ConnectionError("close failed")
+
+    if kind == "teardown_request":
+        app.teardown_request(close_db)
+    else:
+        app.teardown_appcontext(close_db)
+
+    @app.route("/")
+    def index() -> str:
+        return "index"
+
+    return app
+
+
+@pytest.mark.parametrize("kind", ["teardown_request", "teardown_appcontext"])
+def test_an_error_a_teardown_function_raised_names_its_kind(kind: str) -> None:
+    """A teardown function's error leaves the app (Flask sends no
+    got_request_exception for it); the trace's error names the kind of hook
+    that raised it, as for the other hooks, and its event has the error.
+    """
+    outcome, log, trace = plain_and_traced(lambda log: failing_teardown_app(log, kind), "/")
+    assert outcome == ("raised", "ConnectionError", "close failed")
+    assert log == [None]
+    assert trace.error is not None
+    assert (trace.error["type"], trace.error["where"]) == ("builtins.ConnectionError", kind)
+    [event] = trace.find(kind=kind)
+    assert event.attrs["error"] == "ConnectionError"
+    assert trace.find(kind="error")[0].attrs["where"] == "app"

@@ -474,7 +474,7 @@ def test_failures_are_byte_identical(
     assert "errorhandler:teapot" in handler.hooks()
     torn = by_query["/", "teardown=raise"]
     assert torn.error is not None
-    assert torn.error["where"] == "app"
+    assert torn.error["where"] == "teardown_request"
     assert torn.hooks()[-1] == "teardown_request:tear_down"
 
 
@@ -1044,7 +1044,7 @@ def test_app_failing_after_start_response_keeps_what_it_gave_the_server(
     traces = settled(ext, 3)
     assert [t.status_code for t in traces] == [200, 200, 200]
     assert [t.error["where"] if t.error else None for t in traces] == [
-        "app",
+        "teardown_request",
         "iteration",
         "iteration",
     ]

@@ -25,6 +25,7 @@ from .trace import (
     START_RESPONSE,
     UNSET,
     Trace,
+    _hook_that_raised,
     format_error,
 )
 
@@ -368,7 +369,10 @@ class _TracedBody:
                     scrub = scrubber(trace.redactor.request_secrets(environ))
                 except Exception:
                     report_internal_error("body.scrub", trace)
-            trace.error = format_error(exc, where, trace.limits, scrub)
+            # An error out of the app call that a hook raised (a Flask
+            # teardown function's: no got_request_exception names it).
+            kind = _hook_that_raised(trace, exc) if where == "app" else None
+            trace.error = format_error(exc, kind or where, trace.limits, scrub)
         trace.record("error", "error", now, now, {"where": where, "type": type(exc).__name__})
 
     def _finish(self, end: int) -> None:

@@ -26,7 +26,7 @@ from ._flask_state import (
 )
 from ._internal import report_internal_error
 from .context import _get_trace
-from .trace import HOOK_KINDS, Trace, cut, format_error
+from .trace import Trace, _hook_that_raised, cut, format_error
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -37,35 +37,14 @@ if TYPE_CHECKING:
 _MAX_PENDING_TEMPLATES = 256
 
 
-def _failed_kind(trace: Trace, exception: BaseException, fallback: str) -> str:
-    """Where an unhandled exception came from: the kind of the newest hook
-    event that records it as its error (``before_request``,
-    ``errorhandler``, ...), as the request's own thread recorded it, else
-    ``fallback``: ``app`` (Flask's own work, as saving the session, or a
-    signal's receiver), or ``view`` when views are not recorded; ``app``
-    too when the trace held ``max_events`` before the error, so that the
-    event that would say is not there.
-
-    A hook's error of another type is not this one: a ``before_request``
-    that aborted with a 401 Flask answered did not raise an exception that
-    came later from outside any hook. Nor is one an error handler answered
-    (an ``errorhandler`` event without an error of its own comes after it).
-    """
-    name = type(exception).__name__
-    for kind, _name, attrs in reversed(trace._keys[-16:]):
-        if kind == "errorhandler" and not (attrs and "error" in attrs):
-            break  # what came before was handled
-        if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
-            return kind
-    return "app" if trace.dropped_events else fallback
-
-
 def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     clock = tracer.clock
     limits = tracer.limits
     starts = tracer._template_starts
-    # A view's error is on its event, unless the app's class keeps its own
-    # dispatch_request: then an error no hook recorded may be the view's.
+    # Where an unhandled error came from when no hook's event records it:
+    # Flask's own work (``app``: saving the session, a signal's receiver),
+    # unless the app's class keeps its own dispatch_request (views are not
+    # recorded, so it may be the view's).
     fallback = "view" if "dispatch_request" in tracer.skipped else "app"
 
     def _on_got_request_exception(sender: Any, exception: BaseException, **_: Any) -> None:
@@ -84,7 +63,9 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
             if trace.error is None:
                 trace.error = format_error(
                     exception,
-                    _failed_kind(trace, exception, fallback),
+                    _hook_that_raised(trace, exception)
+                    # max_events may have left out the event that would say.
+                    or ("app" if trace.dropped_events else fallback),
                     trace.limits,
                     _scrubber(tracer.redactor),
                 )

@@ -54,6 +54,27 @@ HOOK_KINDS = frozenset(
     }
 )
 
+
+def _hook_that_raised(trace: Trace, exception: BaseException) -> str | None:
+    """The kind of hook (``before_request``, ``errorhandler``, ...) an
+    unhandled exception came from: that of the newest hook event that
+    records it as its error, as the request's own thread recorded it, or
+    ``None``.
+
+    A hook's error of another type is not this one: a ``before_request``
+    that aborted with a 401 Flask answered did not raise an exception that
+    came later from outside any hook. Nor is one an error handler answered
+    (an ``errorhandler`` event without an error of its own comes after it).
+    """
+    name = type(exception).__name__
+    for kind, _name, attrs in reversed(trace._keys[-16:]):
+        if kind == "errorhandler" and not (attrs and "error" in attrs):
+            return None  # what came before was handled
+        if attrs and attrs.get("error") == name and kind in HOOK_KINDS:
+            return kind
+    return None
+
+
 # Serialises events recorded by threads other than the request's (rare).
 # Reentrant: a garbage collection while it is held may run a finalizer
 # that records on the same thread.
