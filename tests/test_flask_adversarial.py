@@ -7,8 +7,10 @@ says about them.
 from __future__ import annotations
 
 import contextvars
+import gc
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -334,8 +336,10 @@ def test_the_url_match_is_kept_when_an_agent_patched_every_dispatch_method(
     # A request that is not traced is left alone.
     with app.test_request_context("/reset/other"):
         assert app.full_dispatch_request().get_data() == b"reset"
-    for signal, receiver in ext.tracer_for(app).receivers:
-        signal.disconnect(receiver)
+    # The receiver goes with the app.
+    del app, ext, trace
+    gc.collect()
+    assert not signals.request_started.receivers
 
 
 # -- where an unhandled error came from -----------------------------------------
@@ -426,3 +430,37 @@ def test_an_error_a_teardown_function_raised_names_its_kind(kind: str) -> None:
     [event] = trace.find(kind=kind)
     assert event.attrs["error"] == "ConnectionError"
     assert trace.find(kind="error")[0].attrs["where"] == "app"
+
+
+# -- what a traced app leaves behind when it goes --------------------------------
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_a_freed_app_leaves_no_receiver_and_its_traces_go(
+    skipped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Apps made per test (an app factory) are freed one after another: each
+    takes its signal receivers, its extension and its buffer of traces with
+    it, rather than leaving them connected to Flask's signals for the life
+    of the process.
+    """
+    from blinker import NamedSignal
+    from flask import signals as flask_signals
+
+    if skipped:  # the URL match's receiver too (see above)
+        for name in ("full_dispatch_request", "preprocess_request"):
+            own = getattr(Flask, name)
+            monkeypatch.setattr(Flask, name, lambda self, own=own: own(self))
+    every = [s for s in vars(flask_signals).values() if isinstance(s, NamedSignal)]
+    before = {signal: dict(signal.receivers) for signal in every}
+    buffers = []
+    for _ in range(3):
+        app = reset_app([])
+        ext = FlaskTrace(app)
+        assert serve(app, "/reset/t0ken")[2] == b"reset"
+        assert len(ext.buffer) == 1
+        buffers.append(weakref.ref(ext.buffer))
+        del app, ext
+    gc.collect()
+    assert [buffer() for buffer in buffers] == [None, None, None]
+    assert {signal: dict(signal.receivers) for signal in every} == before

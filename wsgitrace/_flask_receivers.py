@@ -134,6 +134,15 @@ def _connect_receivers(app: Flask, tracer: _AppTracer) -> None:
     for signal, receiver in pairs:
         signal.connect(receiver, sender=app, weak=False)
     tracer.receivers = pairs
+    # Blinker forgets a dead sender, not the strong receivers connected for
+    # it: they (and through them the tracer, the extension and its buffer of
+    # traces) would stay for the life of the process.
+    weakref.finalize(app, _disconnect, pairs)
+
+
+def _disconnect(pairs: list[tuple[Any, Callable[..., None]]]) -> None:
+    for signal, receiver in pairs:
+        signal.disconnect(receiver)
 
 
 class _RequestLogState:
