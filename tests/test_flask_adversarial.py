@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from flask import Flask, Response, abort, g, request, session, signals
-from flask.sessions import SecureCookieSessionInterface, SessionMixin
+from flask.sessions import SecureCookieSessionInterface, SessionInterface, SessionMixin
 
+from wsgitrace._internal import internal_error_count
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.trace import Trace
 
@@ -464,3 +465,67 @@ def test_a_freed_app_leaves_no_receiver_and_its_traces_go(
     gc.collect()
     assert [buffer() for buffer in buffers] == [None, None, None]
     assert {signal: dict(signal.receivers) for signal in every} == before
+
+
+# -- sessions that are not dicts -------------------------------------------------
+
+
+class StoreSession(SessionMixin):
+    """A session kept as a mapping over a store, not a dict subclass
+    (SessionMixin is a MutableMapping): what a server-side session may be.
+    """
+
+    def __init__(self) -> None:
+        self.data = {"csrf_token": "s3ss10n-secret"}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class StoreSessions(SessionInterface):
+    def open_session(self, app: Flask, request: Any) -> StoreSession:
+        return StoreSession()
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
+
+
+def store_session_app(log: list[Any]) -> Flask:
+    app = Flask(__name__)
+    app.session_interface = StoreSessions()
+
+    @app.route("/")
+    def index() -> str:
+        key = request.args["api_key"]
+        app.logger.warning("retrying with %s", key)
+        raise RuntimeError(f"upstream refused key {key}")
+
+    return app
+
+
+def test_a_session_that_is_not_a_dict_leaves_the_request_secrets_redacted() -> None:
+    """The request's secrets (here a query value under a secret-looking
+    name) are cut out of the error and log messages whatever the session
+    class, without an error of wsgitrace's own.
+    """
+    errors = internal_error_count()
+    outcome, _, trace = plain_and_traced(store_session_app, "/?api_key=abcdef123456")
+    assert outcome[0] == "500 INTERNAL SERVER ERROR"
+    assert trace.error is not None
+    assert trace.error["message"] == "upstream refused key [redacted]"
+    [warning] = trace.find(kind="log", name="log:warning")
+    assert warning.attrs["message"] == "retrying with [redacted]"
+    assert "abcdef123456" not in trace.to_json()
+    assert internal_error_count() == errors

@@ -340,9 +340,7 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
         ctx = _get_request_ctx(None)
         if ctx is None or _get_ident() != trace.thread:
             return
-        # Flask 3.1 keeps it in ``_session`` behind a property that marks
-        # it accessed; Flask 3.0 in a plain ``session`` attribute.
-        session = getattr(ctx, "_session", None) or vars(ctx).get("session")
+        session = _session_dict(ctx)
         if not session:
             return
         keys = [str(k) for k in dict.keys(session)]
@@ -357,6 +355,19 @@ def _snapshot_session(tracer: _AppTracer, trace: Trace) -> None:
             trace.record("session", "session", tracer.clock(), tracer.clock(), {"values": values})
     except Exception:
         report_internal_error("flask.session", trace)
+
+
+def _session_dict(ctx: Any) -> dict[Any, Any] | None:
+    """The request's session, read without marking it accessed (Flask 3.1
+    keeps it in ``_session`` behind a property that does; Flask 3.0 in a
+    plain ``session`` attribute), when it is a dict, as Flask's are. Another
+    mapping (a server-side session's class) is not read: its methods are the
+    app's code, and may load or mark it.
+    """
+    session = getattr(ctx, "_session", None)
+    if session is None:
+        session = vars(ctx).get("session")
+    return session if isinstance(session, dict) else None
 
 
 def _scrubber(
@@ -411,7 +422,7 @@ def _make_scrubber(
     form = vars(req).get("form")
     if form is not None:
         found.update(str(v) for k, v in form.items(multi=True) if is_secret(str(k)))
-    session = getattr(ctx, "_session", None) or vars(ctx).get("session")
+    session = _session_dict(ctx)
     if session:
         found.update(str(v) for k, v in dict.items(session) if is_secret(str(k)))
     return scrubber(found)
