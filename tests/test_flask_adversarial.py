@@ -529,3 +529,42 @@ def test_a_session_that_is_not_a_dict_leaves_the_request_secrets_redacted() -> N
     assert warning.attrs["message"] == "retrying with [redacted]"
     assert "abcdef123456" not in trace.to_json()
     assert internal_error_count() == errors
+
+
+# -- a secret view argument a url_value_preprocessor pulls out ----------------
+
+
+def pulled_token_app(log: list[Any]) -> Flask:
+    """Flask's documented pattern for a value in every URL of a blueprint:
+    a url_value_preprocessor pops it from the view arguments into ``g``.
+    """
+    app = Flask(__name__)
+
+    @app.url_value_preprocessor
+    def pull_token(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values:
+            g.token = values.pop("token")
+
+    @app.route("/reset/<token>/confirm")
+    def confirm() -> str:
+        app.logger.warning("checking %s", g.token)
+        raise RuntimeError(f"token {g.token} expired")
+
+    return app
+
+
+def test_a_secret_view_argument_pulled_into_g_is_still_redacted() -> None:
+    """The token was a secret view argument when the URL matched: popping
+    it from the view arguments does not let it into the trace, through the
+    error's message, the app's log record or Flask's ``Exception on <path>``.
+    """
+    outcome, _, trace = plain_and_traced(pulled_token_app, "/reset/s3cr3t-t0ken/confirm")
+    assert outcome[0] == "500 INTERNAL SERVER ERROR"
+    assert trace.path == "/reset/[redacted]/confirm"
+    assert trace.error is not None
+    assert trace.error["message"] == "token [redacted] expired"
+    assert [e.attrs["message"] for e in trace.find(kind="log")] == [
+        "checking [redacted]",
+        "Exception on /reset/[redacted]/confirm [GET]",
+    ]
+    assert "s3cr3t" not in trace.to_json()

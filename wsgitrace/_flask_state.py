@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -42,6 +43,24 @@ _get_app_ctx = _cv_app.get
 _get_ident = threading.get_ident
 
 _URL_MATCH_KEY: EventKey = ("url_match", "url_match", None)
+
+#: The secret view arguments of a request as its URL matched them, by its
+#: request context, for as long as that lives: a url_value_preprocessor may
+#: pop them (``g.token = values.pop("token")``), and they must still be cut
+#: out of its error and log messages. Only requests that have any.
+_matched_secrets: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _secret_view_args(ctx: Any, is_secret: Callable[[str], bool]) -> dict[str, Any]:
+    """The secret view arguments of the request of ``ctx``: those it still
+    has, and those its URL matched (see :data:`_matched_secrets`).
+    """
+    found = {n: v for n, v in (ctx.request.view_args or {}).items() if is_secret(str(n))}
+    if _matched_secrets:
+        matched = _matched_secrets.get(ctx)
+        if matched:
+            return {**matched, **found}
+    return found
 
 
 def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
@@ -103,6 +122,7 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
             if secrets:
                 # /reset/<token>: the value is in the path too.
                 trace.path = _redact_secret_args(trace.path, rule, req.view_args, secrets)
+                _matched_secrets[ctx] = {name: req.view_args[name] for name in secrets}
             trace.view_args = view_args
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
@@ -182,14 +202,13 @@ def redact_request_path(message: str, is_secret: Callable[[str], bool]) -> str:
     if ctx is None:
         return message
     req = ctx.request
-    view_args = req.view_args
-    if not view_args:
+    if not req.view_args and not _matched_secrets:
         return message
-    secrets = [name for name in view_args if is_secret(name)]
+    secrets = _secret_view_args(ctx, is_secret)
     path = req.path
     if not secrets or path not in message:
         return message
-    return message.replace(path, _redact_secret_args(path, req.url_rule, view_args, secrets))
+    return message.replace(path, _redact_secret_args(path, req.url_rule, secrets, list(secrets)))
 
 
 def _redact_secret_args(path: str, rule: Any, view_args: dict[str, Any], names: list[str]) -> str:
@@ -415,9 +434,7 @@ def _make_scrubber(
         found = redactor.request_secrets(req.environ)
     else:
         found = set(environ_secrets)
-    for name, value in (req.view_args or {}).items():
-        if is_secret(str(name)):
-            found.add(str(value))
+    found.update(str(value) for value in _secret_view_args(ctx, is_secret).values())
     # Only a form the app parsed: the tracer never reads wsgi.input.
     form = vars(req).get("form")
     if form is not None:
