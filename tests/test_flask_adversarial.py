@@ -15,8 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Flask, Response, abort, g, request, session, signals
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    after_this_request,
+    g,
+    request,
+    session,
+    signals,
+    url_for,
+)
 from flask.sessions import SecureCookieSessionInterface, SessionInterface, SessionMixin
+from flask.views import MethodView
 
 from wsgitrace._internal import internal_error_count
 from wsgitrace.flask import FlaskTrace
@@ -568,3 +580,127 @@ def test_a_secret_view_argument_pulled_into_g_is_still_redacted() -> None:
         "Exception on /reset/[redacted]/confirm [GET]",
     ]
     assert "s3cr3t" not in trace.to_json()
+
+
+# -- hook order in unusual flows ---------------------------------------------------
+
+
+def unusual_flows_app(log: list[Any]) -> Flask:
+    """after_this_request chains, short-circuits of every shape, an abort in
+    a url_value_preprocessor, an error handler that fails, a MethodView and
+    a nested blueprint registered twice under another name.
+    """
+    app = Flask(__name__)
+    parent = Blueprint("parent", __name__)
+    child = Blueprint("child", __name__)
+
+    @app.url_value_preprocessor
+    def check_id(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values and values.get("item") == "forbidden":
+            abort(403)
+
+    @app.before_request
+    def shortcut() -> Any:
+        answers: dict[str, Any] = {
+            "tuple": ("from a tuple", 201, {"X-Shortcut": "tuple"}),
+            "dict": {"from": "a dict"},
+            "response": Response("from a response", 202),
+            "empty": "",
+        }
+        return answers.get(request.args.get("shortcut", ""))
+
+    @app.route("/chain")
+    def chain() -> str:
+        @after_this_request
+        def first(response: Response) -> Response:
+            log.append("first")
+
+            @after_this_request
+            def added_while_running(response: Response) -> Response:
+                log.append("added_while_running")
+                return response
+
+            return response
+
+        return "chain"
+
+    @app.route("/items/<item>")
+    def item(item: str) -> str:
+        return item
+
+    @app.errorhandler(LookupError)
+    def lookup_failed(error: LookupError) -> str:
+        raise ValueError("the handler failed too")
+
+    @app.route("/lookup")
+    def lookup() -> str:
+        raise LookupError("missing")
+
+    class Things(MethodView):
+        def get(self) -> str:
+            return "things"
+
+    app.add_url_rule("/things", view_func=Things.as_view("things"))
+
+    @child.before_request
+    def child_before() -> None:
+        log.append(f"child_before {request.blueprints}")
+
+    @child.route("/leaf")
+    def leaf() -> str:
+        return url_for(".leaf")
+
+    parent.register_blueprint(child, url_prefix="/c")
+    app.register_blueprint(parent, url_prefix="/one")
+    app.register_blueprint(parent, url_prefix="/two", name="second")
+    return app
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "hooks"),
+    [
+        (
+            "/chain",
+            "GET",
+            [
+                "before_request:shortcut",
+                "view:chain",
+                "after_request:first",
+                "after_request:added_while_running",
+            ],
+        ),
+        ("/chain?shortcut=tuple", "GET", ["before_request:shortcut"]),
+        ("/chain?shortcut=dict", "GET", ["before_request:shortcut"]),
+        ("/chain?shortcut=response", "GET", ["before_request:shortcut"]),
+        ("/chain?shortcut=empty", "GET", ["before_request:shortcut"]),
+        ("/items/forbidden", "GET", []),
+        (
+            "/lookup",
+            "GET",
+            ["before_request:shortcut", "view:lookup", "errorhandler:lookup_failed"],
+        ),
+        ("/things", "HEAD", ["before_request:shortcut", "view:things"]),
+        ("/things", "OPTIONS", ["before_request:shortcut"]),
+        ("/things", "DELETE", ["before_request:shortcut"]),
+        (
+            "/two/c/leaf",
+            "GET",
+            [
+                "before_request:shortcut",
+                "before_request:second.child.child_before",
+                "view:second.child.leaf",
+            ],
+        ),
+    ],
+)
+def test_unusual_flows_run_and_are_listed_as_flask_runs_them(
+    path: str, method: str, hooks: list[str]
+) -> None:
+    """Same responses, same hook runs, and ``hooks()`` lists what ran (the
+    url_value_preprocessor, then ``hooks``): hooks added while after_request
+    functions run, every shape a before_request may answer with, aborts and
+    failing handlers, Flask's automatic OPTIONS, and a blueprint registered
+    twice.
+    """
+    _, _, trace = plain_and_traced(unusual_flows_app, path, method)
+    assert trace.hooks() == ["url_value_preprocessor:check_id", *hooks]
