@@ -704,3 +704,34 @@ def test_unusual_flows_run_and_are_listed_as_flask_runs_them(
     """
     _, _, trace = plain_and_traced(unusual_flows_app, path, method)
     assert trace.hooks() == ["url_value_preprocessor:check_id", *hooks]
+
+
+# -- requests made while the test holds an app context ------------------------
+
+
+def test_a_request_made_inside_an_app_context_keeps_its_g() -> None:
+    """Tests often make requests inside ``with app.app_context():`` (a
+    fixture that sets up the database): the request then uses that context
+    and its ``g``, which it does not tear down. The trace still keeps the
+    ``g`` the request left, as it does for a request with its own context.
+    """
+    app = Flask(__name__)
+
+    @app.before_request
+    def load_user() -> None:
+        g.user = "ann"
+
+    @app.route("/")
+    def index() -> str:
+        return "index"
+
+    ext = FlaskTrace(app)
+    with app.app_context():
+        g.db = "test database"
+        assert serve(app, "/")[2] == b"index"
+        assert g.user == "ann"
+        trace = ext.buffer.last
+        assert trace is not None
+        assert trace.g == {"db": "'test database'", "user": "'ann'"}
+    assert serve(app, "/")[2] == b"index"
+    assert ext.buffer.latest(1)[0].g == {"user": "'ann'"}

@@ -37,6 +37,7 @@ from ._flask_state import (
     _get_app_ctx,
     _get_request_ctx,
     _record_url_match,
+    _snapshot_callers_g,
     _snapshot_g,
     _snapshot_session,
 )
@@ -397,6 +398,8 @@ def _make_do_teardown_request(app: Flask, tracer: _AppTracer) -> Callable[..., N
                     )
 
         _snapshot_session(tracer, trace)
+        if type(_get_app_ctx(None)) is AppContext:
+            _snapshot_callers_g(tracer, trace, ctx)
         send_signal(trace, app, request_tearing_down, tearing_down_key, exc=exc)
         return None
 

@@ -471,6 +471,19 @@ def _snapshot_g(tracer: _AppTracer, trace: Trace) -> None:
         report_internal_error("flask.g", trace)
 
 
+def _snapshot_callers_g(tracer: _AppTracer, trace: Trace, ctx: Any) -> None:
+    """At the request's teardown, keep ``g`` if the app context is not one
+    the request pushed (whose teardown keeps it) but the caller's (``with
+    app.app_context():`` around a test's requests), which is not torn down
+    with the request. Called when the app context is not a traced one.
+    """
+    try:
+        if ctx._cv_tokens[-1][1] is None:  # (token, app context it pushed)
+            _snapshot_g(tracer, trace)
+    except Exception:
+        report_internal_error("flask.g", trace)
+
+
 def _view_arg(value: Any, limit: int) -> Any:
     """A view argument as kept on the trace: numbers as they are, text cut,
     anything else (a converter's object, which may hold the app or a
