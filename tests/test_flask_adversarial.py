@@ -546,31 +546,48 @@ def test_a_session_that_is_not_a_dict_leaves_the_request_secrets_redacted() -> N
 # -- a secret view argument a url_value_preprocessor pulls out ----------------
 
 
-def pulled_token_app(log: list[Any]) -> Flask:
+class ResetToken:
+    """What an app may turn a token from the URL into."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"<reset token #{len(self.text)}>"
+
+
+def pulled_token_app(log: list[Any], how: str) -> Flask:
     """Flask's documented pattern for a value in every URL of a blueprint:
-    a url_value_preprocessor pops it from the view arguments into ``g``.
+    a url_value_preprocessor pops it from the view arguments into ``g``, or
+    replaces it with an object of the app's.
     """
     app = Flask(__name__)
 
     @app.url_value_preprocessor
     def pull_token(endpoint: str | None, values: dict[str, Any] | None) -> None:
-        if values:
-            g.token = values.pop("token")
+        if values and how == "popped":
+            g.token = ResetToken(values.pop("token"))
+        elif values:
+            values["token"] = g.token = ResetToken(values["token"])
 
     @app.route("/reset/<token>/confirm")
-    def confirm() -> str:
-        app.logger.warning("checking %s", g.token)
-        raise RuntimeError(f"token {g.token} expired")
+    def confirm(**values: Any) -> str:
+        app.logger.warning("checking %s", g.token.text)
+        raise RuntimeError(f"token {g.token.text} expired")
 
     return app
 
 
-def test_a_secret_view_argument_pulled_into_g_is_still_redacted() -> None:
+@pytest.mark.parametrize("how", ["popped", "replaced"])
+def test_a_secret_view_argument_pulled_into_g_is_still_redacted(how: str) -> None:
     """The token was a secret view argument when the URL matched: popping
-    it from the view arguments does not let it into the trace, through the
-    error's message, the app's log record or Flask's ``Exception on <path>``.
+    it from the view arguments, or replacing it, does not let it into the
+    trace, through the error's message, the app's log record or Flask's
+    ``Exception on <path>``.
     """
-    outcome, _, trace = plain_and_traced(pulled_token_app, "/reset/s3cr3t-t0ken/confirm")
+    outcome, _, trace = plain_and_traced(
+        lambda log: pulled_token_app(log, how), "/reset/s3cr3t-t0ken/confirm"
+    )
     assert outcome[0] == "500 INTERNAL SERVER ERROR"
     assert trace.path == "/reset/[redacted]/confirm"
     assert trace.error is not None

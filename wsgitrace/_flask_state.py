@@ -52,15 +52,13 @@ _matched_secrets: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakK
 
 
 def _secret_view_args(ctx: Any, is_secret: Callable[[str], bool]) -> dict[str, Any]:
-    """The secret view arguments of the request of ``ctx``: those it still
-    has, and those its URL matched (see :data:`_matched_secrets`).
+    """The secret view arguments of the request of ``ctx``, as its URL
+    matched them (what its path holds; see :data:`_matched_secrets`), and
+    any it has now that it did not have then.
     """
     found = {n: v for n, v in (ctx.request.view_args or {}).items() if is_secret(str(n))}
-    if _matched_secrets:
-        matched = _matched_secrets.get(ctx)
-        if matched:
-            return {**matched, **found}
-    return found
+    matched = _matched_secrets.get(ctx) if _matched_secrets else None
+    return {**found, **matched} if matched else found
 
 
 def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
@@ -434,7 +432,14 @@ def _make_scrubber(
         found = redactor.request_secrets(req.environ)
     else:
         found = set(environ_secrets)
-    found.update(str(value) for value in _secret_view_args(ctx, is_secret).values())
+    for name, value in (req.view_args or {}).items():
+        if is_secret(str(name)):
+            found.add(str(value))
+    # As the URL matched them, also: a url_value_preprocessor may have
+    # popped or replaced them since.
+    matched = _matched_secrets.get(ctx) if _matched_secrets else None
+    if matched:
+        found.update(str(value) for value in matched.values())
     # Only a form the app parsed: the tracer never reads wsgi.input.
     form = vars(req).get("form")
     if form is not None:
