@@ -752,3 +752,35 @@ def test_a_request_made_inside_an_app_context_keeps_its_g() -> None:
         assert trace.g == {"db": "'test database'", "user": "'ann'"}
     assert serve(app, "/")[2] == b"index"
     assert ext.buffer.latest(1)[0].g == {"user": "'ann'"}
+
+
+def test_an_app_context_pushed_inside_the_request_does_not_stand_for_its_g() -> None:
+    """A view that runs work in an app context of its own (``with
+    app.app_context():``): that context's ``g`` is gone with it, and is not
+    the request's; the trace keeps the request's ``g`` (here empty), while
+    the teardown that ran for the inner context is listed.
+    """
+
+    def factory(log: list[Any]) -> Flask:
+        app = Flask(__name__)
+
+        @app.teardown_appcontext
+        def close_db(exc: BaseException | None) -> None:
+            log.append(sorted(vars(g)))
+
+        @app.route("/")
+        def index() -> str:
+            with app.app_context():
+                g.setup = "inner work"
+            return "index"
+
+        return app
+
+    _, log, trace = plain_and_traced(factory, "/")
+    assert log == [["setup"], []]
+    assert trace.g is None
+    assert trace.hooks() == [
+        "view:index",
+        "teardown_appcontext:close_db",
+        "teardown_appcontext:close_db",
+    ]

@@ -440,7 +440,11 @@ def _make_do_teardown_appcontext(app: Flask, tracer: _AppTracer) -> Callable[...
                 exc,
             )
 
-        _snapshot_g(tracer, trace)
+        request_ctx = _get_request_ctx(None)
+        if request_ctx is None or request_ctx.app is not app:
+            # Else a context pushed inside a request of this app (whose own
+            # is torn down once its request context is popped): not its g.
+            _snapshot_g(tracer, trace)
         send_signal(trace, app, appcontext_tearing_down, tearing_down_key, exc=exc)
         return None
 
