@@ -650,39 +650,34 @@ def test_a_secret_view_arg_is_redacted_from_a_trailing_slash_redirect(script_roo
         return str(pin_key)
 
     ext = FlaskTrace(app)
-    client = app.test_client()
-    base_url = f"http://localhost{script_root}/"
-    response = client.get("/reset/s3cr3t-token?next=%2F", base_url=base_url)
-    assert response.status_code == 308
-    location = f"http://localhost{script_root}/reset/s3cr3t-token/?next=%2F"
-    assert response.headers["Location"] == location
-    response.close()
-    trace = last(ext)
+    root = f"http://localhost{script_root}"
+
+    def redirect(path: str) -> tuple[str, Trace, str]:
+        """The Location the client got, the trace, and the trace's Location."""
+        response = app.test_client().get(path, base_url=root + "/")
+        assert response.status_code == 308
+        sent = response.headers["Location"]
+        response.close()
+        trace = last(ext)
+        flat = trace.response_headers
+        return sent, trace, dict(zip(flat[::2], flat[1::2], strict=True))["Location"]
+
+    sent, trace, kept = redirect("/reset/s3cr3t-token?next=%2F")
+    assert sent == f"{root}/reset/s3cr3t-token/?next=%2F"
     assert trace.path == f"/reset/{REDACTED}"
     [url_match] = [event for event in trace.events if event.kind == "url_match"]
-    assert url_match.attrs["redirect"] == (
-        f"http://localhost{script_root}/reset/{REDACTED}/?next=%2F"
-    )
-    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
-    assert headers["Location"] == url_match.attrs["redirect"]
+    assert url_match.attrs["redirect"] == kept == f"{root}/reset/{REDACTED}/?next=%2F"
     assert "s3cr3t" not in trace.to_json()
     # Found where the rule puts it, whatever its text: 0042 for 42.
-    response = client.get("/pin/0042", base_url=base_url)
-    assert response.headers["Location"] == f"http://localhost{script_root}/pin/0042/"
-    response.close()
-    trace = last(ext)
-    assert trace.path == f"/pin/{REDACTED}"
-    headers = dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))
-    assert headers["Location"] == f"http://localhost{script_root}/pin/{REDACTED}/"
+    sent, trace, kept = redirect("/pin/0042")
+    assert (sent, trace.path, kept) == (
+        f"{root}/pin/0042/",
+        f"/pin/{REDACTED}",
+        f"{root}/pin/{REDACTED}/",
+    )
     # Other redirects keep their path.
-    response = client.get("/docs/intro", base_url=base_url)
-    assert response.headers["Location"] == f"http://localhost{script_root}/docs/intro/"
-    response.close()
-    trace = last(ext)
-    assert trace.path == "/docs/intro"
-    assert dict(zip(trace.response_headers[::2], trace.response_headers[1::2], strict=True))[
-        "Location"
-    ] == (f"http://localhost{script_root}/docs/intro/")
+    sent, trace, kept = redirect("/docs/intro")
+    assert (sent, trace.path, kept) == (f"{root}/docs/intro/", "/docs/intro", sent)
 
 
 @pytest.mark.parametrize(
