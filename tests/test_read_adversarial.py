@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,15 +54,18 @@ def tail_lines(count: int, *args: str) -> tuple[list[str], str]:
     """Run ``wsgitrace tail ARGS`` until it printed ``count`` lines (or 10 s
     passed, or it ended), then stop it: its lines and its stderr.
     """
-    with subprocess.Popen(
-        [sys.executable, "-m", "wsgitrace", "tail", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "100", "WSGITRACE_TOKEN": ""},
-    ) as proc:
+    with (
+        tempfile.TemporaryFile() as err,
+        subprocess.Popen(
+            [sys.executable, "-m", "wsgitrace", "tail", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,  # a file: a full pipe would hold it in a write
+            text=True,
+            env={**os.environ, "COLUMNS": "100", "WSGITRACE_TOKEN": ""},
+        ) as proc,
+    ):
         assert proc.stdout is not None
-        timer = threading.Timer(10, proc.terminate)
+        timer = threading.Timer(10, proc.kill)
         timer.start()
         lines: list[str] = []
         try:
@@ -69,7 +74,13 @@ def tail_lines(count: int, *args: str) -> tuple[list[str], str]:
         finally:
             timer.cancel()
             proc.terminate()
-            _, stderr = proc.communicate(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
     return lines, stderr
 
 
@@ -391,3 +402,30 @@ def test_a_token_ending_in_a_utf8_byte_python_calls_space_opens_the_endpoint(tok
 class QuietHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
+
+
+def test_tail_says_when_answers_come_from_several_processes() -> None:
+    """Workers of a pre-fork server without a store each answer with their
+    own traces: tail does not take each switch for a restart (and show
+    traces again, or skip some, without end) but says what to do, once.
+    """
+    workers = [TraceMiddleware(hello, endpoint=True) for _ in range(2)]
+    turn = itertools.count()
+
+    def balancer(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        return workers[next(turn) % 2](environ, start_response)
+
+    for count, worker in enumerate(workers, 1):
+        for _ in range(count * 2):  # cursors that differ: the long-polls answer at once
+            Client(worker).get("/x", environ_base=LOCAL).close()
+    server = make_server("127.0.0.1", 0, balancer, threaded=True, request_handler=QuietHandler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        lines, stderr = tail_lines(100, "--json", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "more than one process" in stderr
+    assert "WSGITRACE_STORE" in stderr
+    assert stderr.count("restarted") <= 1
+    assert len(lines) <= 2 + 4

@@ -356,6 +356,8 @@ class _Follow:
     _check_first: bool = False
     # The last poll found a new server process: said after "reconnected".
     _restarted: bool = False
+    # The instances followed before a restart.
+    _left: set[str] = dataclasses.field(default_factory=set)
 
     def run(self) -> int:
         """Follow until :attr:`stop` is set; the exit status."""
@@ -446,6 +448,13 @@ class _Follow:
         self._check_first = False
         instance = page.get("instance")
         if self.instance is not None and instance != self.instance:
+            if isinstance(instance, str) and instance in self._left:
+                # A restarted process never comes back: these answers come
+                # from several, each with traces and cursors of its own, and
+                # following them would skip and repeat traces without end.
+                raise _BadAnswerError(_SEVERAL_PROCESSES)
+            if isinstance(self.instance, str):
+                self._left.add(self.instance)
             self._restarted = True
             self.instance = instance
             self.cursor = 0
@@ -481,6 +490,14 @@ class _Follow:
             f"following {self.client.url} · {view.shown} shown · {dropped} dropped{sinks}"
             f" · {self.missed} missed · Ctrl-C to stop"
         )
+
+
+_SEVERAL_PROCESSES = (
+    "the answers come from more than one process, each with its own traces (workers of"
+    " a pre-fork server such as gunicorn -w N?): set WSGITRACE_STORE=FILE for the app so"
+    " that they share one store, and follow it with 'wsgitrace tail --store FILE'"
+    " (with a store set: it failed now and then, see the app's log)"
+)
 
 
 def _not_found_message(url: str) -> str:
