@@ -429,3 +429,28 @@ def test_tail_says_when_answers_come_from_several_processes() -> None:
     assert "WSGITRACE_STORE" in stderr
     assert stderr.count("restarted") <= 1
     assert len(lines) <= 2 + 4
+
+
+# -- URLs ------------------------------------------------------------------------
+
+
+def test_a_url_http_cannot_carry_as_typed_is_not_a_traceback(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+) -> None:
+    """A host name IDNA refuses (a label over 63 characters) is a usage
+    error, and a non-ASCII path (an endpoint under a prefix such as
+    ``/é/_trace``) is sent percent-encoded.
+    """
+    result = wsgitrace_cli("show", "abc", f"http://{'a' * 64}.example:5000")
+    assert result.returncode == 2
+    assert "not a valid host name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    def not_found(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 404 NOT FOUND\r\nContent-Length: 0\r\n\r\n")
+
+    result = wsgitrace_cli("show", "abc", hostile(not_found) + "/é/_trace")
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert "no trace 'abc' at http://127.0.0.1:" in result.stderr
+    assert "/%C3%A9/_trace" in result.stderr

@@ -108,7 +108,13 @@ def endpoint_url(url: str) -> str:
     if any(c.isspace() or not c.isprintable() for c in url):
         msg = f"the URL contains spaces or control characters: {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
-    path = parts.path.rstrip("/") or DEFAULT_PREFIX
+    try:
+        parts.hostname.encode("idna")  # as the connection will
+    except UnicodeError as exc:
+        msg = f"not a valid host name in {shown!r} ({exc})"
+        raise click.BadParameter(msg, param_hint="URL") from None
+    # Sent as typed, except what HTTP cannot carry: non-ASCII, percent-encoded.
+    path = quote(parts.path.rstrip("/"), safe="/%!$&'()*+,;=:@-._~") or DEFAULT_PREFIX
     if path.endswith("/stream"):
         msg = f"give the endpoint's URL (such as {DEFAULT_PREFIX}), not its stream: {shown!r}"
         raise click.BadParameter(msg, param_hint="URL")
