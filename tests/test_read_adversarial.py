@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
-from werkzeug.test import Client
+from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
 from wsgitrace import TraceMiddleware, _client
 from wsgitrace._answers import _BadAnswerError
@@ -454,3 +454,20 @@ def test_a_url_http_cannot_carry_as_typed_is_not_a_traceback(
     assert result.returncode == 1
     assert "no trace 'abc' at http://127.0.0.1:" in result.stderr
     assert "/%C3%A9/_trace" in result.stderr
+
+
+@pytest.mark.parametrize("junk", ["\xa0", "\x85"])
+def test_a_host_with_a_latin1_space_after_it_is_not_localhost(junk: str) -> None:
+    """``Host: localhost<0xA0>`` names no loopback host: only HTTP's spaces
+    and tabs are stripped from the header, not what ``str.strip()`` takes
+    for spaces.
+    """
+    middleware, _ = traced_client()
+
+    def status(host: str) -> str:
+        environ = EnvironBuilder("/_trace", environ_base=LOCAL).get_environ()
+        environ["HTTP_HOST"] = host  # as a server hands the header over: latin-1
+        return run_wsgi_app(middleware, environ)[1]
+
+    assert status("localhost" + junk) == "404 NOT FOUND"
+    assert status(" localhost\t") == "200 OK"

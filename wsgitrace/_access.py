@@ -30,7 +30,7 @@ def _host_name(host: str) -> str | None:
     """The name part of a ``Host`` header (lowercase, port removed), or
     ``None`` when it is malformed.
     """
-    host = host.strip().lower()
+    host = host.strip(_OWS).lower()
     if host.startswith("["):
         end = host.find("]")
         if end < 0:
