@@ -177,6 +177,7 @@ def wsgitrace_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProces
 
 def test_an_answer_trickled_byte_by_byte_times_out(
     hostile: Callable[[Callable[[socket.socket], None]], str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A server that sends a byte now and then (each read within the socket
     timeout) is given up on after the timeout in all, as one that is silent.
@@ -188,6 +189,7 @@ def test_an_answer_trickled_byte_by_byte_times_out(
             conn.sendall(b" ")
             time.sleep(0.1)
 
+    monkeypatch.setattr(_client, "_TRANSFER_SECONDS", 0.5)
     client = _client._Client(hostile(trickle), timeout=1.0)
     start = time.monotonic()
     with pytest.raises(_client._UnreachableError):

@@ -46,6 +46,9 @@ _RETRY_SECONDS = 1.0
 #: buffer and the store are bounded), far less than a machine's memory.
 _MAX_BODY = 256 * 2**20
 _CHUNK = 2**16
+#: Seconds an answer may take to arrive besides the request's timeout: a
+#: thousand full traces over a slow link, not a trickle that never ends.
+_TRANSFER_SECONDS = 60.0
 #: Bad Gateway, Service Unavailable, Gateway Timeout.
 _GATEWAY_CODES = frozenset({502, 503, 504})
 
@@ -226,11 +229,13 @@ class _StoreClient:
 
 
 def _read_body(response: Any, timeout: float) -> bytes:
-    """The answer's body, read within ``timeout`` seconds in all and at most
-    :data:`_MAX_BODY` bytes: the socket's timeout is per read, so a server
-    that trickles bytes, or never stops sending, would hold ``tail`` and
-    ``show`` forever and fill their memory.
+    """The answer's body, read within ``timeout`` seconds plus
+    :data:`_TRANSFER_SECONDS` in all and at most :data:`_MAX_BODY` bytes:
+    the socket's timeout is per read, so a server that trickles bytes, or
+    never stops sending, would hold ``tail`` and ``show`` forever and fill
+    their memory.
     """
+    timeout += _TRANSFER_SECONDS
     deadline = time.monotonic() + timeout
     parts: list[bytes] = []
     size = 0
