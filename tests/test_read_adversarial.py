@@ -31,6 +31,7 @@ from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
 from wsgitrace import TraceMiddleware, _client
 from wsgitrace._answers import _BadAnswerError
+from wsgitrace.store import TraceStore
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -473,3 +474,17 @@ def test_a_host_with_a_latin1_space_after_it_is_not_localhost(junk: str) -> None
 
     assert status("localhost" + junk) == "404 NOT FOUND"
     assert status(" localhost\t") == "200 OK"
+
+
+def test_show_of_an_id_the_store_does_not_hold_blames_no_buffer_or_endpoint(
+    tmp_path: Path,
+) -> None:
+    """``show --store`` of an id the store does not hold says so of the
+    store, not of a buffer or an endpoint that it never asked.
+    """
+    path = tmp_path / "traces.db"
+    TraceStore(path).write([])
+    result = wsgitrace_cli("show", "no-such-id", "--store", str(path))
+    assert result.returncode == 1
+    assert "no trace 'no-such-id' in the store" in result.stderr
+    assert "endpoint" not in result.stderr

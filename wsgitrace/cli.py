@@ -61,6 +61,7 @@ from ._client import (
     _NoStoreError,
     _NotFoundError,
     _read_token,
+    _StoreClient,
     _UnreachableError,
     _View,
 )
@@ -313,6 +314,11 @@ def show(
     except _UnreachableError as exc:
         _fail(f"cannot reach {client.url} ({exc}); is the app running?")
     except _NotFoundError:
+        if isinstance(client, _StoreClient):
+            _fail(
+                f"no trace {trace_id!r} in the store {client.url}: it was pruned (the store"
+                " keeps its newest traces, by count and bytes), or never written there."
+            )
         _fail(
             f"no trace {trace_id!r} at {client.url}: it was evicted from the buffer,"
             " or the endpoint is off or refused this client."
