@@ -385,12 +385,25 @@ def _annotate(
         focus = None
         if call.excinfo is not None and isinstance(call.excinfo.value, HookOrderError):
             focus = call.excinfo.value.trace
-        report.sections.append((_SECTION, _report_text(item.config, capture, focus)))
+        _add_section(report, _report_text(item.config, capture, focus))
         state.reported = True
     keep = state.failed or settings.keep_passed or item.stash.get(_KEEP, False)
     if report.when == "teardown" and settings.json_path is not None and len(capture) and keep:
         outcome = "failed" if state.failed else "skipped" if state.skipped else "passed"
         report.wsgitrace_json = _json_record(item, capture, outcome)  # type: ignore[attr-defined]
+
+
+def _add_section(report: pytest.TestReport, text: str) -> None:
+    """Add the report section: a failure's goes into its traceback's own
+    sections, which JUnit XML's failure text includes and ``--show-capture``
+    does not hide (it is about captured output); a passed test's (``always``)
+    goes with the captured output.
+    """
+    addsection = getattr(report.longrepr, "addsection", None) if report.failed else None
+    if callable(addsection):
+        addsection(_SECTION, text.rstrip("\n"))
+    else:
+        report.sections.append((_SECTION, text))
 
 
 def _annotate_uncaptured(
@@ -407,7 +420,7 @@ def _annotate_uncaptured(
     if trace is None or _settings(item.config).report == "never":
         return
     try:
-        report.sections.append((_SECTION, _trace_text(item.config, trace)))
+        _add_section(report, _trace_text(item.config, trace))
     except Exception as exc:
         # Never let the plugin change a test's outcome.
         report.sections.append((_SECTION, f"wsgitrace: reporting failed: {_error(exc)}"))

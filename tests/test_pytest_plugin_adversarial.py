@@ -1,0 +1,70 @@
+"""The pytest plugin under the options and test shapes real suites use:
+JUnit XML, ``--show-capture``, ``--tb``, fixture teardown errors with
+``--wsgitrace-report=always``. Each runs a small suite through ``pytester``.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+CONFTEST = """
+import pytest
+
+from wsgitrace.demo_app import create_app
+from wsgitrace.flask import FlaskTrace
+
+
+@pytest.fixture
+def app():
+    app = create_app()
+    FlaskTrace(app)
+    return app
+"""
+
+
+def test_failure_report_is_in_junit_xml_and_not_hidden_by_show_capture(
+    pytester: pytest.Pytester,
+) -> None:
+    """A failed test's timeline is part of its failure: JUnit XML's failure
+    text (what CI shows) has it, and ``--show-capture=no``, which is about
+    captured output, does not hide it. Under xdist too.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        def test_fails(app, wsgitrace):
+            app.test_client().get("/admin/")
+            print("captured output")
+            assert False
+
+        def test_setup_fails(app, wsgitrace, broken):
+            pass
+
+        import pytest
+
+        @pytest.fixture
+        def broken(app):
+            app.test_client().get("/from-a-fixture")
+            raise RuntimeError("fixture is broken")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--junitxml=out.xml")
+    result.assert_outcomes(failed=1, errors=1)
+    cases = {
+        case.get("name"): case for case in ET.parse(pytester.path / "out.xml").iter("testcase")
+    }
+    failure = cases["test_fails"].findtext("failure") or ""
+    assert "1 request traced during this test" in failure
+    assert "GET /admin/ → 403 FORBIDDEN" in failure
+    error = cases["test_setup_fails"].findtext("error") or ""
+    assert "GET /from-a-fixture → 404 NOT FOUND" in error
+
+    for args in (["-p", "no:xdist"], ["-n", "2"]):
+        hidden = pytester.runpytest_subprocess(*args, "--show-capture=no")
+        hidden.assert_outcomes(failed=1, errors=1)
+        out = hidden.stdout.str()
+        assert "Captured stdout call" not in out
+        assert out.count("- wsgitrace -") == 2, out
+        hidden.stdout.fnmatch_lines(["*GET /admin/ → 403 FORBIDDEN*"])
