@@ -68,3 +68,43 @@ def test_failure_report_is_in_junit_xml_and_not_hidden_by_show_capture(
         assert "Captured stdout call" not in out
         assert out.count("- wsgitrace -") == 2, out
         hidden.stdout.fnmatch_lines(["*GET /admin/ → 403 FORBIDDEN*"])
+
+
+def test_teardown_error_after_a_passed_call_gets_the_timeline_with_always(
+    pytester: pytest.Pytester,
+) -> None:
+    """With ``always`` the passed call report gets a section; a fixture's
+    teardown error after it still gets its own, with the requests the
+    teardown made. A failed call's section is not repeated at teardown.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def cleanup(app, wsgitrace):
+            yield
+            app.test_client().get("/cleanup")
+            raise RuntimeError("cleanup failed")
+
+        def test_passes(cleanup, app):
+            app.test_client().get("/")
+
+        def test_fails(cleanup, app):
+            app.test_client().get("/")
+            assert False
+        """
+    )
+    for mode in ("always", "failed"):
+        result = pytester.runpytest_subprocess("-p", "no:xdist", f"--wsgitrace-report={mode}")
+        result.assert_outcomes(passed=1, failed=1, errors=2)
+        out = result.stdout.str()
+        errors = out.split("= ERRORS =")[1].split("= FAILURES =")[0]
+        passes = errors.split("ERROR at teardown of test_passes")[1].split("ERROR at teardown")[0]
+        assert "2 requests traced during this test" in passes, out
+        assert "GET /cleanup → 404 NOT FOUND" in passes
+        fails = errors.split("ERROR at teardown of test_fails")[1]
+        assert "- wsgitrace -" not in fails, out
+        failures = out.split("= FAILURES =")[1].split("= wsgitrace: requests of passed")[0]
+        assert failures.count("1 request traced during this test") == 1, out

@@ -378,15 +378,18 @@ def _annotate(
     state.failed = state.failed or report.failed
     state.skipped = state.skipped or report.skipped
     capture = state.capture
-    show = (report.failed and settings.report != "never") or (
-        report.when == "call" and report.passed and settings.report == "always"
-    )
-    if show and not state.reported and (len(capture) or capture.internal_errors):
+    if report.failed:
+        # Once per test: a teardown error after a failed call does not repeat
+        # it, but one after a passed call (shown with ``always``) gets its own.
+        show = settings.report != "never" and not state.reported
+    else:
+        show = report.when == "call" and report.passed and settings.report == "always"
+    if show and (len(capture) or capture.internal_errors):
         focus = None
         if call.excinfo is not None and isinstance(call.excinfo.value, HookOrderError):
             focus = call.excinfo.value.trace
         _add_section(report, _report_text(item.config, capture, focus))
-        state.reported = True
+        state.reported = state.reported or report.failed
     keep = state.failed or settings.keep_passed or item.stash.get(_KEEP, False)
     if report.when == "teardown" and settings.json_path is not None and len(capture) and keep:
         outcome = "failed" if state.failed else "skipped" if state.skipped else "passed"
