@@ -108,3 +108,28 @@ def test_teardown_error_after_a_passed_call_gets_the_timeline_with_always(
         assert "- wsgitrace -" not in fails, out
         failures = out.split("= FAILURES =")[1].split("= wsgitrace: requests of passed")[0]
         assert failures.count("1 request traced during this test") == 1, out
+
+
+def test_tb_no_shows_no_passed_sections_when_failed_ones_are_hidden(
+    pytester: pytest.Pytester,
+) -> None:
+    """``--tb=no`` hides a failed test's section; ``always`` then does not
+    print pages of passed tests' timelines alone (pytest's ``-rP`` does the
+    same). Without ``--tb=no`` they are printed.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        def test_passes(app, wsgitrace):
+            app.test_client().get("/")
+
+        def test_fails(app, wsgitrace):
+            app.test_client().get("/admin/")
+            assert False
+        """
+    )
+    quiet = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always", "--tb=no")
+    quiet.assert_outcomes(passed=1, failed=1)
+    assert "traced during this test" not in quiet.stdout.str()
+    shown = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always")
+    shown.stdout.fnmatch_lines(["*= wsgitrace: requests of passed tests =*", "*GET / → 200 OK*"])

@@ -432,9 +432,11 @@ def _annotate_uncaptured(
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
-    """With ``always``, show passed tests' sections unless ``-rP`` does."""
+    """With ``always``, show passed tests' sections unless ``-rP`` does, and
+    not with ``--tb=no``, which hides failed tests' sections (and ``-rP``).
+    """
     settings = config.stash.get(_SETTINGS, None)
-    if settings is None:
+    if settings is None or config.getoption("tbstyle", "auto") == "no":
         return
     if settings.report == "always" and not terminalreporter.hasopt("P"):
         shown = False
