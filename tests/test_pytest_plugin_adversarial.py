@@ -133,3 +133,25 @@ def test_tb_no_shows_no_passed_sections_when_failed_ones_are_hidden(
     assert "traced during this test" not in quiet.stdout.str()
     shown = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always")
     shown.stdout.fnmatch_lines(["*= wsgitrace: requests of passed tests =*", "*GET / → 200 OK*"])
+
+
+def test_without_autoload_the_entry_point_name_loads_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` (common in CI), the README's
+    ``-p wsgitrace`` loads the plugin: fixture, options and report.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        def test_fails(app, wsgitrace):
+            app.test_client().get("/admin/")
+            assert False
+        """
+    )
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    missing = pytester.runpytest_subprocess()
+    loaded = pytester.runpytest_subprocess("-p", "wsgitrace", "--wsgitrace-report=failed")
+    missing.stdout.fnmatch_lines(["*fixture 'wsgitrace' not found*"])
+    loaded.assert_outcomes(failed=1)
+    loaded.stdout.fnmatch_lines(["*- wsgitrace -*", "1 request traced during this test"])
