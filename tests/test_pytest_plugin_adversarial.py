@@ -155,3 +155,30 @@ def test_without_autoload_the_entry_point_name_loads_it(
     missing.stdout.fnmatch_lines(["*fixture 'wsgitrace' not found*"])
     loaded.assert_outcomes(failed=1)
     loaded.stdout.fnmatch_lines(["*- wsgitrace -*", "1 request traced during this test"])
+
+
+def test_always_shows_an_unexpectedly_passing_xfail_test(pytester: pytest.Pytester) -> None:
+    """An xfail test that passes (XPASS) passed: ``always`` shows its
+    requests with the other passed tests' (or ``-rX`` does, once).
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.xfail(reason="thought to be broken")
+        def test_xpasses(app, wsgitrace):
+            app.test_client().get("/admin/")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always")
+    result.assert_outcomes(xpassed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= wsgitrace: requests of passed tests =*",
+            "*_ test_always_shows_*.py::test_xpasses _*",
+            "1 request traced during this test",
+        ]
+    )
+    with_rx = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always", "-rX")
+    assert with_rx.stdout.str().count("1 request traced during this test") == 1

@@ -432,15 +432,22 @@ def _annotate_uncaptured(
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
-    """With ``always``, show passed tests' sections unless ``-rP`` does, and
-    not with ``--tb=no``, which hides failed tests' sections (and ``-rP``).
+    """With ``always``, show passed (and xpassed) tests' sections unless
+    ``-rP`` (``-rX``) does, and not with ``--tb=no``, which hides failed
+    tests' sections (and ``-rP``).
     """
     settings = config.stash.get(_SETTINGS, None)
     if settings is None or config.getoption("tbstyle", "auto") == "no":
         return
-    if settings.report == "always" and not terminalreporter.hasopt("P"):
+    if settings.report == "always":
         shown = False
-        for rep in terminalreporter.getreports("passed"):
+        reports = [
+            rep
+            for kind, opt in (("passed", "P"), ("xpassed", "X"))
+            if not terminalreporter.hasopt(opt)
+            for rep in terminalreporter.getreports(kind)
+        ]
+        for rep in reports:
             for name, content in rep.sections:
                 if name != _SECTION:
                     continue
