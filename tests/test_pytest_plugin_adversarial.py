@@ -182,3 +182,34 @@ def test_always_shows_an_unexpectedly_passing_xfail_test(pytester: pytest.Pytest
     )
     with_rx = pytester.runpytest_subprocess("-p", "no:xdist", "--wsgitrace-report=always", "-rX")
     assert with_rx.stdout.str().count("1 request traced during this test") == 1
+
+
+def test_report_explains_a_response_the_failed_test_still_holds(
+    pytester: pytest.Pytester,
+) -> None:
+    """``r = client.get(...)`` then a failed ``assert r.status_code``: the
+    test's frame keeps ``r`` alive, so its trace is still in progress when
+    the report is made. The report says why, rather than leave a duration of
+    ``…`` looking like a hung request.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        def test_holds_its_response(app, wsgitrace):
+            response = app.test_client().get("/admin/")
+            assert response.status_code == 200
+
+        def test_closes_its_response(app, wsgitrace):
+            app.test_client().get("/admin/").close()
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    held = out.split("_ test_holds_its_response _")[1].split("_ test_closes_its_response _")[0]
+    assert "in progress" in held
+    assert "in progress, in a test, usually means a response the test still holds" in held
+    closed = out.split("_ test_closes_its_response _")[1]
+    assert "- wsgitrace -" in closed
+    assert "in progress" not in closed

@@ -130,18 +130,28 @@ def _cut_note(traces: list[Trace]) -> list[str]:
 
 
 def _unclosed_note(traces: list[Trace]) -> list[str]:
-    """The line explaining the ``unclosed`` warning, if a trace has it: in a
-    test it almost always means the test client's response, not the app.
+    """The lines explaining the ``unclosed`` warning and the ``in progress``
+    state, if a trace has them: in a test they almost always mean the test
+    client's response, not the app or a hung request.
     """
     try:
-        if not any(trace.state == "unclosed" for trace in traces):
-            return []
+        states = {trace.state for trace in traces}
     except Exception as exc:
         return [f"wsgitrace: cannot read the traces' state ({_error(exc)})"]
-    return [
-        "⚠ unclosed, in a test, usually means the test did not close a response"
-        " (test clients never do: response.close()), not a fault of the app"
-    ]
+    lines = []
+    if "unclosed" in states:
+        lines.append(
+            "⚠ unclosed, in a test, usually means the test did not close a response"
+            " (test clients never do: response.close()), not a fault of the app"
+        )
+    if "in_progress" in states:
+        # A failed test's frame still holds its response: not a hung request.
+        lines.append(
+            "in progress, in a test, usually means a response the test still holds and did"
+            " not close (test clients never do: response.close()), not a hung request;"
+            " its duration is known at close()"
+        )
+    return lines
 
 
 def _width(config: pytest.Config) -> int:
