@@ -213,3 +213,44 @@ def test_report_explains_a_response_the_failed_test_still_holds(
     closed = out.split("_ test_closes_its_response _")[1]
     assert "- wsgitrace -" in closed
     assert "in progress" not in closed
+
+
+def test_a_list_of_traces_is_refused_at_the_tests_line_with_a_hint(
+    pytester: pytest.Pytester,
+) -> None:
+    """``.filter()`` and ``.all`` give lists; passing one where a trace goes
+    is refused with what to pass instead, and pytest points at the test's
+    line, not at wsgitrace's checks.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        def test_filtered(app, wsgitrace):
+            app.test_client().get("/admin/")
+            wsgitrace.assert_hook_order(wsgitrace.filter(path="/admin/"), ["view:*"])
+
+        def test_nothing_matched(app, wsgitrace):
+            app.test_client().get("/admin/")
+            wsgitrace.assert_hook_not_run(wsgitrace.filter(path="/nope"), "view:*")
+
+        def test_bad_name(app, wsgitrace):
+            app.test_client().get("/admin/")
+            wsgitrace.assert_hook_order(wsgitrace.last, ["dashboard"])
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=3)
+    result.stdout.fnmatch_lines(
+        [
+            '>*wsgitrace.assert_hook_order(wsgitrace.filter(path="/admin/"), *',
+            "E   *TypeError: assert_hook_order() takes a Trace (one of this list of 1 trace,"
+            " as .all and .filter() give: *] is the newest), got list",
+            '>*wsgitrace.assert_hook_not_run(wsgitrace.filter(path="/nope"), *',
+            "E   *TypeError: assert_hook_not_run() takes a Trace (an empty list, as .filter()"
+            " gives when no trace matched), got list",
+            ">*wsgitrace.assert_hook_order(wsgitrace.last, *",
+            "E   *ValueError: 'dashboard' names no hook*",
+        ]
+    )
+    assert "give: [-1] is the newest" in result.stdout.str()
+    assert "_hook_assertions.py" not in result.stdout.str()

@@ -183,13 +183,22 @@ _HINT_NO_HOOKS = (
 
 
 def _check_trace(trace: object, function: str) -> None:
+    __tracebackhide__ = True  # the error is at the test's call, not in here
     if not isinstance(trace, Trace):
         # wsgitrace.testing imports this module: import it here, not at the top.
         from .testing import TraceCapture
 
-        hint = (
-            " (the capture's .last, or one of its .all)" if isinstance(trace, TraceCapture) else ""
-        )
+        hint = ""
+        if isinstance(trace, TraceCapture):
+            hint = " (the capture's .last, or one of its .all)"
+        elif isinstance(trace, list | tuple):
+            # .all and .filter() return lists; one trace is asserted on at a time.
+            count = f"{len(trace)} trace{'' if len(trace) == 1 else 's'}"
+            hint = (
+                f" (one of this list of {count}, as .all and .filter() give: [-1] is the newest)"
+                if trace
+                else " (an empty list, as .filter() gives when no trace matched)"
+            )
         msg = f"{function}() takes a Trace{hint}, got {type(trace).__name__}"
         raise TypeError(msg)
 
@@ -198,6 +207,7 @@ def _check_hook_name(name: object) -> None:
     """Refuse what can never name a hook event, so an assertion cannot pass
     (or fail) for the wrong reason.
     """
+    __tracebackhide__ = True
     if not isinstance(name, str):
         msg = f"a hook name is a string such as 'before_request:load_user', got {name!r}"
         raise TypeError(msg)
