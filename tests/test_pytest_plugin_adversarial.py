@@ -254,3 +254,42 @@ def test_a_list_of_traces_is_refused_at_the_tests_line_with_a_hint(
     )
     assert "give: [-1] is the newest" in result.stdout.str()
     assert "_hook_assertions.py" not in result.stdout.str()
+
+
+def test_internal_error_repeated_in_a_later_test_says_where_it_was_logged(
+    pytester: pytest.Pytester,
+) -> None:
+    """wsgitrace logs an internal error once per place and process: a later
+    test hitting it again has no log record of it, and its report must not
+    send the user looking for one in its captured log.
+    """
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        from wsgitrace._internal import report_internal_error
+
+        def fail_inside_wsgitrace():
+            try:
+                raise RuntimeError("inside wsgitrace")
+            except RuntimeError:
+                report_internal_error("adversarial")
+
+        def test_first(app, wsgitrace):
+            app.test_client().get("/")
+            fail_inside_wsgitrace()
+            assert False
+
+        def test_second(app, wsgitrace):
+            app.test_client().get("/")
+            fail_inside_wsgitrace()
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    first = out.split("_ test_first _")[1].split("_ test_second _")[0]
+    second = out.split("_ test_second _")[1]
+    assert "internal error in adversarial (logged once)" in first
+    assert "internal error in adversarial" not in second
+    assert "logs each kind once per process, at its first: maybe in an earlier test" in second

@@ -53,7 +53,8 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
         errors = capture.internal_errors
         lines.append(
             f"wsgitrace caught {errors} internal error{'s' if errors != 1 else ''} during"
-            " this test (logged by the 'wsgitrace' logger)"
+            " this test (the 'wsgitrace' logger logs each kind once per process, at its"
+            " first: maybe in an earlier test)"
         )
     chosen = traces[-_REPORT_TIMELINES:]
     shown = f"the last {len(chosen)}"
