@@ -44,8 +44,10 @@ Reports and files:
   default ``failed``): a test that captured requests gets a ``wsgitrace``
   report section with a table of them and the timelines of the last few
   (the one a :class:`~wsgitrace.HookOrderError` was raised on first), plain
-  text. With ``always``, passed tests' sections are printed at the end. A
-  failed test that did not capture (a unittest ``TestCase`` using
+  text. A failed test's section is part of its failure (so ``--junitxml``
+  has it and ``--show-capture`` does not hide it); with ``always``, passed
+  (and xpassed) tests' sections are printed at the end, except with
+  ``--tb=no``. A failed test that did not capture (a unittest ``TestCase`` using
   :func:`~wsgitrace.testing.capture_traces`) gets the timeline of the trace
   its :class:`~wsgitrace.HookOrderError` was raised on.
 - ``--wsgitrace-json=PATH`` (ini ``wsgitrace_json``): JSON Lines, one object
