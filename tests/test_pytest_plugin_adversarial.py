@@ -6,8 +6,22 @@ JUnit XML, ``--show-capture``, ``--tb``, fixture teardown errors with
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 import pytest
+from werkzeug.test import Client
+
+from wsgitrace import TraceMiddleware
+from wsgitrace.testing import capture_traces
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+
+def hello_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
 
 CONFTEST = """
 import pytest
@@ -293,3 +307,22 @@ def test_internal_error_repeated_in_a_later_test_says_where_it_was_logged(
     assert "internal error in adversarial (logged once)" in first
     assert "internal error in adversarial" not in second
     assert "logs each kind once per process, at its first: maybe in an earlier test" in second
+
+
+def test_wait_with_nothing_captured_names_an_untraced_app_first() -> None:
+    """``wait()`` that saw no trace at all: the likely cause is an app that
+    is not traced (a server thread of a bare app), not only a server in
+    another process. Once some arrived, that hint is left out.
+    """
+    with capture_traces() as captured:
+        Client(hello_app).get("/")  # not traced
+        with pytest.raises(pytest.fail.Exception) as nothing:
+            captured.wait(1, timeout=0.01)
+        Client(TraceMiddleware(hello_app)).get("/").close()
+        with pytest.raises(pytest.fail.Exception) as some:
+            captured.wait(2, timeout=0.01)
+    assert str(nothing.value).startswith("wsgitrace: 0 traces captured after 0.01s, waited for 1")
+    assert "hint: trace the app with FlaskTrace(app) or TraceMiddleware(app)" in str(nothing.value)
+    assert "another process" in str(nothing.value)
+    assert "1 trace captured after 0.01s, waited for 2" in str(some.value)
+    assert "hint: trace the app" not in str(some.value)

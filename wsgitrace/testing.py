@@ -208,9 +208,11 @@ class TraceCapture:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     got = len(self._traces)
+                    # None at all: most likely an app that is not traced.
+                    hints = f"{_HINT_NOT_TRACED}\n" if got + self.dropped == 0 else ""
                     _fail(
                         f"wsgitrace: {got} trace{'s' if got != 1 else ''} captured"
-                        f" after {timeout}s, waited for {count}\n{_HINT_OTHER_PROCESS}"
+                        f" after {timeout}s, waited for {count}\n{hints}{_HINT_OTHER_PROCESS}"
                     )
                 self._arrived.wait(remaining)
         while finished and not all(t.finished for t in self.all):
@@ -292,13 +294,17 @@ _HINT_OTHER_PROCESS = (
     " the app from a thread (werkzeug.serving.make_server) instead"
 )
 
-_NOTHING_TRACED = (
-    "wsgitrace: no request was traced while capturing (during this test, or"
-    " inside its capture_traces() block).\n"
+_HINT_NOT_TRACED = (
     "hint: trace the app with FlaskTrace(app) or TraceMiddleware(app), or call"
     " wsgitrace.watch(app) before making requests; check that tracing is not"
     " disabled (WSGITRACE_ENABLED, enabled=False) and the path not excluded or"
-    " sampled out\n"
+    " sampled out"
+)
+
+_NOTHING_TRACED = (
+    "wsgitrace: no request was traced while capturing (during this test, or"
+    " inside its capture_traces() block).\n"
+    f"{_HINT_NOT_TRACED}\n"
     f"{_HINT_OTHER_PROCESS}"
 )
 
