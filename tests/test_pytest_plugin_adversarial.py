@@ -326,3 +326,20 @@ def test_wait_with_nothing_captured_names_an_untraced_app_first() -> None:
     assert "another process" in str(nothing.value)
     assert "1 trace captured after 0.01s, waited for 2" in str(some.value)
     assert "hint: trace the app" not in str(some.value)
+
+
+def test_wait_after_the_capture_block_fails_at_once_saying_so() -> None:
+    """``wait()`` after its ``capture_traces()`` (``wsgitrace_capture()``)
+    block can never see a trace arrive: it fails at once and says why,
+    rather than wait out the timeout and blame the app's tracing.
+    """
+    with capture_traces() as captured:
+        Client(TraceMiddleware(hello_app)).get("/").close()
+    assert captured.wait(1) == captured.all
+    with pytest.raises(pytest.fail.Exception) as ended:
+        captured.wait(2, timeout=30)
+    message = str(ended.value)
+    assert message == (
+        "wsgitrace: wait() for 2 traces on a capture that is not capturing (1 captured):"
+        " its capture_traces() block has ended; wait inside the block"
+    )

@@ -205,6 +205,14 @@ class TraceCapture:
         deadline = time.monotonic() + timeout
         with self._lock:
             while len(self._traces) + self.dropped < count:
+                if not self.active:
+                    # Nothing can arrive: do not wait out the timeout for it.
+                    got = len(self._traces)
+                    _fail(
+                        f"wsgitrace: wait() for {count} trace{'s' if count != 1 else ''} on a"
+                        f" capture that is not capturing ({got} captured): its"
+                        " capture_traces() block has ended; wait inside the block"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     got = len(self._traces)
