@@ -198,6 +198,28 @@ def test_an_answer_trickled_byte_by_byte_times_out(
     assert time.monotonic() - start < 3
 
 
+def test_headers_trickled_byte_by_byte_time_out(
+    hostile: Callable[[Callable[[socket.socket], None]], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow-loris that sends its status line and headers a byte at a time
+    is cut off too, and the connection's timer does not outlive the request.
+    """
+
+    def trickle(conn: socket.socket) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    monkeypatch.setattr(_client, "_TRANSFER_SECONDS", 0.5)
+    client = _client._Client(hostile(trickle), timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(_client._UnreachableError, match="took more than"):
+        client.get()
+    assert time.monotonic() - start < 3
+    assert not client._timers
+
+
 def test_an_endless_answer_is_refused_not_read_into_memory(
     hostile: Callable[[Callable[[socket.socket], None]], str],
     monkeypatch: pytest.MonkeyPatch,

@@ -18,9 +18,11 @@ server restarts it waits for it and resumes; it reports through a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -151,7 +153,13 @@ class _Client:
             # (http.client writes header strings as latin-1).
             header = f"Bearer {token}".encode().decode("latin-1")
             self._headers["Authorization"] = header
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        # Connections opened for the request under way, cut off when it takes too long.
+        self._timers: list[threading.Timer] = []
+        handlers: list[urllib.request.BaseHandler] = [
+            _NoRedirect(),
+            _CutOffHTTPHandler(self._timers),
+            _CutOffHTTPSHandler(self._timers),
+        ]
         if _is_loopback_host(urlsplit(self.url).hostname):
             handlers.append(urllib.request.ProxyHandler({}))
         self._opener = urllib.request.build_opener(*handlers)
@@ -165,9 +173,11 @@ class _Client:
             url += "?" + urlencode({k: v for k, v in params.items() if v is not None})
         request = urllib.request.Request(url, headers=self._headers)  # noqa: S310 - http(s) only
         timeout = kw.get("timeout", self.timeout)
+        total = timeout + _TRANSFER_SECONDS
+        started = time.monotonic()
         try:
             with self._opener.open(request, timeout=timeout) as response:
-                body = _read_body(response, timeout)
+                body = _read_body(response, total, started)
         except urllib.error.HTTPError as exc:
             with exc:
                 try:
@@ -184,8 +194,14 @@ class _Client:
                 raise _UnreachableError(_error_detail(exc.code, detail)) from None
             raise _BadAnswerError(_error_detail(exc.code, detail)) from None
         except (urllib.error.URLError, OSError, HTTPException) as exc:
+            if time.monotonic() - started >= total:
+                raise _UnreachableError(_too_slow(total)) from None  # cut off
             reason = getattr(exc, "reason", exc)
             raise _UnreachableError(str(reason) or type(reason).__name__) from None
+        finally:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
         try:
             return json.loads(body)
         except (ValueError, RecursionError):  # nested too deep: not ours either
@@ -228,15 +244,13 @@ class _StoreClient:
             raise _BadAnswerError(text) from None
 
 
-def _read_body(response: Any, timeout: float) -> bytes:
-    """The answer's body, read within ``timeout`` seconds plus
-    :data:`_TRANSFER_SECONDS` in all and at most :data:`_MAX_BODY` bytes:
-    the socket's timeout is per read, so a server that trickles bytes, or
-    never stops sending, would hold ``tail`` and ``show`` forever and fill
-    their memory.
+def _read_body(response: Any, timeout: float, started: float) -> bytes:
+    """The answer's body, read within ``timeout`` seconds of ``started`` (the
+    request's start) and at most :data:`_MAX_BODY` bytes: the socket's
+    timeout is per read, so a server that trickles bytes, or never stops
+    sending, would hold ``tail`` and ``show`` forever and fill their memory.
     """
-    timeout += _TRANSFER_SECONDS
-    deadline = time.monotonic() + timeout
+    deadline = started + timeout
     parts: list[bytes] = []
     size = 0
     while chunk := response.read1(_CHUNK):
@@ -249,7 +263,9 @@ def _read_body(response: Any, timeout: float) -> bytes:
             )
             raise _BadAnswerError(msg)
         if time.monotonic() > deadline:
-            raise _UnreachableError(f"its answer took more than {timeout:g} s")
+            raise _UnreachableError(_too_slow(timeout))
+    if time.monotonic() > deadline:
+        raise _UnreachableError(_too_slow(timeout))  # cut off: see _CutOffHTTPHandler
     return b"".join(parts)
 
 
@@ -258,6 +274,60 @@ def _bad_answer_message(client: _Client | _StoreClient, exc: _BadAnswerError) ->
     store's errors name the store already.
     """
     return str(exc) if isinstance(client, _StoreClient) else f"{client.url}: {exc}"
+
+
+def _too_slow(timeout: float) -> str:
+    return f"its answer took more than {timeout:g} s"
+
+
+def _cut_off_class(base: Any, timers: list[threading.Timer]) -> Any:
+    """``base`` (an HTTP or HTTPS connection class) whose socket is shut
+    down :data:`_TRANSFER_SECONDS` after its timeout: the timeout is per
+    read, and a server that sends its status line and headers a byte at a
+    time would otherwise hold the request forever.
+    """
+
+    class CutOffConnection(base):  # type: ignore[misc]
+        def connect(self) -> None:
+            super().connect()
+            timer = threading.Timer(self.timeout + _TRANSFER_SECONDS, _shut_down, (self.sock,))
+            timer.daemon = True
+            timers.append(timer)
+            timer.start()
+
+    return CutOffConnection
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # A socket closed meanwhile has no descriptor left: this does nothing.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _CutOffHTTPHandler(urllib.request.HTTPHandler):
+    """Opens ``http:`` URLs with connections that are cut off (see
+    :func:`_cut_off_class`).
+    """
+
+    def __init__(self, timers: list[threading.Timer]) -> None:
+        super().__init__()
+        self._timers = timers
+
+    def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
+        cls = _cut_off_class(http_class, self._timers)
+        return super().do_open(cls, req, **http_conn_args)
+
+
+class _CutOffHTTPSHandler(urllib.request.HTTPSHandler):
+    """Opens ``https:`` URLs as :class:`_CutOffHTTPHandler` does ``http:`` ones."""
+
+    def __init__(self, timers: list[threading.Timer]) -> None:
+        super().__init__()
+        self._timers = timers
+
+    def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
+        cls = _cut_off_class(http_class, self._timers)
+        return super().do_open(cls, req, **http_conn_args)
 
 
 def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
