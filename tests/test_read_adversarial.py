@@ -510,3 +510,72 @@ def test_show_of_an_id_the_store_does_not_hold_blames_no_buffer_or_endpoint(
     assert result.returncode == 1
     assert "no trace 'no-such-id' in the store" in result.stderr
     assert "endpoint" not in result.stderr
+
+
+# -- output that cannot be written -----------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "command", [("show", "--json"), ("show",), ("tail", "--json"), ("tail",)], ids=" ".join
+)
+def test_output_to_a_full_disk_is_one_message(
+    hostile: Callable[[Callable[[socket.socket], None]], str], command: tuple[str, ...]
+) -> None:
+    """Output that cannot be written (a full disk) ends the command with
+    one message, not a traceback.
+    """
+    trace = full_trace()
+    page = {"schema": 1, "instance": "i", "cursor": 1, "dropped": 0, "traces": [trace]}
+    url = hostile(answer_json(trace if command[0] == "show" else page))
+    ids = (trace["id"],) if command[0] == "show" else ()
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "wsgitrace", *command, *ids, url],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            env={**os.environ, "WSGITRACE_TOKEN": ""},
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot write the output: No space left on device" in result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/sh"), reason="needs /bin/sh")
+@pytest.mark.parametrize("command", [("show", "--json"), ("tail", "--json")], ids=" ".join)
+def test_output_with_stdout_closed_is_one_message(
+    hostile: Callable[[Callable[[socket.socket], None]], str], command: tuple[str, ...]
+) -> None:
+    """Started with its stdout closed, the JSON output says so in one
+    message, not a traceback about None.
+    """
+    trace = full_trace()
+    page = {"schema": 1, "instance": "i", "cursor": 1, "dropped": 0, "traces": [trace]}
+    url = hostile(answer_json(trace if command[0] == "show" else page))
+    ids = (trace["id"],) if command[0] == "show" else ()
+    result = subprocess.run(
+        # /bin/sh runs the command with its stdout closed.
+        [
+            "/bin/sh",
+            "-c",
+            'exec "$@" >&-',
+            "sh",
+            sys.executable,
+            "-m",
+            "wsgitrace",
+            *command,
+            *ids,
+            url,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+        env={**os.environ, "WSGITRACE_TOKEN": ""},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "standard output is closed" in result.stderr

@@ -19,7 +19,7 @@ import errno
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -45,6 +45,16 @@ class _Console(Console):
 def _console(*, stderr: bool = False) -> Console:
     """A console on stdout or stderr that never highlights or reads markup."""
     return _Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+
+
+def _stdout() -> TextIO:
+    """``sys.stdout``; an :exc:`OSError` when the process has none (started
+    with it closed), as writing to a closed one would be.
+    """
+    out = sys.stdout
+    if out is None:
+        raise OSError(errno.EBADF, "standard output is closed")
+    return out
 
 
 def _watched(console: Console) -> bool:
@@ -81,7 +91,7 @@ class _JsonView(_View):
         # As the human view: a Ctrl-C or SIGTERM takes effect after the
         # lines are counted, so the closing "N shown" counts every one printed.
         with _interrupts.deferred():
-            out = sys.stdout
+            out = _stdout()
             for item in items:
                 out.write(json.dumps(item, ensure_ascii=True) + "\n")
                 out.flush()

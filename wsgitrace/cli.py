@@ -36,13 +36,14 @@ and every message to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
@@ -66,7 +67,7 @@ from ._client import (
     _View,
 )
 from ._interrupts import _interrupts, _sigterm_as_interrupt
-from ._output import _bar_width, _console, _HumanView, _JsonView, _message
+from ._output import _bar_width, _console, _HumanView, _JsonView, _message, _stdout
 from ._run_options import flag_name, given_options, with_run_flags
 from ._serve import (
     DEMO_ROUND,
@@ -119,6 +120,20 @@ def _fail(message: str) -> NoReturn:
     """Print ``message`` to stderr in red and exit with status 1."""
     _message(_console(stderr=True), f"wsgitrace: {message}", "bold red")
     sys.exit(1)
+
+
+@contextlib.contextmanager
+def _writing_output() -> Iterator[None]:
+    """Turn a failure to write the output (a full disk, a closed stdout)
+    into one message; a reader that went away (``| head``) is left to click,
+    which exits quietly.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        _fail(f"cannot write the output: {exc.strerror or exc}")
 
 
 #: Said by run and demo when the app's tracing is off: otherwise they would
@@ -273,7 +288,8 @@ def tail(
     follow = _Follow(client, view, _filters(status, method, path, slow), lines, full=verbose)
     _sigterm_as_interrupt()
     try:
-        code = follow.run()
+        with _writing_output():
+            code = follow.run()
     except KeyboardInterrupt:
         code = 0
     finally:
@@ -325,12 +341,15 @@ def show(
         )
     except _BadAnswerError as exc:
         _fail(_bad_answer_message(client, exc))
-    if as_json:
-        sys.stdout.write(json.dumps(data, ensure_ascii=True, indent=2) + "\n")
-        return
-    console = _console()
-    bar_width = _bar_width(console.width)
-    console.print(build_timeline(Trace.from_dict(data), full=True, bar_width=bar_width))
+    with _writing_output():
+        if as_json:
+            out = _stdout()
+            out.write(json.dumps(data, ensure_ascii=True, indent=2) + "\n")
+            out.flush()
+            return
+        console = _console()
+        bar_width = _bar_width(console.width)
+        console.print(build_timeline(Trace.from_dict(data), full=True, bar_width=bar_width))
 
 
 @main.command()
