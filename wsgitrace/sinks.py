@@ -295,6 +295,9 @@ class SinkDispatcher:
         self._pid = os.getpid()
         #: Whether the threads run in this process (checked on the request path).
         self.running = False
+        # Concurrent first requests all see running False: one of them starts
+        # the threads, or two would write to one sink at once.
+        self._start_lock = threading.Lock()
         _dispatchers.add(self)
 
     @property
@@ -314,9 +317,12 @@ class SinkDispatcher:
         """
         if self.running:
             return
-        for worker in self._workers:
-            worker.start()
-        self.running = True
+        with self._start_lock:
+            if self.running:
+                return
+            for worker in self._workers:
+                worker.start()
+            self.running = True
 
     @property
     def dropped(self) -> int:
@@ -369,6 +375,8 @@ class SinkDispatcher:
     def _after_fork(self) -> None:
         self._pid = os.getpid()
         self.running = False
+        # A parent thread may have held it at the fork.
+        self._start_lock = threading.Lock()
         for worker in self._workers:
             with _CollectErrors():
                 worker.after_fork()
