@@ -5,6 +5,8 @@ could be) lost, duplicated, corrupted, blocked on or leaked.
 
 from __future__ import annotations
 
+import http.server
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -112,3 +114,143 @@ def test_concurrent_first_requests_start_one_thread_per_sink(
     assert dispatcher.flush(30)
     threads = [t for t in threading.enumerate() if t.name == "wsgitrace-sink-overlap-probe"]
     assert (sink.most, sink.written, len(threads)) == (1, 3000, 1)
+
+
+class _Collector(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP collector on 127.0.0.1 that refuses (413) a request
+    body over ``limit`` bytes, as real collectors and vendors do.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Requests answered 200 before every later one gets 400 (None: all).
+        self.accept: int | None = None
+        self.accepted: list[bytes] = []
+        self.refused = 0
+        super().__init__(("127.0.0.1", 0), _CollectorHandler)
+
+
+class _CollectorHandler(http.server.BaseHTTPRequestHandler):
+    server: _Collector
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if len(body) > self.server.limit:
+            self.server.refused += 1
+            self.send_response(413)
+        elif self.server.accept is not None and len(self.server.accepted) >= self.server.accept:
+            self.send_response(400)
+        else:
+            self.server.accepted.append(body)
+            self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _exported_ids(bodies: list[bytes]) -> list[str]:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    ids = []
+    for body in bodies:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    for kv in span.attributes:
+                        if kv.key == "wsgitrace.id":
+                            ids.append(kv.value.string_value)
+    return ids
+
+
+def test_otlp_a_large_batch_is_exported_in_requests_a_collector_takes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue's worth of big traces (many spans each) is not one request
+    the collector refuses as too large, losing every trace in it: each
+    request holds a bounded number of spans, so all are exported.
+    """
+    import wsgitrace
+    from wsgitrace.otlp import OtlpSink
+
+    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        for i in range(100):
+            with wsgitrace.span(f"step{i}", note="x" * 400):
+                pass
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(busy, max_traces=100)
+    for i in range(40):
+        request(app, f"/big{i}")
+    traces = app.buffer.latest()[::-1]
+    collector = _Collector(limit=1024 * 1024)
+    server = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
+    server.start()
+    try:
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}"
+        )
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10")
+        for name in ("TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
+            monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
+        dispatcher = SinkDispatcher([OtlpSink()])
+        for trace in traces:
+            dispatcher.submit(trace)
+        with caplog.at_level(logging.CRITICAL, logger="wsgitrace"):
+            dispatcher.close(timeout=60)
+    finally:
+        collector.shutdown()
+        collector.server_close()
+        server.join(10)
+    assert (dispatcher.delivered, dispatcher.failed, collector.refused) == (40, 0, 0)
+    assert sorted(set(_exported_ids(collector.accepted))) == sorted(t.id for t in traces)
+
+
+def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector that takes the first request of a batch and then fails:
+    the traces it took are delivered, only the others are counted failed
+    (the endpoint's sink_dropped is what was really lost).
+    """
+    import wsgitrace
+    from wsgitrace.otlp import OtlpSink
+
+    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        for i in range(100):
+            with wsgitrace.span(f"step{i}"):
+                pass
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(busy, max_traces=100)
+    for i in range(20):
+        request(app, f"/big{i}")
+    traces = app.buffer.latest()[::-1]
+    collector = _Collector(limit=1 << 30)
+    collector.accept = 1
+    server = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
+    server.start()
+    try:
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}"
+        )
+        for name in ("TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
+            monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
+        dispatcher = SinkDispatcher([OtlpSink()])
+        for trace in traces:
+            dispatcher.submit(trace)
+        with caplog.at_level(logging.CRITICAL):
+            dispatcher.close(timeout=60)
+    finally:
+        collector.shutdown()
+        collector.server_close()
+        server.join(10)
+    exported = set(_exported_ids(collector.accepted))
+    assert 0 < len(exported) < len(traces)
+    assert exported == {t.id for t in traces[: len(exported)]}
+    assert (dispatcher.delivered, dispatcher.failed) == (len(exported), 20 - len(exported))

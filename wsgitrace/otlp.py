@@ -64,6 +64,19 @@ _TRACESTATE_MEMBER = re.compile(
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 )
 _TRACESTATE_MAX_MEMBERS = 32
+#: Most spans in one export request (the SDK's BatchSpanProcessor default):
+#: a queue's worth of big traces in one request would be refused as too
+#: large (the exporter's own 64 MiB cap, a collector's smaller one) and
+#: every trace in it lost.
+MAX_EXPORT_SPANS = 512
+
+
+class _ExportError(WsgitraceError):
+    """A failed export; ``undelivered`` traces of the batch were not exported."""
+
+    def __init__(self, message: str, undelivered: int) -> None:
+        super().__init__(message)
+        self.undelivered = undelivered
 
 
 #: The logger the OTLP/HTTP span exporter reports each failed export on.
@@ -172,22 +185,35 @@ class OtlpSink:
         return OTLPSpanExporter()
 
     def write(self, traces: Sequence[Trace]) -> None:
-        """Turn the traces into spans and export them in one request.
+        """Turn the traces into spans and export them, in requests of at most
+        :data:`MAX_EXPORT_SPANS` spans (a trace's spans are never split).
 
-        :raise WsgitraceError: the exporter reported a failure.
+        :raise WsgitraceError: the exporter reported a failure; its
+            ``undelivered`` is how many of the traces (the last ones) were not
+            exported, the others were.
         """
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        spans: list[ReadableSpan] = []
+        chunk: list[ReadableSpan] = []
+        chunked = done = 0
         for trace in traces:
             data = trace.to_dict()
             if trace.traceparent is not None:
                 data["traceparent"] = trace.traceparent
                 if trace.tracestate is not None:
                     data["tracestate"] = trace.tracestate
-            spans.extend(trace_spans(self._tracer, self._collector, data))
-        if not spans:
-            return
+            spans = trace_spans(self._tracer, self._collector, data)
+            if chunk and len(chunk) + len(spans) > MAX_EXPORT_SPANS:
+                self._export(chunk, len(traces) - done)
+                done += chunked
+                chunk, chunked = [], 0
+            chunk.extend(spans)
+            chunked += 1
+        if chunk:
+            self._export(chunk, len(traces) - done)
+
+    def _export(self, spans: list[ReadableSpan], undelivered: int) -> None:
+        """Export one request's spans; on failure, say how many traces are lost."""
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
         if self._exporter is None:
             self._exporter = self._make_exporter()
         thread = threading.get_ident() if self._failed else None
@@ -201,7 +227,7 @@ class OtlpSink:
         if result is not SpanExportResult.SUCCESS:
             self._failed = True
             msg = f"OTLP export of {len(spans)} span(s) failed (see the opentelemetry log)"
-            raise WsgitraceError(msg)
+            raise _ExportError(msg, undelivered)
         self.exported += len(spans)
 
     def after_fork(self) -> None:

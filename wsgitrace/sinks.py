@@ -66,11 +66,12 @@ class Sink(Protocol):
 
     ``write`` is called on the sink's own thread with a batch of finished
     traces, oldest first; it may block (the queue fills and drops meanwhile)
-    and may raise (the batch is counted as failed). ``close`` is called once,
-    after the last ``write``. A sink may also define ``after_fork()``, called
-    in a forked child before its next ``write`` or ``close`` (not in
-    the fork handler), to drop connections inherited from the parent without
-    closing them.
+    and may raise (the batch is counted as failed, or only the last
+    ``exc.undelivered`` traces of it when the exception has that count).
+    ``close`` is called once, after the last ``write``. A sink may also
+    define ``after_fork()``, called in a forked child before its next
+    ``write`` or ``close`` (not in the fork handler), to drop connections
+    inherited from the parent without closing them.
     """
 
     def write(self, traces: Sequence[Trace]) -> None: ...
@@ -177,14 +178,16 @@ class _SinkWorker:
             self.sink.write(batch)
             self.delivered += len(batch)
         except Exception as exc:
-            self.failed += len(batch)
+            lost = _undelivered(exc, len(batch))
+            self.delivered += len(batch) - lost
+            self.failed += lost
             if not self.logged:
                 self.logged = True
                 logger.error(
                     "wsgitrace: sink %s failed, %d trace(s) not delivered (%s);"
                     " requests are not affected (logged once)",
                     self.name,
-                    len(batch),
+                    lost,
                     exc,
                     exc_info=not _is_clear_error(exc),
                 )
@@ -243,6 +246,16 @@ class _SinkWorker:
         self._dropped = itertools.count(1)
         # Not the sink's after_fork() here: see the module's docstring.
         self.forked = True
+
+
+def _undelivered(exc: Exception, size: int) -> int:
+    """How many traces of a batch of ``size`` a failed ``write`` lost: its
+    exception's ``undelivered`` count (a sink that wrote a part), else all.
+    """
+    count = getattr(exc, "undelivered", None)
+    if isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= size:
+        return count
+    return size
 
 
 def _is_clear_error(exc: Exception) -> bool:
