@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import http.server
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.util import setup_testing_defaults
 
@@ -254,3 +256,57 @@ def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
     assert 0 < len(exported) < len(traces)
     assert exported == {t.id for t in traces[: len(exported)]}
     assert (dispatcher.delivered, dispatcher.failed) == (len(exported), 20 - len(exported))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_store_write_can_write_the_store(
+    tmp_path: Path, fork: Callable[[], int]
+) -> None:
+    """A fork while another thread's store write holds SQLite's write lock:
+    the child inherits SQLite's in-process record of that lock, which no
+    thread of the child ever releases, so every write of the child's own
+    connection found the store locked, for good. The fork waits for the
+    write to end instead.
+    """
+    from wsgitrace.store import TraceStore
+
+    db = str(tmp_path / "traces.db")
+    store = TraceStore(db, timeout=1)
+    first, second, child_trace = make_traces(3)
+    store.write([first])
+    inside = threading.Event()
+    release = threading.Event()
+    prune = store._prune
+
+    def slow_prune(conn: Any) -> int:
+        inside.set()
+        release.wait(10)
+        return prune(conn)
+
+    store._prune = slow_prune  # type: ignore[method-assign]
+    writer = threading.Thread(target=store.write, args=([second],))
+    writer.start()
+    assert inside.wait(10)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    result = tmp_path / "child.txt"
+    pid = fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            try:
+                store.write([child_trace])
+                result.write_text("written")
+            except Exception as exc:
+                result.write_text(f"{type(exc).__name__}: {exc}")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    writer.join(10)
+    timer.join(10)
+    assert os.WEXITSTATUS(status) == 0
+    assert result.read_text() == "written"
+    paths = sorted(t.path for t in TraceStore(db, create=False).latest())
+    assert paths == sorted([first.path, second.path, child_trace.path])

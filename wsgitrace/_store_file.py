@@ -13,12 +13,50 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator
 
 from .exceptions import StoreError
 
 #: Version of the store's tables. A store with a higher one is refused.
 STORE_SCHEMA_VERSION = 1
+#: Most seconds a fork waits for a write transaction of this process to end.
+FORK_WAIT_SECONDS = 10.0
+
+# Held by every write transaction of this process, and taken before a fork
+# (os.register_at_fork): a child inherits SQLite's in-process record of the
+# locks this process holds, and a write lock held at the fork is never
+# released there, so the child's own connections would find the store
+# locked for good.
+_write_lock = threading.Lock()
+_held_for_fork = False
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    # Bounded: a fork from a thread that is itself writing must not hang.
+    _held_for_fork = _write_lock.acquire(timeout=FORK_WAIT_SECONDS)
+
+
+def _after_fork_in_parent() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _write_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _write_lock, _held_for_fork
+    _write_lock = threading.Lock()
+    _held_for_fork = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 _SCHEMA = """
 CREATE TABLE traces (
@@ -166,16 +204,25 @@ def _version(conn: sqlite3.Connection, path: str) -> int:
 
 
 @contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """No fork while a write outside :func:`_transaction` runs."""
+    with _write_lock:
+        yield
+
+
+@contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
     deadlock upgrading), then commit, or roll back on any error, a failed
-    ``COMMIT`` included (SQLite leaves the transaction open then).
+    ``COMMIT`` included (SQLite leaves the transaction open then). No fork
+    happens meanwhile (see ``_write_lock``).
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
+    with _write_lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise

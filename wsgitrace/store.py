@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._store_file import STORE_SCHEMA_VERSION, _connect, _store_error, _transaction
+from ._store_file import STORE_SCHEMA_VERSION, _connect, _store_error, _transaction, _writing
 from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ class TraceStore:
         self.written += added
         if pruned:
             self.pruned += pruned
-            with contextlib.suppress(sqlite3.Error):
+            with _writing(), contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum").fetchall()
 
     def _connect_writer(self) -> sqlite3.Connection:
