@@ -310,3 +310,53 @@ def test_a_child_forked_during_a_store_write_can_write_the_store(
     assert result.read_text() == "written"
     paths = sorted(t.path for t in TraceStore(db, create=False).latest())
     assert paths == sorted([first.path, second.path, child_trace.path])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_waits_for_a_thread_opening_or_reading_the_store(
+    tmp_path: Path, fork: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a write transaction: any use of SQLite by another thread at
+    the fork (opening the file, reading it) can leave the child with a
+    mutex or lock of SQLite's that nothing there releases (a gunicorn
+    --preload worker forked while the master stored its warm-up requests
+    hung in its first connect). The fork waits for that use to end.
+    """
+    from wsgitrace import store as store_module
+
+    db = str(tmp_path / "traces.db")
+    store_module.TraceStore(db).write(make_traces(1))
+    reader = store_module.TraceStore(db, create=False)
+    inside = threading.Event()
+    release = threading.Event()
+    done = threading.Event()
+    connect = store_module._connect
+
+    def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        conn = connect(*args, **kwargs)
+        inside.set()
+        release.wait(10)
+        done.set()
+        return conn
+
+    monkeypatch.setattr(store_module, "_connect", slow_connect)
+    thread = threading.Thread(target=reader.latest)
+    thread.start()
+    assert inside.wait(10)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    result = tmp_path / "child.txt"
+    pid = fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            result.write_text(repr(done.is_set()))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    thread.join(10)
+    timer.join(10)
+    assert os.WEXITSTATUS(status) == 0
+    assert result.read_text() == "True"

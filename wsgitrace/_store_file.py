@@ -20,44 +20,6 @@ from .exceptions import StoreError
 
 #: Version of the store's tables. A store with a higher one is refused.
 STORE_SCHEMA_VERSION = 1
-#: Most seconds a fork waits for a write transaction of this process to end.
-FORK_WAIT_SECONDS = 10.0
-
-# Held by every write transaction of this process, and taken before a fork
-# (os.register_at_fork): a child inherits SQLite's in-process record of the
-# locks this process holds, and a write lock held at the fork is never
-# released there, so the child's own connections would find the store
-# locked for good.
-_write_lock = threading.Lock()
-_held_for_fork = False
-
-
-def _before_fork() -> None:
-    global _held_for_fork
-    # Bounded: a fork from a thread that is itself writing must not hang.
-    _held_for_fork = _write_lock.acquire(timeout=FORK_WAIT_SECONDS)
-
-
-def _after_fork_in_parent() -> None:
-    global _held_for_fork
-    if _held_for_fork:
-        _held_for_fork = False
-        _write_lock.release()
-
-
-def _after_fork_in_child() -> None:
-    global _write_lock, _held_for_fork
-    _write_lock = threading.Lock()
-    _held_for_fork = False
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
-
 _SCHEMA = """
 CREATE TABLE traces (
     cursor INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,6 +35,81 @@ CREATE TABLE traces (
 );
 CREATE INDEX traces_time ON traces (time);
 """
+
+#: Most seconds a fork waits for this process's use of a store to end.
+FORK_WAIT_SECONDS = 10.0
+
+
+class _ForkGuard:
+    """Keeps ``fork`` out of every use of a store by this process: a child
+    inherits SQLite's in-process state (its record of the file locks this
+    process holds, its mutexes) as another thread left it, and a lock or
+    mutex held at the fork is never released there, so the child's own
+    connections would find the store locked, or hang, for good. Uses of the
+    store do not exclude one another (readers never wait for writers).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()
+        self._forking = True
+        # Bounded: a fork from a thread that is itself using a store must
+        # not hang (then the child may find the store locked).
+        self._cond.wait_for(lambda: not self._active, FORK_WAIT_SECONDS)
+        # Held through the fork: no use of a store starts meanwhile.
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._cond.notify_all()
+        self._cond.release()
+
+
+_guard = _ForkGuard()
+
+
+def _using_store() -> contextlib.AbstractContextManager[None]:
+    """A use of a store's connections, which no fork interrupts."""
+    return _guard.using()
+
+
+def _before_fork() -> None:
+    _guard.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _guard.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    global _guard
+    # The parent's threads that were waiting or using a store are not here.
+    _guard = _ForkGuard()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _store_error(
@@ -204,25 +241,16 @@ def _version(conn: sqlite3.Connection, path: str) -> int:
 
 
 @contextlib.contextmanager
-def _writing() -> Iterator[None]:
-    """No fork while a write outside :func:`_transaction` runs."""
-    with _write_lock:
-        yield
-
-
-@contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` (the write lock at once, so two writers never
     deadlock upgrading), then commit, or roll back on any error, a failed
-    ``COMMIT`` included (SQLite leaves the transaction open then). No fork
-    happens meanwhile (see ``_write_lock``).
+    ``COMMIT`` included (SQLite leaves the transaction open then).
     """
-    with _write_lock:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise

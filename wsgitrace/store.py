@@ -28,7 +28,9 @@ goes on with its in-memory buffer.
 
 Connections are made per process (and per direction), lazily, so one opened
 before ``fork`` is never used by a child: it is left open and unused there,
-as SQLite requires.
+as SQLite requires. A fork waits for the process's threads to stop using the
+store (``os.register_at_fork``), so the child inherits no lock or mutex of
+SQLite's held by a thread it does not have.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._store_file import STORE_SCHEMA_VERSION, _connect, _store_error, _transaction, _writing
+from ._store_file import (
+    STORE_SCHEMA_VERSION,
+    _connect,
+    _store_error,
+    _transaction,
+    _using_store,
+)
 from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
@@ -240,6 +248,10 @@ class TraceStore:
         :raise StoreError: the file cannot be used now; the batch is lost.
         """
         rows = [_row(trace) for trace in traces]
+        with _using_store():
+            self._write(rows)
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
         self._check_pid()
         if self._writer is not None and _file_id(self.path) != self._writer_file:
             # Deleted (to clear it) or replaced: what is written to the old
@@ -295,7 +307,7 @@ class TraceStore:
         self.written += added
         if pruned:
             self.pruned += pruned
-            with _writing(), contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum").fetchall()
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -363,10 +375,11 @@ class TraceStore:
     def close(self) -> None:
         """Close this process's connections."""
         self._check_pid()
-        for conn in (self._writer, self._reader):
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+        with _using_store():
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
         self._writer = self._reader = None
 
     # -- reading (a trace source for the endpoint) --------------------------
@@ -374,7 +387,7 @@ class TraceStore:
     @contextlib.contextmanager
     def _read(self, doing: str = "read traces") -> Iterator[sqlite3.Connection]:
         self._check_pid()
-        with self._read_lock:
+        with _using_store(), self._read_lock:
             if self._reader is not None and _file_id(self.path) != self._reader_file:
                 # Deleted or replaced: read the file the writers now use, and
                 # its id, so that readers see its cursors restarted.
