@@ -360,3 +360,39 @@ def test_a_fork_waits_for_a_thread_opening_or_reading_the_store(
     timer.join(10)
     assert os.WEXITSTATUS(status) == 0
     assert result.read_text() == "True"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_childs_drops_before_its_first_write_reach_the_store(
+    tmp_path: Path, fork: Callable[[], int]
+) -> None:
+    """Traces a forked child's full queue dropped before its first write are
+    counted in the store's ``dropped`` (what ``tail --store`` and every
+    worker's ``/_trace`` show), not wiped when the store then starts the
+    child's own counts.
+    """
+    from wsgitrace.store import TraceStore
+
+    db = str(tmp_path / "traces.db")
+    store = TraceStore(db)
+    dispatcher = SinkDispatcher([store], max_queue=5)
+    traces = make_traces(8)
+    dispatcher.submit(traces[0])
+    assert dispatcher.flush(10)  # the parent has written with its connection
+    result = tmp_path / "child.txt"
+    pid = fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            for trace in traces[1:]:
+                dispatcher.submit(trace)
+            dispatcher.flush(10)
+            reader = TraceStore(db, create=False)
+            result.write_text(repr((dispatcher.dropped, len(reader), reader.dropped)))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    dispatcher.close(timeout=5)
+    assert os.WEXITSTATUS(status) == 0
+    assert result.read_text() == repr((2, 6, 2))

@@ -165,6 +165,10 @@ class _SinkWorker:
         try:
             while queue and len(batch) < limit:
                 batch.append(queue.popleft())
+            # Never written with the parent's connections: if dropping them
+            # fails, the batch fails, and the next one tries again. Before the
+            # losses are told: it starts the sink's counts of this process.
+            self.drop_inherited()
             dropped = self.dropped
             if dropped > self.reported:
                 # Tell a sink that keeps counts (the store) what never reached it.
@@ -172,9 +176,6 @@ class _SinkWorker:
                 if note_lost is not None:
                     note_lost(dropped - self.reported)
                 self.reported = dropped
-            # Never written with the parent's connections: if dropping them
-            # fails, the batch fails, and the next one tries again.
-            self.drop_inherited()
             self.sink.write(batch)
             self.delivered += len(batch)
         except Exception as exc:
