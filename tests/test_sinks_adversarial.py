@@ -152,6 +152,27 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(name="collector")
+def fixture_collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Collector]:
+    """A collector on 127.0.0.1 (taking any size until a test says otherwise),
+    with the OTLP exporter's variables pointing at it.
+    """
+    collector = _Collector(limit=1 << 30)
+    server = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
+    server.start()
+    for name in ("TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
+        monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10")
+    try:
+        yield collector
+    finally:
+        collector.shutdown()
+        collector.server_close()
+        server.join(10)
+
+
 def _exported_ids(bodies: list[bytes]) -> list[str]:
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -169,7 +190,7 @@ def _exported_ids(bodies: list[bytes]) -> list[str]:
 
 
 def test_otlp_a_large_batch_is_exported_in_requests_a_collector_takes(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    collector: _Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A queue's worth of big traces (many spans each) is not one request
     the collector refuses as too large, losing every trace in it: each
@@ -189,31 +210,18 @@ def test_otlp_a_large_batch_is_exported_in_requests_a_collector_takes(
     for i in range(40):
         request(app, f"/big{i}")
     traces = app.buffer.latest()[::-1]
-    collector = _Collector(limit=1024 * 1024)
-    server = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
-    server.start()
-    try:
-        monkeypatch.setenv(
-            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}"
-        )
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10")
-        for name in ("TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
-            monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
-        dispatcher = SinkDispatcher([OtlpSink()])
-        for trace in traces:
-            dispatcher.submit(trace)
-        with caplog.at_level(logging.CRITICAL, logger="wsgitrace"):
-            dispatcher.close(timeout=60)
-    finally:
-        collector.shutdown()
-        collector.server_close()
-        server.join(10)
+    collector.limit = 1024 * 1024
+    dispatcher = SinkDispatcher([OtlpSink()])
+    for trace in traces:
+        dispatcher.submit(trace)
+    with caplog.at_level(logging.CRITICAL, logger="wsgitrace"):
+        dispatcher.close(timeout=60)
     assert (dispatcher.delivered, dispatcher.failed, collector.refused) == (40, 0, 0)
     assert sorted(set(_exported_ids(collector.accepted))) == sorted(t.id for t in traces)
 
 
 def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    collector: _Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A collector that takes the first request of a batch and then fails:
     the traces it took are delivered, only the others are counted failed
@@ -233,25 +241,12 @@ def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
     for i in range(20):
         request(app, f"/big{i}")
     traces = app.buffer.latest()[::-1]
-    collector = _Collector(limit=1 << 30)
     collector.accept = 1
-    server = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
-    server.start()
-    try:
-        monkeypatch.setenv(
-            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}"
-        )
-        for name in ("TRACES_ENDPOINT", "HEADERS", "TRACES_HEADERS", "COMPRESSION"):
-            monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{name}", raising=False)
-        dispatcher = SinkDispatcher([OtlpSink()])
-        for trace in traces:
-            dispatcher.submit(trace)
-        with caplog.at_level(logging.CRITICAL):
-            dispatcher.close(timeout=60)
-    finally:
-        collector.shutdown()
-        collector.server_close()
-        server.join(10)
+    dispatcher = SinkDispatcher([OtlpSink()])
+    for trace in traces:
+        dispatcher.submit(trace)
+    with caplog.at_level(logging.CRITICAL):
+        dispatcher.close(timeout=60)
     exported = set(_exported_ids(collector.accepted))
     assert 0 < len(exported) < len(traces)
     assert exported == {t.id for t in traces[: len(exported)]}
