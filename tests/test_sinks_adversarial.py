@@ -391,3 +391,40 @@ def test_a_forked_childs_drops_before_its_first_write_reach_the_store(
     dispatcher.close(timeout=5)
     assert os.WEXITSTATUS(status) == 0
     assert result.read_text() == repr((2, 6, 2))
+
+
+def test_a_request_never_waits_for_another_starting_the_sinks(
+    dispatchers: list[SinkDispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one request starts the sinks' threads, another that finds them
+    not running returns at once rather than wait for it (under gevent,
+    where starting a thread yields to other greenlets, a greenlet waiting
+    on that lock would block the whole worker, the starting one included).
+    """
+    from wsgitrace import sinks as sinks_module
+
+    sink = OverlapSink("wait-probe")
+    dispatcher = SinkDispatcher([sink])
+    dispatchers.append(dispatcher)
+    starting = threading.Event()
+    release = threading.Event()
+    start = sinks_module._SinkWorker.start
+
+    def slow_start(worker: Any) -> None:
+        starting.set()
+        release.wait(10)
+        start(worker)
+
+    monkeypatch.setattr(sinks_module._SinkWorker, "start", slow_start)
+    first = threading.Thread(target=dispatcher.start)
+    first.start()
+    assert starting.wait(10)
+    second = threading.Thread(target=dispatcher.start)
+    second.start()
+    second.join(5)
+    returned = not second.is_alive()
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert returned
+    assert dispatcher.running

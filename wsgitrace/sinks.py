@@ -310,7 +310,9 @@ class SinkDispatcher:
         #: Whether the threads run in this process (checked on the request path).
         self.running = False
         # Concurrent first requests all see running False: one of them starts
-        # the threads, or two would write to one sink at once.
+        # the threads, or two would write to one sink at once. The others do
+        # not wait for it: under gevent, a greenlet blocked on this (real)
+        # lock would block the one starting the threads too, for good.
         self._start_lock = threading.Lock()
         _dispatchers.add(self)
 
@@ -329,14 +331,15 @@ class SinkDispatcher:
         """Start the threads in this process (again after a fork). Call it
         from ordinary code, never from a finalizer; cheap when running.
         """
-        if self.running:
-            return
-        with self._start_lock:
-            if self.running:
-                return
-            for worker in self._workers:
-                worker.start()
-            self.running = True
+        if self.running or not self._start_lock.acquire(blocking=False):
+            return  # running, or being started by another thread
+        try:
+            if not self.running:
+                for worker in self._workers:
+                    worker.start()
+                self.running = True
+        finally:
+            self._start_lock.release()
 
     @property
     def dropped(self) -> int:
