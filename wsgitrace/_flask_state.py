@@ -28,7 +28,7 @@ from ._internal import report_internal_error
 from ._limits import safe_repr
 from .middleware import _wsgi_path
 from .redact import REDACTED, Redactor, scrubber
-from .trace import TRUNCATION_MARKER, EventKey, HeaderLayout, Trace, cut
+from .trace import TRUNCATION_MARKER, EventKey, HeaderFlattener, HeaderLayout, Trace, cut
 
 if TYPE_CHECKING:
     from ._flask_recorder import _AppTracer
@@ -85,7 +85,9 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                 if redact is not None:
                     url = redact(url)
                     trace.path = redact(trace.path)
-                    trace._flatten_headers = _LocationRedactingFlattener(tracer, redact)
+                    trace._flatten_headers = _LocationRedactingFlattener(
+                        tracer.middleware._flatten_response_headers, redact
+                    )
                 attrs["redirect"] = cut(url, tracer.max_string)
             trace.record("url_match", "url_match", now, now, attrs)
             return
@@ -149,6 +151,8 @@ def _redirect_redaction(tracer: _AppTracer, ctx: Any, new_url: str) -> Callable[
     secrets = [name for name in args if is_secret(name)]
     if not secrets:
         return None
+    # Kept until the trace's headers are read: their text, not the app's objects.
+    args = {name: str(args[name]) for name in secrets}
     root_segments = root.count("/")
 
     def redact_path(path: str, skip: int) -> str:
@@ -176,14 +180,14 @@ class _LocationRedactingFlattener:
     the secret view arguments also redacted from its ``Location``.
     """
 
-    __slots__ = ("_redact", "_tracer")
+    __slots__ = ("_flatten", "_redact")
 
-    def __init__(self, tracer: _AppTracer, redact: Callable[[str], str]) -> None:
-        self._tracer = tracer
+    def __init__(self, flatten: HeaderFlattener, redact: Callable[[str], str]) -> None:
+        self._flatten = flatten
         self._redact = redact
 
     def __call__(self, headers: list[tuple[str, str]]) -> HeaderLayout:
-        layout = self._tracer.middleware._flatten_response_headers(headers)
+        layout = self._flatten(headers)
         flat = list(layout.headers)
         for index in range(0, len(flat) - 1, 2):
             if flat[index].lower() == "location":
