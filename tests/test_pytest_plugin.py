@@ -1317,6 +1317,104 @@ def _no_leftover_listeners() -> Iterator[None]:
     assert _capture_listeners == before
 
 
+def test_report_shows_what_the_apps_buffers_and_sinks_dropped(pytester: pytest.Pytester) -> None:
+    """The report says what the buffers (max_traces, max_bytes) and sinks
+    (full queue, failed delivery) of the apps the test made requests to
+    dropped during the test, per app; a later test of the same app that
+    dropped nothing gets no such line.
+    """
+    pytester.makepyfile(
+        test_drops="""
+        import threading
+
+        import pytest
+        from werkzeug.test import Client
+
+        from wsgitrace import TraceMiddleware
+        from wsgitrace.demo_app import create_app
+        from wsgitrace.flask import FlaskTrace
+        from wsgitrace.sinks import SinkDispatcher
+
+        def hello(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"hello"]
+
+        def slow_app(environ, start_response):
+            return hello(environ, start_response)
+
+        def broken_app(environ, start_response):
+            return hello(environ, start_response)
+
+        class Blocking:
+            def __init__(self):
+                self.entered = threading.Event()
+                self.release = threading.Event()
+            def write(self, traces):
+                self.entered.set()
+                self.release.wait(10)
+            def close(self):
+                pass
+
+        class Raising:
+            def write(self, traces):
+                raise OSError("disk full")
+            def close(self):
+                pass
+
+        @pytest.fixture(scope="module")
+        def apps():
+            flask_app = create_app()
+            FlaskTrace(flask_app, max_traces=2)
+            small = TraceMiddleware(hello, max_bytes=1)
+            slow = TraceMiddleware(slow_app)
+            blocking = Blocking()
+            slow.sinks = SinkDispatcher([blocking], max_queue=1)
+            broken = TraceMiddleware(broken_app)
+            broken.sinks = SinkDispatcher([Raising()])
+            yield flask_app, small, slow, blocking, broken
+            blocking.release.set()
+
+        def test_drops(apps, wsgitrace):
+            flask_app, small, slow, blocking, broken = apps
+            for n in range(4):
+                flask_app.test_client().get(f"/p{n}").close()
+            for n in range(2):
+                Client(small).get("/").close()
+            Client(slow).get("/").close()
+            assert blocking.entered.wait(10)  # the queue is empty again
+            for n in range(3):
+                Client(slow).get("/").close()
+            Client(broken).get("/").close()
+            assert broken.sinks.flush(10)
+            assert False
+
+        def test_nothing_dropped(apps, wsgitrace):
+            flask_app, small, slow, blocking, broken = apps
+            flask_app.extensions["wsgitrace"].buffer.clear()  # room for one more
+            flask_app.test_client().get("/").close()
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly")
+    result.assert_outcomes(failed=2)
+    output = result.stdout.str()
+    drops = section(output, "test_drops")
+    for line in (
+        "app 'wsgitrace.demo_app': 2 traces evicted from its buffer (max_traces=2): gone from"
+        " its /_trace and tail, not from this report",
+        "app 'hello': 2 traces evicted from its buffer (max_bytes=1): gone from its /_trace"
+        " and tail, not from this report",
+        "app 'slow_app': 2 traces dropped by its sinks' full queues (sink_queue=1)",
+        "app 'broken_app': 1 trace not delivered by its sinks, which failed (the 'wsgitrace'"
+        " logger logs each sink's first failure)",
+    ):
+        assert line in drops
+    assert drops.count("app '") == 4
+    nothing = section(output, "test_nothing_dropped")
+    assert "- wsgitrace -" in nothing
+    assert "app '" not in nothing
+
+
 def test_report_counts_one_of_a_kind_in_the_singular(
     app: Flask, pytestconfig: pytest.Config
 ) -> None:

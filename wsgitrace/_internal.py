@@ -49,7 +49,7 @@ def report_internal_error(where: str, trace: Trace | None = None) -> None:
 
 def add_capture_listener(listener: TraceListener) -> None:
     """Call ``listener`` with every trace any middleware in this process adds
-    to its buffer (used by the pytest plugin).
+    to its buffer, and that middleware (used by the pytest plugin).
     """
     _capture_listeners.append(listener)
 

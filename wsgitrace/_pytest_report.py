@@ -49,6 +49,7 @@ def _report_text(config: pytest.Config, capture: TraceCapture, focus: Trace | No
             f"{capture.dropped} earlier trace{'s' if capture.dropped != 1 else ''} dropped"
             f" (wsgitrace_max_traces={capture.max_traces})"
         )
+    lines += _app_drops_notes(capture)
     if capture.internal_errors:
         errors = capture.internal_errors
         lines.append(
@@ -115,6 +116,33 @@ def _trace_text(config: pytest.Config, trace: Trace) -> str:
         lines.append(f"wsgitrace: rendering failed ({_error(exc)}); hooks:")
         lines.append(f"  {_describe(trace)}: {trace.hooks()}")
     return "\n".join(lines) + "\n"
+
+
+def _app_drops_notes(capture: TraceCapture) -> list[str]:
+    """The lines saying what the buffers and sinks of the apps the test
+    made requests to dropped during it, if any did.
+    """
+    try:
+        drops = capture._app_drops()
+    except Exception as exc:
+        return [f"wsgitrace: cannot count what the apps' buffers and sinks dropped ({_error(exc)})"]
+    lines = []
+    for name, cap, count, limit in drops:
+        app = repr(name)
+        traces = f"{count} trace{'s' if count != 1 else ''}"
+        if cap == "sink_failed":
+            lines.append(
+                f"app {app}: {traces} not delivered by its sinks, which failed (the 'wsgitrace'"
+                " logger logs each sink's first failure)"
+            )
+        elif cap == "sink_queue":
+            lines.append(f"app {app}: {traces} dropped by its sinks' full queues ({cap}={limit})")
+        else:
+            lines.append(
+                f"app {app}: {traces} evicted from its buffer ({cap}={limit}): gone from its"
+                " /_trace and tail, not from this report"
+            )
+    return lines
 
 
 def _cut_note(traces: list[Trace]) -> list[str]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+    from .middleware import TraceMiddleware
     from .trace import Trace
 
 #: A monotonic clock returning nanoseconds, like :func:`time.perf_counter_ns`.
@@ -17,8 +18,9 @@ Clock: TypeAlias = "Callable[[], int]"
 #: taking the WSGI environ.
 Sampler: TypeAlias = "float | Callable[[WSGIEnvironment], bool]"
 
-#: Called with each finished trace (sinks, test capture).
-TraceListener: TypeAlias = "Callable[[Trace], None]"
+#: Called with each trace a middleware adds to its buffer, and that
+#: middleware (the test capture).
+TraceListener: TypeAlias = "Callable[[Trace, TraceMiddleware], None]"
 
 #: Attributes attached to an event.
 Attributes: TypeAlias = "dict[str, Any]"

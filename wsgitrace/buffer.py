@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -67,6 +68,8 @@ class TraceBuffer:
         self.dropped_count = 0
         #: Traces evicted to stay under :attr:`max_bytes`.
         self.dropped_bytes = 0
+        # A test capture reads what was evicted while it ran from here.
+        _buffers.add(self)
 
     # -- write side ---------------------------------------------------------
 
@@ -235,3 +238,8 @@ class TraceBuffer:
             f"<TraceBuffer {len(self._traces)}/{self.max_traces} traces,"
             f" cursor={self._cursor}, dropped={self.dropped}>"
         )
+
+
+#: The buffers of this process, held weakly: a test capture notes their
+#: eviction counts when it starts (see :mod:`wsgitrace.testing`).
+_buffers: weakref.WeakSet[TraceBuffer] = weakref.WeakSet()

@@ -308,7 +308,7 @@ class TraceMiddleware:
         for listener in _capture_listeners:
             # A failing listener must not stop the others or the trace's finish.
             try:
-                listener(trace)
+                listener(trace, self)
             except Exception:
                 report_internal_error("capture_listener", trace)
 

@@ -58,7 +58,9 @@ Reports and files:
   captured. Under pytest-xdist the records travel with the test reports and
   the controller writes the one file.
 - ``wsgitrace_max_traces`` (ini, default 1000): traces kept per test; older
-  ones are dropped and the count is shown.
+  ones are dropped and the count is shown. So are, per app the test made
+  requests to, the traces its buffer evicted and its sinks dropped or failed
+  to deliver during the test, when there are any.
 
 Whatever goes wrong inside the plugin is written into the report section;
 it never changes a test's outcome.

@@ -306,6 +306,8 @@ class SinkDispatcher:
 
     def __init__(self, sinks: Iterable[Sink], *, max_queue: int = 2000, poll: float = POLL_SECONDS):
         self._workers = [_SinkWorker(sink, max_queue, poll) for sink in sinks]
+        #: Traces each sink's queue holds; more are dropped (:attr:`dropped`).
+        self.max_queue = max_queue
         self._pid = os.getpid()
         #: Whether the threads run in this process (checked on the request path).
         self.running = False

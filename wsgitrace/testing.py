@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,12 +53,15 @@ from ._internal import (
     remove_capture_listener,
     report_internal_error,
 )
+from .buffer import TraceBuffer, _buffers
 from .trace import Trace, _ids
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .flask import FlaskTrace
+    from .middleware import TraceMiddleware
+    from .sinks import SinkDispatcher
 
 __all__ = [
     "TraceCapture",
@@ -112,9 +116,13 @@ class TraceCapture:
         # request started before this capture (in an earlier test).
         self._since = next(_ids.counter)
         self._errors_at_start = internal_error_count()
+        # What every app's buffer and sinks had dropped when the capture
+        # started, and the apps whose traces it captured (see _app_drops).
+        self._baseline = _DropBaseline()
+        self._sources: dict[tuple[int, int], _AppSource] = {}
         self.active = False
 
-    def _on_trace(self, trace: Trace) -> None:
+    def _on_trace(self, trace: Trace, middleware: TraceMiddleware | None = None) -> None:
         """The capture listener: runs on whatever thread served the request."""
         try:
             if trace._seq <= self._since:
@@ -123,9 +131,33 @@ class TraceCapture:
                 if len(self._traces) == self.max_traces:
                     self.dropped += 1
                 self._traces.append(trace)
+                if middleware is not None:
+                    self._note_source(middleware)
                 self._arrived.notify_all()
         except Exception:
             report_internal_error("testing.capture", trace)
+
+    def _note_source(self, middleware: TraceMiddleware) -> None:
+        """Remember the app that made a trace: its buffer and sinks."""
+        buffer, sinks = middleware.buffer, middleware.sinks
+        key = (id(buffer), id(sinks))
+        if key not in self._sources:
+            self._sources[key] = _AppSource(_app_name(middleware), buffer, sinks, self._baseline)
+
+    def _app_drops(self) -> list[tuple[str, str, int, int]]:
+        """What the buffers and sinks of the apps whose traces were captured
+        dropped since the capture started: ``(app, cap, count, limit)`` for
+        each count that is not zero, ``cap`` being ``max_traces``,
+        ``max_bytes``, ``sink_queue`` or ``sink_failed`` (``limit`` 0).
+        """
+        with self._lock:
+            sources = list(self._sources.values())
+        found = []
+        for source in sources:
+            for cap, count, limit in source.drops():
+                if count > 0:
+                    found.append((source.name, cap, count, limit))
+        return found
 
     # -- reading ------------------------------------------------------------
 
@@ -183,6 +215,9 @@ class TraceCapture:
         with self._lock:
             self._traces.clear()
             self.dropped = 0
+            self._baseline = _DropBaseline()
+            for source in self._sources.values():
+                source.rebase(self._baseline)
 
     @property
     def internal_errors(self) -> int:
@@ -294,6 +329,87 @@ class TraceCapture:
         count = len(self)
         traces = f"{count} trace{'' if count == 1 else 's'}"
         return f"<TraceCapture {traces}, dropped={self.dropped}, {state}>"
+
+
+class _DropBaseline:
+    """The drop counts of every buffer and sink dispatcher of the process at
+    one moment, held weakly: one made later starts from zero.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: weakref.WeakKeyDictionary[TraceBuffer, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.sinks: weakref.WeakKeyDictionary[SinkDispatcher, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        for buffer in _alive(_buffers):
+            self.buffers[buffer] = (buffer.dropped_count, buffer.dropped_bytes)
+        # Not imported: no app has sinks (and loading the plugin stays cheap).
+        sinks_module = sys.modules.get("wsgitrace.sinks")
+        if sinks_module is not None:
+            for sinks in _alive(sinks_module._dispatchers):
+                self.sinks[sinks] = (sinks.dropped, sinks.failed)
+
+
+def _alive(objects: weakref.WeakSet[Any]) -> list[Any]:
+    """The members of a weak set another thread may add to meanwhile."""
+    for _ in range(5):
+        try:
+            return list(objects)
+        except RuntimeError:  # the set changed size during iteration
+            continue
+    return []
+
+
+class _AppSource:
+    """An app whose traces a capture holds: its buffer and sinks (held, so
+    their counts can be read after the app is gone) and their drop counts
+    when the capture started.
+    """
+
+    __slots__ = ("buffer", "buffer_base", "name", "sinks", "sinks_base")
+
+    def __init__(
+        self, name: str, buffer: TraceBuffer, sinks: SinkDispatcher | None, base: _DropBaseline
+    ) -> None:
+        self.name = name
+        self.buffer = buffer
+        self.sinks = sinks
+        self.buffer_base = (0, 0)
+        self.sinks_base = (0, 0)
+        self.rebase(base)
+
+    def rebase(self, base: _DropBaseline) -> None:
+        self.buffer_base = base.buffers.get(self.buffer, (0, 0))
+        if self.sinks is not None:
+            self.sinks_base = base.sinks.get(self.sinks, (0, 0))
+
+    def drops(self) -> list[tuple[str, int, int]]:
+        buffer, sinks = self.buffer, self.sinks
+        buffer.bytes  # noqa: B018 - evicts for traces finished since the last append
+        found = [
+            ("max_traces", buffer.dropped_count - self.buffer_base[0], buffer.max_traces),
+            ("max_bytes", buffer.dropped_bytes - self.buffer_base[1], buffer.max_bytes),
+        ]
+        if sinks is not None:
+            found.append(("sink_queue", sinks.dropped - self.sinks_base[0], sinks.max_queue))
+            found.append(("sink_failed", sinks.failed - self.sinks_base[1], 0))
+        return found
+
+
+def _app_name(middleware: TraceMiddleware) -> str:
+    """A name for the app a middleware traces: a Flask app's ``name``, else
+    the WSGI callable's qualified name.
+    """
+    app: Any = middleware.app
+    flask_module = sys.modules.get("wsgitrace.flask")
+    if flask_module is not None and isinstance(app, flask_module._WeakWsgiApp):
+        flask_app = app._app()
+        if flask_app is not None:
+            return str(flask_app.name)
+    name = getattr(app, "__qualname__", None)
+    return name if isinstance(name, str) else type(app).__qualname__
 
 
 _HINT_OTHER_PROCESS = (

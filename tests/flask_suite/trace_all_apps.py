@@ -54,7 +54,7 @@ def _init_subclass(cls: type[flask.Flask], **kwargs: Any) -> None:
 
 flask.Flask.__init__ = _traced_init(flask.Flask.__init__)  # type: ignore[method-assign]
 flask.Flask.__init_subclass__ = classmethod(_init_subclass)  # type: ignore[assignment]
-add_capture_listener(lambda trace: _counts.__setitem__("traces", _counts["traces"] + 1))
+add_capture_listener(lambda trace, middleware: _counts.__setitem__("traces", _counts["traces"] + 1))
 
 
 def pytest_report_header() -> str:
