@@ -211,6 +211,34 @@ class TestTraceTable:
         assert "503" in row.split()
         assert "12.0ms" in row.split()
 
+    def test_cropped_path_keeps_its_marks_at_eighty_columns(self) -> None:
+        """A path too long for its column is cut before its marks (⚠ for a
+        warning, the error's type, in progress), never the marks with it.
+        """
+        long_path = "/" + "very-long-segment/" * 5
+        warned = make_trace(path=long_path)
+        warned.warn("Content-Length mismatch")
+        failed = make_trace(path=long_path, status="500 INTERNAL SERVER ERROR")
+        failed.error = {"type": "builtins.KeyError", "message": "x", "where": "app"}
+        failed.warn("Content-Length mismatch")
+        running = make_trace(path=long_path)
+        running.finished = False
+        running.end_ns = None
+        traces = [warned, failed, running]
+        text = render_text(build_trace_table(traces, width=80), width=80)
+        rows = text.splitlines()[1:]
+        assert all(len(line) <= 80 for line in rows)
+        assert re.search(r" /very-long-seg\S*… ⚠  200 ", rows[0])
+        assert re.search(r" /very\S*… ! KeyError ⚠  500 ", rows[1])
+        assert re.search(r" /\S*… \(in progress\)  200 ", rows[2])
+        # Marks wider than the column are shortened, not cut off.
+        narrow = render_text(build_trace_table(traces, width=36), width=36).splitlines()[1:]
+        assert [row[9:21] for row in narrow] == [
+            "/very-lon… ⚠",
+            "/very-l… ! ⚠",
+            "/very-lon… …",
+        ]
+
     def test_id_column_on_request(self) -> None:
         """show_id adds the trace id, for `wsgitrace show`."""
         trace = make_trace()
@@ -275,6 +303,24 @@ class TestTimeline:
         for part in ("12.0ms", "ttfb 9.00ms", "2.0K", "finished", f"id {trace.id}"):
             assert part in head[1]
         assert "endpoint admin.dashboard" in head[1]
+
+    def test_header_wraps_between_facts_never_inside_one(self) -> None:
+        """At 80 columns (and any width around it) `show`'s header wraps
+        between its facts: a label such as "endpoint" stays with its value.
+        """
+        trace = make_trace()
+        for width in range(50, 121):
+            text = render_text(build_timeline(trace, full=True), width=width)
+            head = text.split("   START")[0].splitlines()
+            assert all(len(line) <= width for line in head)
+            assert not any(line.endswith(("endpoint", "ttfb", "id", "rule", "·")) for line in head)
+            for fact in ("endpoint admin.dashboard", "rule /admin/", f"id {trace.id}"):
+                assert any(fact in line for line in head), (width, head)
+        text = render_text(build_timeline(trace, full=True), width=80)
+        assert text.splitlines()[1:3] == [
+            f"12.0ms · ttfb 9.00ms · 2.0K · finished · id {trace.id}",
+            "endpoint admin.dashboard · rule /admin/ · " + text.splitlines()[2].split(" · ")[-1],
+        ]
 
     @pytest.mark.parametrize("when", [1e20, float("nan"), float("inf"), -5.0])
     def test_a_time_that_is_not_a_time(self, when: float) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -192,19 +193,52 @@ def _status_text(summary: Mapping[str, Any]) -> Text:
     return Text(str(code), style=status_style(code))
 
 
-def _path_text(summary: Mapping[str, Any]) -> Text:
+def _path_text(summary: Mapping[str, Any]) -> _PathCell:
     path = _text(_wsgi_text(str(summary.get("path") or "")))
     query = summary.get("query")
     if query:
         path.append_text(_text("?" + _wsgi_text(str(query)), "dim"))
+    marks, short = Text(), Text()
     error = summary.get("error")
     if error:
-        path.append_text(_text(f" ! {str(error).rpartition('.')[2]}", "red"))
+        marks.append_text(_text(f" ! {str(error).rpartition('.')[2]}", "red"))
+        short.append(" !", style="red")
     if summary.get("warnings"):
-        path.append(" ⚠", style="yellow")
+        marks.append(" ⚠", style="yellow")
+        short.append(" ⚠", style="yellow")
     if summary.get("state") == "in_progress":
-        path.append(" (in progress)", style="dim")
-    return path
+        marks.append(" (in progress)", style="dim")
+        short.append(" …", style="dim")
+    return _PathCell(path, marks, short)
+
+
+class _PathCell:
+    """A trace table's path cell: the path, cut with an ellipsis to fit its
+    column, then its marks (error type, ⚠, in progress), which are never cut
+    off: in short (``!``, ``⚠``, ``…``) when even they do not fit.
+    """
+
+    def __init__(self, path: Text, marks: Text, short: Text) -> None:
+        self.path = path
+        self.marks = marks
+        self.short = short
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = self.path.cell_len + self.marks.cell_len
+        return Measurement(min(width, 12), width).clamp(max_width=options.max_width)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        line = self.path.copy()
+        marks = self.marks
+        if line.cell_len + marks.cell_len > width:
+            if width - marks.cell_len < 2:  # no room left for the path
+                marks = self.short
+            line.truncate(max(width - marks.cell_len, 1), overflow="ellipsis")
+        line.append_text(marks)
+        line.no_wrap = True
+        line.overflow = "ellipsis"
+        yield line
 
 
 def build_trace_table(
@@ -260,7 +294,7 @@ def build_trace_table(
             )
     for item in traces:
         summary = summary_of(item)
-        cells = {
+        cells: dict[str, RenderableType] = {
             "TIME": Text(_clock(summary.get("time"))),
             "METHOD": _text(summary.get("method") or "-", "bold"),
             "PATH": _path_text(summary),
@@ -299,17 +333,16 @@ def _table_width(shown: set[str]) -> int:
 # -- the timeline -------------------------------------------------------------
 
 
-def _header(trace: Trace, full: bool) -> Text:
-    header = Text()
-    header.append_text(_text(trace.method, "bold"))
-    header.append(" ")
-    header.append_text(_text(_wsgi_text(trace.path), "bold"))
+def _header(trace: Trace, full: bool) -> _Header:
+    line = Text()
+    line.append_text(_text(trace.method, "bold"))
+    line.append(" ")
+    line.append_text(_text(_wsgi_text(trace.path), "bold"))
     if trace.query:
-        header.append_text(_text("?" + _wsgi_text(trace.query), "dim"))
-    header.append(" → ")
+        line.append_text(_text("?" + _wsgi_text(trace.query), "dim"))
+    line.append(" → ")
     code = trace.status_code
-    header.append_text(_text(trace.status or "no response", status_style(code)))
-    header.append("\n")
+    line.append_text(_text(trace.status or "no response", status_style(code)))
     parts = [
         ("", _clock(trace.wall_time) if not full else ""),
         ("", format_ms(trace.duration_ms)),
@@ -322,18 +355,43 @@ def _header(trace: Trace, full: bool) -> Text:
         parts.append(("endpoint ", trace.endpoint))
     if full and trace.rule:
         parts.append(("rule ", trace.rule))
-    parts = [(label, value) for label, value in parts if value]
-    for index, (label, value) in enumerate(parts):
-        if index:
-            header.append(" · ", style="dim")
-        if label:
-            header.append(label, style="dim")
-        header.append_text(_text(value))
     when = _local_time("%Y-%m-%d %H:%M:%S", trace.wall_time) if full else None
     if when is not None:
-        header.append(" · ", style="dim")
-        header.append(when)
-    return header
+        parts.append(("", when))
+    facts = []
+    for label, value in parts:
+        if not value:
+            continue
+        fact = Text(label, style="dim") if label else Text()
+        fact.append_text(_text(value))
+        facts.append(fact)
+    return _Header(line, facts)
+
+
+class _Header:
+    """A timeline's header: the request line, then its facts (duration,
+    id, endpoint ...) joined by `` · `` and wrapped between facts, never
+    inside one (a label apart from its value), unless one alone is wider
+    than the line.
+    """
+
+    def __init__(self, line: Text, facts: list[Text]) -> None:
+        self.line = line
+        self.facts = facts
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.line
+        width = options.max_width
+        out = Text()
+        for fact in self.facts:
+            if out and out.cell_len + 3 + fact.cell_len > width:
+                yield out
+                out = Text()
+            if out:
+                out.append(" · ", style="dim")
+            out.append_text(fact)
+        if out:
+            yield out
 
 
 def _short_type(name: str) -> str:
