@@ -337,6 +337,22 @@ class TestCapture:
         wsgitrace.clear()
         assert wsgitrace.all == []
 
+    def test_filter_pattern_takes_brackets_literally(self, wsgitrace: TraceCapture) -> None:
+        """In a pattern, ``[`` is itself, not the start of a character class:
+        ``/files/[id]/*`` finds the path with ``[id]`` in it, and not
+        ``/files/i/raw``.
+        """
+        client = Client(TraceMiddleware(hello_app))
+        for path in ("/files/[id]/raw", "/files/i/raw", "/files/d/raw"):
+            client.get(path)
+        assert [t.path for t in wsgitrace.filter(path="/files/[id]/*")] == ["/files/[id]/raw"]
+        assert [t.path for t in wsgitrace.filter(path="/files/[?d]/*")] == ["/files/[id]/raw"]
+        assert [t.path for t in wsgitrace.filter(path="/files/[!x]/*")] == []
+        assert [t.path for t in wsgitrace.filter(path="/files/?/raw")] == [
+            "/files/i/raw",
+            "/files/d/raw",
+        ]
+
     def test_watch_installs_flask_trace_once(self, wsgitrace: TraceCapture) -> None:
         """``watch`` traces an untraced app, returns an existing extension,
         and refuses anything but a Flask app.
@@ -1413,6 +1429,46 @@ def test_report_shows_what_the_apps_buffers_and_sinks_dropped(pytester: pytest.P
     nothing = section(output, "test_nothing_dropped")
     assert "- wsgitrace -" in nothing
     assert "app '" not in nothing
+
+
+def test_module_fixture_captures_with_capture_traces_not_the_fixture(
+    pytester: pytest.Pytester,
+) -> None:
+    """As the README says: a module-scoped fixture cannot request the
+    function-scoped ``wsgitrace`` (ScopeMismatch), and captures its requests
+    with ``capture_traces()``, while a test's ``wsgitrace`` sees the test's.
+    """
+    pytester.makepyfile(
+        test_scopes="""
+        import pytest
+        from wsgitrace.demo_app import create_app
+        from wsgitrace.flask import FlaskTrace
+        from wsgitrace.testing import capture_traces
+
+        @pytest.fixture(scope="module")
+        def app():
+            app = create_app()
+            FlaskTrace(app)
+            with capture_traces() as warm_up:
+                app.test_client().get("/").close()
+            assert [t.path for t in warm_up.all] == ["/"]
+            return app
+
+        @pytest.fixture(scope="module")
+        def wrong(wsgitrace):
+            return wsgitrace
+
+        def test_uses_capture_traces(app, wsgitrace):
+            app.test_client().get("/admin/").close()
+            assert [t.path for t in wsgitrace.all] == ["/admin/"]
+
+        def test_requests_the_fixture(wrong):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ScopeMismatch*function scoped fixture wsgitrace*"])
 
 
 def test_report_counts_one_of_a_kind_in_the_singular(

@@ -250,8 +250,12 @@ def _dropped_hint(trace: Trace) -> list[str]:
 
 
 def _match(name: str, pattern: str) -> bool:
+    """Whether ``name`` matches ``pattern``: ``*`` any text, ``?`` one
+    character, everything else itself (``[`` too: escaped as ``[[]``, not
+    the start of fnmatch's character class).
+    """
     if "*" in pattern or "?" in pattern:
-        return fnmatch.fnmatchcase(name, pattern)
+        return fnmatch.fnmatchcase(name, pattern.replace("[", "[[]"))
     return name == pattern
 
 

@@ -186,7 +186,8 @@ class TraceCapture:
     ) -> list[Trace]:
         """The traces that match every criterion given, oldest first.
 
-        :param path: The path, or a pattern with ``*`` (``"/admin/*"``).
+        :param path: The path, or a pattern (``"/admin/*"``): ``*`` matches
+            any text, ``?`` one character, anything else itself (``[`` too).
         :param endpoint: The Flask endpoint, or a pattern.
         :param method: The HTTP method (any case).
         :param status: The status code.
