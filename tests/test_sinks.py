@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import subprocess
@@ -201,6 +202,45 @@ class TestSinkDispatcher:
         assert len(messages) == 1
         assert "FailingSink failed" in messages[0]
         assert "sink is down" in messages[0]
+
+    def test_a_thread_that_cannot_start_fails_once_and_spares_the_requests(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A sink thread that cannot start ("can't start new thread") is
+        tried once, by the first request; its traces are counted as failed
+        and that is logged once. The requests and their traces are whole.
+        """
+        starts: list[str] = []
+        start = threading.Thread.start
+
+        def refusing_start(thread: threading.Thread) -> None:
+            if thread.name.startswith("wsgitrace-sink-"):
+                starts.append(thread.name)
+                msg = "can't start new thread"
+                raise RuntimeError(msg)
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", refusing_start)
+        app = TraceMiddleware(dummy_app, store=str(tmp_path / "traces.db"), endpoint=True)
+        assert app.sinks is not None
+        with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+            answers = [request(app, f"/t{i}") for i in range(3)]
+        assert answers == [("200 OK", b"ok")] * 3
+        assert starts == ["wsgitrace-sink-store"]
+        for trace in app.buffer.latest():
+            assert trace.finished
+            names = [event.name for event in trace.events]
+            assert "body" in names
+            assert "close" in names
+            assert "tracer_error" not in names
+        assert (app.sinks.failed, app.sinks.dropped, app.sinks.pending) == (3, 0, 0)
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1
+        assert "sink store cannot start its thread (can't start new thread)" in messages[0]
+        status, body = request(app, "/_trace")
+        assert status.startswith("200")
+        assert json.loads(body)["sink_dropped"] == 3
+        app.sinks.close()
 
     def test_close_runs_every_sink_then_raises(self) -> None:
         """close() closes every sink even when some fail, then raises them

@@ -18,8 +18,10 @@ reach a sink within about a tenth of a second.
 
 A full queue (a slow or hung sink) drops the trace and counts it in
 :attr:`SinkDispatcher.dropped`; an exception from a sink is counted in
-:attr:`SinkDispatcher.failed` and logged once per sink. Neither ever reaches
-the request.
+:attr:`SinkDispatcher.failed` and logged once per sink. A sink whose thread
+cannot start (``RuntimeError: can't start new thread``) is tried once per
+process: its traces are counted in :attr:`SinkDispatcher.failed`, and that is
+logged once. None of these ever reaches the request.
 
 Queues are flushed at interpreter exit (for up to :data:`EXIT_SECONDS`), and
 are made new in a forked child (``os.register_at_fork``): a pre-forked
@@ -114,6 +116,13 @@ class _SinkWorker:
         self.sink = sink
         self.name = getattr(sink, "name", type(sink).__name__)
         self.max_queue = max_queue
+        # What submit() lets wait: 0 once the thread could not start.
+        self.capacity = max_queue
+        # The thread could not start (in this process): never tried again,
+        # and traces dropped since (``dropped`` above ``dropped_at_failure``)
+        # count as failed, not as a full queue's.
+        self.start_failed = False
+        self.dropped_at_failure = 0
         self.poll = poll
         self.queue: deque[Trace] = deque()
         self.thread: threading.Thread | None = None
@@ -136,23 +145,64 @@ class _SinkWorker:
 
     def submit(self, trace: Trace) -> None:
         # No lock and no allocation beyond the deque's own: finalizer-safe.
-        if len(self.queue) >= self.max_queue:
+        if len(self.queue) >= self.capacity:
             self.dropped = next(self._dropped)
             return
         self.queue.append(trace)
 
     def start(self) -> None:
-        if self.closed or (self.thread is not None and self.thread.is_alive()):
+        if self.closed or self.start_failed or (self.thread is not None and self.thread.is_alive()):
             return
         self.stop = threading.Event()
-        thread = threading.Thread(
-            target=_run_worker,
-            args=(weakref.ref(self), self.stop, self.poll),
-            name=f"wsgitrace-sink-{self.name}",
-            daemon=True,
-        )
-        thread.start()
+        try:
+            thread = threading.Thread(
+                target=_run_worker,
+                args=(weakref.ref(self), self.stop, self.poll),
+                name=f"wsgitrace-sink-{self.name}",
+                daemon=True,
+            )
+            thread.start()
+        except Exception as exc:  # RuntimeError: can't start new thread
+            self.start_failed = True
+            self.thread = None
+            self.fail_to_start(exc)
+            return
         self.thread = thread
+
+    def fail_to_start(self, exc: Exception) -> None:
+        """The thread cannot start: nothing will take from the queue, so what
+        it holds and every trace submitted from now on is lost, counted as
+        failed; logged once, like a sink's failure.
+        """
+        self.dropped_at_failure = self.dropped
+        self.capacity = 0
+        lost = 0
+        queue = self.queue
+        while queue:
+            try:
+                queue.popleft()
+            except IndexError:  # pragma: no cover - emptied by a flush meanwhile
+                break
+            lost += 1
+        self.failed += lost
+        if not self.logged:
+            self.logged = True
+            logger.error(
+                "wsgitrace: sink %s cannot start its thread (%s); its traces are not"
+                " delivered, and counted as failed; requests are not affected (logged once)",
+                self.name,
+                exc,
+            )
+
+    @property
+    def lost(self) -> tuple[int, int]:
+        """Traces dropped at a full queue, and traces failed (a sink that
+        raised, or a thread that could not start).
+        """
+        dropped = self.dropped
+        if not self.start_failed:
+            return dropped, self.failed
+        return self.dropped_at_failure, self.failed + dropped - self.dropped_at_failure
 
     def deliver(self, limit: int = BATCH_SIZE) -> bool:
         """Write one batch; whether there was anything to write."""
@@ -241,6 +291,10 @@ class _SinkWorker:
         self.ended = None
         self.close_at_end = False
         self.busy = False
+        # A new process: its thread may well start.
+        self.start_failed = False
+        self.capacity = self.max_queue
+        self.dropped_at_failure = 0
         # This process's counts start at zero (the parent keeps its own).
         self.dropped = self.reported = self.delivered = self.failed = 0
         self.logged = False
@@ -346,12 +400,14 @@ class SinkDispatcher:
     @property
     def dropped(self) -> int:
         """Traces dropped because a sink's queue was full."""
-        return sum(w.dropped for w in self._workers)
+        return sum(w.lost[0] for w in self._workers)
 
     @property
     def failed(self) -> int:
-        """Traces a sink raised on."""
-        return sum(w.failed for w in self._workers)
+        """Traces a sink raised on, or never got because its thread could
+        not start.
+        """
+        return sum(w.lost[1] for w in self._workers)
 
     @property
     def delivered(self) -> int:
