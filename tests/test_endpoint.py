@@ -21,7 +21,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from wsgitrace import Trace, TraceBuffer, TraceMiddleware
 from wsgitrace.config import resolve_options
-from wsgitrace.endpoint import _NOT_FOUND_BODY, TraceEndpoint
+from wsgitrace.endpoint import _NOT_FOUND_BODY, TraceEndpoint, _hangup_check
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -1317,6 +1317,22 @@ class TestReaderCap:
             assert time.monotonic() < deadline, "the departed reader kept its slot"
             time.sleep(0.05)
         assert reply.status == 200
+
+    @pytest.mark.parametrize("timeout", [None, 2.0])
+    def test_the_hang_up_check_never_waits_on_the_connection(self, timeout: float | None) -> None:
+        """A server may give its connections a timeout (a handler's
+        ``timeout``): the check still answers at once, still there while the
+        client is, gone once it closed (a peek on such a socket would wait
+        for data that long, then fail as if the client had left).
+        """
+        server_side, client_side = socket.socketpair()
+        with server_side, client_side:
+            server_side.settimeout(timeout)
+            gone = _hangup_check({"werkzeug.socket": server_side})
+            assert gone is not None
+            assert gone() is False
+            client_side.close()
+            assert gone() is True
 
     def test_a_stream_body_gives_its_slot_back_once_however_it_ends(self) -> None:
         """Closed, collected unclosed, or closed twice: the slot comes back

@@ -120,6 +120,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
 import socket
 import threading
 import time
@@ -579,11 +580,21 @@ def _hangup_check(environ: WSGIEnvironment) -> Callable[[], bool] | None:
     gunicorn); ``None`` when it cannot be told.
     """
     sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
-    if type(sock) is not socket.socket or not getattr(socket, "MSG_DONTWAIT", 0):
-        return None  # not a plain socket (TLS wraps it) or no non-blocking peek
+    if (
+        type(sock) is not socket.socket
+        or not getattr(socket, "MSG_DONTWAIT", 0)
+        or not hasattr(select, "poll")
+    ):
+        return None  # not a plain socket (TLS wraps it), or no way to look without waiting
+    # Polled first: on a socket with a timeout (a server's handler may set
+    # one) even a non-blocking peek waits that long for data, then fails.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
 
     def gone() -> bool:
         try:
+            if not poller.poll(0):
+                return False  # nothing to read: still there
             return sock.recv(1, _PEEK_FLAGS) == b""  # end of file: the client closed
         except (BlockingIOError, InterruptedError):
             return False  # nothing to read: still there
