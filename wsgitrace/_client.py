@@ -304,9 +304,9 @@ def _shut_down(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class _CutOffHTTPHandler(urllib.request.HTTPHandler):
-    """Opens ``http:`` URLs with connections that are cut off (see
-    :func:`_cut_off_class`).
+class _CutOffOpening(urllib.request.AbstractHTTPHandler):
+    """Makes a handler open its connections with the classes of
+    :func:`_cut_off_class`, their timers kept in ``timers``.
     """
 
     def __init__(self, timers: list[threading.Timer]) -> None:
@@ -318,16 +318,12 @@ class _CutOffHTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(cls, req, **http_conn_args)
 
 
-class _CutOffHTTPSHandler(urllib.request.HTTPSHandler):
-    """Opens ``https:`` URLs as :class:`_CutOffHTTPHandler` does ``http:`` ones."""
+class _CutOffHTTPHandler(_CutOffOpening, urllib.request.HTTPHandler):
+    """Opens ``http:`` URLs with connections that are cut off."""
 
-    def __init__(self, timers: list[threading.Timer]) -> None:
-        super().__init__()
-        self._timers = timers
 
-    def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
-        cls = _cut_off_class(http_class, self._timers)
-        return super().do_open(cls, req, **http_conn_args)
+class _CutOffHTTPSHandler(_CutOffOpening, urllib.request.HTTPSHandler):
+    """Opens ``https:`` URLs with connections that are cut off."""
 
 
 def _make_client(url: str, store: str | None, token: str | None) -> _Client | _StoreClient:
