@@ -12,7 +12,8 @@ follows redirects, so the token goes nowhere else. :class:`_StoreClient`
 answers the same requests from a SQLite trace store (:mod:`wsgitrace.store`)
 with the endpoint's semantics. :class:`_Follow` long-polls either with
 ``since=<cursor>``, so it neither skips nor repeats a trace, and when the
-server restarts it waits for it and resumes; it reports through a
+server restarts it waits for it and resumes (answers that alternate between
+processes, a pre-fork server's workers, end it with advice); it reports through a
 :class:`_View` (the views themselves are in :mod:`wsgitrace._output`).
 """
 

@@ -6,7 +6,9 @@
     _capture_logs(app, tracer, 100)  # app.logger records as log:<level> events
 
 Receivers are connected with ``sender=app`` and ``weak=False``, for the rarer
-signals that Flask does not send from a shadowed method.
+signals that Flask does not send from a shadowed method (and for
+``request_started`` when no shadowed method can record the URL match); they
+are disconnected when the app is freed.
 """
 
 from __future__ import annotations

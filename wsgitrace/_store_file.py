@@ -3,8 +3,12 @@ it (WAL mode), making its tables or checking their version, and saying in a
 :class:`~wsgitrace.exceptions.StoreError` what is wrong with it::
 
     conn = _connect(path, 5.0, create=True)
-    with _transaction(conn):
+    with _using_store(), _transaction(conn):
         conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'lost'")
+
+Every use of a store's connections runs inside :func:`_using_store`, which a
+``fork`` waits for (``os.register_at_fork``), so that no child inherits a
+lock or mutex of SQLite's held by a thread it does not have.
 """
 
 from __future__ import annotations

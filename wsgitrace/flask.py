@@ -23,7 +23,8 @@ microsecond per event). Signals are recorded where Flask sends them (an
 instant when the signal has no receivers at all, else with the time its
 receivers took);
 the rarer ones (``got_request_exception``, template and flash signals) are
-recorded by receivers connected for this app only, strongly referenced.
+recorded by receivers connected for this app only, strongly referenced, and
+disconnected when the app is freed.
 A method that the app's class overrides is left alone (its phase is
 listed in :attr:`FlaskTrace.skipped`), so subclass behaviour is kept.
 

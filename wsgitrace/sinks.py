@@ -385,7 +385,8 @@ class SinkDispatcher:
 
     def start(self) -> None:
         """Start the threads in this process (again after a fork). Call it
-        from ordinary code, never from a finalizer; cheap when running.
+        from ordinary code, never from a finalizer; cheap when running, and
+        returns at once while another thread is starting them.
         """
         if self.running or not self._start_lock.acquire(blocking=False):
             return  # running, or being started by another thread

@@ -136,7 +136,8 @@ class StoredTrace:
 
     def to_dict(self) -> dict[str, Any]:
         """The full JSON form (as :meth:`wsgitrace.Trace.to_dict`), with the
-        store's cursor; just the summary when the row was pruned meanwhile.
+        store's cursor; just the summary when the row was pruned meanwhile
+        or its JSON cannot be read.
         """
         data = self._store._load(self.cursor)
         if data is None:
