@@ -43,8 +43,9 @@ list and is always newest first. Query parameters:
     and ``"busy": true`` in the JSON error (a refused client still gets the
     404). A long-poll whose client hangs up (a ``tail`` stopped with Ctrl-C)
     gives its slot back within a quarter of a second on servers that show
-    the connection's socket in the environ (werkzeug's, gunicorn's), instead
-    of at the end of its wait.
+    the connection's plain socket in the environ (werkzeug's, gunicorn's
+    sync and threaded workers; not over TLS or under gevent), instead of at
+    the end of its wait.
 ``full``
     ``1`` lists full traces (:meth:`~wsgitrace.Trace.to_dict`) instead of
     summaries.
@@ -576,8 +577,8 @@ _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 def _hangup_check(environ: WSGIEnvironment) -> Callable[[], bool] | None:
     """A check whether the request's client closed its connection, for a
-    server that puts the connection's socket in the environ (werkzeug,
-    gunicorn); ``None`` when it cannot be told.
+    server that puts the connection's plain socket in the environ (werkzeug,
+    gunicorn's sync and threaded workers); ``None`` when it cannot be told.
     """
     sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
     if (
