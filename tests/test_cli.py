@@ -1882,6 +1882,27 @@ def test_demo_follows_the_endpoint_under_another_prefix(cli: Callable[..., Comma
     assert found.group(1).endswith("/_dbg")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("flags", [("--json",), ()], ids=["json", "human"])
+def test_demo_output_to_a_full_disk_is_one_message(flags: tuple[str, ...]) -> None:
+    """Output that cannot be written ends the demo with one message, as it
+    ends tail and show, not a traceback.
+    """
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "wsgitrace", "demo", "--once", "--interval", "0", *flags],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=TIMEOUT,
+            env=command_env(),
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot write the output: No space left on device" in result.stderr
+
+
 def test_demo_once_points_nowhere_it_will_not_be() -> None:
     """demo --once stops by itself, server and all: its banner suggests no
     tail or show against it, and no Ctrl-C.

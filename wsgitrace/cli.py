@@ -514,7 +514,8 @@ def demo(
                 "dim",
             )
         traffic_thread.start()
-        code = follow.run()
+        with _writing_output():
+            code = follow.run()
     except KeyboardInterrupt:
         code = 0
     finally:
