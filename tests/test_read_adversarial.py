@@ -515,6 +515,19 @@ def test_show_of_an_id_the_store_does_not_hold_blames_no_buffer_or_endpoint(
 # -- output that cannot be written -----------------------------------------------
 
 
+def answered_command(
+    hostile: Callable[[Callable[[socket.socket], None]], str], command: tuple[str, ...]
+) -> list[str]:
+    """The arguments after the interpreter for ``wsgitrace COMMAND`` (``show``
+    of a trace's id) against a server that answers with one real trace.
+    """
+    trace = full_trace()
+    page = {"schema": 1, "instance": "i", "cursor": 1, "dropped": 0, "traces": [trace]}
+    url = hostile(answer_json(trace if command[0] == "show" else page))
+    ids = (trace["id"],) if command[0] == "show" else ()
+    return ["-m", "wsgitrace", *command, *ids, url]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize(
     "command", [("show", "--json"), ("show",), ("tail", "--json"), ("tail",)], ids=" ".join
@@ -525,13 +538,9 @@ def test_output_to_a_full_disk_is_one_message(
     """Output that cannot be written (a full disk) ends the command with
     one message, not a traceback.
     """
-    trace = full_trace()
-    page = {"schema": 1, "instance": "i", "cursor": 1, "dropped": 0, "traces": [trace]}
-    url = hostile(answer_json(trace if command[0] == "show" else page))
-    ids = (trace["id"],) if command[0] == "show" else ()
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [sys.executable, "-m", "wsgitrace", *command, *ids, url],
+            [sys.executable, *answered_command(hostile, command)],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
@@ -552,10 +561,6 @@ def test_output_with_stdout_closed_is_one_message(
     """Started with its stdout closed, the JSON output says so in one
     message, not a traceback about None.
     """
-    trace = full_trace()
-    page = {"schema": 1, "instance": "i", "cursor": 1, "dropped": 0, "traces": [trace]}
-    url = hostile(answer_json(trace if command[0] == "show" else page))
-    ids = (trace["id"],) if command[0] == "show" else ()
     result = subprocess.run(
         # /bin/sh runs the command with its stdout closed.
         [
@@ -564,11 +569,7 @@ def test_output_with_stdout_closed_is_one_message(
             'exec "$@" >&-',
             "sh",
             sys.executable,
-            "-m",
-            "wsgitrace",
-            *command,
-            *ids,
-            url,
+            *answered_command(hostile, command),
         ],
         stderr=subprocess.PIPE,
         text=True,
