@@ -253,6 +253,24 @@ def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
     assert (dispatcher.delivered, dispatcher.failed) == (len(exported), 20 - len(exported))
 
 
+def in_child(fork: Callable[[], int], tmp_path: Path, work: Callable[[], str]) -> str:
+    """Fork, run ``work`` in the child, and return what it returned (passed
+    back through a file), once the child has exited cleanly.
+    """
+    result = tmp_path / "child.txt"
+    pid = fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            result.write_text(work())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    return result.read_text()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_child_forked_during_a_store_write_can_write_the_store(
     tmp_path: Path, fork: Callable[[], int]
@@ -284,25 +302,20 @@ def test_a_child_forked_during_a_store_write_can_write_the_store(
     assert inside.wait(10)
     timer = threading.Timer(0.3, release.set)
     timer.start()
-    result = tmp_path / "child.txt"
-    pid = fork()
-    if pid == 0:  # pragma: no cover - the child reports through a file
-        code = 1
+
+    def write_in_child() -> str:
         try:
-            try:
-                store.write([child_trace])
-                result.write_text("written")
-            except Exception as exc:
-                result.write_text(f"{type(exc).__name__}: {exc}")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    release.set()
-    writer.join(10)
-    timer.join(10)
-    assert os.WEXITSTATUS(status) == 0
-    assert result.read_text() == "written"
+            store.write([child_trace])
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "written"
+
+    try:
+        assert in_child(fork, tmp_path, write_in_child) == "written"
+    finally:
+        release.set()
+        writer.join(10)
+        timer.join(10)
     paths = sorted(t.path for t in TraceStore(db, create=False).latest())
     assert paths == sorted([first.path, second.path, child_trace.path])
 
@@ -340,21 +353,12 @@ def test_a_fork_waits_for_a_thread_opening_or_reading_the_store(
     assert inside.wait(10)
     timer = threading.Timer(0.3, release.set)
     timer.start()
-    result = tmp_path / "child.txt"
-    pid = fork()
-    if pid == 0:  # pragma: no cover - the child reports through a file
-        code = 1
-        try:
-            result.write_text(repr(done.is_set()))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    release.set()
-    thread.join(10)
-    timer.join(10)
-    assert os.WEXITSTATUS(status) == 0
-    assert result.read_text() == "True"
+    try:
+        assert in_child(fork, tmp_path, lambda: repr(done.is_set())) == "True"
+    finally:
+        release.set()
+        thread.join(10)
+        timer.join(10)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -374,23 +378,18 @@ def test_a_forked_childs_drops_before_its_first_write_reach_the_store(
     traces = make_traces(8)
     dispatcher.submit(traces[0])
     assert dispatcher.flush(10)  # the parent has written with its connection
-    result = tmp_path / "child.txt"
-    pid = fork()
-    if pid == 0:  # pragma: no cover - the child reports through a file
-        code = 1
-        try:
-            for trace in traces[1:]:
-                dispatcher.submit(trace)
-            dispatcher.flush(10)
-            reader = TraceStore(db, create=False)
-            result.write_text(repr((dispatcher.dropped, len(reader), reader.dropped)))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    dispatcher.close(timeout=5)
-    assert os.WEXITSTATUS(status) == 0
-    assert result.read_text() == repr((2, 6, 2))
+
+    def submit_in_child() -> str:
+        for trace in traces[1:]:
+            dispatcher.submit(trace)
+        dispatcher.flush(10)
+        reader = TraceStore(db, create=False)
+        return repr((dispatcher.dropped, len(reader), reader.dropped))
+
+    try:
+        assert in_child(fork, tmp_path, submit_in_child) == repr((2, 6, 2))
+    finally:
+        dispatcher.close(timeout=5)
 
 
 def test_a_request_never_waits_for_another_starting_the_sinks(
