@@ -129,6 +129,36 @@ def test_a_request_dispatched_inside_another_leaves_the_outer_ones_url(how: str)
     assert inner.attrs == {"endpoint": "reset", "rule": "/reset/<token>"}
 
 
+def test_a_redirect_of_a_request_dispatched_inside_another_leaves_the_outer_path() -> None:
+    """An inner dispatch that Flask answers with a redirect (its rule wants a
+    trailing slash) is only noted: its rule's secret view argument does not
+    redact a segment of the outer request's path.
+    """
+
+    def factory(log: list[Any]) -> Flask:
+        app = Flask(__name__)
+
+        @app.route("/outer/<int:n>")
+        def outer(n: int) -> str:
+            with app.test_request_context("/reset/s3cr3t-value"):
+                inner = app.full_dispatch_request()
+            log.append(inner.status_code)
+            return f"outer {n}"
+
+        @app.route("/reset/<token>/")
+        def reset(token: str) -> str:
+            return "reset"
+
+        return app
+
+    outcome, log, trace = plain_and_traced(factory, "/outer/5")
+    assert (outcome[2], log) == (b"outer 5", [308])
+    assert trace.path == "/outer/5"
+    assert (trace.endpoint, trace.view_args) == ("outer", {"n": 5})
+    inner = trace.find(kind="url_match")[1]
+    assert inner.attrs["redirect"] == "http://localhost/reset/[redacted]/"
+
+
 # -- work left running in a copy of the request's context ----------------------
 
 

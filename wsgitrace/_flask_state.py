@@ -84,10 +84,11 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
                 redact = _redirect_redaction(tracer, ctx, str(new_url))
                 if redact is not None:
                     url = redact(url)
-                    trace.path = redact(trace.path)
-                    trace._flatten_headers = _LocationRedactingFlattener(
-                        tracer.middleware._flatten_response_headers, redact
-                    )
+                    if not _matched_before(trace):  # else a request dispatched inside it
+                        trace.path = redact(trace.path)
+                        trace._flatten_headers = _LocationRedactingFlattener(
+                            tracer.middleware._flatten_response_headers, redact
+                        )
                 attrs["redirect"] = cut(url, tracer.max_string)
             trace.record("url_match", "url_match", now, now, attrs)
             return
@@ -127,6 +128,14 @@ def _record_url_match(tracer: _AppTracer, trace: Trace) -> None:
         trace.record_key(_URL_MATCH_KEY, now, now)
     except Exception:
         report_internal_error("flask.url_match", trace)
+
+
+def _matched_before(trace: Trace) -> bool:
+    """Whether the trace has a URL match already, so that this one is of a
+    request the app dispatches inside its own (the match that succeeds runs
+    the same check inline, on every request's path).
+    """
+    return any(key[0] == "url_match" for key in trace._keys)
 
 
 def _redirect_redaction(tracer: _AppTracer, ctx: Any, new_url: str) -> Callable[[str], str] | None:
