@@ -633,9 +633,13 @@ def test_tail_stops_quietly_when_its_reader_leaves(serve: Callable[..., Served],
         stderr=subprocess.PIPE,
         env=command_env(),
     )
+    # A tail that printed nothing would hold readline() for good: killed then.
+    killer = threading.Timer(TIMEOUT, proc.kill)
+    killer.start()
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline()
+        killer.cancel()
         proc.stdout.close()  # as head -1 does
         deadline = time.monotonic() + TIMEOUT
         while proc.poll() is None:
@@ -644,6 +648,7 @@ def test_tail_stops_quietly_when_its_reader_leaves(serve: Callable[..., Served],
             time.sleep(0.1)
         _, stderr = proc.communicate(timeout=TIMEOUT)
     finally:
+        killer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=TIMEOUT)
