@@ -84,7 +84,7 @@ def jsonable(value: Any, limit: int = 1024, depth: int = 3) -> Any:
             return [jsonable(v, limit, depth - 1) for v in value[:100]]
         if isinstance(value, dict):
             return {
-                cut(k if isinstance(k, str) else safe_repr(k, limit), limit): jsonable(
+                (cut(k, limit) if isinstance(k, str) else safe_repr(k, limit)): jsonable(
                     v, limit, depth - 1
                 )
                 for k, v in list(value.items())[:100]
