@@ -90,9 +90,9 @@ def endpoint_url(url: str) -> str:
     """The endpoint's URL for a base or endpoint URL: ``http://host:5000``
     and ``http://host:5000/`` become ``http://host:5000/_trace``.
     """
-    if url.strip().removeprefix(":").isdigit():
+    port = url.strip().removeprefix(":")
+    if port.isdigit():
         # Else "5000" would be a host name (an address, even: 0.0.19.136).
-        port = url.strip().removeprefix(":")
         msg = f"{url!r} is a port, not a URL: give http://127.0.0.1:{port} (or localhost:{port})"
         raise click.BadParameter(msg, param_hint="URL")
     if "://" not in url:
