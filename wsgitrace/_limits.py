@@ -18,6 +18,12 @@ from typing import Any
 #: Marker appended to a string that was cut to its cap.
 TRUNCATION_MARKER = "…[truncated]"
 
+#: The invisible bidi controls, which can reorder what a terminal shows: the
+#: viewers (:func:`wsgitrace.render.safe`) and ``run``'s request log escape them.
+BIDI_CONTROLS = (
+    "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
 #: request, app, start_response, first_byte, body, close.
 _WSGI_EVENT_COUNT = 6
 

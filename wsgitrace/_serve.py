@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit
 import click
 
 from ._client import _NoRedirect
+from ._limits import BIDI_CONTROLS
 from .endpoint import TraceEndpoint
 from .exceptions import ConfigurationError
 
@@ -340,18 +341,7 @@ def _serve(
 
 
 #: The invisible bidi controls, escaped as ``\\u202e``.
-_BIDI_ESCAPES = {
-    code: f"\\u{code:04x}"
-    for code in (
-        0x061C,
-        0x200E,
-        0x200F,
-        0x2028,
-        0x2029,
-        *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
-    )
-}
+_BIDI_ESCAPES = {ord(char): f"\\u{ord(char):04x}" for char in BIDI_CONTROLS}
 
 #: The SGR sequences werkzeug colours a logged request line with.
 _STYLE_RE = re.compile(r"\x1b\[[0-9;]*m")

@@ -31,6 +31,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from ._limits import BIDI_CONTROLS
 from .trace import HOOK_KINDS, Event, Trace
 
 __all__ = [
@@ -46,13 +47,8 @@ __all__ = [
 
 # C0 (tab and newline included), DEL, C1, the invisible bidi controls that
 # can reorder what a terminal shows, and lone surrogates (not encodable).
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_UNSAFE_KEEP_NEWLINES = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-    "\ud800-\udfff]"
-)
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{BIDI_CONTROLS}\ud800-\udfff]")
+_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{BIDI_CONTROLS}\ud800-\udfff]")
 
 #: Attributes shown by the timeline in their own way (or not at all).
 _QUIET_ATTRS = frozenset(
