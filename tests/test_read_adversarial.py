@@ -341,6 +341,8 @@ def test_a_damaged_row_does_not_fail_the_listings_of_the_store(tmp_path: Path) -
     listed = json.loads(reply.get_data())["traces"]
     assert [t["path"] for t in listed] == ["/c", "/b", "/a"]
     assert listed[1]["warnings"]
+    # Every key a summary has, as the endpoint's JSON promises (unknown: null).
+    assert listed[1].keys() == listed[0].keys()
     lines, stderr = tail_lines(3, "--json", "--store", str(path))
     assert [json.loads(line)["path"] for line in lines] == ["/a", "/b", "/c"], stderr
     assert "Traceback" not in stderr

@@ -122,13 +122,21 @@ class StoredTrace:
         data = _json_object(self._summary)
         if data is None:
             # One damaged row must not fail every listing that includes it.
+            # Every key of a summary, those the columns do not keep unknown.
             data = {
                 "id": self.id,
+                "state": None,
                 "time": self.wall_time,
                 "method": self.method,
                 "path": self.path,
+                "query": None,
                 "status": self.status_code,
                 "duration_ms": self.duration_ms,
+                "ttfb_ms": None,
+                "bytes": None,
+                "endpoint": None,
+                "hooks": None,
+                "error": None,
                 "warnings": ["the store's JSON of this trace cannot be read"],
             }
         data["cursor"] = self.cursor
