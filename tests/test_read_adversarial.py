@@ -350,6 +350,37 @@ def test_a_damaged_row_does_not_fail_the_listings_of_the_store(tmp_path: Path) -
     assert "Traceback" not in result.stderr
 
 
+def test_a_locked_store_is_not_blamed_on_an_app_that_is_not_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store another process kept locked past the timeout is said to be
+    locked, its path once, by show and by tail: not "cannot reach PATH
+    (...PATH...)", which asks whether an app is running.
+    """
+    from wsgitrace._store_file import _store_error
+
+    path = str(tmp_path / "traces.db")
+    TraceStore(path).write([])
+    client = _client._StoreClient(path)
+    locked = _store_error(
+        path, 5.0, sqlite3.OperationalError("database is locked"), "x", tracing=False
+    )
+
+    def get(trace_id: str) -> None:
+        raise locked
+
+    monkeypatch.setattr(client.store, "get", get)
+    with pytest.raises(_client._UnreachableError) as excinfo:
+        client.get("abc-1")
+    for message in (
+        _client._cannot_reach_message(client, excinfo.value),
+        _client._unreachable_message(client, excinfo.value),
+    ):
+        assert "locked by another process" in message
+        assert "is the app running" not in message
+        assert message.count(path) == 1
+
+
 # -- run's request log -----------------------------------------------------------
 
 

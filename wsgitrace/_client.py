@@ -380,7 +380,18 @@ def _no_store_message(path: str) -> str:
     )
 
 
-def _unreachable_message(url: str, exc: _UnreachableError) -> str:
+def _cannot_reach_message(client: _Client | _StoreClient, exc: _UnreachableError) -> str:
+    """Why no answer came: a store's error says it all (it names the store,
+    and why: another process held its lock), not an app that is not running.
+    """
+    if isinstance(client, _StoreClient):
+        return str(exc)
+    return f"cannot reach {client.url} ({exc}); is the app running?"
+
+
+def _unreachable_message(client: _Client | _StoreClient, exc: _UnreachableError) -> str:
+    """What tail says when it cannot read, and that it keeps trying."""
+    url = client.url
     if isinstance(exc, _NoStoreError):
         return f"{_no_store_message(url)}. Waiting for it (Ctrl-C to stop)."
     if isinstance(exc, _BusyError):
@@ -388,7 +399,9 @@ def _unreachable_message(url: str, exc: _UnreachableError) -> str:
             f"{url} is busy ({exc}): other tails or dashboards hold all its reader"
             " slots. Retrying until one is free (Ctrl-C to stop)."
         )
-    return f"cannot reach {url} ({exc}); is the app running? Retrying until it is (Ctrl-C to stop)."
+    if isinstance(client, _StoreClient):
+        return f"{_cannot_reach_message(client, exc)}. Retrying (Ctrl-C to stop)."
+    return f"{_cannot_reach_message(client, exc)} Retrying until it is (Ctrl-C to stop)."
 
 
 class _View:
@@ -449,7 +462,7 @@ class _Follow:
                     page = self._poll()
                 except _UnreachableError as exc:
                     if not down:
-                        view.message(_unreachable_message(self.client.url, exc), "yellow")
+                        view.message(_unreachable_message(self.client, exc), "yellow")
                         down = True
                     view.status(f"waiting for {self.client.url} …")
                     # A busy endpoint is the same process: retry the long-poll

@@ -55,6 +55,7 @@ from ._client import (
     DEFAULT_PREFIX,
     DEFAULT_URL,
     _bad_answer_message,
+    _cannot_reach_message,
     _Client,
     _Follow,
     _make_client,
@@ -328,7 +329,7 @@ def show(
     except _NoStoreError:
         _fail(_no_store_message(client.url))
     except _UnreachableError as exc:
-        _fail(f"cannot reach {client.url} ({exc}); is the app running?")
+        _fail(_cannot_reach_message(client, exc))
     except _NotFoundError:
         if isinstance(client, _StoreClient):
             _fail(
