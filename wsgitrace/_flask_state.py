@@ -5,12 +5,14 @@
     _record_url_match(tracer, trace)     # endpoint, rule, view args or the routing error
     _snapshot_session(tracer, trace)     # the session's keys, at teardown
     _snapshot_g(tracer, trace)           # g's keys and safe reprs, at teardown
+    _snapshot_callers_g(tracer, trace, ctx)  # the same, of a caller's app context
     _g_changes(before, after)            # keys of g a hook added, changed or removed
     _scrubber(redactor)                  # cuts the request's secrets out of free text
 
 Flask's contexts are read from its context variables, not through the
 ``request``/``g`` proxies; ``repr()``, which runs the app's code, is taken
-once, cut, and never fails.
+once, cut, and never fails (:func:`wsgitrace._limits.safe_repr`), and only
+on the request's own thread.
 """
 
 from __future__ import annotations
