@@ -28,6 +28,7 @@ import pytest
 from wsgitrace import ConfigurationError, StoreError, Trace, TraceMiddleware
 from wsgitrace import store as store_module
 from wsgitrace._store_file import _transaction
+from wsgitrace._trace_json import SUMMARY_KEYS
 from wsgitrace.store import STORE_SCHEMA_VERSION, TraceStore
 
 if TYPE_CHECKING:
@@ -155,6 +156,21 @@ class TestTraceStore:
             assert stored.finished
         assert [t.cursor for t in newest_first] == [3, 2, 1]
         assert Trace.from_dict(newest_first[0].to_dict()).path == "/c"
+
+    def test_a_damaged_row_has_the_keys_of_every_summary(self, db: str) -> None:
+        """A row whose JSON cannot be read lists the keys a trace's summary
+        has, in its order, from the one list of them (``SUMMARY_KEYS``).
+        """
+        trace = make_traces("/a")[0]
+        assert tuple(trace.summary()) == SUMMARY_KEYS
+        store = TraceStore(db)
+        store.write([trace])
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("UPDATE traces SET summary = '{bad'")
+            conn.commit()
+        damaged = store.latest()[0].summary()
+        assert tuple(damaged) == SUMMARY_KEYS
+        assert (damaged["path"], damaged["cursor"], damaged["ttfb_ms"]) == ("/a", 1, None)
 
     def test_since_latest_and_get(self, db: str) -> None:
         """since() is oldest first after a cursor; latest() newest first."""

@@ -26,25 +26,47 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 
+#: The keys of :func:`summary`, in its order: the one list of them, which a
+#: store's row keeps and its damaged row lists too (unknown values null).
+SUMMARY_KEYS: tuple[str, ...] = (
+    "id",
+    "cursor",
+    "state",
+    "time",
+    "method",
+    "path",
+    "query",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "bytes",
+    "endpoint",
+    "hooks",
+    "error",
+    "warnings",
+)
+
+
 def summary(trace: Trace) -> dict[str, Any]:
-    """The short JSON form listed by ``/_trace``."""
-    return {
-        "id": trace.id,
-        "cursor": trace.cursor,
-        "state": trace.state,
-        "time": trace.wall_time,
-        "method": trace.method,
-        "path": trace.path,
-        "query": trace.query,
-        "status": trace.status_code,
-        "duration_ms": _round(trace.duration_ms),
-        "ttfb_ms": _round(trace.ttfb_ms),
-        "bytes": trace.bytes_sent,
-        "endpoint": trace.endpoint,
-        "hooks": trace._hook_count(),
-        "error": trace.error["type"] if trace.error else None,
-        "warnings": list(trace.warnings or ()),
-    }
+    """The short JSON form listed by ``/_trace``: :data:`SUMMARY_KEYS`."""
+    values = (
+        trace.id,
+        trace.cursor,
+        trace.state,
+        trace.wall_time,
+        trace.method,
+        trace.path,
+        trace.query,
+        trace.status_code,
+        _round(trace.duration_ms),
+        _round(trace.ttfb_ms),
+        trace.bytes_sent,
+        trace.endpoint,
+        trace._hook_count(),
+        trace.error["type"] if trace.error else None,
+        list(trace.warnings or ()),
+    )
+    return dict(zip(SUMMARY_KEYS, values, strict=True))
 
 
 def to_dict(trace: Trace) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from ._store_file import (
     _transaction,
     _using_store,
 )
+from ._trace_json import SUMMARY_KEYS
 from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
@@ -123,22 +124,16 @@ class StoredTrace:
         if data is None:
             # One damaged row must not fail every listing that includes it.
             # Every key of a summary, those the columns do not keep unknown.
-            data = {
-                "id": self.id,
-                "state": None,
-                "time": self.wall_time,
-                "method": self.method,
-                "path": self.path,
-                "query": None,
-                "status": self.status_code,
-                "duration_ms": self.duration_ms,
-                "ttfb_ms": None,
-                "bytes": None,
-                "endpoint": None,
-                "hooks": None,
-                "error": None,
-                "warnings": ["the store's JSON of this trace cannot be read"],
-            }
+            data = dict.fromkeys(SUMMARY_KEYS)
+            data.update(
+                id=self.id,
+                time=self.wall_time,
+                method=self.method,
+                path=self.path,
+                status=self.status_code,
+                duration_ms=self.duration_ms,
+                warnings=["the store's JSON of this trace cannot be read"],
+            )
         data["cursor"] = self.cursor
         return data
 
@@ -535,16 +530,11 @@ def _file_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-_summary_keys: list[str] = []
-
-
 def _row(trace: Trace) -> tuple[Any, ...]:
     """The row of a finished trace: its JSON, made here (off the request path)."""
     data = trace.to_dict()
-    if not _summary_keys:
-        _summary_keys.extend(trace.summary())
     # The summary is a part of the full form, except the error's shape.
-    summary = {key: data.get(key) for key in _summary_keys}
+    summary = {key: data.get(key) for key in SUMMARY_KEYS}
     error = summary.get("error")
     if isinstance(error, dict):
         summary["error"] = error.get("type")
