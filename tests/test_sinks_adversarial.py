@@ -427,3 +427,64 @@ def test_a_request_never_waits_for_another_starting_the_sinks(
     second.join(10)
     assert returned
     assert dispatcher.running
+
+
+class GateSink(OverlapSink):
+    """An :class:`OverlapSink` whose first ``write`` waits for ``release``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            first = not self.writing.is_set()
+            self.writing.set()
+        if first:
+            self.release.wait(10)
+        with self.lock:
+            self.active -= 1
+            self.written += len(traces)
+
+
+def test_a_flush_and_a_start_never_write_to_one_sink_at_once(
+    dispatchers: list[SinkDispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush before the sinks run writes from its own thread; a thread
+    started meanwhile (a first request's) waits for that batch instead of
+    writing another to the same sink at once, and the flush then leaves
+    the rest to it. Neither ever waits on a lock.
+    """
+    from wsgitrace import sinks as sinks_module
+
+    sink = GateSink("flush-probe")
+    dispatcher = SinkDispatcher([sink])
+    dispatchers.append(dispatcher)
+    tried = threading.Event()
+    deliver = sinks_module._SinkWorker.deliver
+
+    def noted_deliver(worker: Any, limit: int = sinks_module.BATCH_SIZE) -> bool:
+        delivered = deliver(worker, limit)
+        if threading.current_thread().name == "wsgitrace-sink-flush-probe":
+            tried.set()
+        return delivered
+
+    monkeypatch.setattr(sinks_module._SinkWorker, "deliver", noted_deliver)
+    first, second = make_traces(2)
+    dispatcher.submit(first)
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(dispatcher.flush(30)))
+    flusher.start()
+    assert sink.writing.wait(10)
+    dispatcher.submit(second)
+    dispatcher.start()
+    # The sink's thread has had its try at the queue while the flush writes.
+    assert tried.wait(10)
+    sink.release.set()
+    flusher.join(30)
+    assert flushed == [True]
+    assert dispatcher.flush(10)
+    assert (sink.most, sink.written, dispatcher.failed) == (1, 2, 0)

@@ -132,6 +132,10 @@ class _SinkWorker:
         self.ended: threading.Event | None = None
         self.close_at_end = False
         self.end_lock = threading.Lock()
+        # Held by the one thread writing to the sink: its own, or a flush's
+        # before it starts. Only ever tried, never waited on (under gevent a
+        # greenlet blocked on a real lock blocks the one holding it too).
+        self.write_lock = threading.Lock()
         self.busy = False
         self.closed = False
         self.delivered = 0
@@ -205,9 +209,11 @@ class _SinkWorker:
         return self.dropped_at_failure, self.failed + dropped - self.dropped_at_failure
 
     def deliver(self, limit: int = BATCH_SIZE) -> bool:
-        """Write one batch; whether there was anything to write."""
+        """Write one batch; whether there was anything to write (``False``
+        too while another thread is writing one: one writer at a time).
+        """
         queue = self.queue
-        if not queue:
+        if not queue or not self.write_lock.acquire(blocking=False):
             return False
         # Busy before the queue empties, so drain() never sees neither.
         self.busy = True
@@ -244,6 +250,7 @@ class _SinkWorker:
                 )
         finally:
             self.busy = False
+            self.write_lock.release()
         return True
 
     def drop_inherited(self) -> None:
@@ -257,15 +264,19 @@ class _SinkWorker:
             self.forked = False
 
     def drain(self, deadline: float) -> bool:
-        """Deliver what is queued before ``deadline``; whether all was."""
-        thread = self.thread
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            while (self.queue or self.busy) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            return not (self.queue or self.busy)
-        while self.queue and time.monotonic() < deadline:
-            self.deliver()
-        return not self.queue
+        """Deliver what is queued before ``deadline``; whether all was. The
+        sink's thread delivers it; this thread only while none runs, and
+        never while another (one started meanwhile) writes a batch.
+        """
+        if self.thread is threading.current_thread():
+            # From the sink's own write: its thread delivers the rest after it.
+            return not self.queue
+        while (self.queue or self.busy) and time.monotonic() < deadline:
+            thread = self.thread
+            if (thread is None or not thread.is_alive()) and self.deliver():
+                continue
+            time.sleep(0.005)
+        return not (self.queue or self.busy)
 
     def close_sink(self, deadline: float) -> None:
         """Close the sink once its thread has ended, waiting for it until
@@ -288,6 +299,7 @@ class _SinkWorker:
         self.thread = None
         self.stop = threading.Event()
         self.end_lock = threading.Lock()
+        self.write_lock = threading.Lock()  # a parent thread may have held it
         self.ended = None
         self.close_at_end = False
         self.busy = False
