@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,6 +242,43 @@ class TestSinkDispatcher:
         assert status.startswith("200")
         assert json.loads(body)["sink_dropped"] == 3
         app.sinks.close()
+
+    def test_a_trace_queued_as_the_thread_fails_to_start_is_counted(
+        self, dispatchers: list[SinkDispatcher], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A trace submitted on one thread while another fails to start the
+        sink's thread (it passed the queue's check before the queue was shut,
+        and appends after it was emptied) is counted as failed, not left
+        queued uncounted, nor written later by a flush.
+        """
+        start = threading.Thread.start
+
+        def refusing_start(thread: threading.Thread) -> None:
+            if thread.name.startswith("wsgitrace-sink-"):
+                msg = "can't start new thread"
+                raise RuntimeError(msg)
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", refusing_start)
+        sink = ListSink()
+        dispatcher = SinkDispatcher([sink])
+        dispatchers.append(dispatcher)
+        worker = dispatcher._workers[0]
+
+        class LateQueue(deque[Trace]):
+            def append(self, trace: Trace) -> None:
+                dispatcher.start()  # between the submit's check and its append
+                super().append(trace)
+
+        worker.queue = LateQueue()
+        first, second = make_traces(2)
+        dispatcher.submit(first)
+        assert worker.start_failed
+        assert (dispatcher.failed, dispatcher.dropped, dispatcher.pending) == (1, 0, 0)
+        dispatcher.submit(second)  # refused by the shut queue: failed too
+        assert dispatcher.flush(5)
+        assert (dispatcher.failed, dispatcher.dropped, dispatcher.pending) == (2, 0, 0)
+        assert sink.traces == []
 
     def test_close_runs_every_sink_then_raises(self) -> None:
         """close() closes every sink even when some fail, then raises them

@@ -123,6 +123,8 @@ class _SinkWorker:
         # count as failed, not as a full queue's.
         self.start_failed = False
         self.dropped_at_failure = 0
+        # Taken by whoever counts what such a queue holds (see discard()).
+        self.discard_lock = threading.Lock()
         self.poll = poll
         self.queue: deque[Trace] = deque()
         self.thread: threading.Thread | None = None
@@ -180,15 +182,7 @@ class _SinkWorker:
         """
         self.dropped_at_failure = self.dropped
         self.capacity = 0
-        lost = 0
-        queue = self.queue
-        while queue:
-            try:
-                queue.popleft()
-            except IndexError:  # pragma: no cover - emptied by a flush meanwhile
-                break
-            lost += 1
-        self.failed += lost
+        self.discard()
         if not self.logged:
             self.logged = True
             logger.error(
@@ -198,15 +192,41 @@ class _SinkWorker:
                 exc,
             )
 
+    def discard(self) -> None:
+        """Empty the queue of a thread that could not start, counting what it
+        held as failed: nothing else takes from it. Done when the start fails
+        and again when the counts or the queue are read, for a submit that
+        read the capacity before it became 0 and appended after.
+        """
+        with self.discard_lock:
+            lost = 0
+            queue = self.queue
+            while queue:
+                try:
+                    queue.popleft()
+                except IndexError:  # pragma: no cover - emptied meanwhile
+                    break
+                lost += 1
+            self.failed += lost
+
     @property
     def lost(self) -> tuple[int, int]:
         """Traces dropped at a full queue, and traces failed (a sink that
         raised, or a thread that could not start).
         """
-        dropped = self.dropped
         if not self.start_failed:
-            return dropped, self.failed
+            return self.dropped, self.failed
+        if self.queue:
+            self.discard()
+        dropped = self.dropped
         return self.dropped_at_failure, self.failed + dropped - self.dropped_at_failure
+
+    @property
+    def queued(self) -> int:
+        """Traces waiting for the sink (none once its thread could not start)."""
+        if self.start_failed and self.queue:
+            self.discard()
+        return len(self.queue)
 
     def deliver(self, limit: int = BATCH_SIZE) -> bool:
         """Write one batch; whether there was anything to write (``False``
@@ -271,6 +291,10 @@ class _SinkWorker:
         if self.thread is threading.current_thread():
             # From the sink's own write: its thread delivers the rest after it.
             return not self.queue
+        if self.start_failed:
+            # Counted as failed, not written here: the sink is not started.
+            self.discard()
+            return True
         while (self.queue or self.busy) and time.monotonic() < deadline:
             thread = self.thread
             if (thread is None or not thread.is_alive()) and self.deliver():
@@ -305,6 +329,7 @@ class _SinkWorker:
         self.busy = False
         # A new process: its thread may well start.
         self.start_failed = False
+        self.discard_lock = threading.Lock()
         self.capacity = self.max_queue
         self.dropped_at_failure = 0
         # This process's counts start at zero (the parent keeps its own).
@@ -430,7 +455,7 @@ class SinkDispatcher:
     @property
     def pending(self) -> int:
         """Traces queued and not yet handed to their sink."""
-        return sum(len(w.queue) for w in self._workers)
+        return sum(w.queued for w in self._workers)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued trace has been handed to its sink (by its
