@@ -1337,7 +1337,8 @@ def test_report_shows_what_the_apps_buffers_and_sinks_dropped(pytester: pytest.P
     """The report says what the buffers (max_traces, max_bytes) and sinks
     (full queue, failed delivery) of the apps the test made requests to
     dropped during the test, per app; a later test of the same app that
-    dropped nothing gets no such line.
+    dropped nothing gets no such line. The ``--wsgitrace-json`` records
+    have the same counts, in ``app_drops``.
     """
     pytester.makepyfile(
         test_drops="""
@@ -1411,7 +1412,9 @@ def test_report_shows_what_the_apps_buffers_and_sinks_dropped(pytester: pytest.P
             assert False
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", "-p", "no:randomly", "--wsgitrace-json=out.jsonl"
+    )
     result.assert_outcomes(failed=2)
     output = result.stdout.str()
     drops = section(output, "test_drops")
@@ -1429,6 +1432,14 @@ def test_report_shows_what_the_apps_buffers_and_sinks_dropped(pytester: pytest.P
     nothing = section(output, "test_nothing_dropped")
     assert "- wsgitrace -" in nothing
     assert "app '" not in nothing
+    records = read_jsonl(pytester.path / "out.jsonl")
+    assert records["test_drops"]["app_drops"] == [
+        {"app": "wsgitrace.demo_app", "cap": "max_traces", "count": 2, "limit": 2},
+        {"app": "hello", "cap": "max_bytes", "count": 2, "limit": 1},
+        {"app": "slow_app", "cap": "sink_queue", "count": 2, "limit": 1},
+        {"app": "broken_app", "cap": "sink_failed", "count": 1, "limit": None},
+    ]
+    assert records["test_nothing_dropped"]["app_drops"] == []
 
 
 def test_module_fixture_captures_with_capture_traces_not_the_fixture(

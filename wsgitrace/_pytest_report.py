@@ -222,6 +222,7 @@ def _json_record(item: pytest.Item, capture: TraceCapture, outcome: str) -> str:
         "worker": workerinput.get("workerid") if isinstance(workerinput, dict) else None,
         "dropped": capture.dropped,
         "internal_errors": capture.internal_errors,
+        "app_drops": _app_drops_records(capture),
         "traces": traces,
     }
     line = json.dumps(record, ensure_ascii=False, default=repr)
@@ -233,6 +234,21 @@ def _json_record(item: pytest.Item, capture: TraceCapture, outcome: str) -> str:
         # xdist: escaped as \udcxx, it still reads back as the same string.
         line = json.dumps(record, default=repr)
     return line
+
+
+def _app_drops_records(capture: TraceCapture) -> list[dict[str, object]] | None:
+    """What the apps' buffers and sinks dropped during the test, as the
+    report's lines say it: one object per count that is not zero; ``None``
+    when they cannot be counted.
+    """
+    try:
+        drops = capture._app_drops()
+    except Exception:
+        return None
+    return [
+        {"app": name, "cap": cap, "count": count, "limit": None if cap == "sink_failed" else limit}
+        for name, cap, count, limit in drops
+    ]
 
 
 class _JsonWriter:
