@@ -15,6 +15,7 @@ import pytest
 from flask import Blueprint, Flask, Response, g, request, session
 from flask.globals import request_ctx
 
+from wsgitrace._flask_state import MAX_G_NAMES
 from wsgitrace.flask import FlaskTrace
 from wsgitrace.redact import REDACTED
 from wsgitrace.trace import TRUNCATION_MARKER, Trace
@@ -337,6 +338,76 @@ class TestG:
         assert keys[0] is keys[1] is keys[3]
         assert keys[2] is keys[4]
         assert keys[2] is not keys[0]
+
+    def test_names_of_changed_keys_are_bounded(self) -> None:
+        """A hook adding, changing or removing many keys of g, or one with a
+        long name, records at most MAX_G_NAMES names per list, each cut to
+        max_string, and the count of the rest; the event keys shared between
+        requests (and the caches that hold them) are bounded as well.
+        """
+
+        def factory() -> Flask:
+            app = Flask(__name__)
+
+            @app.before_request
+            def many() -> None:
+                for i in range(MAX_G_NAMES + 8):
+                    setattr(g, f"k{i}", i)
+
+            @app.before_request
+            def long_name() -> None:
+                setattr(g, "n" * 50, 1)
+
+            @app.before_request
+            def renew() -> None:
+                for name in list(vars(g)):
+                    setattr(g, name, object())
+
+            @app.route("/")
+            def index() -> str:
+                return "ok"
+
+            @app.after_request
+            def forget(response: Response) -> Response:
+                vars(g).clear()
+                return response
+
+            return app
+
+        plain, app = factory(), factory()
+        ext = FlaskTrace(app, max_string=10)
+        traces = []
+        for _ in range(2):
+            assert fetch(app) == fetch(plain)
+            traces.append(last(ext))
+        first, second = traces
+        names = [f"k{i}" for i in range(MAX_G_NAMES)]
+        many = first.find(name="before_request:many")[0].attrs
+        assert (many["g_added"], many["g_added_more"]) == (names, 8)
+        long_name = first.find(name="before_request:long_name")[0].attrs
+        assert long_name["g_added"] == ["n" * 10 + TRUNCATION_MARKER]
+        assert "g_added_more" not in long_name
+        renew = first.find(name="before_request:renew")[0].attrs
+        assert (renew["g_changed"], renew["g_changed_more"]) == (names, 9)
+        forget = first.find(name="after_request:forget")[0].attrs
+        assert len(forget["g_removed"]) == MAX_G_NAMES
+        assert forget["g_removed_more"] == 9
+        # Shared by both requests, bounded in the caches too.
+        for name in ("many", "long_name", "renew"):
+            [one] = [k for k in first._keys if k[1] == f"before_request:{name}"]
+            [two] = [k for k in second._keys if k[1] == f"before_request:{name}"]
+            assert one is two
+        tracer = ext.tracer_for(app)
+
+        def bounded(names: Any) -> bool:
+            cap = 10 + len(TRUNCATION_MARKER)
+            return len(names) <= MAX_G_NAMES and all(len(name) <= cap for name in names)
+
+        assert tracer._changed_keys
+        for signature, (_, (_, _, attrs)) in tracer._changed_keys.items():
+            assert all(bounded(v) for _, v in signature[1] if isinstance(v, tuple)), signature
+            assert all(bounded(v) for v in attrs.values() if isinstance(v, list)), attrs
+        assert all(bounded(key[1:]) for key in tracer._added_keys)
 
     def test_no_keys_added_to_g(self) -> None:
         """The app's g holds exactly its own keys at every step."""

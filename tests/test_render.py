@@ -322,6 +322,18 @@ class TestTimeline:
             "endpoint admin.dashboard · rule /admin/ · " + text.splitlines()[2].split(" · ")[-1],
         ]
 
+    def test_g_names_beyond_the_cap_are_counted(self) -> None:
+        """A hook's g names cut to the cap end with the count of the rest,
+        not shown as an attribute of their own.
+        """
+        trace = make_trace()
+        start = trace.start_ns
+        attrs = {"g_changed": ["a", "b"], "g_changed_more": 3, "g_removed": ["c"]}
+        trace.record("before_request", "before_request:renew", start, start + MS, attrs)
+        text = render_text(build_timeline(trace), width=140)
+        assert "before_request:renew  g~ a, b and 3 more  g- c\n" in text
+        assert "_more" not in text
+
     @pytest.mark.parametrize("when", [1e20, float("nan"), float("inf"), -5.0])
     def test_a_time_that_is_not_a_time(self, when: float) -> None:
         """A wall time out of range (or NaN) from a hostile server is shown

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from blinker import Signal
 
-from ._flask_state import _MISSING, _g_changes
+from ._flask_state import _MISSING, _bounded_changes, _g_changes
 from ._internal import report_internal_error
 from .trace import EventKey, Trace
 
@@ -324,32 +324,44 @@ class _AppTracer:
             elif exc is None:
                 trace.record_key(self._changed_key(info, extra), start, end)
             else:
+                extra = _bounded_changes(extra, self.max_string) or extra
                 trace.record(kind, name, start, end, {**(attrs or {}), **extra})
         except Exception:
             report_internal_error("flask.hook", trace)
 
     def _changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
-        key = self._shared_changed_key(info, extra)
-        if list(extra) == ["g_added"] and len(self._added_keys) < 4096:
-            self._added_keys[(id(info), *extra["g_added"])] = (info, key)
-        return key
-
-    def _shared_changed_key(self, info: EventKey, extra: dict[str, Any]) -> EventKey:
         """The key of a hook event with state changes. A hook usually makes
         the same change on every request (``load_user`` sets ``g.user``), so
         keys are shared rather than built per request.
         """
-        signature = (
-            id(info),
-            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in extra.items()),
-        )
+        signature = _signature(info, extra)
         cached = self._changed_keys.get(signature)
         if cached is not None and cached[0] is info:
             return cached[1]
+        return self._new_changed_key(info, extra, signature)
+
+    def _new_changed_key(
+        self, info: EventKey, extra: dict[str, Any], signature: tuple[Any, ...]
+    ) -> EventKey:
+        """:meth:`_changed_key` for changes not cached yet. Names of ``g``
+        keys over the caps (:func:`_bounded_changes`) are kept and cached
+        bounded, under the bounded changes' signature; only changes within
+        them are cached as they are, and keys added to an empty ``g`` are
+        then looked up by :meth:`run_hook` as well.
+        """
+        bounded = _bounded_changes(extra, self.max_string)
+        if bounded is not None:
+            extra = bounded
+            signature = _signature(info, extra)
+            cached = self._changed_keys.get(signature)
+            if cached is not None and cached[0] is info:
+                return cached[1]
         kind, name, attrs = info
         key: EventKey = (kind, name, {**(attrs or {}), **extra})
         if len(self._changed_keys) < 4096:
             self._changed_keys[signature] = (info, key)
+        if bounded is None and list(extra) == ["g_added"] and len(self._added_keys) < 4096:
+            self._added_keys[(id(info), *extra["g_added"])] = (info, key)
         return key
 
     def send_signal(
@@ -458,6 +470,11 @@ def _handler_blueprint(
                 if handler_map.get(cls) is handler:
                     return name
     return None
+
+
+def _signature(info: EventKey, extra: dict[str, Any]) -> tuple[Any, ...]:
+    """What the key of a hook with these changes is cached under."""
+    return (id(info), tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in extra.items()))
 
 
 class _Strong:

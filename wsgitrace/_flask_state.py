@@ -7,6 +7,7 @@
     _snapshot_g(tracer, trace)           # g's keys and safe reprs, at teardown
     _snapshot_callers_g(tracer, trace, ctx)  # the same, of a caller's app context
     _g_changes(before, after)            # keys of g a hook added, changed or removed
+    _bounded_changes(changes, limit)     # those names capped, when over MAX_G_NAMES or limit
     _scrubber(redactor)                  # cuts the request's secrets out of free text
 
 Flask's contexts are read from its context variables, not through the
@@ -541,3 +542,35 @@ def _g_changes(
     if removed:
         changes["g_removed"] = removed
     return changes or None
+
+
+#: Names of ``g`` keys kept in each list of a hook's changes (``g_added``,
+#: ``g_changed``, ``g_removed``); the rest are counted (``g_added_more``, ...).
+MAX_G_NAMES = 32
+
+
+def _bounded_changes(changes: dict[str, Any], max_string: int) -> dict[str, Any] | None:
+    """:func:`_g_changes`'s ``changes`` with each list cut to
+    :data:`MAX_G_NAMES` names, each text cut to ``max_string``, and the count
+    of the rest as ``<list>_more``; ``None`` when none is over these caps.
+    """
+    if not any(
+        type(value) is list
+        and (
+            len(value) > MAX_G_NAMES
+            or any(isinstance(name, str) and len(name) > max_string for name in value)
+        )
+        for value in changes.values()
+    ):
+        return None
+    bounded: dict[str, Any] = {}
+    for key, value in changes.items():
+        if type(value) is not list:
+            bounded[key] = value
+            continue
+        bounded[key] = [
+            cut(name, max_string) if isinstance(name, str) else name for name in value[:MAX_G_NAMES]
+        ]
+        if len(value) > MAX_G_NAMES:
+            bounded[f"{key}_more"] = len(value) - MAX_G_NAMES
+    return bounded

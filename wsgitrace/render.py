@@ -62,6 +62,9 @@ _QUIET_ATTRS = frozenset(
         "g_added",
         "g_changed",
         "g_removed",
+        "g_added_more",
+        "g_changed_more",
+        "g_removed_more",
         "error",
         "exception",
         "code",
@@ -453,7 +456,9 @@ def _details(event: Event, trace: Trace, full: bool) -> Text:
         keys = attrs.get(key)
         if keys:
             names = keys if isinstance(keys, list | tuple) else [keys]
-            add(f"g{sign} " + ", ".join(str(k) for k in names), "magenta")
+            more = attrs.get(f"{key}_more")
+            tail = f" and {more} more" if isinstance(more, int) and more > 0 else ""
+            add(f"g{sign} " + ", ".join(str(k) for k in names) + tail, "magenta")
     if event.kind == "url_match" and not attrs.get("error") and trace.endpoint:
         add(f"→ {trace.endpoint}" + (f" ({trace.rule})" if trace.rule else ""), "dim")
     if attrs.get("exception"):
