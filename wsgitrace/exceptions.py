@@ -3,7 +3,7 @@
 Hierarchy::
 
     WsgitraceError
-     +-- ConfigurationError      bad options, raised when an object is set up
+     +-- ConfigurationError      (also a ValueError) bad options, raised when an object is set up
      +-- HookOrderError          (also an AssertionError) a hook order assertion failed
      +-- StoreError              the trace store cannot be opened, read or written
 

@@ -8,8 +8,9 @@
     app.buffer.latest(5)                # the newest traces
 
 It records ``request``, ``app``, ``start_response``, ``first_byte``, ``body``,
-``write``, ``close`` and ``error`` events, and notes WSGI protocol problems as
-warnings on the trace. It is transparent: the app sees the same environ (plus
+``write``, ``close``, ``error`` and ``file_wrapper`` events (and a
+``tracer_error`` where its own code failed), and notes WSGI protocol problems
+as warnings on the trace. It is transparent: the app sees the same environ (plus
 ``wsgitrace.trace``, the request's trace, under wsgitrace's own name as PEP
 3333 allows) and callables, the server gets the same status, headers, body,
 laziness, ``len()``, ``close()`` and exceptions. An error inside wsgitrace is logged once and never
