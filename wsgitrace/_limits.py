@@ -39,7 +39,8 @@ class TraceLimits:
         a trace keeps at least seven.
     :param max_string: Length of any captured string (header value, path,
         query, ``repr``); longer ones end with :data:`TRUNCATION_MARKER`.
-    :param max_headers: Request and response headers kept per trace.
+    :param max_headers: Request headers kept per trace, and as many response
+        headers.
     """
 
     max_events: int = 256

@@ -153,7 +153,9 @@ OPTION_SPECS: dict[str, _Spec] = {
     "max_bytes": _Spec(_positive_int, 32 * 1024 * 1024, "Approximate bytes kept in the buffer."),
     "max_events": _Spec(_positive_int, 256, "Events kept per trace."),
     "max_string": _Spec(_positive_int, 1024, "Length of any captured string."),
-    "max_headers": _Spec(_positive_int, 64, "Request/response headers kept per trace."),
+    "max_headers": _Spec(
+        _positive_int, 64, "Request headers kept per trace, and as many response headers."
+    ),
     "sample": _Spec(_sample, 1.0, "Rate in [0, 1] or callable(environ) -> bool."),
     "exclude": _Spec(_paths, ("/favicon.ico",), "Path prefixes never traced."),
     "capture_headers": _Spec(_bool, True, "Keep request and response headers (redacted)."),
