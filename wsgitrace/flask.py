@@ -21,7 +21,8 @@ and read the clock either side of each hook, instead of wrapping every hook
 function or connecting a blinker receiver per signal (each would cost about a
 microsecond per event). Signals are recorded where Flask sends them (an
 instant when the signal has no receivers at all, else with the time its
-receivers took);
+receivers took; ``appcontext_pushed`` spans the push of the app context,
+which it ends);
 the rarer ones (``got_request_exception``, template and flash signals) are
 recorded by receivers connected for this app only, strongly referenced, and
 disconnected when the app is freed.
