@@ -488,3 +488,42 @@ def test_a_flush_and_a_start_never_write_to_one_sink_at_once(
     assert flushed == [True]
     assert dispatcher.flush(10)
     assert (sink.most, sink.written, dispatcher.failed) == (1, 2, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_by_a_thread_using_the_store_can_end_that_use(
+    tmp_path: Path, fork: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork from a thread that is itself using a store waits only so long
+    (the guard's bound) and goes on; the child then ends that use and writes
+    the store. The forking thread held the guard's lock through the fork, and
+    the child's use ended on that guard: it waited for the lock for good.
+    """
+    from wsgitrace import _store_file
+    from wsgitrace.store import TraceStore
+
+    monkeypatch.setattr(_store_file, "FORK_WAIT_SECONDS", 0.05)
+    db = str(tmp_path / "traces.db")
+    store = TraceStore(db)
+    first, child_trace = make_traces(2)
+    store.write([first])
+    result = tmp_path / "child.txt"
+    with _store_file._using_store():
+        pid = fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            store.write([child_trace])
+            result.write_text("written")
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung ending the use of the store it was forked in")
+        time.sleep(0.05)
+    assert result.read_text() == "written"
+    assert len(TraceStore(db, create=False)) == 2

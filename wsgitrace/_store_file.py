@@ -105,7 +105,10 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _guard
     # The parent's threads that were waiting or using a store are not here.
-    _guard = _ForkGuard()
+    old, _guard = _guard, _ForkGuard()
+    # This thread held the old one's lock through the fork: a use of a store
+    # it had begun ends on that guard, and must find the lock free.
+    old.after_fork_in_parent()
 
 
 if hasattr(os, "register_at_fork"):
