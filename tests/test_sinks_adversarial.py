@@ -527,3 +527,51 @@ def test_a_child_forked_by_a_thread_using_the_store_can_end_that_use(
         time.sleep(0.05)
     assert result.read_text() == "written"
     assert len(TraceStore(db, create=False)) == 2
+
+
+def test_otlp_an_exporter_that_raises_after_a_part_counts_only_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exporter that takes the first request of a batch and raises on the
+    next (not a FAILURE result: an error of its own): the traces of the first
+    request are delivered, only the others are counted failed.
+    """
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    import wsgitrace
+    from wsgitrace.otlp import OtlpSink
+
+    class RaisingExporter:
+        def __init__(self) -> None:
+            self.exported: list[int] = []
+
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            if self.exported:
+                raise ValueError("cannot encode")
+            self.exported.append(len({span.context.trace_id for span in spans}))
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        for i in range(100):
+            with wsgitrace.span(f"step{i}"):
+                pass
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(busy, max_traces=100)
+    for i in range(10):
+        request(app, f"/big{i}")
+    exporter = RaisingExporter()
+    dispatcher = SinkDispatcher([OtlpSink(exporter)])  # type: ignore[arg-type]
+    for trace in app.buffer.latest()[::-1]:
+        dispatcher.submit(trace)
+    with caplog.at_level(logging.CRITICAL):
+        dispatcher.close(timeout=30)
+    assert len(exporter.exported) == 1
+    first = exporter.exported[0]  # traces in the request it took
+    assert 0 < first < 10
+    assert (dispatcher.delivered, dispatcher.failed) == (first, 10 - first)

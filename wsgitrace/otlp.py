@@ -25,6 +25,7 @@ only when this sink is made.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -190,25 +191,34 @@ class OtlpSink:
 
         :raise WsgitraceError: the exporter reported a failure; its
             ``undelivered`` is how many of the traces (the last ones) were not
-            exported, the others were.
+            exported, the others were. Another error, once a part was
+            exported, is given that ``undelivered`` too.
         """
         chunk: list[ReadableSpan] = []
         chunked = done = 0
-        for trace in traces:
-            data = trace.to_dict()
-            if trace.traceparent is not None:
-                data["traceparent"] = trace.traceparent
-                if trace.tracestate is not None:
-                    data["tracestate"] = trace.tracestate
-            spans = trace_spans(self._tracer, self._collector, data)
-            if chunk and len(chunk) + len(spans) > MAX_EXPORT_SPANS:
+        try:
+            for trace in traces:
+                data = trace.to_dict()
+                if trace.traceparent is not None:
+                    data["traceparent"] = trace.traceparent
+                    if trace.tracestate is not None:
+                        data["tracestate"] = trace.tracestate
+                spans = trace_spans(self._tracer, self._collector, data)
+                if chunk and len(chunk) + len(spans) > MAX_EXPORT_SPANS:
+                    self._export(chunk, len(traces) - done)
+                    done += chunked
+                    chunk, chunked = [], 0
+                chunk.extend(spans)
+                chunked += 1
+            if chunk:
                 self._export(chunk, len(traces) - done)
-                done += chunked
-                chunk, chunked = [], 0
-            chunk.extend(spans)
-            chunked += 1
-        if chunk:
-            self._export(chunk, len(traces) - done)
+        except Exception as exc:
+            # An error of the exporter's or a trace's own, after parts were
+            # exported: those parts are delivered, not counted failed.
+            if done and not hasattr(exc, "undelivered"):
+                with contextlib.suppress(AttributeError):
+                    exc.undelivered = len(traces) - done  # type: ignore[attr-defined]
+            raise
 
     def _export(self, spans: list[ReadableSpan], undelivered: int) -> None:
         """Export one request's spans; on failure, say how many traces are lost."""
