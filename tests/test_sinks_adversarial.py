@@ -575,3 +575,68 @@ def test_otlp_an_exporter_that_raises_after_a_part_counts_only_the_rest(
     first = exporter.exported[0]  # traces in the request it took
     assert 0 < first < 10
     assert (dispatcher.delivered, dispatcher.failed) == (first, 10 - first)
+
+
+class CloseProbeSink(GateSink):
+    """A :class:`GateSink` that records each ``close`` and what ran wrongly:
+    a close during a write, a write after a close.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.closes = 0
+        self.wrong: list[str] = []
+
+    def write(self, traces: Sequence[Trace]) -> None:
+        if self.closes:
+            self.wrong.append("write after close")
+        super().write(traces)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.active:
+                self.wrong.append("close during write")
+            self.closes += 1
+
+
+def test_close_never_closes_a_sink_a_flush_is_writing_to(
+    dispatchers: list[SinkDispatcher],
+) -> None:
+    """A flush before the sinks run writes from its own thread; a close that
+    times out meanwhile leaves the sink to be closed when that write returns,
+    not during it (a store's connection closed mid-transaction).
+    """
+    sink = CloseProbeSink("close-flush-probe")
+    dispatcher = SinkDispatcher([sink])
+    dispatcher.submit(make_traces(1)[0])
+    flusher = threading.Thread(target=dispatcher.flush, args=(30,))
+    flusher.start()
+    try:
+        assert sink.writing.wait(10)
+        dispatcher.close(timeout=0.2)  # returns within its timeout, the write still held
+        closes_during_write = sink.closes
+    finally:
+        sink.release.set()
+        flusher.join(30)
+    assert closes_during_write == 0
+    assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)
+
+
+def test_a_second_close_neither_writes_nor_closes_again(
+    dispatchers: list[SinkDispatcher],
+) -> None:
+    """close() is idempotent: a trace submitted after it is not written to
+    the closed sink by a second close (or a flush), which does not close it
+    again.
+    """
+    sink = CloseProbeSink("close-twice-probe")
+    sink.release.set()
+    dispatcher = SinkDispatcher([sink])
+    first, second = make_traces(2)
+    dispatcher.submit(first)
+    dispatcher.start()
+    dispatcher.close(timeout=10)
+    dispatcher.submit(second)
+    dispatcher.flush(1)
+    dispatcher.close(timeout=1)
+    assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)

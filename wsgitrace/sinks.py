@@ -140,6 +140,11 @@ class _SinkWorker:
         self.write_lock = threading.Lock()
         self.busy = False
         self.closed = False
+        # The sink's close() has run (under the write lock, so never during a
+        # write, and no write follows it); asked for by close(), done by
+        # whoever holds the write lock last (see request_close()).
+        self.sink_closed = False
+        self.close_pending = False
         self.delivered = 0
         self.failed = 0
         self.logged = False
@@ -235,6 +240,9 @@ class _SinkWorker:
         queue = self.queue
         if not queue or not self.write_lock.acquire(blocking=False):
             return False
+        if self.sink_closed:
+            self.write_lock.release()
+            return False
         # Busy before the queue empties, so drain() never sees neither.
         self.busy = True
         batch: list[Trace] = []
@@ -271,6 +279,12 @@ class _SinkWorker:
         finally:
             self.busy = False
             self.write_lock.release()
+            if self.close_pending:
+                # close() found this write running: the sink closes after it.
+                try:
+                    self.close_now()
+                except Exception:
+                    logger.exception("wsgitrace: closing sink %s failed", self.name)
         return True
 
     def drop_inherited(self) -> None:
@@ -295,6 +309,9 @@ class _SinkWorker:
             # Counted as failed, not written here: the sink is not started.
             self.discard()
             return True
+        if self.sink_closed:
+            # Nothing is written to a closed sink (a trace submitted after close).
+            return not self.queue
         while (self.queue or self.busy) and time.monotonic() < deadline:
             thread = self.thread
             if (thread is None or not thread.is_alive()) and self.deliver():
@@ -308,15 +325,42 @@ class _SinkWorker:
         when its write returns, so ``close`` never runs during a ``write``.
         """
         thread = self.thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is threading.current_thread():
+            # From the sink's own write: closed when that write returns.
+            self.request_close()
+            return
+        if thread is not None:
             thread.join(max(deadline - time.monotonic(), 0.0))
             with self.end_lock:
                 if thread.is_alive() and self.ended is not self.stop:
                     self.close_at_end = True
                     return
-        # A child that never wrote must not close the parent's connections.
-        self.drop_inherited()
-        self.sink.close()
+        # A flush may still be writing from its own thread: then it closes
+        # the sink when its write returns.
+        while not self.request_close() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def request_close(self) -> bool:
+        """Have the sink closed once no write runs: now, if none does
+        (whether it was done). Asked first, then tried: a writer that held
+        the lock at the try releases it after, sees the request, and closes.
+        """
+        self.close_pending = True
+        return self.close_now()
+
+    def close_now(self) -> bool:
+        """Close the sink, once, unless a write runs; whether it is closed."""
+        if not self.write_lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.sink_closed:
+                self.sink_closed = True
+                # A child that never wrote must not close the parent's connections.
+                self.drop_inherited()
+                self.sink.close()
+        finally:
+            self.write_lock.release()
+        return True
 
     def after_fork(self) -> None:
         self.queue = deque()
@@ -378,8 +422,7 @@ def _run_worker(ref: weakref.ref[_SinkWorker], stop: threading.Event, poll: floa
                     worker.ended = stop
                     if worker.close_at_end:
                         try:
-                            worker.drop_inherited()
-                            worker.sink.close()
+                            worker.request_close()
                         except Exception:
                             logger.exception("wsgitrace: closing sink %s failed", worker.name)
             return
