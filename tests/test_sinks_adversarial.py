@@ -599,9 +599,7 @@ class CloseProbeSink(GateSink):
             self.closes += 1
 
 
-def test_close_never_closes_a_sink_a_flush_is_writing_to(
-    dispatchers: list[SinkDispatcher],
-) -> None:
+def test_close_never_closes_a_sink_a_flush_is_writing_to() -> None:
     """A flush before the sinks run writes from its own thread; a close that
     times out meanwhile leaves the sink to be closed when that write returns,
     not during it (a store's connection closed mid-transaction).
@@ -622,9 +620,7 @@ def test_close_never_closes_a_sink_a_flush_is_writing_to(
     assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)
 
 
-def test_a_second_close_neither_writes_nor_closes_again(
-    dispatchers: list[SinkDispatcher],
-) -> None:
+def test_a_second_close_neither_writes_nor_closes_again() -> None:
     """close() is idempotent: a trace submitted after it is not written to
     the closed sink by a second close (or a flush), which does not close it
     again.
@@ -639,4 +635,50 @@ def test_a_second_close_neither_writes_nor_closes_again(
     dispatcher.submit(second)
     dispatcher.flush(1)
     dispatcher.close(timeout=1)
+    assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)
+
+
+def test_a_start_racing_close_leaves_no_thread_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first request starts the sinks just as the app closes them: the
+    start found them not closed, the close then stopped the thread it saw
+    (none yet). The thread started after must end, and never write to the
+    closed sink; it polled its queue for good.
+    """
+    from wsgitrace import sinks as sinks_module
+
+    sink = CloseProbeSink("close-start-probe")
+    sink.release.set()
+    checked = threading.Event()
+    go_on = threading.Event()
+
+    def get_closed(worker: Any) -> bool:
+        closed: bool = worker.__dict__["_closed"]
+        if threading.current_thread().name == "starter" and not checked.is_set():
+            checked.set()  # start() read 'not closed'; close() runs now
+            go_on.wait(10)
+        return closed
+
+    def set_closed(worker: Any, value: bool) -> None:
+        worker.__dict__["_closed"] = value
+
+    monkeypatch.setattr(
+        sinks_module._SinkWorker, "closed", property(get_closed, set_closed), raising=False
+    )
+    dispatcher = SinkDispatcher([sink])
+    dispatcher.submit(make_traces(1)[0])
+    starter = threading.Thread(target=dispatcher.start, name="starter")
+    starter.start()
+    try:
+        assert checked.wait(10)
+        dispatcher.close(timeout=10)
+        dispatcher.submit(make_traces(1)[0])  # a request that finished meanwhile
+    finally:
+        go_on.set()
+        starter.join(10)
+    thread = dispatcher._workers[0].thread
+    assert thread is not None
+    thread.join(10)
+    alive = thread.is_alive()
+    dispatcher._workers[0].stop.set()  # end it anyway, when it did not
+    assert not alive
     assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)

@@ -164,11 +164,11 @@ class _SinkWorker:
     def start(self) -> None:
         if self.closed or self.start_failed or (self.thread is not None and self.thread.is_alive()):
             return
-        self.stop = threading.Event()
+        self.stop = stop = threading.Event()
         try:
             thread = threading.Thread(
                 target=_run_worker,
-                args=(weakref.ref(self), self.stop, self.poll),
+                args=(weakref.ref(self), stop, self.poll),
                 name=f"wsgitrace-sink-{self.name}",
                 daemon=True,
             )
@@ -179,6 +179,11 @@ class _SinkWorker:
             self.fail_to_start(exc)
             return
         self.thread = thread
+        if self.closed:
+            # close() ran since the check above and set the stop event it
+            # found, the one before this: either it saw this one, or this
+            # sees its 'closed' (each is written before the other is read).
+            stop.set()
 
     def fail_to_start(self, exc: Exception) -> None:
         """The thread cannot start: nothing will take from the queue, so what
