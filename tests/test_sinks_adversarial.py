@@ -682,3 +682,56 @@ def test_a_start_racing_close_leaves_no_thread_running(monkeypatch: pytest.Monke
     dispatcher._workers[0].stop.set()  # end it anyway, when it did not
     assert not alive
     assert (sink.closes, sink.wrong, sink.written) == (1, [], 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_childs_read_and_write_both_starting_the_store_lose_no_count(
+    tmp_path: Path, fork: Callable[[], int]
+) -> None:
+    """A new worker's first ``/_trace`` read and its sink thread's first write
+    meet a store still set up for the parent at the same moment: the reader's
+    reset, done after the writer's, wiped the losses the writer had been told
+    of (``note_lost``) and left its new connection among the inherited ones,
+    never closed.
+    """
+    from wsgitrace import store as store_module
+
+    checked = threading.Event()
+    go_on = threading.Event()
+
+    class PausingStore(store_module.TraceStore):
+        """Its first look at ``_pid`` from the "reader" thread waits for the writer."""
+
+        @property  # type: ignore[override]
+        def _pid(self) -> int:
+            pid: int = self.__dict__["pid_"]
+            if threading.current_thread().name == "reader" and not checked.is_set():
+                checked.set()  # the reader read the pid; the writer goes first
+                go_on.wait(10)
+            return pid
+
+        @_pid.setter
+        def _pid(self, value: int) -> None:
+            self.__dict__["pid_"] = value
+
+    db = str(tmp_path / "traces.db")
+    store = PausingStore(db)
+    traces = make_traces(3)
+    store.write(traces[:1])  # the parent's connection
+
+    def read_and_write_in_child() -> str:
+        reader = threading.Thread(target=store.latest, args=(1,), name="reader")
+        reader.start()
+        try:
+            assert checked.wait(10)
+            store.write(traces[1:2])
+            conn = store._writer
+            store.note_lost(3)  # the sink's dropped count, told before a write
+        finally:
+            go_on.set()
+            reader.join(10)
+        store.write(traces[2:])
+        leaked = any(c is conn for c in store_module._inherited)
+        return repr((store_module.TraceStore(db, create=False).dropped, leaked))
+
+    assert in_child(fork, tmp_path, read_and_write_in_child) == repr((3, False))

@@ -27,8 +27,8 @@ exceptions.StoreError` with the file name and what to do, and the traced app
 goes on with its in-memory buffer.
 
 Connections are made per process (and per direction), lazily, so one opened
-before ``fork`` is never used by a child: it is left open and unused there,
-as SQLite requires. A fork waits for the process's threads to stop using the
+before ``fork`` is never used by a child: the child's fork handler sets it
+aside, open and unused, as SQLite requires. A fork waits for the process's threads to stop using the
 store (``os.register_at_fork``), so the child inherits no lock or mutex of
 SQLite's held by a thread it does not have.
 """
@@ -41,6 +41,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,9 @@ _INSERT = (
 #: Connections made before a fork, kept in the child so they are never
 #: closed (or finalized) there: SQLite must not close a parent's connection.
 _inherited: list[sqlite3.Connection] = []
+
+#: This process's stores, which a forked child resets at once (see after_fork()).
+_stores: weakref.WeakSet[TraceStore] = weakref.WeakSet()
 
 
 class StoredTrace:
@@ -208,6 +212,7 @@ class TraceStore:
         #: Traces this object pruned in this process (every process's prunes
         #: are in :attr:`dropped`).
         self.pruned = 0
+        _stores.add(self)
 
     # -- connections --------------------------------------------------------
 
@@ -218,8 +223,12 @@ class TraceStore:
     def after_fork(self) -> None:
         """Start this process's own state: drop the connections inherited from
         the parent, unclosed, and start the per-process counts at zero. Once
-        per process: the store may have done it already, on its first use in
-        the child, and then has connections of its own to keep.
+        per process: done in the child's fork handler, before any of its
+        threads can use the store (it only sets attributes: no lock taken, no
+        connection used or closed), so a sink's call, or one on a first use,
+        finds it done and keeps the child's own connections and counts. Done
+        lazily by two threads at once, the later one wiped what the other had
+        counted, and left its connection unclosed among the inherited ones.
         """
         if self._pid == os.getpid():
             return
@@ -506,6 +515,16 @@ class TraceStore:
 
     def __repr__(self) -> str:
         return f"<TraceStore {self.path!r} max_traces={self.max_traces}>"
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        with contextlib.suppress(Exception):
+            store.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _json_object(text: object) -> dict[str, Any] | None:
