@@ -189,6 +189,25 @@ def _exported_ids(bodies: list[bytes]) -> list[str]:
     return ids
 
 
+def span_heavy_traces(count: int, note: str = "") -> list[Trace]:
+    """``count`` finished traces of 100 spans each (OTLP spans to export),
+    oldest first; ``note`` is an attribute of every span, to make them big.
+    """
+    import wsgitrace
+
+    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        for i in range(100):
+            with wsgitrace.span(f"step{i}", **({"note": note} if note else {})):
+                pass
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    app = TraceMiddleware(busy, max_traces=100)
+    for i in range(count):
+        request(app, f"/big{i}")
+    return app.buffer.latest()[::-1]
+
+
 def test_otlp_a_large_batch_is_exported_in_requests_a_collector_takes(
     collector: _Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -196,20 +215,9 @@ def test_otlp_a_large_batch_is_exported_in_requests_a_collector_takes(
     the collector refuses as too large, losing every trace in it: each
     request holds a bounded number of spans, so all are exported.
     """
-    import wsgitrace
     from wsgitrace.otlp import OtlpSink
 
-    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        for i in range(100):
-            with wsgitrace.span(f"step{i}", note="x" * 400):
-                pass
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    app = TraceMiddleware(busy, max_traces=100)
-    for i in range(40):
-        request(app, f"/big{i}")
-    traces = app.buffer.latest()[::-1]
+    traces = span_heavy_traces(40, note="x" * 400)
     collector.limit = 1024 * 1024
     dispatcher = SinkDispatcher([OtlpSink()])
     for trace in traces:
@@ -227,20 +235,9 @@ def test_otlp_a_batch_exported_in_part_counts_only_what_failed(
     the traces it took are delivered, only the others are counted failed
     (the endpoint's sink_dropped is what was really lost).
     """
-    import wsgitrace
     from wsgitrace.otlp import OtlpSink
 
-    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        for i in range(100):
-            with wsgitrace.span(f"step{i}"):
-                pass
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    app = TraceMiddleware(busy, max_traces=100)
-    for i in range(20):
-        request(app, f"/big{i}")
-    traces = app.buffer.latest()[::-1]
+    traces = span_heavy_traces(20)
     collector.accept = 1
     dispatcher = SinkDispatcher([OtlpSink()])
     for trace in traces:
@@ -539,7 +536,6 @@ def test_otlp_an_exporter_that_raises_after_a_part_counts_only_the_rest(
     pytest.importorskip("opentelemetry.sdk.trace")
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    import wsgitrace
     from wsgitrace.otlp import OtlpSink
 
     class RaisingExporter:
@@ -555,19 +551,9 @@ def test_otlp_an_exporter_that_raises_after_a_part_counts_only_the_rest(
         def shutdown(self) -> None:
             pass
 
-    def busy(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        for i in range(100):
-            with wsgitrace.span(f"step{i}"):
-                pass
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    app = TraceMiddleware(busy, max_traces=100)
-    for i in range(10):
-        request(app, f"/big{i}")
     exporter = RaisingExporter()
     dispatcher = SinkDispatcher([OtlpSink(exporter)])  # type: ignore[arg-type]
-    for trace in app.buffer.latest()[::-1]:
+    for trace in span_heavy_traces(10):
         dispatcher.submit(trace)
     with caplog.at_level(logging.CRITICAL):
         dispatcher.close(timeout=30)
