@@ -721,3 +721,98 @@ def test_a_childs_read_and_write_both_starting_the_store_lose_no_count(
         return repr((store_module.TraceStore(db, create=False).dropped, leaked))
 
     assert in_child(fork, tmp_path, read_and_write_in_child) == repr((3, False))
+
+
+class _UnconvertibleTrace(Trace):
+    """A trace whose JSON cannot be made (a bug, a value that breaks it)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        msg = "cannot convert this trace"
+        raise ValueError(msg)
+
+
+def with_bad_traces(traces: list[Trace], *bad: int) -> list[Trace]:
+    """``traces``, those at the ``bad`` indexes made unconvertible."""
+    for index in bad:
+        traces[index].__class__ = _UnconvertibleTrace
+    return traces
+
+
+def test_a_trace_the_store_cannot_convert_costs_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One trace of a batch whose row cannot be made: the others are
+    stored and delivered, only it is counted failed (and lost in the
+    store's count), and the failure is logged once however often it recurs.
+    """
+    from wsgitrace.store import TraceStore
+
+    traces = with_bad_traces(make_traces(6), 1, 4)
+    store = TraceStore(tmp_path / "traces.db")
+    dispatcher = SinkDispatcher([store])
+    with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+        for trace in traces[:3]:
+            dispatcher.submit(trace)
+        assert dispatcher.flush(10)  # one batch, written from this thread
+        for trace in traces[3:]:
+            dispatcher.submit(trace)
+        dispatcher.close(timeout=10)
+    assert (dispatcher.delivered, dispatcher.failed, dispatcher.dropped) == (4, 2, 0)
+    reader = TraceStore(tmp_path / "traces.db", create=False)
+    assert sorted(t.id for t in reader.latest()) == sorted(traces[i].id for i in (0, 2, 3, 5))
+    assert reader.dropped == 2
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "1 trace(s) not delivered (cannot convert this trace)" in failures[0].getMessage()
+
+
+def test_otlp_a_trace_that_cannot_become_spans_costs_only_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One trace of a batch that cannot be turned into spans: the others are
+    exported and delivered, only it is counted failed, logged once.
+    """
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from wsgitrace.otlp import OtlpSink
+
+    traces = with_bad_traces(make_traces(6), 0, 4)
+    exporter = InMemorySpanExporter()
+    dispatcher = SinkDispatcher([OtlpSink(exporter)])
+    with caplog.at_level(logging.ERROR, logger="wsgitrace"):
+        for trace in traces[:3]:
+            dispatcher.submit(trace)
+        assert dispatcher.flush(10)
+        for trace in traces[3:]:
+            dispatcher.submit(trace)
+        dispatcher.close(timeout=10)
+    assert (dispatcher.delivered, dispatcher.failed, dispatcher.dropped) == (4, 2, 0)
+    exported = [
+        span.attributes["wsgitrace.id"]
+        for span in exporter.get_finished_spans()
+        if span.attributes is not None and "wsgitrace.id" in span.attributes
+    ]
+    assert sorted(exported) == sorted(traces[i].id for i in (1, 2, 3, 5))
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "1 trace(s) not delivered (cannot convert this trace)" in failures[0].getMessage()
+
+
+def test_a_partial_failure_that_refuses_attributes_still_says_what_was_lost() -> None:
+    """An exception that takes no ``undelivered`` (its own ``__setattr__``
+    refuses it) is wrapped, so only the traces it lost are counted failed.
+    """
+    from wsgitrace.sinks import _undelivered, partial_failure
+
+    class FrozenError(Exception):
+        def __setattr__(self, name: str, value: object) -> None:
+            raise AttributeError(name)
+
+    error = FrozenError("frozen")
+    failure = partial_failure(error, 2)
+    assert failure is not error
+    assert failure.__cause__ is error
+    assert _undelivered(failure, 5) == 2

@@ -25,7 +25,6 @@ only when this sink is made.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
@@ -37,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConfigurationError, WsgitraceError
+from .sinks import partial_failure
 from .trace import HOOK_KINDS
 
 if TYPE_CHECKING:
@@ -189,21 +189,25 @@ class OtlpSink:
         """Turn the traces into spans and export them, in requests of at most
         :data:`MAX_EXPORT_SPANS` spans (a trace's spans are never split).
 
+        A trace that cannot be turned into spans is left out, and the others
+        are exported: then the first such error is raised, its
+        ``undelivered`` the number of traces not exported.
+
         :raise WsgitraceError: the exporter reported a failure; its
-            ``undelivered`` is how many of the traces (the last ones) were not
-            exported, the others were. Another error, once a part was
-            exported, is given that ``undelivered`` too.
+            ``undelivered`` is how many of the traces (those not in a
+            request it took) were not exported, the others were. Another
+            error, once a part was exported, is given that ``undelivered`` too.
         """
         chunk: list[ReadableSpan] = []
         chunked = done = 0
+        error: Exception | None = None
         try:
             for trace in traces:
-                data = trace.to_dict()
-                if trace.traceparent is not None:
-                    data["traceparent"] = trace.traceparent
-                    if trace.tracestate is not None:
-                        data["tracestate"] = trace.tracestate
-                spans = trace_spans(self._tracer, self._collector, data)
+                try:
+                    spans = self._spans(trace)
+                except Exception as exc:  # one bad trace costs only itself
+                    error = error or exc
+                    continue
                 if chunk and len(chunk) + len(spans) > MAX_EXPORT_SPANS:
                     self._export(chunk, len(traces) - done)
                     done += chunked
@@ -212,13 +216,24 @@ class OtlpSink:
                 chunked += 1
             if chunk:
                 self._export(chunk, len(traces) - done)
+                done += chunked
         except Exception as exc:
-            # An error of the exporter's or a trace's own, after parts were
-            # exported: those parts are delivered, not counted failed.
-            if done and not hasattr(exc, "undelivered"):
-                with contextlib.suppress(AttributeError):
-                    exc.undelivered = len(traces) - done  # type: ignore[attr-defined]
-            raise
+            if not done or hasattr(exc, "undelivered"):
+                raise
+            # An error of the exporter's own, after parts were exported:
+            # those parts are delivered, not counted failed.
+            error = exc
+        if error is not None:
+            raise partial_failure(error, len(traces) - done)
+
+    def _spans(self, trace: Trace) -> list[ReadableSpan]:
+        """The spans of one trace, with the caller's trace context."""
+        data = trace.to_dict()
+        if trace.traceparent is not None:
+            data["traceparent"] = trace.traceparent
+            if trace.tracestate is not None:
+                data["tracestate"] = trace.tracestate
+        return trace_spans(self._tracer, self._collector, data)
 
     def _export(self, spans: list[ReadableSpan], undelivered: int) -> None:
         """Export one request's spans; on failure, say how many traces are lost."""

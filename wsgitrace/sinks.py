@@ -68,8 +68,9 @@ class Sink(Protocol):
 
     ``write`` is called on the sink's own thread with a batch of finished
     traces, oldest first; it may block (the queue fills and drops meanwhile)
-    and may raise (the batch is counted as failed, or only the last
-    ``exc.undelivered`` traces of it when the exception has that count).
+    and may raise (the batch is counted as failed, or only
+    ``exc.undelivered`` traces of it when the exception has that count: a
+    sink that wrote the others, or left out a trace it could not convert).
     ``close`` is called once, after the last ``write``. A sink may also
     define ``after_fork()``, called in a forked child before its next
     ``write`` or ``close`` (not in the fork handler), to drop connections
@@ -387,6 +388,27 @@ class _SinkWorker:
         self._dropped = itertools.count(1)
         # Not the sink's after_fork() here: see the module's docstring.
         self.forked = True
+
+
+def partial_failure(exc: Exception, undelivered: int) -> Exception:
+    """``exc`` to raise from a ``write`` that delivered all but
+    ``undelivered`` traces of its batch (one that could not be converted,
+    say): it carries that count, so only those are counted failed.
+    """
+    try:
+        exc.undelivered = undelivered  # type: ignore[attr-defined]
+    except Exception:  # an exception that refuses attributes: wrapped instead
+        wrapper = _PartialFailureError(f"{type(exc).__name__}: {exc}")
+        wrapper.undelivered = undelivered
+        wrapper.__cause__ = exc
+        return wrapper
+    return exc
+
+
+class _PartialFailureError(Exception):
+    """A sink's error that cannot carry ``undelivered`` itself."""
+
+    undelivered: int
 
 
 def _undelivered(exc: Exception, size: int) -> int:

@@ -258,11 +258,31 @@ class TraceStore:
     def write(self, traces: Sequence[Trace]) -> None:
         """Insert finished traces (one transaction), then prune to the caps.
 
+        A trace whose JSON cannot be made is left out, and the others are
+        written: then the first such error is raised, with ``undelivered``
+        the number left out (counted as lost by the store too).
+
         :raise StoreError: the file cannot be used now; the batch is lost.
         """
-        rows = [_row(trace) for trace in traces]
+        rows: list[tuple[Any, ...]] = []
+        error: Exception | None = None
+        bad = 0
+        for trace in traces:
+            try:
+                rows.append(_row(trace))
+            except Exception as exc:  # one bad trace costs only itself
+                error = error or exc
+                bad += 1
+        # Lost before they reached the store: counted in this commit. Written
+        # with no rows too (a batch of only bad traces, or none: that makes
+        # the file).
+        self._lost += bad
         with _using_store():
             self._write(rows)
+        if error is not None:
+            from .sinks import partial_failure
+
+            raise partial_failure(error, bad)
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         self._check_pid()
