@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -816,3 +817,47 @@ def test_a_partial_failure_that_refuses_attributes_still_says_what_was_lost() ->
     assert failure is not error
     assert failure.__cause__ is error
     assert _undelivered(failure, 5) == 2
+
+
+def test_a_trace_submitted_after_close_is_counted_failed_not_pending() -> None:
+    """A request that finishes after the sinks were closed (at exit, say):
+    its trace is never delivered, so it is counted as failed (in the
+    endpoint's sink_dropped), not shown as pending for good and never
+    counted; a second close or flush does not change that.
+    """
+    sink = CloseProbeSink("after-close-probe")
+    sink.release.set()
+    dispatcher = SinkDispatcher([sink])
+    first, second, third = make_traces(3)
+    dispatcher.submit(first)
+    dispatcher.close(timeout=10)
+    dispatcher.submit(second)
+    assert (dispatcher.pending, dispatcher.failed, dispatcher.dropped) == (0, 1, 0)
+    assert dispatcher.flush(1)
+    dispatcher.submit(third)
+    dispatcher.close(timeout=1)
+    assert (dispatcher.pending, dispatcher.failed, dispatcher.dropped) == (0, 2, 0)
+    assert (dispatcher.delivered, sink.written, sink.closes, sink.wrong) == (1, 1, 1, [])
+
+
+def test_a_trace_queued_just_as_close_shuts_the_queue_is_counted_failed() -> None:
+    """A submit that passed the queue's check just before close() shut it
+    and appended after the sink was closed: that trace is counted as
+    failed once the counts or the queue are read, not left queued.
+    """
+    sink = CloseProbeSink("close-race-probe")
+    sink.release.set()
+    dispatcher = SinkDispatcher([sink])
+    worker = dispatcher._workers[0]
+    first, second = make_traces(2)
+    dispatcher.submit(first)
+
+    class LateQueue(deque[Trace]):
+        def append(self, trace: Trace) -> None:
+            dispatcher.close(timeout=10)  # between the submit's check and its append
+            super().append(trace)
+
+    worker.queue = LateQueue(worker.queue)
+    dispatcher.submit(second)
+    assert (dispatcher.pending, dispatcher.failed, dispatcher.dropped) == (0, 1, 0)
+    assert (dispatcher.delivered, sink.written, sink.closes, sink.wrong) == (1, 1, 1, [])

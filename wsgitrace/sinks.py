@@ -21,7 +21,9 @@ A full queue (a slow or hung sink) drops the trace and counts it in
 :attr:`SinkDispatcher.failed` and logged once per sink. A sink whose thread
 cannot start (``RuntimeError: can't start new thread``) is tried once per
 process: its traces are counted in :attr:`SinkDispatcher.failed`, and that is
-logged once. None of these ever reaches the request.
+logged once. A trace submitted once the dispatcher is closed is never
+delivered either: it is counted in :attr:`SinkDispatcher.failed` at once,
+not queued. None of these ever reaches the request.
 
 Queues are flushed at interpreter exit (for up to :data:`EXIT_SECONDS`), and
 are made new in a forked child (``os.register_at_fork``): a pre-forked
@@ -117,12 +119,14 @@ class _SinkWorker:
         self.sink = sink
         self.name = getattr(sink, "name", type(sink).__name__)
         self.max_queue = max_queue
-        # What submit() lets wait: 0 once the thread could not start.
+        # What submit() lets wait: 0 once the queue is shut (see shut()).
         self.capacity = max_queue
-        # The thread could not start (in this process): never tried again,
-        # and traces dropped since (``dropped`` above ``dropped_at_failure``)
-        # count as failed, not as a full queue's.
+        # The thread could not start (in this process): never tried again.
         self.start_failed = False
+        # The queue is shut (the thread could not start, or the sinks were
+        # closed): traces dropped since (``dropped`` above
+        # ``dropped_at_failure``) count as failed, not as a full queue's.
+        self.shut_down = False
         self.dropped_at_failure = 0
         # Taken by whoever counts what such a queue holds (see discard()).
         self.discard_lock = threading.Lock()
@@ -191,8 +195,7 @@ class _SinkWorker:
         it holds and every trace submitted from now on is lost, counted as
         failed; logged once, like a sink's failure.
         """
-        self.dropped_at_failure = self.dropped
-        self.capacity = 0
+        self.shut()
         self.discard()
         if not self.logged:
             self.logged = True
@@ -203,11 +206,29 @@ class _SinkWorker:
                 exc,
             )
 
+    def shut(self) -> None:
+        """Take no more traces: each one submitted from now on is refused
+        with no more work than a full queue's, and counted as failed (it
+        will never be delivered). Done when the thread cannot start and when
+        the sinks are closed.
+        """
+        if not self.shut_down:
+            self.dropped_at_failure = self.dropped
+            self.shut_down = True
+        self.capacity = 0
+
+    @property
+    def dead(self) -> bool:
+        """Whether nothing will ever take from the queue: the thread could
+        not start, or the sink is closed (no write follows its close).
+        """
+        return self.start_failed or self.sink_closed
+
     def discard(self) -> None:
-        """Empty the queue of a thread that could not start, counting what it
-        held as failed: nothing else takes from it. Done when the start fails
-        and again when the counts or the queue are read, for a submit that
-        read the capacity before it became 0 and appended after.
+        """Empty a dead queue (see :attr:`dead`), counting what it held as
+        failed: nothing else takes from it. Done when the start fails and
+        again when the counts or the queue are read, for a submit that read
+        the capacity before it became 0 and appended after.
         """
         with self.discard_lock:
             lost = 0
@@ -225,17 +246,19 @@ class _SinkWorker:
         """Traces dropped at a full queue, and traces failed (a sink that
         raised, or a thread that could not start).
         """
-        if not self.start_failed:
+        if not self.shut_down:
             return self.dropped, self.failed
-        if self.queue:
+        if self.queue and self.dead:
             self.discard()
         dropped = self.dropped
         return self.dropped_at_failure, self.failed + dropped - self.dropped_at_failure
 
     @property
     def queued(self) -> int:
-        """Traces waiting for the sink (none once its thread could not start)."""
-        if self.start_failed and self.queue:
+        """Traces waiting for the sink (none once nothing will take them:
+        its thread could not start, or it is closed).
+        """
+        if self.queue and self.dead:
             self.discard()
         return len(self.queue)
 
@@ -316,8 +339,10 @@ class _SinkWorker:
             self.discard()
             return True
         if self.sink_closed:
-            # Nothing is written to a closed sink (a trace submitted after close).
-            return not self.queue
+            # Nothing is written to a closed sink: a trace submitted after
+            # close (just as it shut the queue) is counted as failed.
+            self.discard()
+            return True
         while (self.queue or self.busy) and time.monotonic() < deadline:
             thread = self.thread
             if (thread is None or not thread.is_alive()) and self.deliver():
@@ -380,7 +405,9 @@ class _SinkWorker:
         # A new process: its thread may well start.
         self.start_failed = False
         self.discard_lock = threading.Lock()
-        self.capacity = self.max_queue
+        # Shut still when the sinks were closed (before the fork).
+        self.shut_down = self.closed
+        self.capacity = 0 if self.closed else self.max_queue
         self.dropped_at_failure = 0
         # This process's counts start at zero (the parent keeps its own).
         self.dropped = self.reported = self.delivered = self.failed = 0
@@ -513,7 +540,7 @@ class SinkDispatcher:
     @property
     def failed(self) -> int:
         """Traces a sink raised on, or never got because its thread could
-        not start.
+        not start or they were submitted after :meth:`close`.
         """
         return sum(w.lost[1] for w in self._workers)
 
@@ -547,6 +574,9 @@ class SinkDispatcher:
         errors = _CollectErrors()
         for worker in self._workers:
             worker.closed = True
+            # A trace that finishes from now on is never delivered: counted
+            # as failed at submit, not left queued, pending for good.
+            worker.shut()
             worker.stop.set()
         for worker in self._workers:
             with errors:
