@@ -134,6 +134,8 @@ class OtlpSink:
 
     :param exporter: A span exporter; by default an ``OTLPSpanExporter``
         (OTLP/HTTP) configured by the ``OTEL_EXPORTER_OTLP_*`` variables.
+        Only the default one is made anew in a forked child; one given here
+        is used there as it is (make it, and the sink, after the fork).
     :param resource_attributes: Added to the resource, which the SDK builds
         from ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``.
 
