@@ -334,13 +334,10 @@ class _SinkWorker:
         if self.thread is threading.current_thread():
             # From the sink's own write: its thread delivers the rest after it.
             return not self.queue
-        if self.start_failed:
-            # Counted as failed, not written here: the sink is not started.
-            self.discard()
-            return True
-        if self.sink_closed:
-            # Nothing is written to a closed sink: a trace submitted after
-            # close (just as it shut the queue) is counted as failed.
+        if self.dead:
+            # Counted as failed, not written here: a sink whose thread could
+            # not start is not started, and nothing is written to a closed
+            # one (a trace submitted just as close shut the queue).
             self.discard()
             return True
         while (self.queue or self.busy) and time.monotonic() < deadline:
